@@ -1,0 +1,25 @@
+"""Text from other people, made safe to print on a terminal."""
+
+from __future__ import annotations
+
+import unicodedata
+
+_KEEP = {"\n", "\t"}
+
+
+def inert(text: str, *, keep_newlines: bool = True) -> str:
+    """Replace control characters (C0, C1, DEL, bidi overrides and other format
+    characters) with visible escapes, so a peer cannot move the cursor, recolour the
+    screen or hide text: ESC becomes ``\\x1b`` and so on."""
+    out = []
+    for ch in text:
+        if ch in _KEEP and keep_newlines:
+            out.append(ch)
+            continue
+        cat = unicodedata.category(ch)
+        if cat in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp"):
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)

@@ -1,0 +1,58 @@
+"""Errors a person sees. The CLI prints ``veil: error: <str(exc)>``: write them for people."""
+
+from __future__ import annotations
+
+
+class VeilError(Exception):
+    """Something went wrong."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "error").strip())
+
+
+class NotSetUp(VeilError):
+    """No account on this device yet: run `veil register NAME --relay URL` or `veil login NAME --relay URL`."""
+
+
+class AlreadySetUp(VeilError):
+    """This home directory already holds an account; use another --home."""
+
+
+class WrongPassword(VeilError):
+    """Wrong password."""
+
+
+class LoginFailed(VeilError):
+    """Login failed: wrong password or unknown user."""
+
+
+class UnknownUser(VeilError):
+    """No such user."""
+
+
+class NameTaken(VeilError):
+    """That name is taken."""
+
+
+class RelayUnreachable(VeilError):
+    """Cannot reach the relay."""
+
+
+class ConnectionLost(VeilError):
+    """The connection to the relay was lost."""
+
+
+class MessageTooLarge(VeilError):
+    """Message too large."""
+
+
+class IdentityChanged(VeilError):
+    """A verified contact's identity key changed; sending is held until you accept it."""
+
+
+class RelayRefused(VeilError):
+    """The relay refused the request."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"relay refused: {message} ({code})")
+        self.code = code

@@ -1,0 +1,161 @@
+"""The node's connection to a relay: requests with answers, and pushed deliveries.
+
+``open_link`` connects (directly, or through a SOCKS5 proxy later), starts one reader
+task, and yields a ``RelayLink``. ``request`` sends a frame and waits for the answer
+with the same id; an ``Error`` answer raises ``RelayRefused`` (or a more specific error).
+Deliveries pushed by the relay arrive on ``link.deliveries``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, TypeVar
+
+import msgspec
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    connect_websocket_url,
+)
+
+from node.errors import ConnectionLost, RelayRefused, RelayUnreachable
+from relay import wire
+
+CONNECT_TIMEOUT = 15.0
+REQUEST_TIMEOUT = 60.0
+DELIVERY_QUEUE = 64
+
+F = TypeVar("F", bound=wire.Frame)
+
+
+class RelayLink:
+    """One open connection to a relay."""
+
+    def __init__(self, ws: WebSocketConnection, url: str) -> None:
+        self.ws = ws
+        self.url = url
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, trio.MemorySendChannel[wire.Frame]] = {}
+        self._send_lock = trio.Lock()
+        self._deliver_in, self.deliveries = trio.open_memory_channel[wire.Deliver](DELIVERY_QUEUE)
+        self.closed = trio.Event()
+        self.device_id: bytes | None = None
+
+    async def request(self, kind: type[wire.Frame], **fields: Any) -> Any:
+        """Send one request and return its answer frame (raises on an error answer)."""
+        rid = next(self._ids)
+        frame = kind(id=rid, **fields)  # type: ignore[call-arg]
+        send, recv = trio.open_memory_channel[wire.Frame](1)
+        self._waiting[rid] = send
+        try:
+            await self._send(wire.encode(frame))
+            with trio.fail_after(REQUEST_TIMEOUT):
+                try:
+                    answer = await recv.receive()
+                except trio.EndOfChannel:
+                    raise ConnectionLost() from None
+        except trio.TooSlowError:
+            raise ConnectionLost("the relay did not answer in time") from None
+        finally:
+            self._waiting.pop(rid, None)
+        if isinstance(answer, wire.Error):
+            raise RelayRefused(answer.code, answer.message)
+        return answer
+
+    async def send_raw(self, data: bytes) -> None:
+        """Send bytes as one frame (tests use this to send malformed frames)."""
+        await self._send(data)
+
+    async def _send(self, data: bytes) -> None:
+        # One writer at a time; a cancelled half-sent frame would corrupt the stream,
+        # so the send itself is shielded and bounded instead of cancellable.
+        async with self._send_lock:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(REQUEST_TIMEOUT) as scope:
+                    try:
+                        await self.ws.send_message(data)
+                    except ConnectionClosed:
+                        raise ConnectionLost() from None
+                if scope.cancelled_caught:
+                    await trio.aclose_forcefully(self.ws._stream)
+                    raise ConnectionLost("sending to the relay timed out")
+
+    async def reader(self) -> None:
+        """Route answers to their requests and deliveries to ``deliveries``."""
+        try:
+            while True:
+                try:
+                    data = await self.ws.get_message()
+                except ConnectionClosed:
+                    return
+                try:
+                    frame = wire.decode_answer(data if isinstance(data, bytes) else data.encode())
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    continue  # a newer relay's frame we do not know: ignore it
+                if isinstance(frame, wire.Deliver):
+                    await self._deliver_in.send(frame)
+                    continue
+                waiter = self._waiting.pop(frame.id, None)
+                if waiter is not None:
+                    waiter.send_nowait(frame)
+        finally:
+            self.closed.set()
+            self._deliver_in.close()
+            for waiter in self._waiting.values():
+                waiter.close()
+            self._waiting.clear()
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(2):
+            await self.ws.aclose()
+
+
+def _single(exc: BaseException) -> BaseException | None:
+    """The one exception inside (nested) groups, or None if there are several."""
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc
+
+
+@contextmanager
+def collapse_groups() -> Iterator[None]:
+    """Re-raise a group holding a single exception as that exception, so callers can
+    catch ``VeilError`` and friends that crossed a nursery."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        single = _single(group)
+        if single is None:
+            raise
+        raise single from single.__cause__
+
+
+@asynccontextmanager
+async def open_link(url: str) -> AsyncIterator[RelayLink]:
+    """Connect to the relay at ``url`` (ws://host:port), and close when done."""
+    target = url.rstrip("/") + wire.PATH
+    with collapse_groups():
+        async with trio.open_nursery() as nursery:
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    ws = await connect_websocket_url(
+                        nursery, target, max_message_size=wire.WS_MAX_MESSAGE, message_queue_size=16
+                    )
+            except (OSError, HandshakeError, trio.TooSlowError, ConnectionClosed) as exc:
+                raise RelayUnreachable(f"cannot reach the relay at {url}") from exc
+            except ValueError as exc:
+                raise RelayUnreachable(f"bad relay address {url!r}: use ws://HOST:PORT") from exc
+            link = RelayLink(ws, url)
+            nursery.start_soon(link.reader)
+            try:
+                yield link
+            finally:
+                with trio.CancelScope(shield=True):
+                    await link.aclose()
+                nursery.cancel_scope.cancel()

@@ -1,0 +1,482 @@
+"""A Veil device: account keys, local store, and what it does over a relay link.
+
+The path of one message out: ``send`` looks up the recipient's keys and devices (pinned
+on first use), seals one envelope per recipient device and per own other device, stores
+the message and the envelopes in the outbox in one transaction, then ``flush_outbox``
+hands them to the relay; each envelope leaves the outbox when the relay acknowledges it.
+
+The path in: the relay pushes ``Deliver`` frames; ``accept`` opens each envelope,
+verifies the sender's signature against the pinned key, drops anything already seen,
+stores the message, and only then acknowledges it so the relay deletes its copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from keyvault.auth import auth_public_key, sign_challenge
+from keyvault.envelope import Letter, max_body_bytes, open_envelope, seal, verify_letter
+from keyvault.errors import BadPassword, DecryptionFailed
+from keyvault.errors import MessageTooLarge as KeyvaultTooLarge
+from keyvault.kdf import DEFAULT_KDF, KdfParams, new_salt, password_keys, store_key
+from keyvault.keys import (
+    AccountKeys,
+    PublicKeys,
+    new_recovery_code,
+    parse_recovery_code,
+    recovery_keys,
+    sign_device,
+    unwrap_bundle,
+    verify_device,
+    wrap_bundle,
+)
+from keyvault.safety import safety_number
+from node.errors import (
+    AlreadySetUp,
+    IdentityChanged,
+    LoginFailed,
+    MessageTooLarge,
+    NameTaken,
+    NotSetUp,
+    RelayRefused,
+    UnknownUser,
+    VeilError,
+    WrongPassword,
+)
+from node.home import Home, HomeConfig
+from node.link import RelayLink, open_link
+from node.store import Contact, NodeStore, OutboxEntry, StoredMessage
+from relay import wire
+from relay.cipherdb import WrongKey
+
+log = logging.getLogger("veil.node")
+E = wire.ErrorCode
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _refused_as(exc: RelayRefused) -> VeilError:
+    """The person-facing error for a relay refusal."""
+    if exc.code == E.AUTH_FAILED:
+        return LoginFailed()
+    if exc.code == E.UNKNOWN_USER:
+        return UnknownUser()
+    if exc.code == E.NAME_TAKEN:
+        return NameTaken()
+    if exc.code == E.BAD_NAME:
+        return VeilError(exc.args[0])
+    return exc
+
+
+@dataclass(frozen=True)
+class Received:
+    """What ``accept`` reports for one delivered envelope that became a message."""
+
+    message: StoredMessage
+    warning: str | None = None
+
+
+async def _password_proof(
+    link: RelayLink, name: str, purpose: str, auth_seed: bytes
+) -> tuple[bytes, bytes]:
+    ch = await link.request(wire.Challenge, name=name, purpose=purpose)
+    return ch.challenge, sign_challenge(auth_seed, purpose, ch.relay_id, name, ch.challenge)
+
+
+class Node:
+    """One unlocked device."""
+
+    def __init__(self, home: Home, config: HomeConfig, store: NodeStore, keys: AccountKeys) -> None:
+        self.home = home
+        self.config = config
+        self.store = store
+        self.keys = keys
+        self.name = config.username
+        self.device_id = bytes.fromhex(config.device_id)
+        self.relay = config.relay
+        self.events: list[Callable[[str], None]] = []  # listeners for warnings
+
+    def close(self) -> None:
+        self.store.close()
+
+    # ---- creating and opening a device ------------------------------------------------
+    @classmethod
+    def _create_home(
+        cls, home: Home, name: str, relay: str, password: str, kdf: KdfParams, keys: AccountKeys,
+        device_id: bytes, auth_seed: bytes, token: bytes,
+    ) -> Node:
+        store_salt = new_salt()
+        config = HomeConfig(
+            username=name, relay=relay, device_id=device_id.hex(), store_salt=store_salt.hex(),
+            kdf=kdf.to_dict(),
+        )
+        home.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        store = NodeStore(home.store_path, store_key(password, store_salt, kdf))
+        with store.transaction():
+            store.put("account_keys", keys.to_bytes())
+            store.put("auth_seed", auth_seed)
+            store.put("token", token)
+        home.save(config)
+        return cls(home, config, store, keys)
+
+    @classmethod
+    async def register(
+        cls, home: Home, name: str, password: str, relay: str, *, kdf: KdfParams = DEFAULT_KDF,
+        keys: AccountKeys | None = None,
+    ) -> tuple[Node, str]:
+        """Create an account and this, its first device. Returns the node and the
+        recovery code (shown once)."""
+        if home.exists():
+            raise AlreadySetUp()
+        try:
+            name = wire.normalize_username(name)
+        except ValueError as exc:
+            raise VeilError(str(exc)) from None
+        keys = keys or await trio.to_thread.run_sync(AccountKeys.generate)
+        salt = new_salt()
+        pk = await trio.to_thread.run_sync(password_keys, password, salt, kdf)
+        code = new_recovery_code()
+        rk = recovery_keys(parse_recovery_code(code))
+        device_id = secrets.token_bytes(16)
+        pub = keys.public()
+        async with open_link(relay) as link:
+            try:
+                session = await link.request(
+                    wire.Register,
+                    name=name,
+                    salt=salt,
+                    kdf=wire.Kdf(kdf.time_cost, kdf.memory_kib, kdf.parallelism),
+                    auth_pub=auth_public_key(pk.auth_seed),
+                    enc_pub=pub.enc,
+                    identity_pub=pub.identity,
+                    dh_pub=pub.dh,
+                    bundle=wrap_bundle(keys, pk.wrap_key, name),
+                    recovery_auth_pub=auth_public_key(rk.auth_seed),
+                    recovery_bundle=wrap_bundle(keys, rk.wrap_key, name),
+                    device=wire.DeviceCert(device_id, sign_device(keys, name, device_id)),
+                )
+            except RelayRefused as exc:
+                raise _refused_as(exc) from None
+        try:
+            node = await trio.to_thread.run_sync(
+                cls._create_home, home, name, relay, password, kdf, keys, device_id, pk.auth_seed,
+                session.token,
+            )
+        except BaseException:
+            home.discard()
+            raise
+        return node, code
+
+    @classmethod
+    async def login(cls, home: Home, name: str, password: str, relay: str) -> Node:
+        """A new device for an existing account, with the master password alone."""
+        if home.exists():
+            raise AlreadySetUp()
+        try:
+            name = wire.normalize_username(name)
+        except ValueError:
+            raise LoginFailed() from None
+        async with open_link(relay) as link:
+            try:
+                params = await link.request(wire.AuthParams, name=name)
+                kdf = KdfParams(params.kdf.t, params.kdf.m, params.kdf.p)
+                pk = await trio.to_thread.run_sync(password_keys, password, params.salt, kdf)
+                challenge, sig = await _password_proof(link, name, "bundle", pk.auth_seed)
+                bundle = await link.request(wire.FetchBundle, name=name, challenge=challenge, signature=sig)
+                try:
+                    keys = await trio.to_thread.run_sync(unwrap_bundle, bundle.bundle, pk.wrap_key, name)
+                except BadPassword:
+                    raise LoginFailed() from None
+                device_id = secrets.token_bytes(16)
+                challenge, sig = await _password_proof(link, name, "login", pk.auth_seed)
+                session = await link.request(
+                    wire.Login, name=name, challenge=challenge, signature=sig,
+                    device=wire.DeviceCert(device_id, sign_device(keys, name, device_id)),
+                )
+            except RelayRefused as exc:
+                raise _refused_as(exc) from None
+        try:
+            return await trio.to_thread.run_sync(
+                cls._create_home, home, name, relay, password, kdf, keys, device_id, pk.auth_seed,
+                session.token,
+            )
+        except BaseException:
+            home.discard()
+            raise
+
+    @classmethod
+    def unlock(cls, home: Home, password: str) -> Node:
+        """Open this device's store with the master password."""
+        if not home.exists():
+            raise NotSetUp()
+        config = home.load()
+        key = store_key(password, bytes.fromhex(config.store_salt), config.kdf_params)
+        try:
+            store = NodeStore(home.store_path, key)
+        except WrongKey:
+            raise WrongPassword() from None
+        blob = store.get("account_keys")
+        if blob is None:
+            store.close()
+            raise NotSetUp("this device's store is incomplete; set it up again in a new --home")
+        return cls(home, config, store, AccountKeys.from_bytes(blob))
+
+    # ---- the connection --------------------------------------------------------------
+    @asynccontextmanager
+    async def connected(self) -> AsyncIterator[RelayLink]:
+        """A link with this device's session (resumed, or renewed with the stored auth
+        key), the outbox already flushed."""
+        async with open_link(self.relay) as link:
+            await self.authenticate(link)
+            await self.flush_outbox(link)
+            yield link
+
+    async def authenticate(self, link: RelayLink) -> None:
+        token = self.store.get("token")
+        try:
+            if token is None:
+                raise RelayRefused(E.AUTH_FAILED, "no session")
+            await link.request(wire.Resume, token=token)
+        except RelayRefused as exc:
+            if exc.code != E.AUTH_FAILED:
+                raise
+            await self._renew_session(link)
+        link.device_id = self.device_id
+
+    async def _renew_session(self, link: RelayLink) -> None:
+        seed = self.store.get("auth_seed")
+        if seed is None:
+            raise LoginFailed("this device has no credentials; log in again")
+        try:
+            challenge, sig = await _password_proof(link, self.name, "login", seed)
+            session = await link.request(
+                wire.Login, name=self.name, challenge=challenge, signature=sig,
+                device=wire.DeviceCert(self.device_id, sign_device(self.keys, self.name, self.device_id)),
+            )
+        except RelayRefused as exc:
+            if exc.code == E.AUTH_FAILED:
+                raise LoginFailed("the relay no longer accepts this device's credentials") from None
+            raise
+        self.store.put("token", session.token)
+
+    # ---- keys of others ----------------------------------------------------------------
+    async def lookup(self, link: RelayLink, name: str) -> tuple[Contact, str | None]:
+        """Fetch an account's keys and devices; pin on first use, flag a change.
+
+        Returns the contact and a warning line if its identity key changed."""
+        try:
+            ans = await link.request(wire.LookupKeys, name=name)
+        except RelayRefused as exc:
+            raise _refused_as(exc) from None
+        name = ans.name
+        PublicKeys(enc=ans.enc_pub, identity=ans.identity_pub, dh=ans.dh_pub).validate()
+        devices = [d.device_id for d in ans.devices if verify_device(ans.identity_pub, name, d.device_id, d.sig)]
+        warning = None
+        with self.store.transaction():
+            pinned = self.store.contact(name)
+            if pinned is None:
+                self.store.pin(name, ans.enc_pub, ans.identity_pub, ans.dh_pub)
+            elif pinned.identity_pub != ans.identity_pub or pinned.enc_pub != ans.enc_pub:
+                self.store.replace_keys(name, ans.enc_pub, ans.identity_pub, ans.dh_pub)
+                warning = f"{name}'s identity key has changed: check it with `veil verify {name}`"
+            self.store.set_devices(name, devices)
+        contact = self.store.contact(name)
+        assert contact is not None
+        if warning:
+            self._warn(warning)
+        return contact, warning
+
+    def _warn(self, text: str) -> None:
+        for listener in self.events:
+            listener(text)
+
+    # ---- sending -----------------------------------------------------------------------
+    async def send(self, link: RelayLink, peer: str, text: str) -> StoredMessage:
+        """Seal ``text`` for every device of ``peer`` and every other device of ours, keep
+        it in the outbox, and hand it to the relay."""
+        try:
+            peer = wire.normalize_username(peer)
+        except ValueError:
+            raise UnknownUser() from None
+        if len(text.encode()) > max_body_bytes():
+            raise MessageTooLarge(f"message too large (at most {max_body_bytes()} bytes)")
+        me = self.keys.public()
+        pinned = self.store.contact(peer)
+        if pinned is not None and pinned.verified and pinned.key_changed:
+            raise IdentityChanged(
+                f"{peer}'s identity key changed since you verified it; sending is held"
+                f" (check with `veil verify {peer}`, accept with `veil trust {peer}`)"
+            )
+        targets: list[tuple[bytes, bytes]] = []  # (enc_pub, device_id)
+        if peer != self.name:
+            contact, _ = await self.lookup(link, peer)
+            if contact.verified and contact.key_changed:
+                raise IdentityChanged(
+                    f"{peer}'s identity key changed since you verified it; sending is held"
+                    f" (check with `veil verify {peer}`, accept with `veil trust {peer}`)"
+                )
+            targets += [(contact.enc_pub, d) for d in contact.devices]
+        own, _ = await self.lookup_self(link)
+        targets += [(me.enc, d) for d in own if d != self.device_id]
+        letter = Letter(
+            sender=self.name, sender_device=self.device_id, to=peer,
+            msg_id=secrets.token_bytes(16), sent_at=now_ms(), body=text,
+        )
+        try:
+            entries = [
+                OutboxEntry(secrets.token_bytes(16), letter.msg_id, device, seal(letter, self.keys, enc, device))
+                for enc, device in targets
+            ]
+        except KeyvaultTooLarge:
+            raise MessageTooLarge() from None
+        with self.store.transaction():
+            msg = self.store.add_message(
+                StoredMessage(letter.msg_id, peer, self.name, True, text, letter.sent_at, letter.sent_at,
+                              "pending" if entries else "sent", 0)
+            )
+            self.store.add_outbox(entries)
+        await self.flush_outbox(link)
+        return self.store.history(peer, 1)[-1] if entries else msg
+
+    async def lookup_self(self, link: RelayLink) -> tuple[list[bytes], None]:
+        """This account's devices, as the relay lists them (signatures checked)."""
+        ans = await link.request(wire.LookupKeys, name=self.name)
+        me = self.keys.public()
+        return [
+            d.device_id for d in ans.devices if verify_device(me.identity, self.name, d.device_id, d.sig)
+        ], None
+
+    async def flush_outbox(self, link: RelayLink) -> int:
+        """Hand every unacknowledged envelope to the relay, one frame per message.
+        Returns how many messages the relay now holds."""
+        by_msg: dict[bytes, list[OutboxEntry]] = {}
+        for e in self.store.outbox():
+            by_msg.setdefault(e.msg_id, []).append(e)
+        done = 0
+        for msg_id, entries in by_msg.items():
+            for start in range(0, len(entries), wire.MAX_BATCH):
+                chunk = entries[start : start + wire.MAX_BATCH]
+                try:
+                    await link.request(
+                        wire.Send, envelopes=[wire.Envelope(e.device_id, e.eid, e.blob) for e in chunk]
+                    )
+                except RelayRefused as exc:
+                    if exc.code != E.UNKNOWN_DEVICE:
+                        raise
+                    # A device was removed since the message was sealed: it gets
+                    # nothing more. Send the rest one by one to find which.
+                    await self._send_singly(link, chunk)
+                with self.store.transaction():
+                    self.store.remove_outbox([e.eid for e in chunk])
+            with self.store.transaction():
+                self.store.set_state(msg_id, "sent")
+            done += 1
+        return done
+
+    async def _send_singly(self, link: RelayLink, entries: list[OutboxEntry]) -> None:
+        for e in entries:
+            try:
+                await link.request(wire.Send, envelopes=[wire.Envelope(e.device_id, e.eid, e.blob)])
+            except RelayRefused as exc:
+                if exc.code != E.UNKNOWN_DEVICE:
+                    raise
+
+    # ---- receiving -------------------------------------------------------------------
+    async def accept(self, link: RelayLink, frame: wire.Deliver) -> list[Received]:
+        """Open, check and store delivered envelopes, then acknowledge them."""
+        received: list[Received] = []
+        done: list[bytes] = []
+        for item in frame.items:
+            try:
+                got = await self._accept_one(link, item.blob)
+            except DecryptionFailed:
+                log.warning("dropped an envelope that failed to open or verify")
+                got = None
+            if got is not None:
+                received.append(got)
+            done.append(item.eid)
+        if done:
+            await link.request(wire.Ack, eids=done)
+        return received
+
+    async def _accept_one(self, link: RelayLink, blob: bytes) -> Received | None:
+        unverified = open_envelope(blob, self.keys, self.device_id)
+        letter = unverified.letter
+        if self.store.has_message(letter.msg_id):
+            log.info("dropped a replayed message")
+            return None
+        warning = None
+        if letter.sender == self.name:
+            letter = verify_letter(unverified, self.keys.public().identity)
+            peer = letter.to
+        else:
+            if letter.to != self.name:
+                raise DecryptionFailed()  # signed for someone else: not ours to show
+            contact = self.store.contact(letter.sender)
+            try:
+                if contact is None:
+                    raise DecryptionFailed()
+                letter = verify_letter(unverified, contact.identity_pub)
+            except DecryptionFailed:
+                # Unknown sender, or a key we have not seen yet: ask the relay.
+                try:
+                    contact, warning = await self.lookup(link, letter.sender)
+                except UnknownUser:
+                    raise DecryptionFailed() from None
+                letter = verify_letter(unverified, contact.identity_pub)
+            peer = letter.sender
+        with self.store.transaction():
+            if self.store.has_message(letter.msg_id):
+                return None
+            msg = self.store.add_message(
+                StoredMessage(letter.msg_id, peer, letter.sender, letter.sender == self.name, letter.body,
+                              letter.sent_at, now_ms(), "received", 0)
+            )
+        return Received(msg, warning)
+
+    async def receive(self, link: RelayLink, *, wait: float = 0.0) -> list[Received]:
+        """Everything waiting at the relay; with ``wait``, wait up to that many seconds
+        for at least one message when nothing is waiting."""
+        got: list[Received] = []
+        deadline = trio.current_time() + wait
+        synced = False
+        while True:
+            timeout = trio.current_time() + 60 if not synced else deadline
+            with trio.move_on_at(timeout):
+                try:
+                    frame = await link.deliveries.receive()
+                except trio.EndOfChannel:
+                    raise RelayRefused("closed", "the relay closed the connection") from None
+                got += await self.accept(link, frame)
+                synced = synced or frame.synced
+                if frame.synced and (got or trio.current_time() >= deadline):
+                    return got
+                continue
+            return got
+
+    # ---- contacts and devices ------------------------------------------------------------
+    def safety_number(self, contact: Contact) -> str:
+        return safety_number(self.name, self.keys.public().identity, contact.name, contact.identity_pub)
+
+    async def devices(self, link: RelayLink) -> list[wire.DeviceInfo]:
+        ans = await link.request(wire.ListDevices)
+        return list(ans.devices)
+
+    async def logout(self, link: RelayLink, *, remove_device: bool = True) -> None:
+        await link.request(wire.Logout, remove_device=remove_device)
+        with self.store.transaction():
+            self.store.put("token", b"")
+
+
+def open_home(path: Path) -> Home:
+    return Home(path)

@@ -1,0 +1,243 @@
+"""The node's local store: one SQLCipher file per device; every SQL statement of the node.
+
+Holds the account's private keys, the session token, contacts and their pinned keys,
+the message history (plaintext, which is why the whole file is encrypted under a key
+derived from the master password), the outbox and the ids of messages already seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+from relay.cipherdb import open_encrypted
+
+migrations = Migrations("veil-node")
+
+
+@migrations(name="0001_initial")
+def _m0001(db: Database) -> None:
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+    db.execute(
+        """
+        CREATE TABLE contacts (
+            name TEXT PRIMARY KEY,
+            enc_pub BLOB NOT NULL,
+            identity_pub BLOB NOT NULL,
+            dh_pub BLOB NOT NULL,
+            verified INTEGER NOT NULL DEFAULT 0,
+            key_changed INTEGER NOT NULL DEFAULT 0,
+            previous_identity BLOB
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE contact_devices (
+            name TEXT NOT NULL REFERENCES contacts(name) ON DELETE CASCADE,
+            device_id BLOB NOT NULL,
+            PRIMARY KEY (name, device_id)
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE messages (
+            msg_id BLOB PRIMARY KEY,
+            peer TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            outgoing INTEGER NOT NULL,
+            body TEXT NOT NULL,
+            sent_at INTEGER NOT NULL,
+            received_at INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            seq INTEGER NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX messages_peer ON messages(peer, seq)")
+    db.execute(
+        """
+        CREATE TABLE outbox (
+            eid BLOB PRIMARY KEY,
+            msg_id BLOB NOT NULL,
+            device_id BLOB NOT NULL,
+            blob BLOB NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX outbox_msg ON outbox(msg_id)")
+
+
+@dataclass(frozen=True)
+class Contact:
+    name: str
+    enc_pub: bytes
+    identity_pub: bytes
+    dh_pub: bytes
+    verified: bool
+    key_changed: bool
+    devices: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    msg_id: bytes
+    peer: str
+    sender: str
+    outgoing: bool
+    body: str
+    sent_at: int
+    received_at: int
+    state: str  # "pending" (in the outbox), "sent" (the relay holds it), "received"
+    seq: int
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    eid: bytes
+    msg_id: bytes
+    device_id: bytes
+    blob: bytes
+
+
+_MSG_COLS = "msg_id, peer, sender, outgoing, body, sent_at, received_at, state, seq"
+
+
+def _message(r: Sequence[object]) -> StoredMessage:
+    return StoredMessage(
+        bytes(r[0]), str(r[1]), str(r[2]), bool(r[3]), str(r[4]),
+        int(r[5]), int(r[6]), str(r[7]), int(r[8]),  # type: ignore[call-overload]
+    )
+
+
+class NodeStore:
+    def __init__(self, path: Path, key: bytes) -> None:
+        self.db = open_encrypted(path, key)
+        self.conn = self.db.conn
+        migrations.apply(self.db)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self.db.atomic():
+            yield
+
+    # ---- meta ------------------------------------------------------------------------
+    def get(self, key: str) -> bytes | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def put(self, key: str, value: bytes) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    # ---- contacts --------------------------------------------------------------------
+    def contact(self, name: str) -> Contact | None:
+        row = self.conn.execute(
+            "SELECT name, enc_pub, identity_pub, dh_pub, verified, key_changed FROM contacts"
+            " WHERE name = ?",
+            (name,),
+        ).fetchone()
+        if row is None:
+            return None
+        devices = tuple(
+            bytes(r[0])
+            for r in self.conn.execute(
+                "SELECT device_id FROM contact_devices WHERE name = ? ORDER BY rowid", (name,)
+            )
+        )
+        return Contact(
+            str(row[0]), bytes(row[1]), bytes(row[2]), bytes(row[3]), bool(row[4]), bool(row[5]), devices
+        )
+
+    def contacts(self) -> list[Contact]:
+        names = [r[0] for r in self.conn.execute("SELECT name FROM contacts ORDER BY name")]
+        return [c for n in names if (c := self.contact(n)) is not None]
+
+    def pin(self, name: str, enc_pub: bytes, identity_pub: bytes, dh_pub: bytes) -> None:
+        """Pin keys seen for the first time."""
+        self.conn.execute(
+            "INSERT INTO contacts (name, enc_pub, identity_pub, dh_pub) VALUES (?,?,?,?)",
+            (name, enc_pub, identity_pub, dh_pub),
+        )
+
+    def replace_keys(self, name: str, enc_pub: bytes, identity_pub: bytes, dh_pub: bytes) -> None:
+        """Record a changed key: the new key is used, and the change is flagged."""
+        self.conn.execute(
+            "UPDATE contacts SET previous_identity = identity_pub, enc_pub = ?, identity_pub = ?,"
+            " dh_pub = ?, key_changed = 1 WHERE name = ?",
+            (enc_pub, identity_pub, dh_pub, name),
+        )
+
+    def set_devices(self, name: str, devices: Sequence[bytes]) -> None:
+        self.conn.execute("DELETE FROM contact_devices WHERE name = ?", (name,))
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO contact_devices (name, device_id) VALUES (?, ?)",
+            [(name, d) for d in devices],
+        )
+
+    def set_verified(self, name: str, verified: bool) -> None:
+        self.conn.execute(
+            "UPDATE contacts SET verified = ?, key_changed = 0 WHERE name = ?", (int(verified), name)
+        )
+
+    def accept_key(self, name: str) -> None:
+        """Accept a changed key: no longer flagged, and no longer verified."""
+        self.conn.execute(
+            "UPDATE contacts SET key_changed = 0, verified = 0 WHERE name = ?", (name,)
+        )
+
+    # ---- messages ----------------------------------------------------------------------
+    def has_message(self, msg_id: bytes) -> bool:
+        return self.conn.execute("SELECT 1 FROM messages WHERE msg_id = ?", (msg_id,)).fetchone() is not None
+
+    def add_message(self, m: StoredMessage) -> StoredMessage:
+        """Insert a message; its ``seq`` is assigned here (store order)."""
+        (seq,) = self.conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM messages").fetchone()
+        self.conn.execute(
+            f"INSERT INTO messages ({_MSG_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
+            (m.msg_id, m.peer, m.sender, int(m.outgoing), m.body, m.sent_at, m.received_at, m.state, seq),
+        )
+        return StoredMessage(**{**m.__dict__, "seq": int(seq)})
+
+    def set_state(self, msg_id: bytes, state: str) -> None:
+        self.conn.execute("UPDATE messages SET state = ? WHERE msg_id = ?", (state, msg_id))
+
+    def history(self, peer: str | None = None, limit: int = 50) -> list[StoredMessage]:
+        """The last ``limit`` messages (of one conversation), oldest first."""
+        if peer is None:
+            rows = self.conn.execute(
+                f"SELECT {_MSG_COLS} FROM messages ORDER BY seq DESC LIMIT ?", (limit,)
+            )
+        else:
+            rows = self.conn.execute(
+                f"SELECT {_MSG_COLS} FROM messages WHERE peer = ? ORDER BY seq DESC LIMIT ?",
+                (peer, limit),
+            )
+        return [_message(r) for r in rows][::-1]
+
+    # ---- outbox ------------------------------------------------------------------------
+    def add_outbox(self, entries: Sequence[OutboxEntry]) -> None:
+        self.conn.executemany(
+            "INSERT INTO outbox (eid, msg_id, device_id, blob) VALUES (?,?,?,?)",
+            [(e.eid, e.msg_id, e.device_id, e.blob) for e in entries],
+        )
+
+    def outbox(self) -> list[OutboxEntry]:
+        return [
+            OutboxEntry(bytes(r[0]), bytes(r[1]), bytes(r[2]), bytes(r[3]))
+            for r in self.conn.execute("SELECT eid, msg_id, device_id, blob FROM outbox ORDER BY rowid")
+        ]
+
+    def outbox_count(self) -> int:
+        (n,) = self.conn.execute("SELECT count(DISTINCT msg_id) FROM outbox").fetchone()
+        return int(n)
+
+    def remove_outbox(self, eids: Sequence[bytes]) -> None:
+        self.conn.executemany("DELETE FROM outbox WHERE eid = ?", [(e,) for e in eids])
+
+    def remove_outbox_device(self, device_id: bytes) -> None:
+        self.conn.execute("DELETE FROM outbox WHERE device_id = ?", (device_id,))

@@ -1,0 +1,199 @@
+"""One WebSocket connection to the relay: reader, sender, heartbeat.
+
+The connection owns a nursery: the reader (this function's body), one sender task fed
+by a bounded channel (the only writer of data frames), a heartbeat, and, once the peer
+has a session, its delivery outlet. A send that times out or is cancelled half-way
+closes the TCP stream at once: a half-written frame would corrupt everything after it.
+Nothing escapes ``handle_connection``: trio-websocket stops the whole server when a
+handler raises, so every exception ends only this connection.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+
+from relay import wire
+from relay.service import Peer, Refused, RelayService
+
+log = logging.getLogger("veil.relay")
+
+SEND_TIMEOUT = 30.0
+HEARTBEAT_INTERVAL = 20.0
+HEARTBEAT_TIMEOUT = 20.0
+OUTBOX_FRAMES = 64
+MAX_INFLIGHT = 32
+# Frames per second per connection (a token bucket). A whole message to every device of
+# a recipient is one frame, and acknowledgements are batched, so this is generous.
+RATE = 500.0
+BURST = 1000.0
+MAX_VIOLATIONS = 100
+
+# Requests that change who this connection is are handled one at a time, in order;
+# the rest run concurrently (bounded), so one slow commit does not stall the reader.
+_SERIAL = (wire.AuthParams, wire.Register, wire.Challenge, wire.FetchBundle, wire.Login,
+           wire.Resume, wire.Logout)
+
+
+@dataclass
+class Limits:
+    rate: float = RATE
+    burst: float = BURST
+
+
+class _Bucket:
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = burst
+        self.stamp = trio.current_time()
+
+    def take(self) -> bool:
+        now = trio.current_time()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+def _describe(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return type(exc).__name__
+
+
+async def _abort(ws: WebSocketConnection) -> None:
+    """Drop the TCP stream without a close frame (the stream may be mid-frame)."""
+    stream = getattr(ws, "_stream", None)
+    if stream is not None:
+        await trio.aclose_forcefully(stream)
+
+
+class RelayConnections:
+    """The WebSocket handler: counts connections and serves each one."""
+
+    def __init__(self, service: RelayService, limits: Limits | None = None) -> None:
+        self.service = service
+        self.limits = limits or Limits()
+        self.open = 0
+
+    async def handle(self, request: WebSocketRequest) -> None:
+        """trio-websocket's handler: must never raise."""
+        try:
+            if request.path.split("?")[0] != wire.PATH:
+                await request.reject(404, body=b"this relay speaks /v1\n")
+                return
+            ws = await request.accept()
+        except Exception:
+            return
+        self.open += 1
+        try:
+            await self._serve(ws)
+        except ConnectionClosed:
+            pass
+        except Exception as exc:  # a bug: end this connection, keep the relay
+            if isinstance(exc, ExceptionGroup):
+                _, rest = exc.split(ConnectionClosed)
+                if rest is None:
+                    return
+                exc = rest
+            log.error("connection ended by %s", _describe(exc), exc_info=log.isEnabledFor(logging.DEBUG))
+        finally:
+            self.open -= 1
+
+    async def _serve(self, ws: WebSocketConnection) -> None:
+        send_in, send_out = trio.open_memory_channel[wire.Frame](OUTBOX_FRAMES)
+        peer = Peer()
+
+        async def send(frame: wire.Frame) -> None:
+            await send_in.send(frame)
+
+        peer.send = send
+        try:
+            async with trio.open_nursery() as nursery:
+                peer.nursery = nursery
+                nursery.start_soon(self._sender, ws, send_out, nursery.cancel_scope)
+                nursery.start_soon(self._heartbeat, ws, nursery.cancel_scope)
+                await self._reader(ws, peer, nursery)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.service.unbind(peer)
+
+    async def _sender(
+        self, ws: WebSocketConnection, frames: trio.MemoryReceiveChannel[wire.Frame],
+        scope: trio.CancelScope,
+    ) -> None:
+        async for frame in frames:
+            data = wire.encode(frame)
+            done = False
+            try:
+                with trio.move_on_after(SEND_TIMEOUT):
+                    await ws.send_message(data)
+                    done = True
+            finally:
+                if not done:  # timed out, cancelled or broken mid-frame
+                    scope.cancel()
+                    with trio.CancelScope(shield=True):
+                        await _abort(ws)
+            if not done:
+                return
+
+    async def _heartbeat(self, ws: WebSocketConnection, scope: trio.CancelScope) -> None:
+        while True:
+            await trio.sleep(HEARTBEAT_INTERVAL)
+            with trio.move_on_after(HEARTBEAT_TIMEOUT) as timeout:
+                await ws.ping()
+            if timeout.cancelled_caught:
+                log.info("peer missed a heartbeat; closing")
+                scope.cancel()
+                with trio.CancelScope(shield=True):
+                    await _abort(ws)
+                return
+
+    async def _reader(self, ws: WebSocketConnection, peer: Peer, nursery: trio.Nursery) -> None:
+        bucket = _Bucket(self.limits.rate, self.limits.burst)
+        inflight = trio.Semaphore(MAX_INFLIGHT)
+        violations = 0
+        while True:
+            try:
+                data = await ws.get_message()
+            except ConnectionClosed:
+                return
+            if isinstance(data, str):
+                data = data.encode("utf-8", "surrogateescape")
+            try:
+                if not bucket.take():
+                    raise wire.FrameError(wire.ErrorCode.RATE_LIMITED, "too many frames; slow down")
+                req = wire.decode_request(data)
+            except wire.FrameError as exc:
+                violations += 1
+                await peer.send(exc.to_frame())
+                if violations > MAX_VIOLATIONS:
+                    return
+                continue
+            if isinstance(req, _SERIAL):
+                await self._answer(peer, req)
+            else:
+                await inflight.acquire()
+                nursery.start_soon(self._answer_then_release, peer, req, inflight)
+
+    async def _answer_then_release(self, peer: Peer, req: wire.Request, inflight: trio.Semaphore) -> None:
+        try:
+            await self._answer(peer, req)
+        finally:
+            inflight.release()
+
+    async def _answer(self, peer: Peer, req: wire.Request) -> None:
+        try:
+            answer = await self.service.handle(peer, req)
+        except Refused as exc:
+            answer = wire.Error(id=req.id, code=exc.code, message=exc.message)
+        except Exception as exc:
+            log.error("request failed: %s", type(exc).__name__, exc_info=log.isEnabledFor(logging.DEBUG))
+            answer = wire.Error(id=req.id, code=wire.ErrorCode.INTERNAL, message="internal error")
+        await peer.send(answer)
+

@@ -1,0 +1,103 @@
+"""Delivery: pushing stored envelopes to the connected devices they are for.
+
+Each authenticated connection has an ``Outlet``. Newly committed envelopes are handed
+to the outlets of their device in memory (no database read on the hot path); the
+outlet's task sends them in batches, many envelopes to a frame. A backlog (mail stored
+while the device was away, or more than an outlet buffers) is read from the mailbox in
+pages. Every envelope handed to an outlet is already committed, so an outlet may drop its
+buffer at any time and re-read the mailbox instead: nothing is lost, and ``seq`` keeps
+each envelope from being pushed twice on one connection. Envelopes stay in the mailbox
+until the device acknowledges them; a new connection gets every unacknowledged one again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from relay import wire
+from relay.store import Stored
+
+PAGE = wire.MAX_BATCH
+BUFFER_LIMIT = 4096
+
+
+class Outlet:
+    """Pending pushes for one connection of one device."""
+
+    def __init__(self, device_id: bytes) -> None:
+        self.device_id = device_id
+        self._pending: list[Stored] = []
+        self._refill = True  # start by reading the backlog from the mailbox
+        self._wake = trio.Event()
+        self._last_seq = 0
+
+    def offer(self, items: list[Stored]) -> None:
+        if self._refill:
+            pass  # the next mailbox read will include them
+        elif len(self._pending) + len(items) > BUFFER_LIMIT:
+            self._pending.clear()
+            self._refill = True
+        else:
+            self._pending.extend(items)
+        self._wake.set()
+
+    async def run(
+        self,
+        fetch: Callable[[bytes, int, int], Awaitable[list[Stored]]],
+        send: Callable[[wire.Frame], Awaitable[None]],
+    ) -> None:
+        """Push envelopes until cancelled. ``send`` blocks while the peer is slow."""
+        while True:
+            if self._refill:
+                self._refill = False
+                self._pending.clear()
+                while True:
+                    rows = await fetch(self.device_id, self._last_seq, PAGE)
+                    if rows:
+                        self._last_seq = rows[-1].seq
+                    synced = len(rows) < PAGE
+                    await send(wire.Deliver(items=[wire.Mail(r.eid, r.blob) for r in rows], synced=synced))
+                    if synced or self._refill:
+                        break
+            elif self._pending:
+                batch = [s for s in self._pending[:PAGE] if s.seq > self._last_seq]
+                del self._pending[:PAGE]
+                if batch:
+                    self._last_seq = max(s.seq for s in batch)
+                    synced = not self._pending and not self._refill
+                    await send(wire.Deliver(items=[wire.Mail(s.eid, s.blob) for s in batch], synced=synced))
+            else:
+                await self._wake.wait()
+                self._wake = trio.Event()
+
+
+class Router:
+    """Which connections are online for which device."""
+
+    def __init__(self) -> None:
+        self._outlets: dict[bytes, set[Outlet]] = {}
+
+    def attach(self, outlet: Outlet) -> None:
+        self._outlets.setdefault(outlet.device_id, set()).add(outlet)
+
+    def detach(self, outlet: Outlet) -> None:
+        outlets = self._outlets.get(outlet.device_id)
+        if outlets is not None:
+            outlets.discard(outlet)
+            if not outlets:
+                del self._outlets[outlet.device_id]
+
+    def online(self) -> int:
+        return len(self._outlets)
+
+    def on_stored(self, stored: list[Stored]) -> None:
+        """Called after each group commit with the envelopes it stored."""
+        by_device: dict[bytes, list[Stored]] = {}
+        for s in stored:
+            if s.device_id in self._outlets:
+                by_device.setdefault(s.device_id, []).append(s)
+        for device_id, items in by_device.items():
+            for outlet in self._outlets.get(device_id, ()):
+                outlet.offer(items)

@@ -1,0 +1,104 @@
+"""The relay process: open the store, start the group-commit loop, serve WebSockets."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+from trio_websocket import serve_websocket
+
+from relay import wire
+from relay.connection import Limits, RelayConnections
+from relay.delivery import Router
+from relay.keyfile import RelayKeys, load_root_key
+from relay.mailroom import MAILBOX_LIMIT, Mailroom
+from relay.service import RelayService
+from relay.store import RelayStore
+
+log = logging.getLogger("veil.relay")
+
+DB_FILE = "relay.db"
+EXPIRE_EVERY = 3600.0
+# Pending messages per connection inside trio-websocket before its reader stops reading;
+# above 1 so that pings and close frames are answered while a request is handled.
+WS_QUEUE = 16
+
+
+@dataclass
+class RelayConfig:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    mailbox_limit: int = MAILBOX_LIMIT
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True)
+class RelayInfo:
+    """What a started relay reports: where it listens."""
+
+    host: str
+    port: int
+    relay_id: bytes
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}"
+
+
+class RelayState:
+    """Everything a running relay holds (exposed for tests and the benchmark)."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.keys = RelayKeys.from_root(load_root_key(config.data_dir))
+        self.store = RelayStore(config.data_dir / DB_FILE, self.keys.db_key)
+        relay_id = self.store.meta("relay_id")
+        if relay_id is None:
+            relay_id = secrets.token_bytes(16)
+            self.store.set_meta("relay_id", relay_id)
+        self.relay_id = relay_id
+        self.router = Router()
+        self.mailroom = Mailroom(self.store, self.router.on_stored, mailbox_limit=config.mailbox_limit)
+        self.service = RelayService(self.keys, relay_id, self.mailroom, self.router)
+        self.connections = RelayConnections(self.service, config.limits)
+
+
+async def _expire_loop(mailroom: Mailroom) -> None:
+    while True:
+        n = await mailroom.call(mailroom.store.expire)
+        if n:
+            log.info("expired %d undelivered envelopes", n)
+        await trio.sleep(EXPIRE_EVERY)
+
+
+async def serve(config: RelayConfig, *, task_status: trio.TaskStatus[RelayInfo] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a relay until cancelled; reports a RelayInfo once it accepts connections."""
+    state = RelayState(config)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(state.mailroom.run)
+            nursery.start_soon(_expire_loop, state.mailroom)
+            server = await nursery.start(
+                lambda task_status: serve_websocket(
+                    state.connections.handle,
+                    config.host,
+                    config.port,
+                    ssl_context=None,
+                    max_message_size=wire.WS_MAX_MESSAGE,
+                    message_queue_size=WS_QUEUE,
+                    task_status=task_status,
+                )
+            )
+            info = RelayInfo(config.host, server.port, state.relay_id)
+            log.info("relay listening on port %d (pid %d)", server.port, os.getpid())
+            task_status.started(info)
+    finally:
+        with trio.CancelScope(shield=True):
+            await state.mailroom.close()
+        log.info("relay stopped; store closed")

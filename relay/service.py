@@ -1,0 +1,308 @@
+"""What the relay does with each request: one method per request frame.
+
+``RelayService`` holds the relay-wide state (the mailroom, who is online, outstanding
+challenges, failure throttles). Handlers take the connection's ``Peer`` state and a
+decoded request and return the answer frame; a refusal is raised as ``Refused`` and
+becomes an ``Error`` frame. Nothing here logs a name, a token or a key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+import trio
+
+from keyvault.auth import verify_challenge
+from keyvault.errors import BadKey
+from keyvault.kdf import DEFAULT_KDF
+from keyvault.keys import PublicKeys, verify_device
+from relay import wire
+from relay.auth import Challenges, Throttle, name_mac, new_token, token_hash
+from relay.delivery import Outlet, Router
+from relay.keyfile import RelayKeys
+from relay.mailroom import MailboxFull, Mailroom
+from relay.store import Account, NameTaken, NewAccount, Stored, UnknownDevice
+
+E = wire.ErrorCode
+
+
+class Refused(Exception):
+    """A request the relay answers with an error frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+AUTH_FAILED = Refused(E.AUTH_FAILED, "authentication failed")
+
+
+async def _no_send(frame: wire.Frame) -> None:
+    raise RuntimeError("peer has no connection")
+
+
+@dataclass
+class Peer:
+    """The relay's view of one connection."""
+
+    account_id: int | None = None
+    device_id: bytes | None = None
+    token_hash: bytes | None = None
+    outlet: Outlet | None = None
+    send: Callable[[wire.Frame], Awaitable[None]] = field(default=_no_send, repr=False)
+    outlet_scope: trio.CancelScope | None = field(default=None, repr=False)
+    failures: int = 0
+    registrations: int = 0
+    nursery: trio.Nursery | None = field(default=None, repr=False)
+
+
+def _name(raw: str) -> str:
+    try:
+        return wire.normalize_username(raw)
+    except ValueError as exc:
+        raise Refused(E.BAD_NAME, str(exc)) from None
+
+
+class RelayService:
+    def __init__(self, keys: RelayKeys, relay_id: bytes, mailroom: Mailroom, router: Router) -> None:
+        self.keys = keys
+        self.relay_id = relay_id
+        self.mailroom = mailroom
+        self.router = router
+        self.challenges = Challenges()
+        self.throttle = Throttle()
+
+    def mac(self, name: str) -> bytes:
+        return name_mac(self.keys.name_mac_key, name)
+
+    async def handle(self, peer: Peer, req: wire.Request) -> wire.Frame:
+        """Answer one request (raises Refused)."""
+        match req:
+            case wire.Send():
+                return await self.send(peer, req)
+            case wire.Ack():
+                return await self.ack(peer, req)
+            case wire.Ping():
+                return wire.Ok(id=req.id)
+            case wire.AuthParams():
+                return await self.auth_params(req)
+            case wire.Challenge():
+                mac = self.mac(_name(req.name))
+                return wire.ChallengeOk(
+                    id=req.id, challenge=self.challenges.issue(mac, req.purpose), relay_id=self.relay_id
+                )
+            case wire.Register():
+                return await self.register(peer, req)
+            case wire.FetchBundle():
+                account = await self._prove(peer, req.name, "bundle", req.challenge, req.signature)
+                return wire.BundleOk(id=req.id, bundle=account.bundle)
+            case wire.Login():
+                return await self.login(peer, req)
+            case wire.Resume():
+                return await self.resume(peer, req)
+            case wire.Logout():
+                return await self.logout(peer, req)
+            case wire.LookupKeys():
+                return await self.lookup_keys(peer, req)
+            case wire.ListDevices():
+                self._require_session(peer)
+                rows = await self.mailroom.call(self.mailroom.store.devices, peer.account_id)
+                return wire.DevicesOk(
+                    id=req.id, devices=[wire.DeviceInfo(d, day) for d, _, day in rows]
+                )
+        raise Refused(E.UNKNOWN_FRAME, "unknown request")  # pragma: no cover
+
+    # ---- accounts ------------------------------------------------------------------
+    async def auth_params(self, req: wire.AuthParams) -> wire.Frame:
+        """Salt and KDF parameters; for a name with no account, a stable made-up answer
+        of the same shape, so the answer does not tell whether the account exists."""
+        name = _name(req.name)
+        account = await self._account(name)
+        if account is None:
+            salt = name_mac(self.keys.fake_salt_key, name)[:16]
+            d = DEFAULT_KDF
+            return wire.AuthParamsOk(id=req.id, salt=salt, kdf=wire.Kdf(d.time_cost, d.memory_kib, d.parallelism))
+        t, m, p = account.kdf
+        return wire.AuthParamsOk(id=req.id, salt=account.salt, kdf=wire.Kdf(t, m, p))
+
+    async def _account(self, name: str) -> Account | None:
+        return await self.mailroom.call(self.mailroom.store.account, self.mac(name))
+
+    async def register(self, peer: Peer, req: wire.Register) -> wire.Frame:
+        if peer.account_id is not None:
+            raise Refused(E.ALREADY_AUTHENTICATED, "this connection already has a session")
+        if peer.registrations >= 3:
+            raise Refused(E.RATE_LIMITED, "too many registrations on one connection")
+        peer.registrations += 1
+        name = _name(req.name)
+        try:
+            PublicKeys(enc=req.enc_pub, identity=req.identity_pub, dh=req.dh_pub).validate()
+        except BadKey as exc:
+            raise Refused(E.BAD_KEY, str(exc) or "malformed public key") from None
+        if not verify_device(req.identity_pub, name, req.device.device_id, req.device.sig):
+            raise Refused(E.BAD_KEY, "device signature does not verify")
+        new = NewAccount(
+            name_mac=self.mac(name),
+            salt=req.salt,
+            kdf=(req.kdf.t, req.kdf.m, req.kdf.p),
+            auth_pub=req.auth_pub,
+            enc_pub=req.enc_pub,
+            identity_pub=req.identity_pub,
+            dh_pub=req.dh_pub,
+            bundle=req.bundle,
+            recovery_auth_pub=req.recovery_auth_pub,
+            recovery_bundle=req.recovery_bundle,
+        )
+        store = self.mailroom.store
+        try:
+            account_id = await self.mailroom.call(
+                store.create_account, new, req.device.device_id, req.device.sig
+            )
+        except NameTaken:
+            raise Refused(E.NAME_TAKEN, "that name is taken") from None
+        except UnknownDevice:
+            raise Refused(E.UNKNOWN_DEVICE, "device id already in use") from None
+        return await self._open_session(peer, req.id, account_id, req.device.device_id)
+
+    async def _prove(
+        self, peer: Peer, raw_name: str, purpose: str, challenge: bytes, signature: bytes
+    ) -> Account:
+        """Check a signed challenge; the account on success, AUTH_FAILED otherwise."""
+        name = _name(raw_name)
+        mac = self.mac(name)
+        redeemed = self.challenges.redeem(challenge, mac, purpose)
+        if self.throttle.blocked(mac) or not redeemed:
+            await self._failed(peer, mac)
+        account = await self._account(name)
+        if account is None or not verify_challenge(
+            account.auth_pub, signature, purpose, self.relay_id, name, challenge
+        ):
+            await self._failed(peer, mac)
+            raise AssertionError("unreachable")
+        self.throttle.succeed(mac)
+        return account
+
+    async def _failed(self, peer: Peer, mac: bytes) -> NoReturn:
+        delay = self.throttle.fail(mac)
+        peer.failures += 1
+        # The connection waits too: a delay that grows with its own failures.
+        await trio.sleep(max(delay, min(0.2 * 2 ** (peer.failures - 1), 10.0)))
+        raise AUTH_FAILED
+
+    async def login(self, peer: Peer, req: wire.Login) -> wire.Frame:
+        if peer.account_id is not None:
+            raise Refused(E.ALREADY_AUTHENTICATED, "this connection already has a session")
+        account = await self._prove(peer, req.name, "login", req.challenge, req.signature)
+        name = _name(req.name)
+        if not verify_device(account.identity_pub, name, req.device.device_id, req.device.sig):
+            raise Refused(E.BAD_KEY, "device signature does not verify")
+        try:
+            ok = await self.mailroom.call(
+                self.mailroom.store.ensure_device,
+                account.id, req.device.device_id, req.device.sig, wire.MAX_DEVICES,
+            )
+        except UnknownDevice:
+            raise Refused(E.UNKNOWN_DEVICE, "device id belongs to another account") from None
+        if not ok:
+            raise Refused(E.TOO_MANY_DEVICES, f"an account has at most {wire.MAX_DEVICES} devices")
+        return await self._open_session(peer, req.id, account.id, req.device.device_id)
+
+    async def _open_session(self, peer: Peer, rid: int, account_id: int, device_id: bytes) -> wire.Frame:
+        token = new_token()
+        th = token_hash(token)
+        expires = await self.mailroom.call(self.mailroom.store.create_session, th, account_id, device_id)
+        self._bind(peer, account_id, device_id, th)
+        return wire.SessionOk(id=rid, token=token, device_id=device_id, expires_day=expires)
+
+    async def resume(self, peer: Peer, req: wire.Resume) -> wire.Frame:
+        if peer.account_id is not None:
+            raise Refused(E.ALREADY_AUTHENTICATED, "this connection already has a session")
+        th = token_hash(req.token)
+        session = await self.mailroom.call(self.mailroom.store.session, th)
+        if session is None:
+            peer.failures += 1
+            await trio.sleep(min(0.2 * 2 ** (peer.failures - 1), 10.0))
+            raise AUTH_FAILED
+        self._bind(peer, session.account_id, session.device_id, th)
+        return wire.ResumeOk(id=req.id, device_id=session.device_id)
+
+    def _bind(self, peer: Peer, account_id: int, device_id: bytes, th: bytes) -> None:
+        peer.account_id, peer.device_id, peer.token_hash = account_id, device_id, th
+        outlet = Outlet(device_id)
+        peer.outlet = outlet
+        self.router.attach(outlet)
+        peer.outlet_scope = trio.CancelScope()
+        assert peer.nursery is not None
+        peer.nursery.start_soon(self._run_outlet, peer, outlet, peer.outlet_scope)
+
+    async def _run_outlet(self, peer: Peer, outlet: Outlet, scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                await outlet.run(self._fetch, peer.send)
+            finally:
+                self.router.detach(outlet)
+
+    async def _fetch(self, device_id: bytes, after: int, limit: int) -> list[Stored]:
+        return await self.mailroom.call(self.mailroom.store.fetch, device_id, after, limit)
+
+    def unbind(self, peer: Peer) -> None:
+        if peer.outlet is not None:
+            self.router.detach(peer.outlet)
+        if peer.outlet_scope is not None:
+            peer.outlet_scope.cancel()
+        peer.account_id = peer.device_id = peer.token_hash = None
+        peer.outlet = None
+        peer.outlet_scope = None
+
+    async def logout(self, peer: Peer, req: wire.Logout) -> wire.Frame:
+        self._require_session(peer)
+        assert peer.token_hash is not None and peer.device_id is not None
+        store = self.mailroom.store
+        if req.remove_device:
+            await self.mailroom.call(store.remove_device, peer.device_id)
+        else:
+            await self.mailroom.call(store.delete_session, peer.token_hash)
+        self.unbind(peer)
+        return wire.Ok(id=req.id)
+
+    # ---- keys and mail ---------------------------------------------------------------
+    def _require_session(self, peer: Peer) -> None:
+        if peer.account_id is None:
+            raise Refused(E.NOT_AUTHENTICATED, "log in first")
+
+    async def lookup_keys(self, peer: Peer, req: wire.LookupKeys) -> wire.Frame:
+        self._require_session(peer)
+        name = _name(req.name)
+        account = await self._account(name)
+        if account is None:
+            raise Refused(E.UNKNOWN_USER, "no such user")
+        devices = await self.mailroom.call(self.mailroom.store.devices, account.id)
+        return wire.KeysOk(
+            id=req.id,
+            name=name,
+            enc_pub=account.enc_pub,
+            identity_pub=account.identity_pub,
+            dh_pub=account.dh_pub,
+            devices=[wire.DeviceCert(d, sig) for d, sig, _ in devices],
+        )
+
+    async def send(self, peer: Peer, req: wire.Send) -> wire.Frame:
+        self._require_session(peer)
+        try:
+            await self.mailroom.enqueue([(e.device_id, e.eid, e.blob) for e in req.envelopes])
+        except UnknownDevice:
+            raise Refused(E.UNKNOWN_DEVICE, "no such device (it may have been removed)") from None
+        except MailboxFull:
+            raise Refused(E.MAILBOX_FULL, "the recipient's mailbox is full") from None
+        return wire.Ok(id=req.id)
+
+    async def ack(self, peer: Peer, req: wire.Ack) -> wire.Frame:
+        self._require_session(peer)
+        assert peer.device_id is not None
+        await self.mailroom.ack(peer.device_id, req.eids)
+        return wire.Ok(id=req.id)
+
+

@@ -1,0 +1,351 @@
+"""The relay's storage: every SQL statement the relay runs lives in this module.
+
+A narrow, synchronous interface (accounts, devices, sessions, mailboxes) over one
+SQLCipher connection. It is called from one worker thread at a time (see
+``relay.mailroom``), never from the event loop. Minimal by design: account names are
+stored only as an HMAC, mailboxes have no sender column, and no column holds an IP
+address or a time finer than a day.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+from relay.cipherdb import IntegrityError, open_encrypted
+
+MAIL_TTL_DAYS = 30
+SESSION_IDLE_DAYS = 30
+SESSION_MAX_DAYS = 180
+
+migrations = Migrations("veil-relay")
+
+
+@migrations(name="0001_initial")
+def _m0001(db: Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE accounts (
+            id INTEGER PRIMARY KEY,
+            name_mac BLOB NOT NULL UNIQUE,
+            salt BLOB NOT NULL,
+            kdf_t INTEGER NOT NULL, kdf_m INTEGER NOT NULL, kdf_p INTEGER NOT NULL,
+            auth_pub BLOB NOT NULL,
+            enc_pub BLOB NOT NULL,
+            identity_pub BLOB NOT NULL,
+            dh_pub BLOB NOT NULL,
+            bundle BLOB NOT NULL,
+            recovery_auth_pub BLOB NOT NULL,
+            recovery_bundle BLOB NOT NULL,
+            totp_secret BLOB,
+            totp_last_step INTEGER,
+            created_day INTEGER NOT NULL
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE devices (
+            device_id BLOB PRIMARY KEY,
+            account_id INTEGER NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+            sig BLOB NOT NULL,
+            created_day INTEGER NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX devices_account ON devices(account_id)")
+    db.execute(
+        """
+        CREATE TABLE sessions (
+            token_hash BLOB PRIMARY KEY,
+            account_id INTEGER NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+            device_id BLOB NOT NULL REFERENCES devices(device_id) ON DELETE CASCADE,
+            idle_day INTEGER NOT NULL,
+            expires_day INTEGER NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX sessions_device ON sessions(device_id)")
+    db.execute(
+        """
+        CREATE TABLE mailbox (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            device_id BLOB NOT NULL REFERENCES devices(device_id) ON DELETE CASCADE,
+            eid BLOB NOT NULL,
+            blob BLOB NOT NULL,
+            expires_day INTEGER NOT NULL,
+            UNIQUE (device_id, eid)
+        )"""
+    )
+    db.execute("CREATE INDEX mailbox_expiry ON mailbox(expires_day)")
+    db.execute("CREATE TABLE relay_meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+
+
+def today() -> int:
+    """Days since the epoch (UTC): the only clock granularity the relay stores."""
+    return int(time.time() // 86400)
+
+
+class NameTaken(Exception):
+    pass
+
+
+class UnknownDevice(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Account:
+    id: int
+    salt: bytes
+    kdf: tuple[int, int, int]
+    auth_pub: bytes
+    enc_pub: bytes
+    identity_pub: bytes
+    dh_pub: bytes
+    bundle: bytes
+    recovery_auth_pub: bytes
+    recovery_bundle: bytes
+
+
+@dataclass(frozen=True)
+class NewAccount:
+    name_mac: bytes
+    salt: bytes
+    kdf: tuple[int, int, int]
+    auth_pub: bytes
+    enc_pub: bytes
+    identity_pub: bytes
+    dh_pub: bytes
+    bundle: bytes
+    recovery_auth_pub: bytes
+    recovery_bundle: bytes
+
+
+@dataclass(frozen=True)
+class Session:
+    account_id: int
+    device_id: bytes
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An envelope newly committed to a mailbox."""
+
+    device_id: bytes
+    seq: int
+    eid: bytes
+    blob: bytes
+
+
+_ACCOUNT_COLS = (
+    "id, salt, kdf_t, kdf_m, kdf_p, auth_pub, enc_pub, identity_pub, dh_pub, bundle,"
+    " recovery_auth_pub, recovery_bundle"
+)
+
+
+def _account(row: Sequence[object]) -> Account:
+    r = list(row)
+    return Account(
+        id=int(r[0]),  # type: ignore[call-overload]
+        salt=r[1],  # type: ignore[arg-type]
+        kdf=(r[2], r[3], r[4]),  # type: ignore[arg-type]
+        auth_pub=r[5],  # type: ignore[arg-type]
+        enc_pub=r[6],  # type: ignore[arg-type]
+        identity_pub=r[7],  # type: ignore[arg-type]
+        dh_pub=r[8],  # type: ignore[arg-type]
+        bundle=r[9],  # type: ignore[arg-type]
+        recovery_auth_pub=r[10],  # type: ignore[arg-type]
+        recovery_bundle=r[11],  # type: ignore[arg-type]
+    )
+
+
+class RelayStore:
+    """Synchronous relay storage on one SQLCipher connection."""
+
+    def __init__(self, path: Path, key: bytes) -> None:
+        self.db = open_encrypted(path, key)
+        self.conn = self.db.conn
+        migrations.apply(self.db)
+
+    def close(self) -> None:
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.conn.close()
+
+    # ---- relay metadata ----------------------------------------------------------
+    def meta(self, key: str) -> bytes | None:
+        row = self.conn.execute("SELECT value FROM relay_meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def set_meta(self, key: str, value: bytes) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO relay_meta (key, value) VALUES (?, ?)", (key, value)
+        )
+
+    # ---- accounts and devices ----------------------------------------------------
+    def create_account(self, new: NewAccount, device_id: bytes, device_sig: bytes) -> int:
+        """Create an account with its first device; NameTaken if the name exists."""
+        with self.db.atomic():
+            try:
+                cur = self.conn.execute(
+                    "INSERT INTO accounts (name_mac, salt, kdf_t, kdf_m, kdf_p, auth_pub,"
+                    " enc_pub, identity_pub, dh_pub, bundle, recovery_auth_pub,"
+                    " recovery_bundle, created_day) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        new.name_mac, new.salt, *new.kdf, new.auth_pub, new.enc_pub,
+                        new.identity_pub, new.dh_pub, new.bundle, new.recovery_auth_pub,
+                        new.recovery_bundle, today(),
+                    ),
+                )
+            except IntegrityError:
+                raise NameTaken() from None
+            account_id = int(cur.lastrowid)
+            self._insert_device(account_id, device_id, device_sig)
+        return account_id
+
+    def account(self, name_mac: bytes) -> Account | None:
+        row = self.conn.execute(
+            f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE name_mac = ?", (name_mac,)
+        ).fetchone()
+        return None if row is None else _account(row)
+
+    def _insert_device(self, account_id: int, device_id: bytes, sig: bytes) -> None:
+        try:
+            self.conn.execute(
+                "INSERT INTO devices (device_id, account_id, sig, created_day) VALUES (?,?,?,?)",
+                (device_id, account_id, sig, today()),
+            )
+        except IntegrityError:
+            raise UnknownDevice() from None  # the id belongs to another account
+
+    def ensure_device(self, account_id: int, device_id: bytes, sig: bytes, limit: int) -> bool:
+        """Register ``device_id`` for the account unless it is known; False if over limit."""
+        with self.db.atomic():
+            row = self.conn.execute(
+                "SELECT account_id FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
+            if row is not None:
+                if row[0] != account_id:
+                    raise UnknownDevice()
+                return True
+            (count,) = self.conn.execute(
+                "SELECT count(*) FROM devices WHERE account_id = ?", (account_id,)
+            ).fetchone()
+            if count >= limit:
+                return False
+            self._insert_device(account_id, device_id, sig)
+            return True
+
+    def devices(self, account_id: int) -> list[tuple[bytes, bytes, int]]:
+        """(device_id, signature, created_day) of each device, oldest first."""
+        return [
+            (bytes(r[0]), bytes(r[1]), int(r[2]))
+            for r in self.conn.execute(
+                "SELECT device_id, sig, created_day FROM devices WHERE account_id = ?"
+                " ORDER BY created_day, rowid",
+                (account_id,),
+            )
+        ]
+
+    def remove_device(self, device_id: bytes) -> None:
+        """Forget a device, its sessions and its mailbox."""
+        with self.db.atomic():
+            self.conn.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
+
+    # ---- sessions -----------------------------------------------------------------
+    def create_session(self, token_hash: bytes, account_id: int, device_id: bytes) -> int:
+        day = today()
+        expires = day + SESSION_MAX_DAYS
+        self.conn.execute(
+            "INSERT INTO sessions (token_hash, account_id, device_id, idle_day, expires_day)"
+            " VALUES (?,?,?,?,?)",
+            (token_hash, account_id, device_id, day, expires),
+        )
+        return expires
+
+    def session(self, token_hash: bytes) -> Session | None:
+        """The live session with this token hash (refreshing its idle day), or None."""
+        day = today()
+        row = self.conn.execute(
+            "SELECT account_id, device_id, idle_day, expires_day FROM sessions"
+            " WHERE token_hash = ?",
+            (token_hash,),
+        ).fetchone()
+        if row is None:
+            return None
+        if row[2] + SESSION_IDLE_DAYS < day or row[3] < day:
+            self.conn.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
+            return None
+        if row[2] != day:
+            self.conn.execute(
+                "UPDATE sessions SET idle_day = ? WHERE token_hash = ?", (day, token_hash)
+            )
+        return Session(account_id=int(row[0]), device_id=bytes(row[1]))
+
+    def delete_session(self, token_hash: bytes) -> None:
+        self.conn.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
+
+    # ---- mailboxes ----------------------------------------------------------------
+    def mailbox_counts(self, device_ids: Iterable[bytes]) -> dict[bytes, int]:
+        ids = list(set(device_ids))
+        marks = ",".join("?" * len(ids))
+        return {
+            bytes(r[0]): int(r[1])
+            for r in self.conn.execute(
+                f"SELECT device_id, count(*) FROM mailbox WHERE device_id IN ({marks})"
+                " GROUP BY device_id",
+                ids,
+            )
+        }
+
+    def enqueue(self, items: Sequence[tuple[bytes, bytes, bytes]]) -> list[Stored]:
+        """Insert (device_id, eid, blob) rows; a repeated (device, eid) is stored once.
+
+        Runs inside the caller's transaction. Returns only the rows newly stored.
+        Raises UnknownDevice if a device does not exist (nothing is inserted then,
+        provided the caller rolls back).
+        """
+        expires = today() + MAIL_TTL_DAYS
+        stored: list[Stored] = []
+        for device_id, eid, blob in items:
+            try:
+                cur = self.conn.execute(
+                    "INSERT OR IGNORE INTO mailbox (device_id, eid, blob, expires_day)"
+                    " VALUES (?,?,?,?)",
+                    (device_id, eid, blob, expires),
+                )
+            except IntegrityError:  # foreign key: no such device
+                raise UnknownDevice() from None
+            if cur.rowcount == 1:
+                stored.append(Stored(device_id, int(cur.lastrowid), eid, blob))
+        return stored
+
+    def fetch(self, device_id: bytes, after_seq: int, limit: int) -> list[Stored]:
+        return [
+            Stored(device_id, int(r[0]), bytes(r[1]), bytes(r[2]))
+            for r in self.conn.execute(
+                "SELECT seq, eid, blob FROM mailbox WHERE device_id = ? AND seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (device_id, after_seq, limit),
+            )
+        ]
+
+    def ack(self, device_id: bytes, eids: Sequence[bytes]) -> None:
+        """Delete delivered envelopes of one device (inside the caller's transaction)."""
+        self.conn.executemany(
+            "DELETE FROM mailbox WHERE device_id = ? AND eid = ?",
+            [(device_id, eid) for eid in eids],
+        )
+
+    def expire(self) -> int:
+        """Drop undelivered mail past its expiry day and dead sessions."""
+        day = today()
+        with self.db.atomic():
+            n = self.conn.execute("DELETE FROM mailbox WHERE expires_day < ?", (day,)).rowcount
+            self.conn.execute(
+                "DELETE FROM sessions WHERE expires_day < ? OR idle_day + ? < ?",
+                (day, SESSION_IDLE_DAYS, day),
+            )
+        return int(n)

@@ -1,0 +1,368 @@
+"""The wire schema shared by the relay and the nodes: every frame, and how it is encoded.
+
+Frames are msgspec Structs encoded as MessagePack, one frame per WebSocket binary
+message. Each frame type has a tag (field ``t``). A request carries ``id`` (a positive
+integer chosen by the client); the relay answers every request exactly once with a frame
+carrying the same ``id``: the matching ``...Ok`` frame or an ``Error``. Frames the relay
+pushes unasked (``Deliver``) carry no ``id``.
+
+The protocol version is in the URL path (``/v1``); a relay refuses other paths.
+This module is pure data: no I/O. Decoding is strict: unknown frames, unknown fields,
+wrong types, missing fields and oversized fields are all refused with a stable code.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Final, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+PROTOCOL_VERSION: Final = 1
+PATH: Final = "/v1"
+
+# Sizes: a frame holds at most one message's envelopes (one per device) or one backlog batch.
+MAX_ENVELOPE: Final = 65536
+MAX_BATCH: Final = 64
+MAX_FRAME: Final = 4 * 1024 * 1024
+# trio-websocket closes with 1009 above this; between MAX_FRAME and this we answer an Error.
+WS_MAX_MESSAGE: Final = 2 * MAX_FRAME
+MAX_DEVICES: Final = 16
+
+USERNAME_RE: Final = re.compile(r"^[a-z][a-z0-9_.-]{2,31}$")
+
+Name = Annotated[str, Meta(min_length=1, max_length=64)]
+Id16 = Annotated[bytes, Meta(min_length=16, max_length=16)]
+Key32 = Annotated[bytes, Meta(min_length=32, max_length=32)]
+Sig = Annotated[bytes, Meta(min_length=64, max_length=64)]
+RsaPub = Annotated[bytes, Meta(min_length=64, max_length=1024)]
+Blob = Annotated[bytes, Meta(min_length=1, max_length=MAX_ENVELOPE)]
+BundleBlob = Annotated[bytes, Meta(min_length=16, max_length=16384)]
+Token = Annotated[bytes, Meta(min_length=32, max_length=32)]
+ReqId = Annotated[int, Meta(ge=1, le=2**53)]
+Salt = Annotated[bytes, Meta(min_length=16, max_length=16)]
+Purpose = Literal["login", "bundle"]
+
+
+def normalize_username(name: str) -> str:
+    """The canonical form of a username, or ValueError with the rules."""
+    canon = name.strip().lower()
+    if not USERNAME_RE.match(canon):
+        raise ValueError(
+            "a username is 3-32 characters: a letter, then letters, digits, '_', '.' or '-'"
+        )
+    return canon
+
+
+class Frame(Struct, tag_field="t", forbid_unknown_fields=True, frozen=True):
+    """Base of every frame."""
+
+
+class Kdf(Struct, forbid_unknown_fields=True, frozen=True):
+    """Argon2id parameters stored beside a salt."""
+
+    t: Annotated[int, Meta(ge=1, le=10)]
+    m: Annotated[int, Meta(ge=8, le=1048576)]
+    p: Annotated[int, Meta(ge=1, le=16)]
+
+
+class DeviceCert(Struct, forbid_unknown_fields=True, frozen=True):
+    """A device of an account: its id, signed by the account's identity key."""
+
+    device_id: Id16
+    sig: Sig
+
+
+# ---- requests (node -> relay) -------------------------------------------------------
+
+
+class AuthParams(Frame, tag="auth_params"):
+    """Ask for the salt and KDF parameters of an account (answered for any name)."""
+
+    id: ReqId
+    name: Name
+
+
+class Register(Frame, tag="register"):
+    """Create an account and its first device; answered with a session."""
+
+    id: ReqId
+    name: Name
+    salt: Salt
+    kdf: Kdf
+    auth_pub: Key32
+    enc_pub: RsaPub
+    identity_pub: Key32
+    dh_pub: Key32
+    bundle: BundleBlob
+    recovery_auth_pub: Key32
+    recovery_bundle: BundleBlob
+    device: DeviceCert
+
+
+class Challenge(Frame, tag="challenge"):
+    """Ask for a single-use 60 s challenge for ``purpose``."""
+
+    id: ReqId
+    name: Name
+    purpose: Purpose
+
+
+class FetchBundle(Frame, tag="fetch_bundle"):
+    """Prove the password (signed challenge) and receive the wrapped key bundle."""
+
+    id: ReqId
+    name: Name
+    challenge: Key32
+    signature: Sig
+
+
+class Login(Frame, tag="login"):
+    """Prove the password and open a session for a device (registering it if new)."""
+
+    id: ReqId
+    name: Name
+    challenge: Key32
+    signature: Sig
+    device: DeviceCert
+
+
+class Resume(Frame, tag="resume"):
+    """Authenticate this connection with an existing session token."""
+
+    id: ReqId
+    token: Token
+
+
+class Logout(Frame, tag="logout"):
+    """End this connection's session (and forget the device when ``remove_device``)."""
+
+    id: ReqId
+    remove_device: bool = False
+
+
+class LookupKeys(Frame, tag="keys"):
+    """Public keys and devices of an account (needs a session)."""
+
+    id: ReqId
+    name: Name
+
+
+class Envelope(Struct, forbid_unknown_fields=True, frozen=True):
+    """One sealed envelope for one device's mailbox. ``eid`` is random per envelope and
+    stays the same across retries, so the relay stores a retried send once."""
+
+    device_id: Id16
+    eid: Id16
+    blob: Blob
+
+
+class Send(Frame, tag="send"):
+    """Store envelopes in device mailboxes; answered once all are committed."""
+
+    id: ReqId
+    envelopes: Annotated[list[Envelope], Meta(min_length=1, max_length=MAX_BATCH)]
+
+
+class Ack(Frame, tag="ack"):
+    """Delete delivered envelopes from this device's mailbox."""
+
+    id: ReqId
+    eids: Annotated[list[Id16], Meta(min_length=1, max_length=1024)]
+
+
+class ListDevices(Frame, tag="devices"):
+    """The devices of this session's account."""
+
+    id: ReqId
+
+
+class Ping(Frame, tag="ping"):
+    """Application-level liveness check."""
+
+    id: ReqId
+
+
+Request = (
+    AuthParams
+    | Register
+    | Challenge
+    | FetchBundle
+    | Login
+    | Resume
+    | Logout
+    | LookupKeys
+    | Send
+    | Ack
+    | ListDevices
+    | Ping
+)
+
+# ---- answers and pushes (relay -> node) --------------------------------------------
+
+
+class Ok(Frame, tag="ok"):
+    """A request succeeded and has nothing to return."""
+
+    id: int
+
+
+class AuthParamsOk(Frame, tag="auth_params_ok"):
+    id: int
+    salt: bytes
+    kdf: Kdf
+
+
+class ChallengeOk(Frame, tag="challenge_ok"):
+    id: int
+    challenge: bytes
+    relay_id: bytes
+
+
+class BundleOk(Frame, tag="bundle_ok"):
+    id: int
+    bundle: bytes
+
+
+class SessionOk(Frame, tag="session_ok"):
+    """A session for this device; ``token`` is shown once (the relay keeps its hash)."""
+
+    id: int
+    token: bytes
+    device_id: bytes
+    expires_day: int
+
+
+class ResumeOk(Frame, tag="resume_ok"):
+    id: int
+    device_id: bytes
+
+
+class KeysOk(Frame, tag="keys_ok"):
+    id: int
+    name: str
+    enc_pub: bytes
+    identity_pub: bytes
+    dh_pub: bytes
+    devices: list[DeviceCert]
+
+
+class DeviceInfo(Struct, frozen=True):
+    device_id: bytes
+    created_day: int
+
+
+class DevicesOk(Frame, tag="devices_ok"):
+    id: int
+    devices: list[DeviceInfo]
+
+
+class Mail(Struct, frozen=True):
+    eid: bytes
+    blob: bytes
+
+
+class Deliver(Frame, tag="deliver"):
+    """Envelopes pushed to a device. ``synced`` says that nothing older is waiting."""
+
+    items: list[Mail]
+    synced: bool
+
+
+class Error(Frame, tag="error"):
+    """A refused request (``id`` 0 when the request's id could not be read)."""
+
+    id: int
+    code: str
+    message: str
+
+
+Answer = Ok | AuthParamsOk | ChallengeOk | BundleOk | SessionOk | ResumeOk | KeysOk | DevicesOk | Deliver | Error
+
+
+class ErrorCode:
+    """Stable error codes. A client may rely on these strings; messages are for people."""
+
+    MALFORMED = "malformed"  # not MessagePack / not a map
+    UNKNOWN_FRAME = "unknown_frame"
+    BAD_FRAME = "bad_frame"  # wrong type, missing or unknown field, field out of range
+    FRAME_TOO_LARGE = "frame_too_large"
+    ENVELOPE_TOO_LARGE = "envelope_too_large"
+    RATE_LIMITED = "rate_limited"
+    BAD_NAME = "bad_name"
+    NAME_TAKEN = "name_taken"
+    AUTH_FAILED = "auth_failed"
+    NOT_AUTHENTICATED = "not_authenticated"
+    ALREADY_AUTHENTICATED = "already_authenticated"
+    UNKNOWN_USER = "unknown_user"
+    UNKNOWN_DEVICE = "unknown_device"
+    TOO_MANY_DEVICES = "too_many_devices"
+    MAILBOX_FULL = "mailbox_full"
+    BAD_KEY = "bad_key"
+    INTERNAL = "internal"
+
+
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_answer_decoder = msgspec.msgpack.Decoder(Answer)
+_raw_decoder = msgspec.msgpack.Decoder()
+_encoder = msgspec.msgpack.Encoder()
+
+_REQUEST_TAGS: Final = frozenset(
+    t.__struct_config__.tag for t in Request.__args__  # type: ignore[attr-defined]
+)
+
+
+class FrameError(Exception):
+    """The peer sent a frame we refuse; carries what to answer."""
+
+    def __init__(self, code: str, message: str, request_id: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+    def to_frame(self) -> Error:
+        return Error(id=self.request_id, code=self.code, message=self.message)
+
+
+def encode(frame: Frame) -> bytes:
+    """Serialise a frame."""
+    return _encoder.encode(frame)
+
+
+def _salvage_id(data: bytes) -> tuple[object, int]:
+    """Best effort: the tag and request id of a frame that failed to decode."""
+    try:
+        raw = _raw_decoder.decode(data)
+    except msgspec.DecodeError:
+        return None, 0
+    if not isinstance(raw, dict):
+        return None, 0
+    rid = raw.get("id")
+    ok_id = rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 < rid <= 2**53 else 0
+    return raw.get("t"), ok_id
+
+
+def decode_request(data: bytes) -> Request:
+    """Strictly decode a request, or raise FrameError with the code to answer."""
+    if len(data) > MAX_FRAME:
+        raise FrameError(ErrorCode.FRAME_TOO_LARGE, f"frame larger than {MAX_FRAME} bytes")
+    try:
+        return _request_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        tag, rid = _salvage_id(data)
+        if tag not in _REQUEST_TAGS:
+            raise FrameError(ErrorCode.UNKNOWN_FRAME, f"unknown frame type {tag!r}"[:200], rid) from None
+        text = str(exc)
+        code = ErrorCode.BAD_FRAME
+        if "blob" in text and "length" in text:
+            code = ErrorCode.ENVELOPE_TOO_LARGE
+        raise FrameError(code, text[:200], rid) from None
+    except msgspec.DecodeError:
+        raise FrameError(ErrorCode.MALFORMED, "frame is not valid MessagePack") from None
+
+
+def decode_answer(data: bytes) -> Answer:
+    """Decode a frame from the relay (raises msgspec errors on garbage)."""
+    return _answer_decoder.decode(data)
