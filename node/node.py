@@ -41,6 +41,7 @@ from keyvault.keys import (
 from keyvault.safety import safety_number
 from node.errors import (
     AlreadySetUp,
+    ConnectionLost,
     IdentityChanged,
     LoginFailed,
     MessageTooLarge,
@@ -301,9 +302,9 @@ class Node:
             listener(text)
 
     # ---- sending -----------------------------------------------------------------------
-    async def send(self, link: RelayLink, peer: str, text: str) -> StoredMessage:
+    async def send(self, link: RelayLink, peer: str, text: str, *, flush: bool = True) -> StoredMessage:
         """Seal ``text`` for every device of ``peer`` and every other device of ours, keep
-        it in the outbox, and hand it to the relay."""
+        it in the outbox, and (unless ``flush`` is False) hand it to the relay."""
         try:
             peer = wire.normalize_username(peer)
         except ValueError:
@@ -345,8 +346,9 @@ class Node:
                               "pending" if entries else "sent", 0)
             )
             self.store.add_outbox(entries)
-        await self.flush_outbox(link)
-        return self.store.history(peer, 1)[-1] if entries else msg
+        if flush:
+            await self.flush_outbox(link)
+        return self.store.message(msg.msg_id) or msg
 
     async def lookup_self(self, link: RelayLink) -> tuple[list[bytes], None]:
         """This account's devices, as the relay lists them (signatures checked)."""
@@ -456,7 +458,7 @@ class Node:
                 try:
                     frame = await link.deliveries.receive()
                 except trio.EndOfChannel:
-                    raise RelayRefused("closed", "the relay closed the connection") from None
+                    raise ConnectionLost("the relay closed the connection") from None
                 got += await self.accept(link, frame)
                 synced = synced or frame.synced
                 if frame.synced and (got or trio.current_time() >= deadline):

@@ -203,6 +203,10 @@ class NodeStore:
         )
         return StoredMessage(**{**m.__dict__, "seq": int(seq)})
 
+    def message(self, msg_id: bytes) -> StoredMessage | None:
+        row = self.conn.execute(f"SELECT {_MSG_COLS} FROM messages WHERE msg_id = ?", (msg_id,)).fetchone()
+        return None if row is None else _message(row)
+
     def set_state(self, msg_id: bytes, state: str) -> None:
         self.conn.execute("UPDATE messages SET state = ? WHERE msg_id = ?", (state, msg_id))
 

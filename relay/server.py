@@ -77,9 +77,15 @@ async def _expire_loop(mailroom: Mailroom) -> None:
         await trio.sleep(EXPIRE_EVERY)
 
 
-async def serve(config: RelayConfig, *, task_status: trio.TaskStatus[RelayInfo] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run a relay until cancelled; reports a RelayInfo once it accepts connections."""
-    state = RelayState(config)
+async def serve(
+    config: RelayConfig,
+    *,
+    state: RelayState | None = None,
+    task_status: trio.TaskStatus[RelayInfo] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a relay until cancelled; reports a RelayInfo once it accepts connections.
+    (``state`` lets a test or benchmark look inside the relay it runs.)"""
+    state = state or RelayState(config)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(state.mailroom.run)

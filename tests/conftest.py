@@ -1,0 +1,113 @@
+"""Shared fixtures: a real relay on 127.0.0.1 port 0, real SQLite files, real nodes.
+
+RSA-3072 keys are slow to make, so a pool is generated once per test session and handed
+out to accounts; Argon2 uses the explicit test profile (TEST_KDF).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+
+from keyvault.kdf import TEST_KDF
+from keyvault.keys import AccountKeys
+from node.home import Home
+from node.node import Node
+from relay.server import RelayConfig, RelayInfo, RelayState, serve
+
+KEY_POOL_SIZE = 8
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(scope="session")
+def key_pool() -> list[AccountKeys]:
+    return [AccountKeys.generate() for _ in range(KEY_POOL_SIZE)]
+
+
+@dataclass
+class RelayRunner:
+    """A relay in the test's nursery that can be stopped and started again."""
+
+    nursery: trio.Nursery
+    data_dir: Path
+    port: int = 0
+    info: RelayInfo | None = None
+    state: RelayState | None = None
+    _scope: trio.CancelScope | None = None
+    _stopped: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def url(self) -> str:
+        assert self.info is not None
+        return self.info.url
+
+    async def start(self) -> RelayInfo:
+        config = RelayConfig(data_dir=self.data_dir, port=self.port)
+        self.state = RelayState(config)
+        self._stopped = trio.Event()
+
+        async def run(task_status: trio.TaskStatus[RelayInfo]) -> None:
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                await serve(config, state=self.state, task_status=task_status)
+            self._stopped.set()
+
+        self.info = await self.nursery.start(run)
+        self.port = self.info.port  # a restart comes back on the same port
+        return self.info
+
+    async def stop(self) -> None:
+        assert self._scope is not None
+        self._scope.cancel()
+        with trio.fail_after(10):
+            await self._stopped.wait()
+
+
+@pytest.fixture
+async def relay(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[RelayRunner]:
+    runner = RelayRunner(nursery, tmp_path / "relay")
+    await runner.start()
+    yield runner
+    if runner._scope is not None:
+        runner._scope.cancel()
+
+
+class Accounts:
+    """Registers nodes with pooled keys and the test KDF profile."""
+
+    def __init__(self, pool: list[AccountKeys], tmp: Path, relay: RelayRunner) -> None:
+        self._pool = iter(pool)
+        self.tmp = tmp
+        self.relay = relay
+        self.nodes: list[Node] = []
+
+    async def register(self, name: str, password: str = PASSWORD) -> Node:
+        node, _ = await Node.register(
+            Home(self.tmp / f"home-{name}"), name, password, self.relay.url, kdf=TEST_KDF,
+            keys=next(self._pool),
+        )
+        self.nodes.append(node)
+        return node
+
+    async def login(self, name: str, device: str, password: str = PASSWORD) -> Node:
+        node = await Node.login(Home(self.tmp / f"home-{name}-{device}"), name, password, self.relay.url)
+        self.nodes.append(node)
+        return node
+
+    def close(self) -> None:
+        for n in self.nodes:
+            try:
+                n.close()
+            except Exception:
+                pass
+
+
+@pytest.fixture
+def accounts(key_pool: list[AccountKeys], tmp_path: Path, relay: RelayRunner) -> Iterator[Accounts]:
+    acc = Accounts(key_pool, tmp_path, relay)
+    yield acc
+    acc.close()

@@ -1,0 +1,232 @@
+"""The `veil` command as a user runs it: real processes, a real relay process."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+VEIL = [sys.executable, "-m", "cli.main"]
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 60
+
+
+def read_line_until(proc: subprocess.Popen[str], prefix: str, deadline: float) -> str:
+    """Read the process's stdout until a line starts with ``prefix`` (or fail at the deadline)."""
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no line starting with {prefix!r} in time")
+        if sel.select(timeout=left):
+            line = proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"process ended before printing {prefix!r}")
+            if line.startswith(prefix):
+                return line.strip()
+
+
+@dataclass
+class RelayProcess:
+    proc: subprocess.Popen[str]
+    url: str
+    data_dir: Path
+
+
+def env_for(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["VEIL_KDF_PROFILE"] = "test"
+    env.pop("VEIL_PASSWORD_FILE", None)
+    env.pop("VEIL_DEBUG", None)
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def start_relay(tmp: Path, port: int = 0) -> RelayProcess:
+    data = tmp / "relay"
+    proc = subprocess.Popen(
+        [*VEIL, "relay", "serve", "--port", str(port), "--data-dir", str(data)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_for(tmp), cwd=ROOT,
+    )
+    line = read_line_until(proc, "relay listening on ", time.monotonic() + TIMEOUT)
+    return RelayProcess(proc, line.removeprefix("relay listening on "), data)
+
+
+@pytest.fixture
+def relay_proc(tmp_path: Path) -> Iterator[RelayProcess]:
+    rp = start_relay(tmp_path)
+    yield rp
+    if rp.proc.poll() is None:
+        rp.proc.send_signal(signal.SIGTERM)
+        try:
+            rp.proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            rp.proc.kill()
+            rp.proc.wait()
+    for f in (rp.proc.stdout, rp.proc.stderr):
+        if f:
+            f.close()
+
+
+class User:
+    def __init__(self, tmp: Path, name: str, password: str = "pw for tests") -> None:
+        self.tmp = tmp
+        self.name = name
+        self.home = tmp / f"home-{name}"
+        self.password_file = tmp / f"pw-{name}"
+        self.password_file.write_text(password + "\n")
+
+    def veil(self, *args: str, password_file: Path | None = None, check: bool = True,
+             stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        cmd = [*VEIL, "--home", str(self.home), "--password-file", str(password_file or self.password_file), *args]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env_for(self.tmp),
+                             cwd=ROOT, input=stdin)
+        if check and res.returncode != 0:
+            raise AssertionError(f"veil {args} failed: {res.stderr}")
+        return res
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert res.returncode != 0
+    lines = [ln for ln in res.stderr.splitlines() if not ln.startswith("veil: warning:")]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("veil: error: ")
+    assert fragment.lower() in lines[0].lower(), lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_register_send_recv_json(relay_proc: RelayProcess, tmp_path: Path) -> None:
+    alice, bob = User(tmp_path, "alice"), User(tmp_path, "bob")
+    out = alice.veil("register", "alice", "--relay", relay_proc.url).stdout
+    assert "recovery code:" in out
+    bob.veil("register", "bob", "--relay", relay_proc.url)
+    alice.veil("send", "bob", "hello from the command line")
+    alice.veil("send", "bob", "-", stdin="from stdin\nsecond line")
+    res = bob.veil("recv", "--json")
+    msgs = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [m["text"] for m in msgs] == ["hello from the command line", "from stdin\nsecond line"]
+    for m in msgs:
+        assert m["from"] == "alice"
+        assert len(bytes.fromhex(m["id"])) == 16
+        assert abs(m["sent_at"] / 1000 - time.time()) < 600
+    # Nothing twice.
+    assert bob.veil("recv", "--json").stdout == ""
+    bob.veil("send", "alice", "back at you")
+    plain = alice.veil("recv").stdout
+    assert "bob: back at you" in plain
+    contacts = alice.veil("contacts").stdout
+    assert "bob" in contacts and "unverified" in contacts
+    verify = alice.veil("verify", "bob", "--mark").stdout
+    digits = "".join(ch for ch in verify.split(":", 1)[1] if ch.isdigit())
+    assert len(digits) == 60
+    assert "bob  verified" in alice.veil("contacts").stdout
+    # Bob sees the same safety number.
+    bob_digits = "".join(ch for ch in bob.veil("verify", "alice").stdout.split(":", 1)[1] if ch.isdigit())
+    assert bob_digits == digits
+
+
+def test_second_device_and_devices_listing(relay_proc: RelayProcess, tmp_path: Path) -> None:
+    alice, bob = User(tmp_path, "alice"), User(tmp_path, "bob")
+    phone = User(tmp_path, "alice-phone")
+    phone.password_file.write_text(alice.password_file.read_text())
+    alice.veil("register", "alice", "--relay", relay_proc.url)
+    bob.veil("register", "bob", "--relay", relay_proc.url)
+    phone.veil("login", "alice", "--relay", relay_proc.url)
+    assert len(alice.veil("devices").stdout.splitlines()) == 2
+    phone.veil("send", "bob", "from my phone")
+    mine = [json.loads(x) for x in alice.veil("recv", "--json").stdout.splitlines()]
+    assert mine == [{**mine[0], "from": "alice", "to": "bob", "text": "from my phone", "outgoing": True}]
+    assert "from my phone" in bob.veil("recv").stdout
+    phone.veil("logout")
+    assert len(alice.veil("devices").stdout.splitlines()) == 1
+
+
+def test_recv_wait_returns_when_a_message_arrives(relay_proc: RelayProcess, tmp_path: Path) -> None:
+    alice, bob = User(tmp_path, "alice"), User(tmp_path, "bob")
+    alice.veil("register", "alice", "--relay", relay_proc.url)
+    bob.veil("register", "bob", "--relay", relay_proc.url)
+    waiting = subprocess.Popen(
+        [*VEIL, "--home", str(bob.home), "--password-file", str(bob.password_file), "recv", "--json", "--wait", "50"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_for(tmp_path), cwd=ROOT,
+    )
+    try:
+        alice.veil("send", "bob", "wake up")
+        out, err = waiting.communicate(timeout=TIMEOUT)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.communicate()
+    assert waiting.returncode == 0, err
+    assert json.loads(out.splitlines()[0])["text"] == "wake up"
+
+
+def test_errors_are_one_line(relay_proc: RelayProcess, tmp_path: Path) -> None:
+    alice = User(tmp_path, "alice")
+    alice.veil("register", "alice", "--relay", relay_proc.url)
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not it\n")
+    before = (alice.home / "store.db").read_bytes()
+    assert_one_line_error(alice.veil("recv", password_file=wrong, check=False), "wrong password")
+    assert (alice.home / "store.db").read_bytes() == before
+    assert_one_line_error(alice.veil("send", "nobody", "hi", check=False), "no such user")
+    too_big = "x" * 70_000
+    assert_one_line_error(alice.veil("send", "alice", too_big, check=False), "too large")
+    other = User(tmp_path, "other")
+    assert_one_line_error(other.veil("register", "alice", "--relay", relay_proc.url, check=False), "taken")
+    assert not (other.home / "device.json").exists()
+    assert_one_line_error(other.veil("login", "alice", "--relay", relay_proc.url, password_file=wrong,
+                                     check=False), "wrong password or unknown user")
+    assert_one_line_error(other.veil("send", "bob", "hi", check=False), "no account on this device")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    assert_one_line_error(
+        other.veil("register", "carol", "--relay", f"ws://127.0.0.1:{closed_port}", check=False),
+        "cannot reach the relay",
+    )
+    assert_one_line_error(other.veil("register", "x!", "--relay", relay_proc.url, check=False), "username")
+    # No password file and no terminal.
+    res = subprocess.run([*VEIL, "--home", str(alice.home), "recv"], capture_output=True, text=True,
+                         timeout=TIMEOUT, env=env_for(tmp_path), cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert_one_line_error(res, "password")
+
+
+def test_relay_stops_on_sigterm_and_keeps_mail(tmp_path: Path) -> None:
+    rp = start_relay(tmp_path)
+    alice, bob = User(tmp_path, "alice"), User(tmp_path, "bob")
+    try:
+        alice.veil("register", "alice", "--relay", rp.url)
+        bob.veil("register", "bob", "--relay", rp.url)
+        alice.veil("send", "bob", "survives a restart")
+    finally:
+        rp.proc.send_signal(signal.SIGTERM)
+        rp.proc.wait(timeout=TIMEOUT)
+        stderr = rp.proc.stderr.read() if rp.proc.stderr else ""
+        for f in (rp.proc.stdout, rp.proc.stderr):
+            if f:
+                f.close()
+    assert rp.proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert "alice" not in stderr and "bob" not in stderr  # the relay logs no usernames
+    port = int(rp.url.rsplit(":", 1)[1])
+    rp2 = start_relay(tmp_path, port)
+    try:
+        assert "survives a restart" in bob.veil("recv").stdout
+    finally:
+        rp2.proc.send_signal(signal.SIGTERM)
+        rp2.proc.wait(timeout=TIMEOUT)
+        for f in (rp2.proc.stdout, rp2.proc.stderr):
+            if f:
+                f.close()
