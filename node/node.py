@@ -106,6 +106,7 @@ class Node:
         self.device_id = bytes.fromhex(config.device_id)
         self.relay = config.relay
         self.events: list[Callable[[str], None]] = []  # listeners for warnings
+        self.sent_listeners: list[Callable[[bytes], None]] = []  # a message is now held by the relay
 
     def close(self) -> None:
         self.store.close()
@@ -239,6 +240,8 @@ class Node:
         key), the outbox already flushed."""
         async with open_link(self.relay) as link:
             await self.authenticate(link)
+            for _, exc in await self.seal_pending(link):
+                self._warn(str(exc))
             await self.flush_outbox(link)
             yield link
 
@@ -302,61 +305,107 @@ class Node:
             listener(text)
 
     # ---- sending -----------------------------------------------------------------------
-    async def send(self, link: RelayLink, peer: str, text: str, *, flush: bool = True) -> StoredMessage:
-        """Seal ``text`` for every device of ``peer`` and every other device of ours, keep
-        it in the outbox, and (unless ``flush`` is False) hand it to the relay."""
+    def _held(self, peer: str) -> IdentityChanged:
+        return IdentityChanged(
+            f"{peer}'s identity key changed since you verified it; sending is held"
+            f" (check with `veil verify {peer}`, accept with `veil trust {peer}`)"
+        )
+
+    def compose(self, peer: str, text: str) -> StoredMessage:
+        """Store a message to send (state "pending"). No network: it is sealed and sent by
+        ``seal_pending`` and ``flush_outbox`` once a link is up."""
         try:
             peer = wire.normalize_username(peer)
         except ValueError:
             raise UnknownUser() from None
+        if not text:
+            raise VeilError("empty message")
         if len(text.encode()) > max_body_bytes():
             raise MessageTooLarge(f"message too large (at most {max_body_bytes()} bytes)")
-        me = self.keys.public()
-        pinned = self.store.contact(peer)
-        if pinned is not None and pinned.verified and pinned.key_changed:
-            raise IdentityChanged(
-                f"{peer}'s identity key changed since you verified it; sending is held"
-                f" (check with `veil verify {peer}`, accept with `veil trust {peer}`)"
+        sent_at = now_ms()
+        with self.store.transaction():
+            msg = self.store.add_message(
+                StoredMessage(secrets.token_bytes(16), peer, self.name, True, text, sent_at, sent_at, "pending", 0)
             )
-        targets: list[tuple[bytes, bytes]] = []  # (enc_pub, device_id)
+            self.store.add_unsealed(msg.msg_id)
+        return msg
+
+    async def send(self, link: RelayLink, peer: str, text: str) -> StoredMessage:
+        """Send now: check the recipient, compose, seal for every device of ``peer`` and
+        every other device of ours, and hand the envelopes to the relay."""
+        try:
+            peer = wire.normalize_username(peer)
+        except ValueError:
+            raise UnknownUser() from None
         if peer != self.name:
-            contact, _ = await self.lookup(link, peer)
+            contact, _ = await self.lookup(link, peer)  # an unknown name is an error, not a queued message
             if contact.verified and contact.key_changed:
-                raise IdentityChanged(
-                    f"{peer}'s identity key changed since you verified it; sending is held"
-                    f" (check with `veil verify {peer}`, accept with `veil trust {peer}`)"
-                )
+                raise self._held(peer)
+        msg = self.compose(peer, text)
+        problems = await self.seal_pending(link)
+        for msg_id, exc in problems:
+            if msg_id == msg.msg_id:
+                raise exc
+        await self.flush_outbox(link)
+        return self.store.message(msg.msg_id) or msg
+
+    async def seal_pending(self, link: RelayLink) -> list[tuple[bytes, VeilError]]:
+        """Seal composed messages for the recipients' current devices, into the outbox.
+
+        Returns the messages that could not be sealed, with why: held (a verified
+        contact's key changed; they stay queued) or failed (no such user)."""
+        problems: list[tuple[bytes, VeilError]] = []
+        own: list[bytes] | None = None
+        for msg_id in self.store.unsealed():
+            m = self.store.message(msg_id)
+            if m is None:
+                continue
+            try:
+                if own is None:
+                    own = await self.own_devices(link)
+                entries = await self._seal(link, m, own)
+            except IdentityChanged as exc:
+                problems.append((msg_id, exc))
+                continue
+            except (UnknownUser, MessageTooLarge) as exc:
+                with self.store.transaction():
+                    self.store.remove_unsealed(msg_id)
+                    self.store.set_state(msg_id, "failed")
+                problems.append((msg_id, exc))
+                continue
+            with self.store.transaction():
+                self.store.add_outbox(entries)
+                self.store.remove_unsealed(msg_id)
+                if not entries:
+                    self.store.set_state(msg_id, "sent")
+        return problems
+
+    async def _seal(self, link: RelayLink, m: StoredMessage, own: list[bytes]) -> list[OutboxEntry]:
+        me = self.keys.public()
+        targets: list[tuple[bytes, bytes]] = []  # (enc_pub, device_id)
+        if m.peer != self.name:
+            contact, _ = await self.lookup(link, m.peer)
+            if contact.verified and contact.key_changed:
+                raise self._held(m.peer)
             targets += [(contact.enc_pub, d) for d in contact.devices]
-        own, _ = await self.lookup_self(link)
         targets += [(me.enc, d) for d in own if d != self.device_id]
         letter = Letter(
-            sender=self.name, sender_device=self.device_id, to=peer,
-            msg_id=secrets.token_bytes(16), sent_at=now_ms(), body=text,
+            sender=self.name, sender_device=self.device_id, to=m.peer,
+            msg_id=m.msg_id, sent_at=m.sent_at, body=m.body,
         )
         try:
-            entries = [
-                OutboxEntry(secrets.token_bytes(16), letter.msg_id, device, seal(letter, self.keys, enc, device))
+            return [
+                OutboxEntry(secrets.token_bytes(16), m.msg_id, device, seal(letter, self.keys, enc, device))
                 for enc, device in targets
             ]
         except KeyvaultTooLarge:
             raise MessageTooLarge() from None
-        with self.store.transaction():
-            msg = self.store.add_message(
-                StoredMessage(letter.msg_id, peer, self.name, True, text, letter.sent_at, letter.sent_at,
-                              "pending" if entries else "sent", 0)
-            )
-            self.store.add_outbox(entries)
-        if flush:
-            await self.flush_outbox(link)
-        return self.store.message(msg.msg_id) or msg
 
-    async def lookup_self(self, link: RelayLink) -> tuple[list[bytes], None]:
+    async def own_devices(self, link: RelayLink) -> list[bytes]:
         """This account's devices, as the relay lists them (signatures checked)."""
         ans = await link.request(wire.LookupKeys, name=self.name)
         me = self.keys.public()
-        return [
-            d.device_id for d in ans.devices if verify_device(me.identity, self.name, d.device_id, d.sig)
-        ], None
+        return [d.device_id for d in ans.devices if verify_device(me.identity, self.name, d.device_id, d.sig)]
 
     async def flush_outbox(self, link: RelayLink) -> int:
         """Hand every unacknowledged envelope to the relay, one frame per message.
@@ -383,6 +432,8 @@ class Node:
             with self.store.transaction():
                 self.store.set_state(msg_id, "sent")
             done += 1
+            for fn in self.sent_listeners:
+                fn(msg_id)
         return done
 
     async def _send_singly(self, link: RelayLink, entries: list[OutboxEntry]) -> None:

@@ -68,6 +68,8 @@ def _m0001(db: Database) -> None:
         )"""
     )
     db.execute("CREATE INDEX outbox_msg ON outbox(msg_id)")
+    # Messages composed but not yet sealed (composed offline, or held for a key change).
+    db.execute("CREATE TABLE unsealed (msg_id BLOB PRIMARY KEY REFERENCES messages(msg_id))")
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ class StoredMessage:
     body: str
     sent_at: int
     received_at: int
-    state: str  # "pending" (in the outbox), "sent" (the relay holds it), "received"
+    state: str  # "pending" (not yet at the relay), "sent" (the relay holds it), "received", "failed"
     seq: int
 
 
@@ -223,6 +225,16 @@ class NodeStore:
             )
         return [_message(r) for r in rows][::-1]
 
+    # ---- composed, not yet sealed -------------------------------------------------------
+    def add_unsealed(self, msg_id: bytes) -> None:
+        self.conn.execute("INSERT INTO unsealed (msg_id) VALUES (?)", (msg_id,))
+
+    def unsealed(self) -> list[bytes]:
+        return [bytes(r[0]) for r in self.conn.execute("SELECT msg_id FROM unsealed ORDER BY rowid")]
+
+    def remove_unsealed(self, msg_id: bytes) -> None:
+        self.conn.execute("DELETE FROM unsealed WHERE msg_id = ?", (msg_id,))
+
     # ---- outbox ------------------------------------------------------------------------
     def add_outbox(self, entries: Sequence[OutboxEntry]) -> None:
         self.conn.executemany(
@@ -236,8 +248,9 @@ class NodeStore:
             for r in self.conn.execute("SELECT eid, msg_id, device_id, blob FROM outbox ORDER BY rowid")
         ]
 
-    def outbox_count(self) -> int:
-        (n,) = self.conn.execute("SELECT count(DISTINCT msg_id) FROM outbox").fetchone()
+    def pending_count(self) -> int:
+        """Messages not yet held by the relay (composed or in the outbox)."""
+        (n,) = self.conn.execute("SELECT count(*) FROM messages WHERE state = 'pending'").fetchone()
         return int(n)
 
     def remove_outbox(self, eids: Sequence[bytes]) -> None:

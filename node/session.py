@@ -1,0 +1,132 @@
+"""Staying connected: a device that is online whenever the relay can be reached.
+
+``LiveSession.run`` connects, authenticates, seals and flushes what was composed
+offline, then receives pushed messages until the link drops; then it waits (exponential
+backoff with jitter) and tries again, for as long as it runs. Messages composed with
+``LiveSession.send`` are stored at once (state "pending") and go out as soon as a link is
+up. Listeners hear about received messages, delivery-state changes, status changes and
+warnings; they run on the trio loop and must not block.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from node.errors import ConnectionLost, LoginFailed, RelayRefused, RelayUnreachable
+from node.link import RelayLink
+from node.node import Node, Received
+from node.store import StoredMessage
+
+log = logging.getLogger("veil.node")
+
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+
+
+@dataclass
+class Listeners:
+    message: list[Callable[[Received], None]] = field(default_factory=list)
+    sent: list[Callable[[bytes], None]] = field(default_factory=list)  # msg_id now held by the relay
+    status: list[Callable[[str], None]] = field(default_factory=list)  # "connecting", "online", "offline"
+    problem: list[Callable[[str], None]] = field(default_factory=list)  # one-line warnings and errors
+
+
+class LiveSession:
+    """Keeps one node online and moves messages both ways."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.on = Listeners()
+        self.status = "offline"
+        self.link: RelayLink | None = None
+        self.attempts = 0
+        self.next_retry: float | None = None
+        self._poke = trio.Event()
+        self._reconnect_now = trio.Event()
+        node.events.append(self._problem)
+        node.sent_listeners.append(self._sent)
+
+    # ---- for the user interface ---------------------------------------------------------
+    def send(self, peer: str, text: str) -> StoredMessage:
+        """Compose a message; it goes out now if online, or on the next connection."""
+        msg = self.node.compose(peer, text)
+        self._poke.set()
+        return msg
+
+    def reconnect_now(self) -> None:
+        """Skip the rest of the backoff wait."""
+        self._reconnect_now.set()
+
+    # ---- the loop ------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled; reports started at once (online or not)."""
+        task_status.started()
+        backoff = BACKOFF_FIRST
+        while True:
+            self._set_status("connecting")
+            try:
+                await self._online()
+                backoff = BACKOFF_FIRST
+            except LoginFailed as exc:
+                self._problem(str(exc))
+                backoff = BACKOFF_MAX
+            except (RelayUnreachable, ConnectionLost, RelayRefused, OSError) as exc:
+                log.debug("link down: %s", type(exc).__name__)
+            finally:
+                self.link = None
+            self._set_status("offline")
+            self.attempts += 1
+            delay = backoff * random.uniform(0.75, 1.25)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            self.next_retry = trio.current_time() + delay
+            self._reconnect_now = trio.Event()
+            with trio.move_on_after(delay):
+                await self._reconnect_now.wait()
+            self.next_retry = None
+
+    async def _online(self) -> None:
+        async with self.node.connected() as link:
+            self.link = link
+            self.attempts = 0
+            self._set_status("online")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._receive, link)
+                nursery.start_soon(self._flush_on_poke, link)
+                await link.closed.wait()
+                nursery.cancel_scope.cancel()
+            raise ConnectionLost()
+
+    async def _receive(self, link: RelayLink) -> None:
+        async for frame in link.deliveries:
+            for r in await self.node.accept(link, frame):
+                for fn in self.on.message:
+                    fn(r)
+
+    async def _flush_on_poke(self, link: RelayLink) -> None:
+        while True:
+            await self._poke.wait()
+            self._poke = trio.Event()
+            for msg_id, exc in await self.node.seal_pending(link):
+                self._problem(str(exc))
+                del msg_id
+            await self.node.flush_outbox(link)
+
+    def _sent(self, msg_id: bytes) -> None:
+        for fn in self.on.sent:
+            fn(msg_id)
+
+    def _set_status(self, status: str) -> None:
+        if status != self.status:
+            self.status = status
+            for fn in self.on.status:
+                fn(status)
+
+    def _problem(self, text: str) -> None:
+        for fn in self.on.problem:
+            fn(text)
+
