@@ -33,3 +33,15 @@ class MessageTooLarge(KeyvaultError):
 
 class BadKey(KeyvaultError):
     """A key or key bundle is malformed or of an unsupported kind."""
+
+
+class DuplicateMessage(KeyvaultError):
+    """This message was already decrypted; its one-use key is gone."""
+
+
+class TooManySkipped(KeyvaultError):
+    """This message skips too far ahead in the conversation to be decrypted."""
+
+
+class BadPrekey(KeyvaultError):
+    """The contact's prekey bundle is malformed or its signature does not verify."""

@@ -215,6 +215,30 @@ def verify_device(
     return True
 
 
+def _account_keys_message(username: str, enc: bytes, dh: bytes) -> bytes:
+    return labels.ACCOUNT_KEYS_SIGNATURE + lp(username.encode("utf-8")) + lp(bytes(enc)) + lp(bytes(dh))
+
+
+def sign_account_keys(keys: AccountKeys, username: str) -> bytes:
+    """Sign the account's RSA and X25519 public keys with its identity key."""
+    pub = keys.public()
+    return keys.identity_private.sign(_account_keys_message(username, pub.enc, pub.dh))
+
+
+def verify_account_keys(
+    identity_public: bytes, username: str, enc: bytes, dh: bytes, signature: bytes
+) -> bool:
+    """Return True if the identity key vouches for these keys; False on any bad input."""
+    try:
+        if len(identity_public) != 32 or len(signature) != 64:
+            return False
+        key = Ed25519PublicKey.from_public_bytes(bytes(identity_public))
+        key.verify(bytes(signature), _account_keys_message(username, enc, dh))
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
+
+
 # Recovery codes ---------------------------------------------------------------------------
 
 RECOVERY_CODE_BYTES = 16

@@ -29,6 +29,20 @@ BUNDLE_AAD = b"veil/v1/bundle"
 
 # Hash prefix for the numeric safety-number fingerprint.
 SAFETY_NUMBER = b"veil/v1/safety-number"
+# The identity key signs the account's other public keys, so the safety number (of the
+# identity key) vouches for the RSA key that envelopes are sealed to.
+ACCOUNT_KEYS_SIGNATURE = b"veil/v1/account-keys"
+
+# Forward secrecy: prekeys, X3DH and the Double Ratchet with header encryption.
+PREKEY_SIGNATURE = b"veil/v1/signed-prekey"  # signature context for a signed prekey
+X3DH_SK = b"veil/v1/x3dh-sk"  # HKDF info: F || DH1 || DH2 || DH3 [|| DH4] -> SK
+X3DH_ROOT = b"veil/v1/x3dh-root"  # HKDF info: SK -> the ratchet's first root key
+X3DH_HEADER_A = b"veil/v1/x3dh-header-a"  # HKDF info: SK -> shared_hka (initiator's first HKs)
+X3DH_HEADER_B = b"veil/v1/x3dh-header-b"  # HKDF info: SK -> shared_nhkb (responder's first NHKs)
+X3DH_AD = b"veil/v1/x3dh-ad"  # prefix of the X3DH associated data
+RATCHET_ROOT = b"veil/v1/ratchet-root"  # HKDF info of KDF_RK (root, chain, next header key)
+RATCHET_MESSAGE = b"veil/v1/ratchet-message"  # HKDF info: message key -> AES key and nonces
+RATCHET_HEADER_AAD = b"veil/v1/ratchet-header"  # AEAD associated data of an encrypted header
 
 #: All labels, so a test can check that they are pairwise distinct and none is a prefix of
 #: another used in the same role.
@@ -47,4 +61,14 @@ ALL_LABELS: tuple[bytes, ...] = (
     ENVELOPE_AAD,
     BUNDLE_AAD,
     SAFETY_NUMBER,
+    ACCOUNT_KEYS_SIGNATURE,
+    PREKEY_SIGNATURE,
+    X3DH_SK,
+    X3DH_ROOT,
+    X3DH_HEADER_A,
+    X3DH_HEADER_B,
+    X3DH_AD,
+    RATCHET_ROOT,
+    RATCHET_MESSAGE,
+    RATCHET_HEADER_AAD,
 )

@@ -1,0 +1,549 @@
+"""The Double Ratchet with header encryption (Signal's specification, section 4).
+
+Reference: https://signal.org/docs/specifications/doubleratchet/ ("Double Ratchet with header
+encryption"). Every function here is pure: it takes a `RatchetState` and returns a new one,
+never changing its input, so the caller can commit the new state in the same transaction
+that stores the plaintext (and simply drop it when anything fails).
+
+Primitives (all integers big-endian; lp(x) = u32 len(x) || x)::
+
+    KDF_RK(rk, dh_out) = HKDF-SHA256(salt = rk, ikm = dh_out, info = RATCHET_ROOT, L = 96)
+                       -> new root key [0:32] || chain key [32:64] || next header key [64:96]
+    KDF_CK(ck)         -> message key = HMAC-SHA256(ck, 0x01), next chain key = HMAC-SHA256(ck, 0x02)
+    message_keys(mk)   = HKDF-SHA256(salt = none (32 zero bytes), ikm = mk,
+                                     info = RATCHET_MESSAGE, L = 56)
+                       -> AES-256 key [0:32] || body nonce [32:44] || header nonce [44:56]
+
+Each message key is used for exactly one message, so deriving both AES-GCM nonces from it
+is safe. The header key is used for a whole chain; its nonces are the per-message header
+nonces above, which are pseudorandom and distinct per message (collisions are exactly as
+unlikely as with random 96-bit nonces). Encryption therefore needs no randomness except a new
+ratchet key pair at each DH ratchet step (``dh_private`` fixes it for tests).
+
+Message (version 1; 85 bytes of overhead)::
+
+    message    = 0x01 || enc_header (68) || body
+    header     = DHs public (32) || u32 PN || u32 N                         (40 bytes)
+    enc_header = header nonce (12) || AES-256-GCM(HK, header nonce, header,
+                                                  aad = RATCHET_HEADER_AAD || 0x01) (56)
+    body       = AES-256-GCM(message key, body nonce, plaintext,
+                             aad = lp(AD) || 0x01 || enc_header)
+
+AD is the session's associated data from X3DH (`X3DHResult.associated_data`).
+
+Deviations from the spec's pseudocode, all internal (the peers' messages are the same):
+
+- The sending half of a DH ratchet step (new DHs key pair, ``RK, CKs, NHKs = KDF_RK(RK,
+  DH(DHs, DHr))``) is deferred from decrypt to the next encrypt, so that decrypt needs no
+  randomness. The root chain sees the same sequence of inputs as in the spec. While that
+  step is pending (``CKs`` is None and ``DHr`` is set), a header under ``NHKr`` cannot come
+  from an honest peer and is refused as DecryptionFailed.
+- Limits. A message may skip at most MAX_SKIP keys in one chain, and may not need to store
+  more than MAX_STORED_SKIPPED new skipped keys (counting the end of the old chain and the
+  start of the new one together); otherwise TooManySkipped, before any key is derived.
+  (As MAX_STORED_SKIPPED < MAX_SKIP, the store limit is the one that binds whenever keys
+  are stored; MAX_SKIP alone bounds counters whose keys are not stored.)
+  When legitimately stored keys from earlier messages would push the total over
+  MAX_STORED_SKIPPED, the OLDEST stored keys are evicted first; their messages can then no
+  longer be decrypted (and are reported as DuplicateMessage: the key is gone either way).
+  The store therefore never holds more than MAX_STORED_SKIPPED keys.
+- Duplicates. A message whose header decrypts under a known header key but whose message
+  key is gone (already used) raises DuplicateMessage rather than DecryptionFailed. To
+  recognise duplicates from finished chains, the state keeps the last
+  MAX_RETIRED_HEADER_KEYS receiving header keys (header keys protect only the header: the
+  ratchet public key and counters, never message content). Older duplicates raise
+  DecryptionFailed.
+
+Errors: any damaged or forged message -> DecryptionFailed (one opaque error); a replay ->
+DuplicateMessage; a jump beyond the limits -> TooManySkipped. None changes the input state.
+A replay is recognised from its (authenticated) header before its body can be checked, so a
+damaged copy of an already-decrypted message may raise DuplicateMessage too; it is never
+opened either way.
+
+State serialisation (version 1)::
+
+    state = 0x01 || DHs private (32) || opt(DHr) || RK (32) || opt(CKs) || opt(CKr)
+            || u32 Ns || u32 Nr || u32 PN || opt(HKs) || opt(HKr) || NHKs (32) || NHKr (32)
+            || u32 n || n x (HK (32) || u32 N || MK (32))     skipped keys, oldest first
+            || u32 m || m x HK (32)                           retired header keys, oldest first
+    opt(k) = 0x00 (absent) | 0x01 || k (32)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from keyvault import labels
+from keyvault._codec import Reader, lp
+from keyvault.errors import (
+    BadKey,
+    BadPrekey,
+    DecryptionFailed,
+    DuplicateMessage,
+    KeyvaultError,
+    TooManySkipped,
+)
+from keyvault.prekeys import x25519_pair
+from keyvault.x3dh import X3DHResult
+
+VERSION = 1
+STATE_VERSION = 1
+KEY_LEN = 32
+NONCE_LEN = 12
+TAG_LEN = 16
+HEADER_LEN = KEY_LEN + 4 + 4
+ENC_HEADER_LEN = NONCE_LEN + HEADER_LEN + TAG_LEN  # 68
+PREFIX_LEN = 1 + ENC_HEADER_LEN  # version || enc_header
+OVERHEAD = PREFIX_LEN + TAG_LEN  # 85 bytes on top of the plaintext
+
+#: The most message keys one message may skip in one chain.
+MAX_SKIP = 2000
+#: The most skipped message keys a session stores (see the module docstring).
+MAX_STORED_SKIPPED = 1000
+#: How many finished receiving chains' header keys are kept to recognise duplicates.
+MAX_RETIRED_HEADER_KEYS = 50
+MAX_COUNTER = 2**32 - 1
+
+_HEADER_AAD = labels.RATCHET_HEADER_AAD + bytes([VERSION])
+
+
+# Primitives -------------------------------------------------------------------------------
+
+
+def kdf_rk(rk: bytes, dh_out: bytes) -> tuple[bytes, bytes, bytes]:
+    """KDF_RK for header encryption: return (root key, chain key, next header key)."""
+    out = HKDF(algorithm=hashes.SHA256(), length=96, salt=rk, info=labels.RATCHET_ROOT).derive(
+        dh_out
+    )
+    return out[:32], out[32:64], out[64:]
+
+
+def kdf_ck(ck: bytes) -> tuple[bytes, bytes]:
+    """KDF_CK: return (next chain key, message key)."""
+    return (
+        hmac.new(ck, b"\x02", hashlib.sha256).digest(),
+        hmac.new(ck, b"\x01", hashlib.sha256).digest(),
+    )
+
+
+def message_keys(mk: bytes) -> tuple[bytes, bytes, bytes]:
+    """Expand a message key: return (AES-256 key, body nonce, header nonce)."""
+    out = HKDF(algorithm=hashes.SHA256(), length=56, salt=None, info=labels.RATCHET_MESSAGE).derive(
+        mk
+    )
+    return out[:32], out[32:44], out[44:]
+
+
+def encode_header(dh_public: bytes, pn: int, n: int) -> bytes:
+    """Return the 40-byte plaintext header."""
+    return dh_public + pn.to_bytes(4, "big") + n.to_bytes(4, "big")
+
+
+def encrypt_header(hk: bytes, header: bytes, nonce: bytes) -> bytes:
+    """HENCRYPT: return nonce || AES-256-GCM(hk, nonce, header)."""
+    return nonce + AESGCM(hk).encrypt(nonce, header, _HEADER_AAD)
+
+
+def decrypt_header(hk: bytes, enc_header: bytes) -> tuple[bytes, int, int] | None:
+    """HDECRYPT: return (DH public, PN, N), or None if ``hk`` does not open it."""
+    try:
+        h = AESGCM(hk).decrypt(enc_header[:NONCE_LEN], enc_header[NONCE_LEN:], _HEADER_AAD)
+    except InvalidTag:
+        return None
+    if len(h) != HEADER_LEN:
+        return None
+    return h[:32], int.from_bytes(h[32:36], "big"), int.from_bytes(h[36:40], "big")
+
+
+def _dh(private: bytes, public: bytes) -> bytes:
+    # ValueError for a low-order public key (all-zero shared secret).
+    return X25519PrivateKey.from_private_bytes(private).exchange(
+        X25519PublicKey.from_public_bytes(public)
+    )
+
+
+# State ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class RatchetState:
+    """The whole state of one side of a session (the spec's names, lower case). Immutable."""
+
+    dhs_private: bytes  # DHs: our current ratchet key pair
+    dhs_public: bytes
+    dhr: bytes | None  # DHr: the peer's current ratchet public key
+    rk: bytes  # RK
+    cks: bytes | None  # CKs (None before the responder's first send, or while pending)
+    ckr: bytes | None  # CKr
+    ns: int
+    nr: int
+    pn: int
+    hks: bytes | None  # HKs
+    hkr: bytes | None  # HKr
+    nhks: bytes  # NHKs
+    nhkr: bytes  # NHKr
+    #: MKSKIPPED: (header key, N) -> message key, oldest first.
+    skipped: Mapping[tuple[bytes, int], bytes] = field(default_factory=lambda: MappingProxyType({}))
+    #: Header keys of finished receiving chains, oldest first (duplicate detection only).
+    retired: tuple[bytes, ...] = ()
+
+    def __repr__(self) -> str:
+        return (
+            f"RatchetState(ns={self.ns}, nr={self.nr}, pn={self.pn}, "
+            f"skipped={len(self.skipped)}, <secret>)"
+        )
+
+    @property
+    def established(self) -> bool:
+        """True once this side has decrypted a message from the peer.
+
+        Until then an initiator keeps sending its X3DH data (identity key, ephemeral key,
+        prekey ids) with every message, since any of them may be the first to arrive.
+        """
+        return self.ckr is not None
+
+    @property
+    def can_send(self) -> bool:
+        """False only for a responder that has not decrypted the first message yet."""
+        return self.cks is not None or self.dhr is not None
+
+    def to_bytes(self) -> bytes:
+        """Serialise the state (see the module docstring). Secret!"""
+
+        def opt(k: bytes | None) -> bytes:
+            return b"\x00" if k is None else b"\x01" + k
+
+        out = [
+            bytes([STATE_VERSION]),
+            self.dhs_private,
+            opt(self.dhr),
+            self.rk,
+            opt(self.cks),
+            opt(self.ckr),
+            self.ns.to_bytes(4, "big"),
+            self.nr.to_bytes(4, "big"),
+            self.pn.to_bytes(4, "big"),
+            opt(self.hks),
+            opt(self.hkr),
+            self.nhks,
+            self.nhkr,
+            len(self.skipped).to_bytes(4, "big"),
+        ]
+        for (hk, n), mk in self.skipped.items():
+            out.append(hk + n.to_bytes(4, "big") + mk)
+        out.append(len(self.retired).to_bytes(4, "big"))
+        out.extend(self.retired)
+        return b"".join(out)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RatchetState:
+        """Parse `to_bytes` output (BadKey on any malformation)."""
+        try:
+            r = Reader(data)
+            if r.take(1) != bytes([STATE_VERSION]):
+                raise ValueError("version")
+
+            def opt() -> bytes | None:
+                flag = r.take(1)
+                if flag == b"\x00":
+                    return None
+                if flag != b"\x01":
+                    raise ValueError("flag")
+                return r.take(KEY_LEN)
+
+            def u32() -> int:
+                return int.from_bytes(r.take(4), "big")
+
+            dhs_private = r.take(KEY_LEN)
+            dhr = opt()
+            rk = r.take(KEY_LEN)
+            cks, ckr = opt(), opt()
+            ns, nr, pn = u32(), u32(), u32()
+            hks, hkr = opt(), opt()
+            nhks, nhkr = r.take(KEY_LEN), r.take(KEY_LEN)
+            count = u32()
+            if count > MAX_STORED_SKIPPED:
+                raise ValueError("too many skipped keys")
+            skipped: dict[tuple[bytes, int], bytes] = {}
+            for _ in range(count):
+                hk, n, mk = r.take(KEY_LEN), u32(), r.take(KEY_LEN)
+                skipped[(hk, n)] = mk
+            if len(skipped) != count:
+                raise ValueError("repeated skipped key")
+            count = u32()
+            if count > MAX_RETIRED_HEADER_KEYS:
+                raise ValueError("too many retired header keys")
+            retired = tuple(r.take(KEY_LEN) for _ in range(count))
+            r.end()
+            if (hkr is None) != (ckr is None) or (cks is not None and hks is None):
+                raise ValueError("inconsistent")
+            if dhr is not None:
+                X25519PublicKey.from_public_bytes(dhr)
+            _, dhs_public = x25519_pair(dhs_private)
+        except ValueError:
+            raise BadKey("The ratchet session state is malformed.") from None
+        return cls(
+            dhs_private,
+            dhs_public,
+            dhr,
+            rk,
+            cks,
+            ckr,
+            ns,
+            nr,
+            pn,
+            hks,
+            hkr,
+            nhks,
+            nhkr,
+            MappingProxyType(skipped),
+            retired,
+        )
+
+
+@dataclass
+class _Work:
+    """A private, mutable copy of a RatchetState that one operation works on."""
+
+    dhs_private: bytes
+    dhs_public: bytes
+    dhr: bytes | None
+    rk: bytes
+    cks: bytes | None
+    ckr: bytes | None
+    ns: int
+    nr: int
+    pn: int
+    hks: bytes | None
+    hkr: bytes | None
+    nhks: bytes
+    nhkr: bytes
+    skipped: dict[tuple[bytes, int], bytes]
+    retired: list[bytes]
+
+    @classmethod
+    def of(cls, state: RatchetState) -> _Work:
+        values = {f.name: getattr(state, f.name) for f in fields(RatchetState)}
+        values["skipped"] = dict(state.skipped)
+        values["retired"] = list(state.retired)
+        return cls(**values)
+
+    def freeze(self) -> RatchetState:
+        values = {f.name: getattr(self, f.name) for f in fields(RatchetState)}
+        values["skipped"] = MappingProxyType(self.skipped)
+        values["retired"] = tuple(self.retired)
+        return RatchetState(**values)
+
+
+# Initialisation ---------------------------------------------------------------------------
+
+
+def init_initiator(
+    x: X3DHResult, their_ratchet_public: bytes, *, dh_private: bytes | None = None
+) -> RatchetState:
+    """RatchetInitAliceHE: the peer's first ratchet key is its signed prekey.
+
+    ``dh_private`` (tests only) fixes our first ratchet key; otherwise it is fresh.
+    """
+    if not x.initiator:
+        raise ValueError("init_initiator needs the initiator's X3DH result")
+    priv, pub = x25519_pair(dh_private)
+    try:
+        rk, cks, nhks = kdf_rk(x.root_key, _dh(priv, bytes(their_ratchet_public)))
+    except ValueError:
+        raise BadPrekey("The contact's signed prekey is not a valid key.") from None
+    return RatchetState(
+        dhs_private=priv,
+        dhs_public=pub,
+        dhr=bytes(their_ratchet_public),
+        rk=rk,
+        cks=cks,
+        ckr=None,
+        ns=0,
+        nr=0,
+        pn=0,
+        hks=x.header_key_send,
+        hkr=None,
+        nhks=nhks,
+        nhkr=x.next_header_key_recv,
+    )
+
+
+def init_responder(x: X3DHResult, my_ratchet: tuple[bytes, bytes]) -> RatchetState:
+    """RatchetInitBobHE: ``my_ratchet`` is (private, public) of the signed prekey used."""
+    if x.initiator:
+        raise ValueError("init_responder needs the responder's X3DH result")
+    priv, pub = bytes(my_ratchet[0]), bytes(my_ratchet[1])
+    if x25519_pair(priv)[1] != pub:
+        raise ValueError("the ratchet key pair does not match")
+    return RatchetState(
+        dhs_private=priv,
+        dhs_public=pub,
+        dhr=None,
+        rk=x.root_key,
+        cks=None,
+        ckr=None,
+        ns=0,
+        nr=0,
+        pn=0,
+        hks=None,
+        hkr=None,
+        nhks=x.header_key_send,
+        nhkr=x.next_header_key_recv,
+    )
+
+
+# Encrypt ----------------------------------------------------------------------------------
+
+
+def encrypt(
+    state: RatchetState, plaintext: bytes, ad: bytes, *, dh_private: bytes | None = None
+) -> tuple[RatchetState, bytes]:
+    """RatchetEncryptHE: return (new state, message).
+
+    Commit the returned state (with the outbox entry) BEFORE the message leaves the device:
+    encrypting again from the old state reuses the same one-use key and nonces, which is
+    harmless for the same plaintext (the bytes are identical) and fatal for a different one.
+
+    ``dh_private`` (tests only) fixes the new ratchet key pair if this message starts a new
+    sending chain (the first message after receiving a new ratchet key); otherwise unused.
+    """
+    w = _Work.of(state)
+    if w.cks is None:
+        if w.dhr is None:
+            raise KeyvaultError("This session cannot send before the first message arrives.")
+        # The deferred sending half of the DH ratchet step.
+        w.dhs_private, w.dhs_public = x25519_pair(dh_private)
+        w.rk, w.cks, w.nhks = kdf_rk(w.rk, _dh(w.dhs_private, w.dhr))
+    if w.ns > MAX_COUNTER or w.hks is None:
+        raise KeyvaultError("This session has sent too many messages; start a new one.")
+    w.cks, mk = kdf_ck(w.cks)
+    key, nonce, header_nonce = message_keys(mk)
+    prefix = bytes([VERSION]) + encrypt_header(
+        w.hks, encode_header(w.dhs_public, w.pn, w.ns), header_nonce
+    )
+    body = AESGCM(key).encrypt(nonce, bytes(plaintext), lp(bytes(ad)) + prefix)
+    w.ns += 1
+    return w.freeze(), prefix + body
+
+
+# Decrypt ----------------------------------------------------------------------------------
+
+
+def _open(mk: bytes, body: bytes, aad: bytes) -> bytes:
+    key, nonce, _ = message_keys(mk)
+    try:
+        return AESGCM(key).decrypt(nonce, body, aad)
+    except InvalidTag:
+        raise DecryptionFailed() from None
+
+
+def _skip(w: _Work, until: int) -> None:
+    # SkipMessageKeysHE; the caller has checked the limits.
+    if w.ckr is None or w.hkr is None:
+        return
+    while w.nr < until:
+        w.ckr, mk = kdf_ck(w.ckr)
+        w.skipped[(w.hkr, w.nr)] = mk
+        w.nr += 1
+
+
+def _evict(w: _Work) -> None:
+    while len(w.skipped) > MAX_STORED_SKIPPED:
+        del w.skipped[next(iter(w.skipped))]
+
+
+def _next_key(w: _Work) -> bytes:
+    assert w.ckr is not None
+    w.ckr, mk = kdf_ck(w.ckr)
+    w.nr += 1
+    return mk
+
+
+def _dh_ratchet_receive(w: _Work, dh: bytes) -> None:
+    # The receiving half of DHRatchetHE (the sending half waits for the next encrypt).
+    if w.hkr is not None:
+        w.retired.append(w.hkr)
+        del w.retired[:-MAX_RETIRED_HEADER_KEYS]
+    w.pn, w.ns, w.nr = w.ns, 0, 0
+    w.hks, w.hkr = w.nhks, w.nhkr
+    w.dhr = dh
+    try:
+        w.rk, w.ckr, w.nhkr = kdf_rk(w.rk, _dh(w.dhs_private, dh))
+    except ValueError:
+        raise DecryptionFailed() from None
+    w.cks = None
+
+
+def decrypt(state: RatchetState, message: bytes, ad: bytes) -> tuple[RatchetState, bytes]:
+    """RatchetDecryptHE: return (new state, plaintext); the input state is never changed.
+
+    DecryptionFailed if the message is damaged or forged, DuplicateMessage if its key was
+    already used, TooManySkipped if it jumps beyond the limits.
+    """
+    message = bytes(message)
+    if len(message) < OVERHEAD or message[0] != VERSION:
+        raise DecryptionFailed()
+    enc_header, body = message[1:PREFIX_LEN], message[PREFIX_LEN:]
+    aad = lp(bytes(ad)) + message[:PREFIX_LEN]
+    w = _Work.of(state)
+
+    # 1. The current receiving chain (the common case).
+    if w.hkr is not None and (h := decrypt_header(w.hkr, enc_header)) is not None:
+        dh, _, n = h
+        if dh != w.dhr:
+            raise DecryptionFailed()
+        mk = w.skipped.pop((w.hkr, n), None)
+        if mk is None:
+            if n < w.nr:
+                raise DuplicateMessage()
+            jump = n - w.nr
+            if jump > MAX_SKIP or jump > MAX_STORED_SKIPPED:
+                raise TooManySkipped()
+            _skip(w, n)
+            _evict(w)
+            mk = _next_key(w)
+        return w.freeze(), _open(mk, body, aad)
+
+    # 2. The peer's next chain: a DH ratchet step.
+    if (h := decrypt_header(w.nhkr, enc_header)) is not None:
+        if w.cks is None and w.dhr is not None:
+            raise DecryptionFailed()  # the peer cannot have our next ratchet key yet
+        dh, pn, n = h
+        old = pn - w.nr
+        if old > MAX_SKIP or n > MAX_SKIP:
+            raise TooManySkipped()
+        if (max(old, 0) if w.ckr is not None else 0) + n > MAX_STORED_SKIPPED:
+            raise TooManySkipped()
+        _skip(w, pn)
+        _dh_ratchet_receive(w, dh)
+        _skip(w, n)
+        _evict(w)
+        mk = _next_key(w)
+        return w.freeze(), _open(mk, body, aad)
+
+    # 3. Earlier chains that still have skipped keys (TrySkippedMessageKeysHE).
+    for hk in dict.fromkeys(hk for hk, _ in w.skipped):
+        if hk == w.hkr or (h := decrypt_header(hk, enc_header)) is None:
+            continue
+        mk = w.skipped.pop((hk, h[2]), None)
+        if mk is None:
+            raise DuplicateMessage()
+        return w.freeze(), _open(mk, body, aad)
+
+    # 4. Finished chains: a header that opens here is a replay.
+    with_skipped = {hk for hk, _ in w.skipped}
+    for hk in reversed(w.retired):
+        if hk not in with_skipped and decrypt_header(hk, enc_header) is not None:
+            raise DuplicateMessage()
+    raise DecryptionFailed()
