@@ -24,8 +24,8 @@ log = logging.getLogger("veil.relay")
 SEND_TIMEOUT = 30.0
 HEARTBEAT_INTERVAL = 20.0
 HEARTBEAT_TIMEOUT = 20.0
-OUTBOX_FRAMES = 64
-MAX_INFLIGHT = 32
+OUTBOX_FRAMES = 128
+MAX_INFLIGHT = 32  # Sends awaiting their commit, per connection
 # Frames per second per connection (a token bucket). A whole message to every device of
 # a recipient is one frame, and acknowledgements are batched, so this is generous.
 RATE = 500.0
@@ -112,7 +112,17 @@ class RelayConnections:
         async def send(frame: wire.Frame) -> None:
             await send_in.send(frame)
 
+        def reply(frame: wire.Frame) -> None:
+            # Answers to committed sends come from a callback and cannot wait: a peer
+            # that does not read its answers is dropped (it resends on reconnect).
+            try:
+                send_in.send_nowait(frame)
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                if peer.nursery is not None:
+                    peer.nursery.cancel_scope.cancel()
+
         peer.send = send
+        peer.reply = reply
         try:
             async with trio.open_nursery() as nursery:
                 peer.nursery = nursery
@@ -167,15 +177,34 @@ class RelayConnections:
                 data = data.encode("utf-8", "surrogateescape")
             try:
                 if not bucket.take():
-                    raise wire.FrameError(wire.ErrorCode.RATE_LIMITED, "too many frames; slow down")
-                req = wire.decode_request(data)
+                    raise wire.FrameError(
+                        wire.ErrorCode.RATE_LIMITED, "too many frames; slow down", wire.request_id(data)
+                    )
+                try:
+                    req = wire.decode_request(data)
+                except wire.FrameError:
+                    raise
+                except Exception:  # a decoder surprise must not end the connection unanswered
+                    raise wire.FrameError(wire.ErrorCode.MALFORMED, "frame could not be decoded") from None
             except wire.FrameError as exc:
                 violations += 1
                 await peer.send(exc.to_frame())
                 if violations > MAX_VIOLATIONS:
                     return
                 continue
-            if isinstance(req, _SERIAL):
+            if isinstance(req, wire.Send):
+                await inflight.acquire()
+                try:
+                    self.service.send(peer, req, inflight.release)
+                except Refused as exc:
+                    inflight.release()
+                    await peer.send(wire.Error(id=req.id, code=exc.code, message=exc.message))
+            elif isinstance(req, wire.Ack):
+                try:
+                    self.service.ack(peer, req)
+                except Refused as exc:
+                    await peer.send(wire.Error(id=0, code=exc.code, message=exc.message))
+            elif isinstance(req, _SERIAL):
                 await self._answer(peer, req)
             else:
                 await inflight.acquire()
@@ -188,6 +217,7 @@ class RelayConnections:
             inflight.release()
 
     async def _answer(self, peer: Peer, req: wire.Request) -> None:
+        assert not isinstance(req, wire.Ack | wire.Send)
         try:
             answer = await self.service.handle(peer, req)
         except Refused as exc:

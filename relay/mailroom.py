@@ -3,8 +3,16 @@
 Every store call runs in a worker thread under ``CapacityLimiter(1)``, so exactly one
 thread touches the SQLite connection at a time. Mailbox writes (envelopes in, acks) are
 not committed one by one: they queue up while the previous transaction runs, then the
-whole queue is committed as one transaction (each request in its own savepoint, so one
-bad request cannot undo the others). A request is answered only after its commit.
+whole queue is committed as one transaction, with one multi-row INSERT for all the
+envelopes in it. A ``Send`` is answered only after its commit (its ``on_done`` callback
+runs on the trio thread once the transaction is durable in the WAL).
+
+A send is all-or-nothing: if any of its devices does not exist, or its mailbox is full,
+none of its envelopes is stored and it fails alone; the rest of the batch commits.
+
+Per-device envelope counts (for the mailbox limit) and sequence numbers are kept in
+memory by the commit thread, loaded from the database the first time a device is seen:
+this process is the only writer.
 """
 
 from __future__ import annotations
@@ -25,20 +33,25 @@ T = TypeVar("T")
 
 MAILBOX_LIMIT = 10_000
 
+Done = Callable[[Exception | None], None]
+
 
 class MailboxFull(Exception):
     pass
 
 
 @dataclass
-class _Write:
-    kind: str  # "enqueue" or "ack"
-    device_id: bytes = b""
-    items: Sequence[tuple[bytes, bytes, bytes]] = ()
-    eids: Sequence[bytes] = ()
-    done: trio.Event = field(default_factory=trio.Event)
+class _Enqueue:
+    items: Sequence[tuple[bytes, bytes, bytes]]  # (device_id, eid, blob)
+    on_done: Done
     stored: list[Stored] = field(default_factory=list)
     error: Exception | None = None
+
+
+@dataclass
+class _Ack:
+    device_id: bytes
+    eids: Sequence[bytes]
 
 
 class Mailroom:
@@ -54,11 +67,16 @@ class Mailroom:
         self.store = store
         self._on_stored = on_stored
         self._limiter = trio.CapacityLimiter(1)
-        self._queue: list[_Write] = []
+        self._enqueues: list[_Enqueue] = []
+        self._acks: list[_Ack] = []
         self._wake = trio.Event()
         self.mailbox_limit = mailbox_limit
+        # Owned by the commit thread (always under self._limiter):
+        self._counts: dict[bytes, int] = {}
+        self._last_seq: dict[bytes, int] = {}
         self.commits = 0
-        self.writes = 0
+        self.envelopes = 0
+        self._committed = trio.Event()
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run one store method in the store's thread."""
@@ -68,22 +86,53 @@ class Mailroom:
         """Checkpoint and close the database (after the commit loop has stopped)."""
         await self.call(self.store.close)
 
-    async def enqueue(self, items: Sequence[tuple[bytes, bytes, bytes]]) -> list[Stored]:
-        """Store (device_id, eid, blob) envelopes; returns once they are committed."""
-        return (await self._submit(_Write("enqueue", items=items))).stored
-
-    async def ack(self, device_id: bytes, eids: Sequence[bytes]) -> None:
-        """Delete delivered envelopes; returns once the deletion is committed."""
-        await self._submit(_Write("ack", device_id=device_id, eids=eids))
-
-    async def _submit(self, write: _Write) -> _Write:
-        self._queue.append(write)
+    # ---- writes --------------------------------------------------------------------
+    def submit(self, items: Sequence[tuple[bytes, bytes, bytes]], on_done: Done) -> None:
+        """Queue (device_id, eid, blob) envelopes; ``on_done(None)`` once committed, or
+        ``on_done(error)`` (UnknownDevice, MailboxFull, or a storage failure)."""
+        self._enqueues.append(_Enqueue(items, on_done))
         self._wake.set()
-        await write.done.wait()
-        if write.error is not None:
-            raise write.error
-        return write
 
+    def ack_nowait(self, device_id: bytes, eids: Sequence[bytes]) -> None:
+        """Queue the deletion of delivered envelopes (committed with the next batch)."""
+        self._acks.append(_Ack(device_id, eids))
+        self._wake.set()
+
+    async def enqueue(self, items: Sequence[tuple[bytes, bytes, bytes]]) -> None:
+        """Store envelopes and wait for the commit (raises what ``submit`` reports)."""
+        done = trio.Event()
+        result: list[Exception | None] = []
+
+        def finished(error: Exception | None) -> None:
+            result.append(error)
+            done.set()
+
+        self.submit(items, finished)
+        await done.wait()
+        if result[0] is not None:
+            raise result[0]
+
+    async def wait_commit_after(self, count: int) -> None:
+        """Wait until more than ``count`` group commits have finished (tests wait on
+        this instead of on time: read ``commits``, check, then wait for the next)."""
+        while self.commits <= count:
+            await self._committed.wait()
+
+    async def expire(self) -> int:
+        def run() -> int:
+            self._counts.clear()  # expiry deletes behind the counts' back
+            return self.store.expire()
+
+        return await self.call(run)
+
+    async def remove_device(self, device_id: bytes) -> None:
+        def run() -> None:
+            self._counts.pop(device_id, None)
+            self.store.remove_device(device_id)
+
+        await self.call(run)
+
+    # ---- the commit loop -------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The group-commit loop. On cancellation the batch in flight still commits
         (a worker thread is not abandoned), so nothing acknowledged is ever lost."""
@@ -91,43 +140,76 @@ class Mailroom:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
-            batch, self._queue = self._queue, []
-            if not batch:
+            enqueues, self._enqueues = self._enqueues, []
+            acks, self._acks = self._acks, []
+            if not enqueues and not acks:
                 continue
             try:
-                await trio.to_thread.run_sync(self._commit, batch, limiter=self._limiter)
-            except Exception as exc:  # the whole transaction failed: fail every request
+                await trio.to_thread.run_sync(self._commit, enqueues, acks, limiter=self._limiter)
+            except Exception as exc:  # the whole transaction failed: fail every send in it
                 log.error("group commit failed: %s", type(exc).__name__)
-                for w in batch:
-                    w.error = exc if w.error is None else w.error
-                    w.stored = []
+                for w in enqueues:
+                    w.error, w.stored = exc, []
+                self._counts.clear()
             self.commits += 1
-            self.writes += len(batch)
-            stored = [s for w in batch if w.error is None for s in w.stored]
+            stored = [s for w in enqueues for s in w.stored]
+            self.envelopes += len(stored)
             if stored:
                 self._on_stored(stored)
-            for w in batch:
-                w.done.set()
+            for w in enqueues:
+                w.on_done(w.error)
+            self._committed.set()
+            self._committed = trio.Event()
 
-    def _commit(self, batch: list[_Write]) -> None:
-        store = self.store
-        with store.db.atomic():
-            counts = store.mailbox_counts(
-                d for w in batch if w.kind == "enqueue" for d, _, _ in w.items
-            ) if self.mailbox_limit else {}
-            for w in batch:
-                try:
-                    with store.db.atomic():  # a savepoint per request
-                        if w.kind == "enqueue":
-                            adding = Counter(d for d, _, _ in w.items)
-                            limit = self.mailbox_limit
-                            if limit and any(counts.get(d, 0) + n > limit for d, n in adding.items()):
-                                raise MailboxFull()
-                            w.stored = store.enqueue(w.items)
-                            for d, n in adding.items():
-                                counts[d] = counts.get(d, 0) + n
-                        else:
-                            store.ack(w.device_id, w.eids)
-                except (UnknownDevice, MailboxFull) as exc:
-                    w.error = exc
-                    w.stored = []
+    def _device_state(self, device_id: bytes) -> None:
+        if device_id not in self._counts or device_id not in self._last_seq:
+            count, last = self.store.mailbox_state(device_id)
+            self._counts[device_id] = count
+            # Sequence numbers only grow while this process runs (a live outlet may have
+            # seen higher ones than the mailbox now holds).
+            self._last_seq[device_id] = max(last, self._last_seq.get(device_id, 0))
+
+    def _commit(self, enqueues: list[_Enqueue], acks: list[_Ack]) -> None:
+        store, conn = self.store, self.store.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            devices = {d for w in enqueues for d, _, _ in w.items}
+            existing = store.existing_devices(devices) if devices else set()
+            # Retried sends: envelopes already in a mailbox are neither stored nor counted
+            # again (and do not make a full mailbox refuse the retry).
+            pairs = list({(d, eid) for w in enqueues for d, eid, _ in w.items if d in existing})
+            taken = store.stored_pairs(pairs) if pairs else set()
+            rows: list[tuple[bytes, int, bytes, bytes]] = []
+            for w in enqueues:
+                if any(d not in existing for d, _, _ in w.items):
+                    w.error = UnknownDevice()
+                    continue
+                fresh: dict[tuple[bytes, bytes], bytes] = {}
+                for d, eid, blob in w.items:
+                    if (d, eid) not in taken and (d, eid) not in fresh:
+                        fresh[(d, eid)] = blob
+                adding = Counter(d for d, _ in fresh)
+                for d in adding:
+                    self._device_state(d)
+                limit = self.mailbox_limit
+                if limit and any(self._counts[d] + n > limit for d, n in adding.items()):
+                    w.error = MailboxFull()
+                    continue
+                for (d, eid), blob in fresh.items():
+                    self._counts[d] += 1
+                    self._last_seq[d] += 1
+                    rows.append((d, self._last_seq[d], eid, blob))
+                    w.stored.append(Stored(d, self._last_seq[d], eid, blob))
+                taken.update(fresh)  # a later send in this batch with the same envelope
+            if rows:
+                store.insert_mail(rows)
+            for a in acks:
+                deleted = store.ack(a.device_id, a.eids)
+                if a.device_id in self._counts:
+                    self._counts[a.device_id] = max(0, self._counts[a.device_id] - deleted)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            for w in enqueues:
+                w.stored = []
+            raise

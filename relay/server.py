@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import secrets
@@ -12,9 +13,10 @@ import trio
 from trio_websocket import serve_websocket
 
 from relay import wire
+from relay.cipherdb import WrongKey
 from relay.connection import Limits, RelayConnections
 from relay.delivery import Router
-from relay.keyfile import RelayKeys, load_root_key
+from relay.keyfile import ENV_KEY, KEY_FILE, RelayKeyError, RelayKeys, load_root_key
 from relay.mailroom import MAILBOX_LIMIT, Mailroom
 from relay.service import RelayService
 from relay.store import RelayStore
@@ -51,13 +53,27 @@ class RelayInfo:
         return f"ws://{host}:{self.port}"
 
 
+class RelayStartError(Exception):
+    """The relay cannot start (the message says why, for the operator)."""
+
+
 class RelayState:
     """Everything a running relay holds (exposed for tests and the benchmark)."""
 
     def __init__(self, config: RelayConfig) -> None:
-        config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.keys = RelayKeys.from_root(load_root_key(config.data_dir))
-        self.store = RelayStore(config.data_dir / DB_FILE, self.keys.db_key)
+        try:
+            config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._lock = _lock_data_dir(config.data_dir)
+            self.keys = RelayKeys.from_root(load_root_key(config.data_dir))
+            self.store = RelayStore(config.data_dir / DB_FILE, self.keys.db_key)
+        except WrongKey:
+            raise RelayStartError(
+                f"the relay key does not open {config.data_dir / DB_FILE} (wrong {ENV_KEY} or {KEY_FILE}?)"
+            ) from None
+        except RelayKeyError as exc:
+            raise RelayStartError(str(exc)) from None
+        except OSError as exc:
+            raise RelayStartError(f"cannot use data directory {config.data_dir}: {exc.strerror}") from None
         relay_id = self.store.meta("relay_id")
         if relay_id is None:
             relay_id = secrets.token_bytes(16)
@@ -69,9 +85,21 @@ class RelayState:
         self.connections = RelayConnections(self.service, config.limits)
 
 
+def _lock_data_dir(data_dir: Path) -> int:
+    """Hold an exclusive lock on the data directory for the life of the process: two
+    relays on one database would each miss the other's deliveries."""
+    fd = os.open(data_dir / "relay.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RelayStartError(f"another relay is running on {data_dir}") from None
+    return fd
+
+
 async def _expire_loop(mailroom: Mailroom) -> None:
     while True:
-        n = await mailroom.call(mailroom.store.expire)
+        n = await mailroom.expire()
         if n:
             log.info("expired %d undelivered envelopes", n)
         await trio.sleep(EXPIRE_EVERY)
@@ -107,4 +135,5 @@ async def serve(
     finally:
         with trio.CancelScope(shield=True):
             await state.mailroom.close()
+        os.close(state._lock)
         log.info("relay stopped; store closed")

@@ -17,7 +17,7 @@ import trio
 from keyvault.auth import verify_challenge
 from keyvault.errors import BadKey
 from keyvault.kdf import DEFAULT_KDF
-from keyvault.keys import PublicKeys, verify_device
+from keyvault.keys import PublicKeys, verify_account_keys, verify_device
 from relay import wire
 from relay.auth import Challenges, Throttle, name_mac, new_token, token_hash
 from relay.delivery import Outlet, Router
@@ -54,6 +54,7 @@ class Peer:
     outlet: Outlet | None = None
     send: Callable[[wire.Frame], Awaitable[None]] = field(default=_no_send, repr=False)
     outlet_scope: trio.CancelScope | None = field(default=None, repr=False)
+    reply: Callable[[wire.Frame], None] = field(default=lambda frame: None, repr=False)
     failures: int = 0
     registrations: int = 0
     nursery: trio.Nursery | None = field(default=None, repr=False)
@@ -81,10 +82,6 @@ class RelayService:
     async def handle(self, peer: Peer, req: wire.Request) -> wire.Frame:
         """Answer one request (raises Refused)."""
         match req:
-            case wire.Send():
-                return await self.send(peer, req)
-            case wire.Ack():
-                return await self.ack(peer, req)
             case wire.Ping():
                 return wire.Ok(id=req.id)
             case wire.AuthParams():
@@ -144,6 +141,8 @@ class RelayService:
             raise Refused(E.BAD_KEY, str(exc) or "malformed public key") from None
         if not verify_device(req.identity_pub, name, req.device.device_id, req.device.sig):
             raise Refused(E.BAD_KEY, "device signature does not verify")
+        if not verify_account_keys(req.identity_pub, name, req.enc_pub, req.dh_pub, req.keys_sig):
+            raise Refused(E.BAD_KEY, "the identity key does not vouch for the other keys")
         new = NewAccount(
             name_mac=self.mac(name),
             salt=req.salt,
@@ -152,6 +151,7 @@ class RelayService:
             enc_pub=req.enc_pub,
             identity_pub=req.identity_pub,
             dh_pub=req.dh_pub,
+            keys_sig=req.keys_sig,
             bundle=req.bundle,
             recovery_auth_pub=req.recovery_auth_pub,
             recovery_bundle=req.recovery_bundle,
@@ -262,7 +262,7 @@ class RelayService:
         assert peer.token_hash is not None and peer.device_id is not None
         store = self.mailroom.store
         if req.remove_device:
-            await self.mailroom.call(store.remove_device, peer.device_id)
+            await self.mailroom.remove_device(peer.device_id)
         else:
             await self.mailroom.call(store.delete_session, peer.token_hash)
         self.unbind(peer)
@@ -286,23 +286,31 @@ class RelayService:
             enc_pub=account.enc_pub,
             identity_pub=account.identity_pub,
             dh_pub=account.dh_pub,
+            keys_sig=account.keys_sig,
             devices=[wire.DeviceCert(d, sig) for d, sig, _ in devices],
         )
 
-    async def send(self, peer: Peer, req: wire.Send) -> wire.Frame:
+    def send(self, peer: Peer, req: wire.Send, answered: Callable[[], None]) -> None:
+        """Queue the envelopes for the next group commit; the answer goes out when it
+        is durable (``answered`` runs then: the connection's in-flight slot frees)."""
         self._require_session(peer)
-        try:
-            await self.mailroom.enqueue([(e.device_id, e.eid, e.blob) for e in req.envelopes])
-        except UnknownDevice:
-            raise Refused(E.UNKNOWN_DEVICE, "no such device (it may have been removed)") from None
-        except MailboxFull:
-            raise Refused(E.MAILBOX_FULL, "the recipient's mailbox is full") from None
-        return wire.Ok(id=req.id)
 
-    async def ack(self, peer: Peer, req: wire.Ack) -> wire.Frame:
+        def done(error: Exception | None) -> None:
+            answered()
+            if error is None:
+                answer: wire.Frame = wire.Ok(id=req.id)
+            elif isinstance(error, UnknownDevice):
+                answer = wire.Error(req.id, E.UNKNOWN_DEVICE, "no such device (it may have been removed)")
+            elif isinstance(error, MailboxFull):
+                answer = wire.Error(req.id, E.MAILBOX_FULL, "the recipient's mailbox is full")
+            else:
+                answer = wire.Error(req.id, E.INTERNAL, "storage failed; try again")
+            peer.reply(answer)
+
+        self.mailroom.submit([(e.device_id, e.eid, e.blob) for e in req.envelopes], done)
+
+    def ack(self, peer: Peer, req: wire.Ack) -> None:
+        """Delete acknowledged envelopes of this connection's own device only."""
         self._require_session(peer)
         assert peer.device_id is not None
-        await self.mailroom.ack(peer.device_id, req.eids)
-        return wire.Ok(id=req.id)
-
-
+        self.mailroom.ack_nowait(peer.device_id, req.eids)

@@ -39,6 +39,7 @@ def _m0001(db: Database) -> None:
             enc_pub BLOB NOT NULL,
             identity_pub BLOB NOT NULL,
             dh_pub BLOB NOT NULL,
+            keys_sig BLOB NOT NULL,
             bundle BLOB NOT NULL,
             recovery_auth_pub BLOB NOT NULL,
             recovery_bundle BLOB NOT NULL,
@@ -68,16 +69,19 @@ def _m0001(db: Database) -> None:
         )"""
     )
     db.execute("CREATE INDEX sessions_device ON sessions(device_id)")
+    # No rowid: a global insertion order would tie together the envelopes of one send
+    # (a message to bob's devices and its copies to alice's own). ``seq`` counts per device.
     db.execute(
         """
         CREATE TABLE mailbox (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT,
             device_id BLOB NOT NULL REFERENCES devices(device_id) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
             eid BLOB NOT NULL,
             blob BLOB NOT NULL,
             expires_day INTEGER NOT NULL,
+            PRIMARY KEY (device_id, seq),
             UNIQUE (device_id, eid)
-        )"""
+        ) WITHOUT ROWID"""
     )
     db.execute("CREATE INDEX mailbox_expiry ON mailbox(expires_day)")
     db.execute("CREATE TABLE relay_meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
@@ -105,6 +109,7 @@ class Account:
     enc_pub: bytes
     identity_pub: bytes
     dh_pub: bytes
+    keys_sig: bytes
     bundle: bytes
     recovery_auth_pub: bytes
     recovery_bundle: bytes
@@ -119,6 +124,7 @@ class NewAccount:
     enc_pub: bytes
     identity_pub: bytes
     dh_pub: bytes
+    keys_sig: bytes
     bundle: bytes
     recovery_auth_pub: bytes
     recovery_bundle: bytes
@@ -141,7 +147,7 @@ class Stored:
 
 
 _ACCOUNT_COLS = (
-    "id, salt, kdf_t, kdf_m, kdf_p, auth_pub, enc_pub, identity_pub, dh_pub, bundle,"
+    "id, salt, kdf_t, kdf_m, kdf_p, auth_pub, enc_pub, identity_pub, dh_pub, keys_sig, bundle,"
     " recovery_auth_pub, recovery_bundle"
 )
 
@@ -156,9 +162,10 @@ def _account(row: Sequence[object]) -> Account:
         enc_pub=r[6],  # type: ignore[arg-type]
         identity_pub=r[7],  # type: ignore[arg-type]
         dh_pub=r[8],  # type: ignore[arg-type]
-        bundle=r[9],  # type: ignore[arg-type]
-        recovery_auth_pub=r[10],  # type: ignore[arg-type]
-        recovery_bundle=r[11],  # type: ignore[arg-type]
+        keys_sig=r[9],  # type: ignore[arg-type]
+        bundle=r[10],  # type: ignore[arg-type]
+        recovery_auth_pub=r[11],  # type: ignore[arg-type]
+        recovery_bundle=r[12],  # type: ignore[arg-type]
     )
 
 
@@ -191,11 +198,11 @@ class RelayStore:
             try:
                 cur = self.conn.execute(
                     "INSERT INTO accounts (name_mac, salt, kdf_t, kdf_m, kdf_p, auth_pub,"
-                    " enc_pub, identity_pub, dh_pub, bundle, recovery_auth_pub,"
-                    " recovery_bundle, created_day) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " enc_pub, identity_pub, dh_pub, keys_sig, bundle, recovery_auth_pub,"
+                    " recovery_bundle, created_day) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         new.name_mac, new.salt, *new.kdf, new.auth_pub, new.enc_pub,
-                        new.identity_pub, new.dh_pub, new.bundle, new.recovery_auth_pub,
+                        new.identity_pub, new.dh_pub, new.keys_sig, new.bundle, new.recovery_auth_pub,
                         new.recovery_bundle, today(),
                     ),
                 )
@@ -288,38 +295,56 @@ class RelayStore:
         self.conn.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
 
     # ---- mailboxes ----------------------------------------------------------------
-    def mailbox_counts(self, device_ids: Iterable[bytes]) -> dict[bytes, int]:
+    # These run inside the caller's transaction (relay.mailroom's group commit).
+    def existing_devices(self, device_ids: Iterable[bytes]) -> set[bytes]:
         ids = list(set(device_ids))
-        marks = ",".join("?" * len(ids))
-        return {
-            bytes(r[0]): int(r[1])
-            for r in self.conn.execute(
-                f"SELECT device_id, count(*) FROM mailbox WHERE device_id IN ({marks})"
-                " GROUP BY device_id",
-                ids,
+        found: set[bytes] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(
+                bytes(r[0])
+                for r in self.conn.execute(f"SELECT device_id FROM devices WHERE device_id IN ({marks})", chunk)
             )
-        }
+        return found
 
-    def enqueue(self, items: Sequence[tuple[bytes, bytes, bytes]]) -> list[Stored]:
-        """Insert (device_id, eid, blob) rows; a repeated (device, eid) is stored once.
-
-        Runs inside the caller's transaction. Returns only the rows newly stored.
-        Raises UnknownDevice if a device does not exist (nothing is inserted then,
-        provided the caller rolls back).
-        """
-        expires = today() + MAIL_TTL_DAYS
-        stored: list[Stored] = []
-        for device_id, eid, blob in items:
-            try:
-                cur = self.conn.execute(
-                    "INSERT OR IGNORE INTO mailbox (device_id, eid, blob, expires_day)"
-                    " VALUES (?,?,?,?)",
-                    (device_id, eid, blob, expires),
+    def stored_pairs(self, pairs: Sequence[tuple[bytes, bytes]]) -> set[tuple[bytes, bytes]]:
+        """Which of these (device_id, eid) pairs a mailbox already holds (retried sends)."""
+        found: set[tuple[bytes, bytes]] = set()
+        for start in range(0, len(pairs), 400):
+            chunk = pairs[start : start + 400]
+            values = ",".join(["(?,?)"] * len(chunk))
+            found.update(
+                (bytes(r[0]), bytes(r[1]))
+                for r in self.conn.execute(
+                    f"SELECT device_id, eid FROM mailbox WHERE (device_id, eid) IN (VALUES {values})",
+                    [x for pair in chunk for x in pair],
                 )
-            except IntegrityError:  # foreign key: no such device
-                raise UnknownDevice() from None
-            if cur.rowcount == 1:
-                stored.append(Stored(device_id, int(cur.lastrowid), eid, blob))
+            )
+        return found
+
+    def mailbox_state(self, device_id: bytes) -> tuple[int, int]:
+        """(number of envelopes, highest seq) of one device's mailbox."""
+        row = self.conn.execute(
+            "SELECT count(*), coalesce(max(seq), 0) FROM mailbox WHERE device_id = ?", (device_id,)
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def insert_mail(self, rows: Sequence[tuple[bytes, int, bytes, bytes]]) -> set[tuple[bytes, bytes]]:
+        """Insert (device_id, seq, eid, blob) rows; a repeated (device, eid) is ignored.
+        Returns the (device_id, eid) pairs newly stored."""
+        expires = today() + MAIL_TTL_DAYS
+        stored: set[tuple[bytes, bytes]] = set()
+        for start in range(0, len(rows), 200):
+            chunk = rows[start : start + 200]
+            values = ",".join(["(?,?,?,?,?)"] * len(chunk))
+            params = [x for d, seq, eid, blob in chunk for x in (d, seq, eid, blob, expires)]
+            cur = self.conn.execute(
+                f"INSERT OR IGNORE INTO mailbox (device_id, seq, eid, blob, expires_day) VALUES {values}"
+                " RETURNING device_id, eid",
+                params,
+            )
+            stored.update((bytes(r[0]), bytes(r[1])) for r in cur.fetchall())
         return stored
 
     def fetch(self, device_id: bytes, after_seq: int, limit: int) -> list[Stored]:
@@ -332,12 +357,13 @@ class RelayStore:
             )
         ]
 
-    def ack(self, device_id: bytes, eids: Sequence[bytes]) -> None:
-        """Delete delivered envelopes of one device (inside the caller's transaction)."""
-        self.conn.executemany(
+    def ack(self, device_id: bytes, eids: Sequence[bytes]) -> int:
+        """Delete delivered envelopes of one device; returns how many were deleted."""
+        cur = self.conn.executemany(
             "DELETE FROM mailbox WHERE device_id = ? AND eid = ?",
             [(device_id, eid) for eid in eids],
         )
+        return int(cur.rowcount)
 
     def expire(self) -> int:
         """Drop undelivered mail past its expiry day and dead sessions."""

@@ -4,7 +4,8 @@ Frames are msgspec Structs encoded as MessagePack, one frame per WebSocket binar
 message. Each frame type has a tag (field ``t``). A request carries ``id`` (a positive
 integer chosen by the client); the relay answers every request exactly once with a frame
 carrying the same ``id``: the matching ``...Ok`` frame or an ``Error``. Frames the relay
-pushes unasked (``Deliver``) carry no ``id``.
+pushes unasked (``Deliver``) and the node's ``Ack`` notifications carry no ``id`` and get
+no answer.
 
 The protocol version is in the URL path (``/v1``); a relay refuses other paths.
 This module is pure data: no I/O. Decoding is strict: unknown frames, unknown fields,
@@ -95,6 +96,7 @@ class Register(Frame, tag="register"):
     enc_pub: RsaPub
     identity_pub: Key32
     dh_pub: Key32
+    keys_sig: Sig  # identity key's signature over enc_pub and dh_pub
     bundle: BundleBlob
     recovery_auth_pub: Key32
     recovery_bundle: BundleBlob
@@ -166,9 +168,10 @@ class Send(Frame, tag="send"):
 
 
 class Ack(Frame, tag="ack"):
-    """Delete delivered envelopes from this device's mailbox."""
+    """Delete delivered envelopes from this device's mailbox. A notification, not a
+    request: it has no id and no answer (a lost ack only means a redelivery, which the
+    node drops as already seen), which saves a frame per delivery."""
 
-    id: ReqId
     eids: Annotated[list[Id16], Meta(min_length=1, max_length=1024)]
 
 
@@ -245,6 +248,7 @@ class KeysOk(Frame, tag="keys_ok"):
     enc_pub: bytes
     identity_pub: bytes
     dh_pub: bytes
+    keys_sig: bytes
     devices: list[DeviceCert]
 
 
@@ -308,6 +312,7 @@ _answer_decoder = msgspec.msgpack.Decoder(Answer)
 _raw_decoder = msgspec.msgpack.Decoder()
 _encoder = msgspec.msgpack.Encoder()
 
+_NOT_A_MAP: Final = object()
 _REQUEST_TAGS: Final = frozenset(
     t.__struct_config__.tag for t in Request.__args__  # type: ignore[attr-defined]
 )
@@ -335,31 +340,38 @@ def _salvage_id(data: bytes) -> tuple[object, int]:
     """Best effort: the tag and request id of a frame that failed to decode."""
     try:
         raw = _raw_decoder.decode(data)
-    except msgspec.DecodeError:
-        return None, 0
+    except (msgspec.DecodeError, RecursionError):
+        return _NOT_A_MAP, 0
     if not isinstance(raw, dict):
-        return None, 0
+        return _NOT_A_MAP, 0
     rid = raw.get("id")
     ok_id = rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 < rid <= 2**53 else 0
     return raw.get("t"), ok_id
 
 
+def request_id(data: bytes) -> int:
+    """The id of a frame we refuse without decoding it (0 if it cannot be read)."""
+    return _salvage_id(data)[1]
+
+
 def decode_request(data: bytes) -> Request:
     """Strictly decode a request, or raise FrameError with the code to answer."""
     if len(data) > MAX_FRAME:
-        raise FrameError(ErrorCode.FRAME_TOO_LARGE, f"frame larger than {MAX_FRAME} bytes")
+        raise FrameError(ErrorCode.FRAME_TOO_LARGE, f"frame larger than {MAX_FRAME} bytes", request_id(data))
     try:
         return _request_decoder.decode(data)
     except msgspec.ValidationError as exc:
         tag, rid = _salvage_id(data)
-        if tag not in _REQUEST_TAGS:
+        if tag is _NOT_A_MAP:
+            raise FrameError(ErrorCode.MALFORMED, "a frame is a MessagePack map") from None
+        if not isinstance(tag, str) or tag not in _REQUEST_TAGS:
             raise FrameError(ErrorCode.UNKNOWN_FRAME, f"unknown frame type {tag!r}"[:200], rid) from None
         text = str(exc)
         code = ErrorCode.BAD_FRAME
-        if "blob" in text and "length" in text:
+        if "length <=" in text and text.rstrip().endswith(".blob`"):
             code = ErrorCode.ENVELOPE_TOO_LARGE
         raise FrameError(code, text[:200], rid) from None
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         raise FrameError(ErrorCode.MALFORMED, "frame is not valid MessagePack") from None
 
 
