@@ -1,0 +1,341 @@
+"""`veil chat` as a person uses it: REPLs in real pseudo-terminals (pexpect), a real relay
+process, users registered with the real `veil` command."""
+
+from __future__ import annotations
+
+import io
+import re
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from cli.chat import local_time, wrap
+from tests.test_cli import ROOT, RelayProcess, User, env_for, start_relay
+
+TIMEOUT = 20
+COLUMNS = 160
+# Between the characters of typed text, prompt-toolkit may move the cursor or restyle.
+_CSI = r"(?:\x1b\[[0-9;?]*[A-Za-z]|\x08)*"
+
+
+def typed(text: str) -> str:
+    """A pattern for text echoed as it is typed (escape sequences allowed in between)."""
+    return _CSI.join(re.escape(ch) for ch in text)
+
+
+class Repl:
+    """One `veil chat` in its own pseudo-terminal; everything it prints is kept in ``log``."""
+
+    def __init__(self, user: User) -> None:
+        env = env_for(user.tmp)
+        env.update(TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1", LC_ALL="C.UTF-8")
+        self.log = io.StringIO()
+        self.p = pexpect.spawn(
+            sys.executable,
+            ["-m", "cli.main", "--home", str(user.home), "--password-file", str(user.password_file), "chat"],
+            env=env, cwd=str(ROOT), dimensions=(40, COLUMNS), encoding="utf-8", timeout=TIMEOUT,
+        )
+        self.p.logfile_read = self.log
+
+    def expect(self, text: str) -> None:
+        self.p.expect_exact(text)
+
+    def expect_all(self, *texts: str) -> None:
+        """Each of ``texts``, in any order."""
+        left = list(texts)
+        while left:
+            left.pop(self.p.expect_exact(left))
+
+    def expect_re(self, pattern: str) -> re.Match[str]:
+        self.p.expect(pattern)
+        match = self.p.match
+        assert isinstance(match, re.Match)
+        return match
+
+    def type(self, text: str) -> None:
+        self.p.send(text)
+
+    def line(self, text: str) -> None:
+        self.p.send(text + "\r")
+
+    def exit_code(self) -> int | None:
+        self.p.expect(pexpect.EOF)
+        self.p.close()
+        return self.p.exitstatus
+
+    def kill(self) -> None:
+        if self.p.isalive():
+            self.p.terminate(force=True)
+
+
+class World:
+    """The relay and REPLs of one test, all stopped at its end."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.relay: RelayProcess | None = None
+        self.port = 0
+        self.repls: list[Repl] = []
+
+    def start_relay(self) -> RelayProcess:
+        self.relay = start_relay(self.tmp, self.port)  # the same port and data dir each time
+        self.port = int(self.relay.url.rsplit(":", 1)[1])
+        return self.relay
+
+    def stop_relay(self) -> None:
+        rp = self.relay
+        if rp is None:
+            return
+        self.relay = None
+        if rp.proc.poll() is None:
+            rp.proc.send_signal(signal.SIGTERM)
+            try:
+                rp.proc.wait(timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                rp.proc.kill()
+                rp.proc.wait()
+        for f in (rp.proc.stdout, rp.proc.stderr):
+            if f:
+                f.close()
+
+    def user(self, name: str) -> User:
+        assert self.relay is not None
+        u = User(self.tmp, name)
+        u.veil("register", name, "--relay", self.relay.url)
+        return u
+
+    def chat(self, user: User) -> Repl:
+        r = Repl(user)
+        self.repls.append(r)
+        return r
+
+    def close(self) -> None:
+        for r in self.repls:
+            r.kill()
+        self.stop_relay()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    w = World(tmp_path)
+    w.start_relay()
+    yield w
+    w.close()
+
+
+def safety_digits(repl: Repl) -> str:
+    m = repl.expect_re(r"safety number for you \(\w+\) and \w+:\r\n((?:\s+(?:\d{5} ?){4}\r\n){3})")
+    return re.sub(r"\D", "", m.group(1))
+
+
+def test_two_repls_talk_through_the_relay(world: World) -> None:
+    alice, bob, mallory = world.user("alice"), world.user("bob"), world.user("mallory")
+    a, b = world.chat(alice), world.chat(bob)
+    a.expect("online: connected to ws://")
+    b.expect("online: connected to ws://")
+
+    # No peer yet: an error line, and the REPL carries on.
+    a.line("hello?")
+    a.expect("! no conversation yet: pick one with /to NAME")
+    a.line("/to x!")
+    a.expect("is not a username")
+    a.line("@nobody hi")
+    a.expect("! no such user: nobody")
+    a.line("/nope")
+    a.expect("! unknown command /nope: /help lists the commands")
+    a.line("/to bob")
+    a.expect("-- talking to bob")
+    a.expect_re(typed("@bob>"))
+
+    # @NAME text picks the peer and sends.
+    b.line("@alice hi alice")
+    b.expect("bob -> alice: hi alice (pending)")
+    b.expect("sent to alice: hi alice")
+    a.expect("] bob: hi alice")
+
+    # A message arrives while bob has half a line typed: it appears above, the line stays.
+    b.type("half typ")
+    b.expect_re(typed("half typ"))
+    a.line("hello bob")
+    a.expect("alice -> bob: hello bob (pending)")
+    b.expect("] alice: hello bob\r\n")
+    b.expect_re(typed("@alice> half typ"))  # the prompt is redrawn below, with the line
+    b.line("ed line")
+    b.expect("bob -> alice: half typed line (pending)")
+    a.expect("] bob: half typed line")
+
+    # Someone else writes to bob while he talks to alice: announced, counted as unread.
+    # The text carries escape sequences: they must arrive inert.
+    evil = "evil \x1b[2J\x1b[31mred\x07"
+    mallory.veil("send", "bob", evil)
+    b.expect("-- new message from mallory (1 unread): /to mallory to read")
+    b.expect_re(typed("[1 unread] @alice>"))
+    b.line("/inbox")
+    b.expect_re(r"mallory\s+1 unread")
+    b.line("/to mallory")
+    b.expect("-- talking to mallory; 1 unread:")
+    b.expect("] mallory: evil \\x1b[2J\\x1b[31mred\\x07\r\n")
+    out = b.log.getvalue()
+    assert "\x1b[2J" not in out and "\x1b[31m" not in out and "\x07" not in out
+    a.line("while you read that")
+    b.expect("-- new message from alice (1 unread): /to alice to read")
+    b.line("/inbox")
+    b.expect_re(r"alice\s+1 unread")
+    b.expect_re(r"mallory\s+no unread")
+
+    # /history shows the stored conversation, and reading it clears the unread count.
+    b.line("/history alice")
+    b.expect("-- history with alice (last 4, local time):")
+    b.expect("] bob -> alice: hi alice (sent)")
+    b.expect("] alice: hello bob")
+    b.expect("] bob -> alice: half typed line (sent)")
+    b.expect("] alice: while you read that")
+    b.line("/inbox")
+    b.expect_re(r"alice\s+no unread")
+    a.line("/history 2")
+    a.expect("-- history with bob (last 2, local time):")
+    a.expect("] bob: half typed line")
+    a.expect("] alice -> bob: while you read that (sent)")
+
+    # /verify: 60 digits, the same on both sides; "yes" marks the contact verified.
+    # Typed with Tab completion of the command and the name.
+    a.type("/ver\t")
+    a.expect_re(typed("/verify"))
+    a.type(" b\t")
+    a.expect_re(typed("bob"))
+    a.line("")
+    digits = safety_digits(a)
+    assert len(digits) == 60
+    a.expect("if it is the same: /verify bob yes")
+    b.line("/verify alice")
+    assert safety_digits(b) == digits
+    a.line("/verify bob yes")
+    a.expect("-- bob is now verified")
+    a.line("/contacts")
+    a.expect_re(r"bob\s+verified\s+1 device\(s\)")
+
+    a.line("/status")
+    a.expect(f"relay {world.relay.url if world.relay else ''}: connected")
+    a.expect("outbox: 0 pending")
+    a.expect("talking to: bob")
+    a.line("/devices")
+    a.expect("(this device)")
+    a.line("/help")
+    a.expect("/quit")
+
+    a.line("/quit")
+    assert a.exit_code() == 0
+    b.type("\x04")  # Ctrl-D
+    assert b.exit_code() == 0
+
+    # Input history: per device, mode 0600, commands only (typed messages are plaintext).
+    hist = alice.home / "chat-history"
+    assert stat.S_IMODE(hist.stat().st_mode) == 0o600
+    saved = hist.read_text()
+    assert "/to bob" in saved and "/verify bob yes" in saved
+    assert "hello bob" not in saved and "while you read that" not in saved
+
+
+@pytest.mark.slow
+def test_offline_typing_is_delivered_when_the_relay_comes_back(world: World) -> None:
+    alice, bob = world.user("alice"), world.user("bob")
+    world.stop_relay()
+
+    # Started while the relay is down: it says so and keeps trying.
+    a = world.chat(alice)
+    a.expect("cannot reach the relay at ws://")
+    a.expect_re(typed("[offline"))
+    a.line("/to bob")
+    a.expect("-- offline: bob is not checked yet; messages to bob are queued")
+    a.line("written while offline")
+    a.expect("alice -> bob: written while offline (pending)")
+    a.line("/devices")
+    a.expect("! offline: /devices needs the relay")
+    a.line("/status")
+    a.expect("not connected (attempt ")
+    a.expect("outbox: 1 pending")
+
+    world.start_relay()
+    # The outbox is flushed as the connection is made: both lines, in either order.
+    a.expect_all("-- online: connected to ws://", "sent to bob: written while offline")
+    b = world.chat(bob)
+    b.expect("-- online: connected to ws://")
+    b.expect("] alice: written while offline")  # no peer chosen yet: shown in full
+    b.line("/to alice")
+    b.expect("-- talking to alice")
+
+    # The relay goes away under two running REPLs and comes back: both reconnect.
+    world.stop_relay()
+    a.expect("lost the connection to the relay: offline, reconnecting with backoff")
+    b.expect("lost the connection to the relay")
+    a.expect_re(typed("[offline"))
+    a.line("queued while down")
+    a.expect("alice -> bob: queued while down (pending)")
+    world.start_relay()
+    a.expect_all("-- back online: reconnected to the relay", "sent to bob: queued while down")
+    b.expect("] alice: queued while down")
+
+    a.type("\x03")  # Ctrl-C
+    assert a.exit_code() == 0
+    b.line("/quit")
+    assert b.exit_code() == 0
+
+
+@pytest.mark.slow
+def test_changed_key_of_a_verified_contact_holds_sending(world: World) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from node.home import Home
+    from node.node import Node
+
+    alice, bob = world.user("alice"), world.user("bob")
+    alice.veil("send", "bob", "first")
+    # Pretend alice had pinned and verified another identity key for bob (as if bob's
+    # key changed since).
+    node = Node.unlock(Home(alice.home), alice.password_file.read_text().strip())
+    try:
+        with node.store.transaction():
+            node.store.conn.execute(
+                "UPDATE contacts SET identity_pub = ? WHERE name = 'bob'",
+                (Ed25519PrivateKey.generate().public_key().public_bytes_raw(),),
+            )
+            node.store.set_verified("bob", True)
+    finally:
+        node.close()
+
+    a = world.chat(alice)
+    a.expect("-- online: connected to ws://")
+    a.line("/to bob")
+    a.expect("! WARNING: bob's identity key has changed (check: /verify bob)."
+             " Sending to bob is held until you /trust bob.")
+    a.line("held back")
+    a.expect("alice -> bob: held back (held)")
+    a.line("/status")
+    a.expect("outbox: 1 pending")
+    a.line("/trust bob")
+    a.expect("-- accepted bob's new identity key; held messages go out now")
+    a.expect("sent to bob: held back")
+    a.line("/contacts")
+    a.expect_re(r"bob\s+unverified")
+    a.line("/quit")
+    assert a.exit_code() == 0
+    out = bob.veil("recv").stdout
+    assert "alice: first" in out and "alice: held back" in out
+
+
+def test_wrapping_and_times() -> None:
+    rows = wrap("[12:00] bob: " + "word " * 30, 40, 13)
+    assert all(len(r) <= 40 for r in rows) and len(rows) > 3
+    assert all(r.startswith(" " * 13) for r in rows[1:])
+    assert wrap("a\nb", 40, 4) == ["a", "    b"]
+    now = datetime(2026, 11, 5, 12, 0)
+    assert re.fullmatch(r"\d\d:\d\d", local_time(int(datetime(2026, 11, 5, 9, 30).timestamp() * 1000), now))
+    assert local_time(int(datetime(2025, 1, 2, 3, 4).timestamp() * 1000), now) == "2025-01-02 03:04"
+    assert "?" in local_time(2**62)  # a peer's clock is not to be trusted
