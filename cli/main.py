@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn
 
@@ -120,7 +120,7 @@ def print_received(node: Node, items: list[Received], as_json: bool) -> None:
 async def cmd_register(args: argparse.Namespace) -> None:
     password = read_password(args, confirm=True)
     kdf = kdf_profile()
-    node, code = await Node.register(Home(args.home), args.name, password, args.relay, kdf=kdf)
+    node, code = await Node.register(Home(args.home), args.name, password, args.relay, kdf=kdf, socks=args.socks)
     try:
         print(f"registered {node.name} on {node.relay}; this device is {node.device_id.hex()[:8]}")
         print(f"recovery code: {code}")
@@ -131,7 +131,9 @@ async def cmd_register(args: argparse.Namespace) -> None:
 
 async def cmd_login(args: argparse.Namespace) -> None:
     password = read_password(args)
-    node = await Node.login(Home(args.home), args.name, password, args.relay)
+    node = await Node.login(
+        Home(args.home), args.name, password, args.relay, socks=args.socks, min_kdf=kdf_profile()
+    )
     try:
         print(f"logged in as {node.name}; this device is {node.device_id.hex()[:8]}")
     finally:
@@ -139,7 +141,10 @@ async def cmd_login(args: argparse.Namespace) -> None:
 
 
 def unlock(args: argparse.Namespace) -> Node:
-    return Node.unlock(Home(args.home), read_password(args))
+    node = Node.unlock(Home(args.home), read_password(args))
+    if args.socks:  # --socks / VEIL_SOCKS override the proxy remembered in the home
+        node.socks = args.socks
+    return node
 
 
 async def cmd_send(args: argparse.Namespace) -> None:
@@ -226,7 +231,7 @@ async def cmd_devices(args: argparse.Namespace) -> None:
             devices = await node.devices(link)
         for d in devices:
             this = "  (this device)" if d.device_id == node.device_id else ""
-            print(f"{d.device_id.hex()[:8]}  added {datetime.utcfromtimestamp(d.created_day * 86400):%Y-%m-%d}{this}")
+            print(f"{d.device_id.hex()[:8]}  added {datetime.fromtimestamp(d.created_day * 86400, tz=UTC):%Y-%m-%d}{this}")
     finally:
         node.close()
 
@@ -241,15 +246,74 @@ async def cmd_logout(args: argparse.Namespace) -> None:
         node.close()
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    """The REPL hosts its own loops (prompt-toolkit on asyncio, trio as its guest)."""
+    from cli.chat import run_chat  # prompt-toolkit is imported only to chat
+
+    run_chat(args, unlock)
+
+
+async def cmd_simulate(args: argparse.Namespace) -> None:
+    from cli.simulate import coordinate, print_report
+
+    if args.nodes < 2 or args.messages < 0:
+        raise CliError("simulate needs at least 2 nodes")
+    report = await coordinate(args)
+    print_report(report, args.json)
+    bad = report["lost"] + report["duplicates"] + report["misdelivered"]
+    if bad:
+        raise CliError(f"{report['lost']} lost, {report['duplicates']} duplicated, "
+                       f"{report['misdelivered']} misdelivered")
+
+
 async def cmd_relay_serve(args: argparse.Namespace) -> None:
+    from relay.onion import OnionError
+    from relay.server import RelayStartError
+
+    try:
+        with collapse_groups():
+            await _relay_serve(args)
+    except (OnionError, RelayStartError) as exc:
+        raise CliError(str(exc)) from None
+
+
+async def _relay_serve(args: argparse.Namespace) -> None:
+    from relay import onion
     from relay.server import RelayConfig, serve
 
+    control = args.tor_control or os.environ.get("TOR_CONTROL") or onion.DEFAULT_CONTROL
+    if not args.onion and (args.tor_control or args.launch_tor or args.torrc):
+        raise CliError("--tor-control, --launch-tor and --torrc go with --onion")
+    if args.onion:
+        if args.host not in (None, "127.0.0.1"):
+            raise CliError("an onion relay listens on 127.0.0.1 only: drop --host")
+        if args.torrc and not args.launch_tor:
+            raise CliError("--torrc configures the tor that --launch-tor starts")
+        onion.check_available(launch=args.launch_tor)  # before the relay starts: one clear line
+        if not args.launch_tor:
+            onion.control_target(control)
     logging.basicConfig(level=logging.DEBUG if os.environ.get("VEIL_DEBUG") else logging.INFO, format="%(asctime)s relay %(levelname)s %(message)s", stream=sys.stderr)
-    config = RelayConfig(data_dir=Path(args.data_dir), host=args.host, port=args.port)
+    config = RelayConfig(data_dir=Path(args.data_dir), host=args.host or "127.0.0.1", port=args.port)
+
+    async def run_relay() -> None:
+        async with trio.open_nursery() as inner:
+            info = await inner.start(serve, config)
+            print(f"relay listening on {info.url}", flush=True)
+
+    async def run_onion_relay() -> None:
+        async with onion.open_tor(
+            control=None if args.launch_tor else control, launch=args.launch_tor,
+            data_dir=config.data_dir, torrc=Path(args.torrc) if args.torrc else None,
+        ) as tor:
+            async with trio.open_nursery() as inner:
+                info = await inner.start(serve, config)
+                print(f"relay listening on {info.url}", flush=True)
+                service = await tor.publish(config.data_dir / onion.KEY_FILE, info.port)
+                print(f"relay onion address {service.url}", flush=True)
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            info = await nursery.start(serve, config)
-            print(f"relay listening on {info.url}", flush=True)
+            nursery.start_soon(run_onion_relay if args.onion else run_relay)
             async for _ in signals:
                 print("relay stopping", file=sys.stderr, flush=True)
                 nursery.cancel_scope.cancel()
@@ -269,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog=PROG, description="Veil: end-to-end encrypted chat.")
     p.add_argument("--home", type=Path, default=None, help="this device's state directory")
     p.add_argument("--password-file", default=None, help="read the master password from this file")
+    p.add_argument("--socks", default=None, metavar="HOST:PORT",
+                   help="reach the relay through this SOCKS5 proxy, e.g. tor's 127.0.0.1:9050 "
+                        "(also VEIL_SOCKS; remembered by register and login)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
 
@@ -276,19 +343,30 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = relay.add_subparsers(dest="relay_command", metavar="COMMAND", parser_class=Parser)
     rsub.required = True
     serve = rsub.add_parser("serve", help="serve until Ctrl-C or SIGTERM")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default=None, help="address to listen on (127.0.0.1)")
     serve.add_argument("--port", type=int, default=8765, help="0 picks a free port")
     serve.add_argument("--data-dir", default="veil-relay", help="database and key file directory")
+    serve.add_argument("--onion", action="store_true",
+                       help="also serve as a Tor onion service (key kept in the data directory)")
+    tor = serve.add_mutually_exclusive_group()
+    tor.add_argument("--tor-control", default=None, metavar="HOST:PORT",
+                     help="a running tor's control port (or control socket path), cookie "
+                          "authentication (also TOR_CONTROL; default 127.0.0.1:9051)")
+    tor.add_argument("--launch-tor", action="store_true", help="start a tor of its own (data in DATA_DIR/tor)")
+    serve.add_argument("--torrc", default=None, metavar="FILE",
+                       help="more torrc lines for the tor that --launch-tor starts")
     serve.set_defaults(func=cmd_relay_serve)
 
     reg = sub.add_parser("register", help="create an account; this becomes its first device")
     reg.add_argument("name")
     reg.add_argument("--relay", required=True, help="ws://HOST:PORT")
+    reg.add_argument("--socks", default=argparse.SUPPRESS, metavar="HOST:PORT", help="as the global --socks")
     reg.set_defaults(func=cmd_register)
 
     login = sub.add_parser("login", help="add this device to an account, with the master password")
     login.add_argument("name")
     login.add_argument("--relay", required=True, help="ws://HOST:PORT")
+    login.add_argument("--socks", default=argparse.SUPPRESS, metavar="HOST:PORT", help="as the global --socks")
     login.set_defaults(func=cmd_login)
 
     send = sub.add_parser("send", help="send a message (TEXT '-' reads standard input)")
@@ -318,10 +396,29 @@ def build_parser() -> argparse.ArgumentParser:
     logout = sub.add_parser("logout", help="end this device's session and remove it from the account")
     logout.add_argument("--keep-device", action="store_true", help="only end the session")
     logout.set_defaults(func=cmd_logout)
+
+    sub.add_parser("chat", help="the interactive chat (REPL)").set_defaults(func=cmd_chat)
+
+    sim = sub.add_parser("simulate", help="many real nodes against one relay, every message checked")
+    sim.add_argument("--nodes", type=int, default=20)
+    sim.add_argument("--messages", type=int, default=10, help="messages each node sends")
+    sim.add_argument("--relay", default=None, help="use this relay instead of an embedded one")
+    sim.add_argument("--procs", type=int, default=1, help="spread the nodes over this many processes")
+    sim.add_argument("--chaos", action="store_true", help="cut connections and restart the relay")
+    sim.add_argument("--json", action="store_true", help="end with the report as one JSON line")
+    sim.add_argument("--seed", type=int, default=1)
+    sim.add_argument("--timeout", type=float, default=300.0, help="give up (count the rest as lost) after this")
+    sim.add_argument("--quiet", action="store_true", help="no progress lines")
+    sim.set_defaults(func=cmd_simulate)
     return p
 
 
 def run(func: Callable[[argparse.Namespace], Awaitable[None]], args: argparse.Namespace) -> None:
+    if func is cmd_chat:  # type: ignore[comparison-overlap]
+        with collapse_groups():
+            cmd_chat(args)
+        return
+
     async def main() -> None:
         with collapse_groups():
             await func(args)
@@ -333,6 +430,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.home is None:
         args.home = default_home()
+    if not args.socks:
+        args.socks = os.environ.get("VEIL_SOCKS") or None
     debug = bool(os.environ.get("VEIL_DEBUG"))
     try:
         run(args.func, args)

@@ -1,8 +1,9 @@
 """A device's home directory: ``device.json`` (nothing secret) and ``store.db`` (encrypted).
 
 ``device.json`` holds what is needed before the store can be opened: the account name,
-the relay address, this device's id, and the salt and Argon2id parameters from which
-the store key is derived with the master password.
+the relay address (and the SOCKS proxy it is reached through, if any), this device's id,
+and the salt and Argon2id parameters from which the store key is derived with the master
+password.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class HomeConfig:
     store_salt: str  # hex
     kdf: dict[str, int]
     format: int = FORMAT
+    socks: str | None = None  # HOST:PORT of the SOCKS5 proxy (Tor) the relay is reached through
 
     @property
     def kdf_params(self) -> KdfParams:

@@ -1,7 +1,8 @@
 """The node's connection to a relay: requests with answers, and pushed deliveries.
 
-``open_link`` connects (directly, or through a SOCKS5 proxy later), starts one reader
-task, and yields a ``RelayLink``. ``request`` sends a frame and waits for the answer
+``open_link`` connects (directly, or through a SOCKS5 proxy: always for a ``.onion``
+relay, which is never resolved or dialled directly), starts one reader task, and
+yields a ``RelayLink``. ``request`` sends a frame and waits for the answer
 with the same id; an ``Error`` answer raises ``RelayRefused`` (or a more specific error).
 Deliveries pushed by the relay arrive on ``link.deliveries``.
 """
@@ -9,6 +10,8 @@ Deliveries pushed by the relay arrive on ``link.deliveries``.
 from __future__ import annotations
 
 import itertools
+import ssl
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
@@ -20,12 +23,14 @@ from trio_websocket import (
     HandshakeError,
     WebSocketConnection,
     connect_websocket_url,
+    wrap_client_stream,
 )
 
 from node.errors import ConnectionLost, RelayRefused, RelayUnreachable
 from relay import wire
 
 CONNECT_TIMEOUT = 15.0
+HANDSHAKE_TIMEOUT = 30.0  # the WebSocket handshake over a SOCKS stream (Tor is slower)
 REQUEST_TIMEOUT = 60.0
 DELIVERY_QUEUE = 64
 
@@ -65,6 +70,10 @@ class RelayLink:
         if isinstance(answer, wire.Error):
             raise RelayRefused(answer.code, answer.message)
         return answer
+
+    async def notify(self, frame: wire.Frame) -> None:
+        """Send a frame that gets no answer (an Ack)."""
+        await self._send(wire.encode(frame))
 
     async def send_raw(self, data: bytes) -> None:
         """Send bytes as one frame (tests use this to send malformed frames)."""
@@ -136,17 +145,62 @@ def collapse_groups() -> Iterator[None]:
         raise single from single.__cause__
 
 
+def is_onion(url: str) -> bool:
+    """True if the relay address is a Tor onion service (checked without any lookup)."""
+    try:
+        host = urllib.parse.urlsplit(url.strip()).hostname or ""
+    except ValueError:
+        return False
+    return host.rstrip(".").endswith(".onion")
+
+
+async def _connect_socks(nursery: trio.Nursery, target: str, socks: str) -> WebSocketConnection:
+    """The WebSocket handshake over a stream from the SOCKS5 proxy (which resolves the name)."""
+    from node.socks import open_socks_stream
+
+    parts = urllib.parse.urlsplit(target)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError("not a ws:// or wss:// URL")
+    host, secure = parts.hostname, parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+    stream = await open_socks_stream(socks, host, port)
+    if secure:
+        stream = trio.SSLStream(stream, ssl.create_default_context(), server_hostname=host, https_compatible=True)
+    name = f"[{host}]" if ":" in host else host
+    resource = parts.path + (f"?{parts.query}" if parts.query else "")
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            return await wrap_client_stream(
+                nursery, stream, name if port in (80, 443) else f"{name}:{port}", resource,
+                max_message_size=wire.WS_MAX_MESSAGE, message_queue_size=16,
+            )
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
 @asynccontextmanager
-async def open_link(url: str) -> AsyncIterator[RelayLink]:
-    """Connect to the relay at ``url`` (ws://host:port), and close when done."""
+async def open_link(url: str, socks: str | None = None) -> AsyncIterator[RelayLink]:
+    """Connect to the relay at ``url`` (ws://host:port), through the SOCKS5 proxy
+    ``socks`` (HOST:PORT) if given, and close when done. A ``.onion`` relay without a
+    proxy is refused before any lookup or connection."""
     target = url.rstrip("/") + wire.PATH
+    if socks is None and is_onion(url):
+        raise RelayUnreachable(
+            f"{url} is an onion address: reach it through Tor with --socks HOST:PORT (or "
+            "VEIL_SOCKS), e.g. --socks 127.0.0.1:9050; it is never resolved or dialled directly"
+        )
     with collapse_groups():
         async with trio.open_nursery() as nursery:
             try:
-                with trio.fail_after(CONNECT_TIMEOUT):
-                    ws = await connect_websocket_url(
-                        nursery, target, max_message_size=wire.WS_MAX_MESSAGE, message_queue_size=16
-                    )
+                if socks is not None:
+                    ws = await _connect_socks(nursery, target, socks)
+                else:
+                    with trio.fail_after(CONNECT_TIMEOUT):
+                        ws = await connect_websocket_url(
+                            nursery, target, max_message_size=wire.WS_MAX_MESSAGE, message_queue_size=16
+                        )
             except (OSError, HandshakeError, trio.TooSlowError, ConnectionClosed) as exc:
                 raise RelayUnreachable(f"cannot reach the relay at {url}") from exc
             except ValueError as exc:

@@ -33,8 +33,10 @@ from keyvault.keys import (
     new_recovery_code,
     parse_recovery_code,
     recovery_keys,
+    sign_account_keys,
     sign_device,
     unwrap_bundle,
+    verify_account_keys,
     verify_device,
     wrap_bundle,
 )
@@ -105,8 +107,12 @@ class Node:
         self.name = config.username
         self.device_id = bytes.fromhex(config.device_id)
         self.relay = config.relay
+        self.socks = config.socks  # None: connect directly (refused for a .onion relay)
         self.events: list[Callable[[str], None]] = []  # listeners for warnings
         self.sent_listeners: list[Callable[[bytes], None]] = []  # a message is now held by the relay
+        # A message was stored: called at once, before the relay is told, so a link that
+        # dies before the acknowledgement cannot hide a stored message from the user.
+        self.received_listeners: list[Callable[[Received], None]] = []
 
     def close(self) -> None:
         self.store.close()
@@ -115,12 +121,12 @@ class Node:
     @classmethod
     def _create_home(
         cls, home: Home, name: str, relay: str, password: str, kdf: KdfParams, keys: AccountKeys,
-        device_id: bytes, auth_seed: bytes, token: bytes,
+        device_id: bytes, auth_seed: bytes, token: bytes, socks: str | None = None,
     ) -> Node:
         store_salt = new_salt()
         config = HomeConfig(
             username=name, relay=relay, device_id=device_id.hex(), store_salt=store_salt.hex(),
-            kdf=kdf.to_dict(),
+            kdf=kdf.to_dict(), socks=socks,
         )
         home.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         store = NodeStore(home.store_path, store_key(password, store_salt, kdf))
@@ -134,7 +140,7 @@ class Node:
     @classmethod
     async def register(
         cls, home: Home, name: str, password: str, relay: str, *, kdf: KdfParams = DEFAULT_KDF,
-        keys: AccountKeys | None = None,
+        keys: AccountKeys | None = None, socks: str | None = None,
     ) -> tuple[Node, str]:
         """Create an account and this, its first device. Returns the node and the
         recovery code (shown once)."""
@@ -151,7 +157,7 @@ class Node:
         rk = recovery_keys(parse_recovery_code(code))
         device_id = secrets.token_bytes(16)
         pub = keys.public()
-        async with open_link(relay) as link:
+        async with open_link(relay, socks) as link:
             try:
                 session = await link.request(
                     wire.Register,
@@ -162,6 +168,7 @@ class Node:
                     enc_pub=pub.enc,
                     identity_pub=pub.identity,
                     dh_pub=pub.dh,
+                    keys_sig=sign_account_keys(keys, name),
                     bundle=wrap_bundle(keys, pk.wrap_key, name),
                     recovery_auth_pub=auth_public_key(rk.auth_seed),
                     recovery_bundle=wrap_bundle(keys, rk.wrap_key, name),
@@ -172,7 +179,7 @@ class Node:
         try:
             node = await trio.to_thread.run_sync(
                 cls._create_home, home, name, relay, password, kdf, keys, device_id, pk.auth_seed,
-                session.token,
+                session.token, socks,
             )
         except BaseException:
             home.discard()
@@ -180,18 +187,27 @@ class Node:
         return node, code
 
     @classmethod
-    async def login(cls, home: Home, name: str, password: str, relay: str) -> Node:
-        """A new device for an existing account, with the master password alone."""
+    async def login(
+        cls, home: Home, name: str, password: str, relay: str, *, socks: str | None = None,
+        min_kdf: KdfParams = DEFAULT_KDF,
+    ) -> Node:
+        """A new device for an existing account, with the master password alone.
+
+        KDF parameters weaker than ``min_kdf`` are refused: a relay must not be able to
+        make a device derive its keys cheaply (and so make the password cheap to guess
+        from what the device then sends)."""
         if home.exists():
             raise AlreadySetUp()
         try:
             name = wire.normalize_username(name)
         except ValueError:
             raise LoginFailed() from None
-        async with open_link(relay) as link:
+        async with open_link(relay, socks) as link:
             try:
                 params = await link.request(wire.AuthParams, name=name)
                 kdf = KdfParams(params.kdf.t, params.kdf.m, params.kdf.p)
+                if kdf.time_cost < min_kdf.time_cost or kdf.memory_kib < min_kdf.memory_kib:
+                    raise VeilError("the relay asks for weaker password hashing than this device accepts")
                 pk = await trio.to_thread.run_sync(password_keys, password, params.salt, kdf)
                 challenge, sig = await _password_proof(link, name, "bundle", pk.auth_seed)
                 bundle = await link.request(wire.FetchBundle, name=name, challenge=challenge, signature=sig)
@@ -210,7 +226,7 @@ class Node:
         try:
             return await trio.to_thread.run_sync(
                 cls._create_home, home, name, relay, password, kdf, keys, device_id, pk.auth_seed,
-                session.token,
+                session.token, socks,
             )
         except BaseException:
             home.discard()
@@ -238,7 +254,7 @@ class Node:
     async def connected(self) -> AsyncIterator[RelayLink]:
         """A link with this device's session (resumed, or renewed with the stored auth
         key), the outbox already flushed."""
-        async with open_link(self.relay) as link:
+        async with open_link(self.relay, self.socks) as link:
             await self.authenticate(link)
             for _, exc in await self.seal_pending(link):
                 self._warn(str(exc))
@@ -248,7 +264,7 @@ class Node:
     async def authenticate(self, link: RelayLink) -> None:
         token = self.store.get("token")
         try:
-            if token is None:
+            if not token:
                 raise RelayRefused(E.AUTH_FAILED, "no session")
             await link.request(wire.Resume, token=token)
         except RelayRefused as exc:
@@ -284,6 +300,8 @@ class Node:
             raise _refused_as(exc) from None
         name = ans.name
         PublicKeys(enc=ans.enc_pub, identity=ans.identity_pub, dh=ans.dh_pub).validate()
+        if not verify_account_keys(ans.identity_pub, name, ans.enc_pub, ans.dh_pub, ans.keys_sig):
+            raise VeilError(f"the relay served keys for {name} that {name}'s identity key does not vouch for")
         devices = [d.device_id for d in ans.devices if verify_device(ans.identity_pub, name, d.device_id, d.sig)]
         warning = None
         with self.store.transaction():
@@ -459,7 +477,7 @@ class Node:
                 received.append(got)
             done.append(item.eid)
         if done:
-            await link.request(wire.Ack, eids=done)
+            await link.notify(wire.Ack(eids=done))
         return received
 
     async def _accept_one(self, link: RelayLink, blob: bytes) -> Received | None:
@@ -495,7 +513,10 @@ class Node:
                 StoredMessage(letter.msg_id, peer, letter.sender, letter.sender == self.name, letter.body,
                               letter.sent_at, now_ms(), "received", 0)
             )
-        return Received(msg, warning)
+        received = Received(msg, warning)
+        for fn in self.received_listeners:
+            fn(received)
+        return received
 
     async def receive(self, link: RelayLink, *, wait: float = 0.0) -> list[Received]:
         """Everything waiting at the relay; with ``wait``, wait up to that many seconds

@@ -24,6 +24,9 @@ from node.store import StoredMessage
 
 log = logging.getLogger("veil.node")
 
+# What a dropped link or an unreachable relay looks like; all end in a retry.
+_TRANSIENT = (RelayUnreachable, ConnectionLost, RelayRefused, OSError)
+
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 
@@ -39,8 +42,9 @@ class Listeners:
 class LiveSession:
     """Keeps one node online and moves messages both ways."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, *, backoff_max: float = BACKOFF_MAX) -> None:
         self.node = node
+        self.backoff_max = backoff_max
         self.on = Listeners()
         self.status = "offline"
         self.link: RelayLink | None = None
@@ -50,6 +54,7 @@ class LiveSession:
         self._reconnect_now = trio.Event()
         node.events.append(self._problem)
         node.sent_listeners.append(self._sent)
+        node.received_listeners.append(self._received)
 
     # ---- for the user interface ---------------------------------------------------------
     def send(self, peer: str, text: str) -> StoredMessage:
@@ -61,6 +66,11 @@ class LiveSession:
     def reconnect_now(self) -> None:
         """Skip the rest of the backoff wait."""
         self._reconnect_now.set()
+
+    def retry_held(self) -> None:
+        """Try again to seal and send what is queued: after the user accepted a changed key
+        (messages held for it go out now if online, or on the next connection)."""
+        self._poke.set()
 
     # ---- the loop ------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -74,17 +84,24 @@ class LiveSession:
                 backoff = BACKOFF_FIRST
             except LoginFailed as exc:
                 self._problem(str(exc))
-                backoff = BACKOFF_MAX
-            except (RelayUnreachable, ConnectionLost, RelayRefused, OSError) as exc:
+                backoff = self.backoff_max
+            except _TRANSIENT as exc:
                 log.debug("link down: %s", type(exc).__name__)
+            except BaseExceptionGroup as group:
+                # Several tasks saw the link die at once; anything else is a real error.
+                _, rest = group.split(_TRANSIENT)
+                if rest is not None:
+                    raise
             finally:
                 self.link = None
-            self._set_status("offline")
             self.attempts += 1
             delay = backoff * random.uniform(0.75, 1.25)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            backoff = min(backoff * 2, self.backoff_max)
             self.next_retry = trio.current_time() + delay
             self._reconnect_now = trio.Event()
+            # Announced after next_retry is set, so "offline" listeners can show when the
+            # next attempt is (and may call reconnect_now).
+            self._set_status("offline")
             with trio.move_on_after(delay):
                 await self._reconnect_now.wait()
             self.next_retry = None
@@ -103,9 +120,7 @@ class LiveSession:
 
     async def _receive(self, link: RelayLink) -> None:
         async for frame in link.deliveries:
-            for r in await self.node.accept(link, frame):
-                for fn in self.on.message:
-                    fn(r)
+            await self.node.accept(link, frame)  # announces each message via _received
 
     async def _flush_on_poke(self, link: RelayLink) -> None:
         while True:
@@ -115,6 +130,10 @@ class LiveSession:
                 self._problem(str(exc))
                 del msg_id
             await self.node.flush_outbox(link)
+
+    def _received(self, r: Received) -> None:
+        for fn in self.on.message:
+            fn(r)
 
     def _sent(self, msg_id: bytes) -> None:
         for fn in self.on.sent:

@@ -94,7 +94,9 @@ class Accounts:
         return node
 
     async def login(self, name: str, device: str, password: str = PASSWORD) -> Node:
-        node = await Node.login(Home(self.tmp / f"home-{name}-{device}"), name, password, self.relay.url)
+        node = await Node.login(
+            Home(self.tmp / f"home-{name}-{device}"), name, password, self.relay.url, min_kdf=TEST_KDF
+        )
         self.nodes.append(node)
         return node
 

@@ -230,3 +230,22 @@ def test_relay_stops_on_sigterm_and_keeps_mail(tmp_path: Path) -> None:
         for f in (rp2.proc.stdout, rp2.proc.stderr):
             if f:
                 f.close()
+
+
+def test_relay_start_errors_are_one_line(relay_proc: RelayProcess, tmp_path: Path) -> None:
+    # A second relay on the same data directory.
+    res = subprocess.run([*VEIL, "relay", "serve", "--port", "0", "--data-dir", str(relay_proc.data_dir)],
+                         capture_output=True, text=True, timeout=TIMEOUT, env=env_for(tmp_path), cwd=ROOT)
+    assert_one_line_error(res, "another relay is running")
+    # A key that does not open the database.
+    env = env_for(tmp_path) | {"VEIL_RELAY_KEY": "00" * 32}
+    other = tmp_path / "copy"
+    other.mkdir()
+    (other / "relay.db").write_bytes((relay_proc.data_dir / "relay.db").read_bytes())
+    res = subprocess.run([*VEIL, "relay", "serve", "--port", "0", "--data-dir", str(other)],
+                         capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
+    assert_one_line_error(res, "does not open")
+    res = subprocess.run([*VEIL, "relay", "serve", "--port", "0", "--data-dir", str(other)],
+                         capture_output=True, text=True, timeout=TIMEOUT,
+                         env=env | {"VEIL_RELAY_KEY": "xyz"}, cwd=ROOT)
+    assert_one_line_error(res, "64 hexadecimal digits")

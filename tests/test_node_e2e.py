@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from keyvault.kdf import DEFAULT_KDF, TEST_KDF
 from keyvault.keys import AccountKeys
-from node.errors import IdentityChanged, LoginFailed, UnknownUser, WrongPassword
+from node.errors import IdentityChanged, LoginFailed, UnknownUser, VeilError, WrongPassword
 from node.home import Home
 from node.node import Node, Received
 from node.store import OutboxEntry
@@ -123,10 +124,10 @@ async def test_wrong_password_changes_nothing(accounts: Accounts, tmp_path: Path
         assert home.store_path.read_bytes() == before
         new_home = Home(tmp_path / "new-device")
         with pytest.raises(LoginFailed):
-            await Node.login(new_home, "alice", "not the password", accounts.relay.url)
+            await Node.login(new_home, "alice", "not the password", accounts.relay.url, min_kdf=TEST_KDF)
         assert not new_home.exists() and not new_home.store_path.exists()
         with pytest.raises(LoginFailed):
-            await Node.login(new_home, "nobody", PASSWORD, accounts.relay.url)
+            await Node.login(new_home, "nobody", PASSWORD, accounts.relay.url, min_kdf=TEST_KDF)
         state = accounts.relay.state
         assert state is not None
         account = state.store.account(state.service.mac("alice"))
@@ -171,7 +172,11 @@ async def test_replayed_envelope_is_dropped(accounts: Accounts) -> None:
         assert await receive_all(bob, wait=0) == []
         assert texts([Received(m) for m in bob.store.history("alice")]) == ["only once"]
         # ...and the relay no longer holds it (the node acknowledged the drop).
-        assert await state.mailroom.call(state.store.fetch, bob.device_id, 0, 10) == []
+        while True:
+            seen = state.mailroom.commits
+            if not await state.mailroom.call(state.store.fetch, bob.device_id, 0, 10):
+                break
+            await state.mailroom.wait_commit_after(seen)
 
 
 async def test_composed_offline_then_sent_once_even_when_acks_are_lost(accounts: Accounts) -> None:
@@ -250,3 +255,30 @@ async def test_relay_restart_keeps_sessions(accounts: Accounts, relay: RelayRunn
         await relay.start()
         await send(alice, "bob", "after restart")
         assert texts(await receive_all(bob)) == ["before restart", "after restart"]
+
+
+async def test_device_refuses_weak_kdf_from_relay(accounts: Accounts, tmp_path: Path) -> None:
+    with trio.fail_after(DEADLINE):
+        await accounts.register("alice")  # registered with the test profile
+        home = Home(tmp_path / "strict-device")
+        with pytest.raises(VeilError, match="weaker password hashing"):
+            await Node.login(home, "alice", PASSWORD, accounts.relay.url, min_kdf=DEFAULT_KDF)
+        assert not home.exists()
+
+
+async def test_relay_cannot_substitute_the_sealing_key(
+    accounts: Accounts, key_pool: list[AccountKeys]
+) -> None:
+    """The identity key vouches for the RSA key; a relay that swaps it is caught."""
+    with trio.fail_after(DEADLINE):
+        alice = await accounts.register("alice")
+        await accounts.register("bob")
+        state = accounts.relay.state
+        assert state is not None
+        mallory = key_pool[-1].public()
+        state.store.conn.execute(
+            "UPDATE accounts SET enc_pub = ? WHERE name_mac = ?", (mallory.enc, state.service.mac("bob"))
+        )
+        with pytest.raises(VeilError, match="does not vouch"):
+            await send(alice, "bob", "for bob's eyes only")
+        assert alice.store.contact("bob") is None

@@ -1,0 +1,448 @@
+"""Relay benchmark: Veil's relay against a bare trio-websocket forwarder, in one run.
+
+    scripts/bench [--pairs 50] [--size 300] [--seconds 8] [--conns 10000] [--json-only]
+
+Three processes: the server under test (the bare forwarder or a real relay with durable
+storage), and one load generator driving it. The load generator opens ``pairs`` sender
+connections and ``pairs`` receiver connections; each sender sends messages of ``size``
+bytes to its receiver. Measured, for both servers with the same generator:
+
+1. maximum sustained throughput (messages received per second, after a warm-up);
+2. one-way latency p50/p95/p99 at half the bare forwarder's maximum rate;
+3. (relay only) how many authenticated, idle nodes one relay process holds, and its
+   memory per connection (RSS growth / connections).
+
+The last line printed is one JSON object; ``ratio`` is relay msgs/s / forwarder msgs/s.
+Loops are bounded in time and count; all traffic stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import secrets
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+import websockets
+from trio_websocket import ConnectionClosed, WebSocketConnection, serve_websocket
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from keyvault.keys import AccountKeys, sign_account_keys, sign_device  # noqa: E402
+from relay import wire  # noqa: E402
+
+TS = struct.Struct("!Q")
+HELLO = b"H"
+DATA = b"D"
+
+
+def raise_fd_limit() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+# ---- the bare forwarder ------------------------------------------------------------------
+
+
+async def forwarder(port: int) -> None:
+    """Receive on one connection, send on another: no storage, no auth, no parsing
+    beyond the 4-byte destination. The physical limit of trio-websocket here."""
+    conns: dict[int, WebSocketConnection] = {}
+
+    async def handler(request):  # type: ignore[no-untyped-def]
+        ws = await request.accept()
+        me = None
+        try:
+            while True:
+                msg = await ws.get_message()
+                if msg[:1] == HELLO:
+                    me = int.from_bytes(msg[1:5], "big")
+                    conns[me] = ws
+                    await ws.send_message(b"ok")
+                    continue
+                dst = conns.get(int.from_bytes(msg[1:5], "big"))
+                if dst is not None:
+                    await dst.send_message(msg)
+        except ConnectionClosed:
+            pass
+        finally:
+            if me is not None:
+                conns.pop(me, None)
+
+    raise_fd_limit()
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            lambda task_status: serve_websocket(handler, "127.0.0.1", port, ssl_context=None,
+                                                message_queue_size=16, task_status=task_status)
+        )
+        print(f"forwarder listening on ws://127.0.0.1:{server.port}", flush=True)
+
+
+# ---- load generation ---------------------------------------------------------------------
+
+
+@dataclass
+class Stats:
+    received: int = 0
+    latencies: list[float] = field(default_factory=list)
+    measuring: bool = False
+
+    def record(self, ts_ns: int) -> None:
+        self.received += 1
+        if self.measuring:
+            self.latencies.append((time.monotonic_ns() - ts_ns) / 1e6)
+
+
+def payload(size: int, dst: int) -> bytes:
+    body = DATA + dst.to_bytes(4, "big") + TS.pack(time.monotonic_ns())
+    return body + b"\x00" * max(0, size - len(body))
+
+
+def stamp(data: bytes) -> int:
+    return int(TS.unpack_from(data, 5)[0])
+
+
+class Pacer:
+    """Paces a sender at ``rate`` messages per second (None: as fast as possible)."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.interval = 1.0 / rate if rate else 0.0
+        self.next = time.monotonic()
+
+    async def wait(self) -> None:
+        if self.interval:
+            self.next += self.interval
+            delay = self.next - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        else:
+            await asyncio.sleep(0)
+
+
+# The load generator uses asyncio and the `websockets` library: several times cheaper per
+# frame than trio-websocket, so that on a 2-core machine the generator is not the
+# bottleneck for either server. Both servers are driven by exactly this code.
+
+
+async def ws_connect(url: str) -> Any:
+    return await websockets.connect(url, max_size=wire.WS_MAX_MESSAGE, compression=None,
+                                    ping_interval=None, open_timeout=30)
+
+
+async def bare_pair(url: str, i: int, size: int, rate: float | None, stats: Stats,
+                    stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
+    rx = await ws_connect(url)
+    await rx.send(HELLO + i.to_bytes(4, "big"))
+    await rx.recv()
+    tx = await ws_connect(url)
+
+    async def receive() -> None:
+        async for msg in rx:
+            stats.record(stamp(msg))
+
+    async def send() -> None:
+        pacer = Pacer(rate)
+        while not stop.is_set():
+            await tx.send(payload(size, i))
+            await pacer.wait()
+
+    tasks += [asyncio.create_task(receive()), asyncio.create_task(send())]
+
+
+class RelayClient:
+    """A bare-bones wire client (no Node, no crypto): the relay's cost, not ours."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.ids = iter(range(1, 1 << 62))
+
+    async def call(self, kind: type[wire.Frame], **fields: object) -> wire.Frame:
+        await self.ws.send(wire.encode(kind(id=next(self.ids), **fields)))  # type: ignore[call-arg]
+        while True:
+            frame = wire.decode_answer(await self.ws.recv())
+            if not isinstance(frame, wire.Deliver):
+                if isinstance(frame, wire.Error):
+                    raise RuntimeError(f"{frame.code}: {frame.message}")
+                return frame
+
+
+class Registrar:
+    """Registers bench accounts quickly: one RSA key for all (the relay does not care)."""
+
+    def __init__(self) -> None:
+        self.keys = AccountKeys.generate()
+        self.pub = self.keys.public()
+        self.n = 0
+        self.tag = secrets.token_hex(3)
+
+    async def register(self, client: RelayClient) -> bytes:
+        self.n += 1
+        name = f"b{self.tag}{self.n}"
+        device = secrets.token_bytes(16)
+        await client.call(
+            wire.Register, name=name, salt=b"\x00" * 16, kdf=wire.Kdf(1, 8, 1),
+            auth_pub=secrets.token_bytes(32), enc_pub=self.pub.enc, identity_pub=self.pub.identity,
+            dh_pub=self.pub.dh, keys_sig=sign_account_keys(self.keys, name), bundle=b"\x00" * 64, recovery_auth_pub=secrets.token_bytes(32),
+            recovery_bundle=b"\x00" * 64,
+            device=wire.DeviceCert(device, sign_device(self.keys, name, device)),
+        )
+        return device
+
+
+async def relay_pair(url: str, reg: Registrar, size: int, rate: float | None, stats: Stats,
+                     stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
+    rx = RelayClient(await ws_connect(url + wire.PATH))
+    rx_device = await reg.register(rx)
+    tx = RelayClient(await ws_connect(url + wire.PATH))
+    await reg.register(tx)
+    pending: list[wire.Envelope] = []
+    wake = asyncio.Event()
+    inflight = asyncio.Semaphore(1)
+
+    async def receive() -> None:
+        async for data in rx.ws:
+            frame = wire.decode_answer(data)
+            if isinstance(frame, wire.Deliver) and frame.items:
+                for item in frame.items:
+                    stats.record(stamp(item.blob))
+                await rx.ws.send(wire.encode(wire.Ack(eids=[m.eid for m in frame.items])))
+
+    async def tx_answers() -> None:
+        async for data in tx.ws:
+            frame = wire.decode_answer(data)
+            if isinstance(frame, wire.Error):
+                raise RuntimeError(f"send refused: {frame.code}")
+            if not isinstance(frame, wire.Deliver):
+                inflight.release()
+
+    async def produce() -> None:
+        pacer = Pacer(rate)
+        while not stop.is_set():
+            if len(pending) < 4 * wire.MAX_BATCH:
+                pending.append(wire.Envelope(rx_device, secrets.token_bytes(16), payload(size, 0)))
+                wake.set()
+            await pacer.wait()
+
+    async def flush() -> None:
+        # Like a node's outbox: whatever is pending goes out in the next Send frame,
+        # one Send in flight at a time.
+        while True:
+            await wake.wait()
+            wake.clear()
+            while pending:
+                await inflight.acquire()
+                batch = pending[: wire.MAX_BATCH]
+                del pending[: wire.MAX_BATCH]
+                await tx.ws.send(wire.encode(wire.Send(id=next(tx.ids), envelopes=batch)))
+
+    tasks += [asyncio.create_task(c) for c in (receive(), tx_answers(), produce(), flush())]
+
+
+async def load(kind: str, url: str, pairs: int, size: int, seconds: float, rate: float | None) -> dict[str, object]:
+    """Drive the server; returns throughput (msgs/s over the measured window) and latency."""
+    stats = Stats()
+    stop = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+    per_sender = rate / pairs if rate else None
+    reg = Registrar() if kind == "relay" else None
+    for i in range(pairs):
+        if reg is not None:
+            await relay_pair(url, reg, size, per_sender, stats, stop, tasks)
+        else:
+            await bare_pair(url, i, size, per_sender, stats, stop, tasks)
+    await asyncio.sleep(min(2.0, seconds / 4))  # warm-up
+    stats.measuring = True
+    start_count, start = stats.received, time.monotonic()
+    await asyncio.sleep(seconds)
+    count, elapsed = stats.received - start_count, time.monotonic() - start
+    stats.measuring = False
+    stop.set()
+    for t in tasks:
+        t.cancel()
+    lat = sorted(stats.latencies)
+
+    def pct(p: float) -> float:
+        return round(lat[min(len(lat) - 1, int(p * len(lat)))], 3) if lat else float("nan")
+
+    return {
+        "msgs_per_s": round(count / elapsed, 1),
+        "p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99),
+        "mean_ms": round(statistics.fmean(lat), 3) if lat else float("nan"),
+    }
+
+
+async def capacity(url: str, conns: int, server_pid: int) -> dict[str, object]:
+    """Open ``conns`` authenticated idle nodes; report relay RSS growth per connection."""
+    reg = Registrar()
+    base = rss_kib(server_pid)
+    opened = 0
+    t0 = time.monotonic()
+    limiter = asyncio.Semaphore(64)
+    clients: list[RelayClient] = []
+
+    async def one() -> None:
+        nonlocal opened
+        async with limiter:
+            client = RelayClient(await ws_connect(url + wire.PATH))
+            await reg.register(client)
+            await client.ws.recv()  # the first Deliver: this node is online
+            clients.append(client)
+        opened += 1
+
+    await asyncio.wait_for(asyncio.gather(*(one() for _ in range(conns))), timeout=900)
+    elapsed = time.monotonic() - t0
+    await asyncio.sleep(1.0)  # let the relay settle before reading its memory
+    grown = rss_kib(server_pid) - base
+    for c in clients:
+        c.ws.transport.abort()
+    return {
+        "connections": opened,
+        "kib_per_connection": round(grown / max(opened, 1), 1),
+        "relay_rss_mib": round((base + grown) / 1024, 1),
+        "setup_s": round(elapsed, 1),
+    }
+
+
+# ---- orchestration -------------------------------------------------------------------------
+
+
+def start_server(cmd: list[str], prefix: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith(prefix):
+            return proc, line.strip().split()[-1]
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise SystemExit(f"bench: error: server did not start: {' '.join(cmd)}")
+
+
+def stop_server(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_loadgen(*args: str) -> dict[str, object]:
+    """The load generator runs in its own process, like a real client fleet would."""
+    out = subprocess.run([sys.executable, __file__, "loadgen", *args], capture_output=True, text=True,
+                         timeout=900, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"bench: error: load generator failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def orchestrate(args: argparse.Namespace) -> None:
+    raise_fd_limit()
+    common = ["--pairs", str(args.pairs), "--size", str(args.size), "--seconds", str(args.seconds)]
+    say = (lambda *a: None) if args.json_only else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    results: dict[str, dict[str, object]] = {}
+    with tempfile.TemporaryDirectory(prefix="veil-bench-") as tmp:
+        fwd, fwd_url = start_server([sys.executable, __file__, "forwarder"], "forwarder listening on")
+        try:
+            say("bare forwarder: maximum throughput ...")
+            results["forwarder_max"] = run_loadgen("bare", fwd_url, *common)
+            half = float(results["forwarder_max"]["msgs_per_s"]) / 2  # type: ignore[arg-type]
+            say(f"bare forwarder: latency at {half:.0f} msgs/s ...")
+            results["forwarder_half"] = run_loadgen("bare", fwd_url, *common, "--rate", str(half))
+        finally:
+            stop_server(fwd)
+        relay_cmd = [sys.executable, "-m", "cli.main", "relay", "serve", "--port", "0", "--data-dir",
+                     str(Path(tmp) / "relay")]
+        rel, rel_url = start_server(relay_cmd, "relay listening on")
+        try:
+            say("relay: maximum throughput ...")
+            results["relay_max"] = run_loadgen("relay", rel_url, *common)
+            say(f"relay: latency at {half:.0f} msgs/s ...")
+            results["relay_half"] = run_loadgen("relay", rel_url, *common, "--rate", str(half))
+        finally:
+            stop_server(rel)
+        if args.conns:
+            rel, rel_url = start_server([*relay_cmd[:-1], str(Path(tmp) / "relay-capacity")], "relay listening on")
+            try:
+                say(f"relay: {args.conns} connected nodes ...")
+                results["capacity"] = run_loadgen("capacity", rel_url, "--conns", str(args.conns),
+                                                  "--server-pid", str(rel.pid))
+            finally:
+                stop_server(rel)
+    fmax, rmax = results["forwarder_max"], results["relay_max"]
+    fh, rh = results["forwarder_half"], results["relay_half"]
+    ratio = round(float(rmax["msgs_per_s"]) / float(fmax["msgs_per_s"]), 3)  # type: ignore[arg-type]
+    print(f"{'':28}{'forwarder':>12}{'relay':>12}")
+    print(f"{'max msgs/s':28}{fmax['msgs_per_s']:>12}{rmax['msgs_per_s']:>12}")
+    for key in ("p50_ms", "p95_ms", "p99_ms"):
+        print(f"{key + f' at {half:.0f}/s':28}{fh[key]:>12}{rh[key]:>12}")
+    if "capacity" in results:
+        cap = results["capacity"]
+        print(f"connected nodes: {cap['connections']}, {cap['kib_per_connection']} KiB each "
+              f"(relay RSS {cap['relay_rss_mib']} MiB)")
+    print(f"ratio (relay / forwarder max msgs/s): {ratio}")
+    summary = {"ratio": ratio, "pairs": args.pairs, "size": args.size, "seconds": args.seconds,
+               "half_rate": round(half, 1), **{k: v for k, v in results.items()}}
+    print(json.dumps(summary))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="scripts/bench")
+    sub = p.add_subparsers(dest="cmd")
+    p.add_argument("--pairs", type=int, default=50)
+    p.add_argument("--size", type=int, default=300)
+    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--conns", type=int, default=10000, help="connected-nodes test size (0 skips it)")
+    p.add_argument("--json-only", action="store_true")
+    f = sub.add_parser("forwarder")
+    f.add_argument("--port", type=int, default=0)
+    lg = sub.add_parser("loadgen")
+    lg.add_argument("kind", choices=["bare", "relay", "capacity"])
+    lg.add_argument("url")
+    lg.add_argument("--pairs", type=int, default=50)
+    lg.add_argument("--size", type=int, default=300)
+    lg.add_argument("--seconds", type=float, default=8.0)
+    lg.add_argument("--rate", type=float, default=None)
+    lg.add_argument("--conns", type=int, default=0)
+    lg.add_argument("--server-pid", type=int, default=0)
+    args = p.parse_args()
+    if args.cmd == "forwarder":
+        trio.run(forwarder, args.port)
+    elif args.cmd == "loadgen":
+        raise_fd_limit()
+        if args.kind == "capacity":
+            res = asyncio.run(capacity(args.url, args.conns, args.server_pid))
+        else:
+            res = asyncio.run(load(args.kind, args.url, args.pairs, args.size, args.seconds, args.rate))
+        print(json.dumps(res))
+    else:
+        orchestrate(args)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    main()
