@@ -1,19 +1,34 @@
-"""Veil's cryptography: pure functions, bytes in and bytes out (no I/O, no trio, no sqlite)."""
+"""Veil's cryptography: pure functions, bytes in and bytes out (no I/O, no trio, no sqlite).
 
-from keyvault import labels
+The X3DH and Double Ratchet operations are used through their modules
+(``keyvault.x3dh.initiate``/``respond``, ``keyvault.ratchet.init_initiator``/
+``init_responder``/``encrypt``/``decrypt``); their types are exported here.
+"""
+
+from keyvault import envelope, labels, letter, payload, prekeys, ratchet, x3dh
 from keyvault.auth import auth_public_key, challenge_message, sign_challenge, verify_challenge
 from keyvault.envelope import (
     BUCKETS,
     MAX_ENVELOPE,
-    Letter,
+    MAX_NAME_BYTES,
+    Sealed,
     Unverified,
     envelope_size,
-    max_body_bytes,
+    max_payload_bytes,
     open_envelope,
     seal,
-    verify_letter,
+    verify_sealed,
 )
-from keyvault.errors import BadKey, BadPassword, DecryptionFailed, KeyvaultError, MessageTooLarge
+from keyvault.errors import (
+    BadKey,
+    BadPassword,
+    BadPrekey,
+    DecryptionFailed,
+    DuplicateMessage,
+    KeyvaultError,
+    MessageTooLarge,
+    TooManySkipped,
+)
 from keyvault.kdf import (
     DEFAULT_KDF,
     SALT_LEN,
@@ -38,39 +53,76 @@ from keyvault.keys import (
     verify_device,
     wrap_bundle,
 )
+from keyvault.letter import Letter, decode_letter, encode_letter, max_body_bytes
+from keyvault.payload import PAYLOAD_HEADER_MAX, Payload, PrekeyInit, decode_payload, encode_payload
+from keyvault.prekeys import (
+    OneTimePrekey,
+    SignedPrekey,
+    new_one_time_prekeys,
+    new_signed_prekey,
+    verify_signed_prekey,
+    x25519_pair,
+)
+from keyvault.ratchet import RatchetState
 from keyvault.safety import format_safety_number, safety_number
+from keyvault.x3dh import PrekeyBundle, X3DHResult
 
 __all__ = [
     "BUCKETS",
     "DEFAULT_KDF",
     "MAX_ENVELOPE",
+    "MAX_NAME_BYTES",
+    "PAYLOAD_HEADER_MAX",
     "RECOVERY_CODE_BYTES",
     "SALT_LEN",
     "TEST_KDF",
     "AccountKeys",
     "BadKey",
     "BadPassword",
+    "BadPrekey",
     "DecryptionFailed",
+    "DuplicateMessage",
     "KdfParams",
     "KeyvaultError",
     "Letter",
     "MessageTooLarge",
+    "OneTimePrekey",
     "PasswordKeys",
+    "Payload",
+    "PrekeyBundle",
+    "PrekeyInit",
     "PublicKeys",
+    "RatchetState",
+    "Sealed",
+    "SignedPrekey",
+    "TooManySkipped",
     "Unverified",
+    "X3DHResult",
     "auth_public_key",
     "challenge_message",
+    "decode_letter",
+    "decode_payload",
     "derive",
+    "encode_letter",
+    "encode_payload",
+    "envelope",
     "envelope_size",
     "format_safety_number",
     "labels",
+    "letter",
     "master_key",
     "max_body_bytes",
+    "max_payload_bytes",
+    "new_one_time_prekeys",
     "new_recovery_code",
     "new_salt",
+    "new_signed_prekey",
     "open_envelope",
     "parse_recovery_code",
     "password_keys",
+    "payload",
+    "prekeys",
+    "ratchet",
     "recovery_keys",
     "safety_number",
     "seal",
@@ -80,6 +132,9 @@ __all__ = [
     "unwrap_bundle",
     "verify_challenge",
     "verify_device",
-    "verify_letter",
+    "verify_sealed",
+    "verify_signed_prekey",
     "wrap_bundle",
+    "x3dh",
+    "x25519_pair",
 ]

@@ -1,18 +1,26 @@
 """The sealed envelope ("sealed sender"): the outer layer of every message.
 
-Layout of an envelope (version 1)::
+Layout of an envelope (version 2)::
 
     version (1) || RSA-OAEP-SHA256(aes_key) (384) || nonce (12) || AES-256-GCM(padded) (+16 tag)
 
     aad    = ENVELOPE_AAD || version || recipient_device
     padded = u32 len(inner) || inner || zeros, to the smallest size in BUCKETS
     inner  = fields || Ed25519 signature (64)
-    fields = lp(sender) || sender_device (16) || lp(to) || msg_id (16) || sent_at (u64) || lp(body)
+    fields = lp(sender) || sender_device (16) || lp(payload)
     signed = ENVELOPE_SIGNATURE || fields || recipient_device
 
+The payload is a `keyvault.payload` encoding: a Double Ratchet message (plus the X3DH data
+while the session is being set up) whose plaintext is a `keyvault.letter` encoding.
+
 The relay sees only the recipient device and the bucket size. The signature covers the
-recipient device, so a recipient cannot re-seal a letter to someone else as if it came
+recipient device, so a recipient cannot re-seal a payload to someone else as if it came
 from the original sender.
+
+Trade-off: the outer layer is opened with the recipient's long-term RSA key, so whoever
+holds (or later steals) that key learns who sent each recorded envelope (sender and
+sender_device). What was said stays protected: the payload's keys come from the ratchet
+and are forward secret.
 """
 
 from __future__ import annotations
@@ -32,8 +40,8 @@ from keyvault._codec import LEN_BYTES, Reader, lp
 from keyvault.errors import BadKey, DecryptionFailed, MessageTooLarge
 from keyvault.keys import RSA_BITS, AccountKeys, load_rsa_public
 
-VERSION = 1
-ID_LEN = 16  # device ids and message ids
+VERSION = 2
+ID_LEN = 16  # device ids
 AES_KEY_LEN = 32
 NONCE_LEN = 12
 TAG_LEN = 16
@@ -42,9 +50,8 @@ SIG_LEN = 64
 BUCKETS = (256, 1024, 4096, 16384, 61440)
 MAX_ENVELOPE = 65536
 HEADER_LEN = 1 + RSA_LEN + NONCE_LEN
-#: Names longer than this (in UTF-8 bytes) eat into the body allowance of max_body_bytes().
+#: Names longer than this (in UTF-8 bytes) eat into the allowance of max_payload_bytes().
 MAX_NAME_BYTES = 128
-_MAX_U64 = 2**64 - 1
 
 assert HEADER_LEN + BUCKETS[-1] + TAG_LEN <= MAX_ENVELOPE
 
@@ -54,22 +61,19 @@ _OAEP = padding.OAEP(
 
 
 @dataclass(frozen=True)
-class Letter:
-    """The plaintext of one envelope, as the recipient sees it after verification."""
+class Sealed:
+    """What the outer layer carries: who sent it, from which device, and the payload."""
 
     sender: str
     sender_device: bytes  # 16 bytes
-    to: str  # the conversation: the peer's account, even on a copy to the sender's devices
-    msg_id: bytes  # 16 random bytes
-    sent_at: int  # ms since the epoch, by the sender's clock
-    body: str
+    payload: bytes  # a keyvault.payload encoding (ratchet message, opaque here)
 
 
 @dataclass(frozen=True)
 class Unverified:
-    """An opened but not yet verified letter: check it against the sender's identity key."""
+    """An opened but not yet verified envelope: check it against the sender's identity key."""
 
-    letter: Letter
+    sealed: Sealed
     signed: bytes
     signature: bytes
 
@@ -80,18 +84,11 @@ def _recipient_key(der: bytes) -> rsa.RSAPublicKey:
     return load_rsa_public(der)
 
 
-def _fields(letter: Letter) -> bytes:
-    if len(letter.sender_device) != ID_LEN or len(letter.msg_id) != ID_LEN:
-        raise ValueError("sender_device and msg_id must be 16 bytes")
-    if not 0 <= letter.sent_at <= _MAX_U64:
-        raise ValueError("sent_at out of range")
+def _fields(sealed: Sealed) -> bytes:
+    if len(sealed.sender_device) != ID_LEN:
+        raise ValueError("sender_device must be 16 bytes")
     return (
-        lp(letter.sender.encode("utf-8"))
-        + bytes(letter.sender_device)
-        + lp(letter.to.encode("utf-8"))
-        + bytes(letter.msg_id)
-        + letter.sent_at.to_bytes(8, "big")
-        + lp(letter.body.encode("utf-8"))
+        lp(sealed.sender.encode("utf-8")) + bytes(sealed.sender_device) + lp(bytes(sealed.payload))
     )
 
 
@@ -108,6 +105,8 @@ def _pad(inner: bytes) -> bytes:
     for size in BUCKETS:
         if need <= size:
             return len(inner).to_bytes(LEN_BYTES, "big") + inner + bytes(size - need)
+    from keyvault.letter import max_body_bytes  # (keyvault.letter imports this module)
+
     raise MessageTooLarge(
         f"The message is too large to send (at most {max_body_bytes()} bytes of text)."
     )
@@ -124,28 +123,19 @@ def _unpad(padded: bytes) -> bytes:
     return padded[LEN_BYTES : LEN_BYTES + n]
 
 
-def _overhead(sender_len: int, to_len: int) -> int:
-    # Bytes of padded plaintext that are not body: padding prefix, fields, signature.
-    return (
-        LEN_BYTES
-        + (LEN_BYTES + sender_len)
-        + ID_LEN
-        + (LEN_BYTES + to_len)
-        + ID_LEN
-        + 8
-        + LEN_BYTES
-        + SIG_LEN
-    )
+def _overhead(sender_len: int) -> int:
+    # Bytes of padded plaintext that are not payload: padding prefix, fields, signature.
+    return LEN_BYTES + (LEN_BYTES + sender_len) + ID_LEN + LEN_BYTES + SIG_LEN
 
 
-def max_body_bytes() -> int:
-    """Return the largest body (UTF-8 bytes) that always fits, for names up to MAX_NAME_BYTES."""
-    return BUCKETS[-1] - _overhead(MAX_NAME_BYTES, MAX_NAME_BYTES)
+def max_payload_bytes() -> int:
+    """Return the largest payload that always fits, for sender names up to MAX_NAME_BYTES."""
+    return BUCKETS[-1] - _overhead(MAX_NAME_BYTES)
 
 
-def envelope_size(body_len: int, sender_len: int = 0, to_len: int = 0) -> int:
-    """Return the envelope size for a body of ``body_len`` UTF-8 bytes (and name lengths)."""
-    need = _overhead(sender_len, to_len) + body_len
+def envelope_size(payload_len: int, sender_len: int = 0) -> int:
+    """Return the envelope size for a payload of ``payload_len`` bytes (and a sender name)."""
+    need = _overhead(sender_len) + payload_len
     for size in BUCKETS:
         if need <= size:
             return HEADER_LEN + size + TAG_LEN
@@ -153,7 +143,7 @@ def envelope_size(body_len: int, sender_len: int = 0, to_len: int = 0) -> int:
 
 
 def seal(
-    letter: Letter,
+    sealed: Sealed,
     sender: AccountKeys,
     recipient_enc: bytes,
     recipient_device: bytes,
@@ -161,12 +151,15 @@ def seal(
     aes_key: bytes | None = None,
     nonce: bytes | None = None,
 ) -> bytes:
-    """Sign ``letter`` as ``sender`` and encrypt it for one recipient device."""
+    """Sign ``sealed`` as ``sender`` and encrypt it for one recipient device.
+
+    MessageTooLarge if it does not fit the largest bucket.
+    """
     if len(recipient_device) != ID_LEN:
         raise BadKey("The recipient device id is malformed.")
     recipient_device = bytes(recipient_device)
     rsa_key = _recipient_key(bytes(recipient_enc))
-    fields = _fields(letter)
+    fields = _fields(sealed)
     signature = sender.identity_private.sign(_signed(fields, recipient_device))
     padded = _pad(fields + signature)
     if aes_key is None:
@@ -180,24 +173,21 @@ def seal(
     return bytes([VERSION]) + wrapped + nonce + ct
 
 
-def _parse_inner(inner: bytes) -> tuple[Letter, bytes, bytes]:
+def _parse_inner(inner: bytes) -> tuple[Sealed, bytes, bytes]:
     r = Reader(inner)
     sender = r.lp().decode("utf-8")
     sender_device = r.take(ID_LEN)
-    to = r.lp().decode("utf-8")
-    msg_id = r.take(ID_LEN)
-    sent_at = int.from_bytes(r.take(8), "big")
-    body = r.lp().decode("utf-8")
+    payload = r.lp()
     signature = r.take(SIG_LEN)
     r.end()
     fields = inner[: len(inner) - SIG_LEN]
-    return Letter(sender, sender_device, to, msg_id, sent_at, body), fields, signature
+    return Sealed(sender, sender_device, payload), fields, signature
 
 
 def open_envelope(blob: bytes, recipient: AccountKeys, recipient_device: bytes) -> Unverified:
     """Decrypt an envelope addressed to ``recipient_device``; DecryptionFailed on any failure.
 
-    The result is not yet trusted: pass it to `verify_letter` with the sender's identity key.
+    The result is not yet trusted: pass it to `verify_sealed` with the sender's identity key.
     """
     try:
         blob = bytes(blob)
@@ -212,19 +202,19 @@ def open_envelope(blob: bytes, recipient: AccountKeys, recipient_device: bytes) 
         if len(aes_key) != AES_KEY_LEN:
             raise ValueError("key length")
         padded = AESGCM(aes_key).decrypt(nonce, blob[HEADER_LEN:], _aad(recipient_device))
-        letter, fields, signature = _parse_inner(_unpad(padded))
+        sealed, fields, signature = _parse_inner(_unpad(padded))
     except (ValueError, TypeError, InvalidTag):
         # One opaque error for every cause: distinguishing them would help an attacker
         # probing the RSA padding or the AEAD (and the user could not act on it anyway).
         raise DecryptionFailed() from None
-    return Unverified(letter, _signed(fields, recipient_device), signature)
+    return Unverified(sealed, _signed(fields, recipient_device), signature)
 
 
-def verify_letter(unverified: Unverified, sender_identity: bytes) -> Letter:
-    """Check the sender's signature and return the letter; DecryptionFailed if it is forged."""
+def verify_sealed(unverified: Unverified, sender_identity: bytes) -> Sealed:
+    """Check the sender's signature and return the content; DecryptionFailed if forged."""
     try:
         key = Ed25519PublicKey.from_public_bytes(bytes(sender_identity))
         key.verify(unverified.signature, unverified.signed)
     except (InvalidSignature, ValueError, TypeError):
         raise DecryptionFailed() from None
-    return unverified.letter
+    return unverified.sealed

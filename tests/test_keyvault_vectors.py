@@ -2,9 +2,10 @@
 
 The vectors pin the wire formats so a change that breaks old bundles or envelopes is caught.
 They were produced by keyvault itself (``python -m tests.test_keyvault_vectors``, which
-rewrites the file: do that only for a deliberate format change), so each test here also
-recomputes the answer independently where it can: HKDF with hmac/hashlib, Argon2id through
-argon2.low_level, AES-GCM and RSA-OAEP by hand, the safety number with hashlib.
+rewrites the file but keeps the stored account, so only deliberately changed formats change:
+run it only for a format change), so each test here also recomputes the answer
+independently where it can: HKDF with hmac/hashlib, Argon2id through argon2.low_level,
+AES-GCM and RSA-OAEP by hand, the safety number with hashlib.
 """
 
 from __future__ import annotations
@@ -33,14 +34,16 @@ PASSWORDS = ["correct horse battery staple", "cafe\u0301 \U0001f510"]
 AUTH_SEED = bytes(range(100, 132))
 RECOVERY = bytes(range(16))
 SAFETY = [("alice", bytes(range(32))), ("bob", bytes(range(32, 64)))]
+SENDER_DEVICE = bytes([0xA1]) * 16
 LETTER = keyvault.Letter(
-    sender="alice",
-    sender_device=bytes([0xA1]) * 16,
     to="bob",
     msg_id=bytes(range(16)),
     sent_at=1_700_000_000_000,
     body="hello \u00e9 \U0001f510",
 )
+EPHEMERAL = bytes(range(32, 64))
+#: Stands in for a ratchet message (the ratchet has its own vectors): opaque to the envelope.
+RATCHET_MESSAGE = bytes(range(85, 185))
 RECIPIENT_DEVICE = bytes([0xB1]) * 16
 AES_KEY = bytes(range(64, 96))
 NONCE = bytes(range(12))
@@ -51,14 +54,29 @@ def _label_name(label: bytes) -> str:
     return next(n for n in dir(labels) if getattr(labels, n) is label and n != "ALL_LABELS")
 
 
-def generate() -> dict[str, Any]:
-    """Compute every vector with keyvault (run once; see the module docstring)."""
-    account = keyvault.AccountKeys.generate()
+def _payload(account: keyvault.AccountKeys) -> keyvault.Payload:
+    init = keyvault.PrekeyInit(account.public().dh, EPHEMERAL, spk_id=7, opk_id=42)
+    return keyvault.Payload(init, RATCHET_MESSAGE)
+
+
+def generate(account: keyvault.AccountKeys | None = None) -> dict[str, Any]:
+    """Compute every vector with keyvault (see the module docstring).
+
+    Pass the stored account to keep every vector that depends only on it unchanged.
+    """
+    if account is None:
+        account = keyvault.AccountKeys.generate()
+    payload = keyvault.encode_payload(_payload(account))
     mk = [keyvault.master_key(p, SALT, keyvault.TEST_KDF) for p in PASSWORDS]
     pk = keyvault.password_keys(PASSWORDS[0], SALT, keyvault.TEST_KDF)
     rk = keyvault.recovery_keys(RECOVERY)
     envelope = keyvault.seal(
-        LETTER, account, account.public().enc, RECIPIENT_DEVICE, aes_key=AES_KEY, nonce=NONCE
+        keyvault.Sealed("alice", SENDER_DEVICE, payload),
+        account,
+        account.public().enc,
+        RECIPIENT_DEVICE,
+        aes_key=AES_KEY,
+        nonce=NONCE,
     )
     return {
         "hkdf": {
@@ -111,15 +129,28 @@ def generate() -> dict[str, Any]:
             "device_id": RECIPIENT_DEVICE.hex(),
             "device_signature": keyvault.sign_device(account, "alice", RECIPIENT_DEVICE).hex(),
         },
+        "letter": {
+            "to": LETTER.to,
+            "msg_id": LETTER.msg_id.hex(),
+            "sent_at": LETTER.sent_at,
+            "body": LETTER.body,
+            "encoded": keyvault.encode_letter(LETTER).hex(),
+        },
+        "payload": {
+            "note": "identity_dh is the account's; the ratchet message is a stand-in",
+            "identity_dh": account.public().dh.hex(),
+            "ephemeral": EPHEMERAL.hex(),
+            "spk_id": 7,
+            "opk_id": 42,
+            "ratchet": RATCHET_MESSAGE.hex(),
+            "encoded": payload.hex(),
+        },
         "envelope": {
-            "note": "sender and recipient are both the account above",
-            "letter": {
-                "sender": LETTER.sender,
-                "sender_device": LETTER.sender_device.hex(),
-                "to": LETTER.to,
-                "msg_id": LETTER.msg_id.hex(),
-                "sent_at": LETTER.sent_at,
-                "body": LETTER.body,
+            "note": "version 2; sender and recipient are both the account above",
+            "sealed": {
+                "sender": "alice",
+                "sender_device": SENDER_DEVICE.hex(),
+                "payload": payload.hex(),
             },
             "recipient_device": RECIPIENT_DEVICE.hex(),
             "aes_key": AES_KEY.hex(),
@@ -244,53 +275,85 @@ def test_account_and_bundle(v: dict[str, Any], account: keyvault.AccountKeys) ->
     assert keyvault.verify_device(account.public().identity, "alice", device, sig)
 
 
+def _lp(b: bytes) -> bytes:
+    return len(b).to_bytes(4, "big") + b
+
+
+def test_letter(v: dict[str, Any]) -> None:
+    f = v["letter"]
+    letter = keyvault.Letter(
+        to=f["to"], msg_id=bytes.fromhex(f["msg_id"]), sent_at=f["sent_at"], body=f["body"]
+    )
+    assert letter == LETTER
+    encoded = bytes.fromhex(f["encoded"])
+    assert keyvault.encode_letter(letter) == encoded
+    assert keyvault.decode_letter(encoded) == letter
+    # Independently: 0x01 || lp(to) || msg_id || u64 sent_at || lp(body).
+    expected = (
+        b"\x01"
+        + _lp(f["to"].encode())
+        + letter.msg_id
+        + f["sent_at"].to_bytes(8, "big")
+        + _lp(f["body"].encode())
+    )
+    assert expected == encoded
+
+
+def test_payload(v: dict[str, Any], account: keyvault.AccountKeys) -> None:
+    f = v["payload"]
+    encoded = bytes.fromhex(f["encoded"])
+    payload = _payload(account)
+    assert f["identity_dh"] == account.public().dh.hex()
+    assert keyvault.encode_payload(payload) == encoded
+    assert keyvault.decode_payload(encoded) == payload
+    # Independently: 0x01 || flags 0x03 || identity_dh || ephemeral || u32 spk || u32 opk || rest.
+    expected = (
+        b"\x01\x03"
+        + bytes.fromhex(f["identity_dh"])
+        + bytes.fromhex(f["ephemeral"])
+        + f["spk_id"].to_bytes(4, "big")
+        + f["opk_id"].to_bytes(4, "big")
+        + bytes.fromhex(f["ratchet"])
+    )
+    assert expected == encoded
+
+
 def test_envelope(v: dict[str, Any], account: keyvault.AccountKeys) -> None:
     e = v["envelope"]
-    fields = e["letter"]
-    letter = keyvault.Letter(
-        sender=fields["sender"],
-        sender_device=bytes.fromhex(fields["sender_device"]),
-        to=fields["to"],
-        msg_id=bytes.fromhex(fields["msg_id"]),
-        sent_at=fields["sent_at"],
-        body=fields["body"],
+    f = e["sealed"]
+    sealed = keyvault.Sealed(
+        sender=f["sender"],
+        sender_device=bytes.fromhex(f["sender_device"]),
+        payload=bytes.fromhex(f["payload"]),
     )
+    assert sealed.payload.hex() == v["payload"]["encoded"]
     device = bytes.fromhex(e["recipient_device"])
     aes_key, nonce = bytes.fromhex(e["aes_key"]), bytes.fromhex(e["nonce"])
     blob = bytes.fromhex(e["blob"])
     identity = account.public().identity
 
     # The stored envelope still opens and verifies.
-    assert keyvault.verify_letter(keyvault.open_envelope(blob, account, device), identity) == letter
+    opened = keyvault.open_envelope(blob, account, device)
+    assert keyvault.verify_sealed(opened, identity) == sealed
     # Sealing again with the same key and nonce gives the same AEAD part (OAEP is random).
     again = keyvault.seal(
-        letter, account, account.public().enc, device, aes_key=aes_key, nonce=nonce
+        sealed, account, account.public().enc, device, aes_key=aes_key, nonce=nonce
     )
-    assert again[0] == 1 and again[1 + 384 :].hex() == e["aead_part"] == blob[1 + 384 :].hex()
-    assert keyvault.open_envelope(again, account, device).letter == letter
+    assert again[0] == 2 and again[1 + 384 :].hex() == e["aead_part"] == blob[1 + 384 :].hex()
+    assert keyvault.open_envelope(again, account, device).sealed == sealed
 
     # Independently: RSA-OAEP-SHA256 unwraps the AES key, AES-GCM opens the padded inner.
+    assert blob[0] == 2
     oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
     assert account.rsa_private.decrypt(blob[1:385], oaep) == aes_key
     assert blob[385:397] == nonce
-    aad = labels.ENVELOPE_AAD + b"\x01" + device
+    aad = labels.ENVELOPE_AAD + b"\x02" + device
     padded = AESGCM(aes_key).decrypt(nonce, blob[397:], aad)
-    assert len(padded) == 256
+    assert len(padded) == 1024  # 271 bytes of inner: past the first bucket
     n = int.from_bytes(padded[:4], "big")
     assert padded[4 + n :] == bytes(len(padded) - 4 - n)
     inner = padded[4 : 4 + n]
-
-    def lp(b: bytes) -> bytes:
-        return len(b).to_bytes(4, "big") + b
-
-    expected_fields = (
-        lp(b"alice")
-        + letter.sender_device
-        + lp(b"bob")
-        + letter.msg_id
-        + letter.sent_at.to_bytes(8, "big")
-        + lp(letter.body.encode())
-    )
+    expected_fields = _lp(b"alice") + sealed.sender_device + _lp(sealed.payload)
     assert inner[:-64] == expected_fields
     Ed25519PublicKey.from_public_bytes(identity).verify(
         inner[-64:], labels.ENVELOPE_SIGNATURE + expected_fields + device
@@ -299,7 +362,11 @@ def test_envelope(v: dict[str, Any], account: keyvault.AccountKeys) -> None:
 
 if __name__ == "__main__":
     VECTORS.parent.mkdir(exist_ok=True)
+    stored = None
+    if VECTORS.exists():  # keep the account, so only deliberately changed vectors change
+        keys = json.loads(VECTORS.read_text(encoding="utf-8"))["account"]["keys"]
+        stored = keyvault.AccountKeys.from_bytes(bytes.fromhex(keys))
     VECTORS.write_text(
-        json.dumps(generate(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        json.dumps(generate(stored), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
     print(f"wrote {VECTORS}")
