@@ -23,8 +23,14 @@ from pathlib import Path
 import trio
 
 from keyvault.auth import auth_public_key, sign_challenge
-from keyvault.envelope import Letter, max_body_bytes, open_envelope, seal, verify_letter
-from keyvault.errors import BadPassword, DecryptionFailed
+from keyvault.envelope import Sealed, open_envelope, seal, verify_sealed
+from keyvault.errors import (
+    BadPassword,
+    BadPrekey,
+    DecryptionFailed,
+    DuplicateMessage,
+    KeyvaultError,
+)
 from keyvault.errors import MessageTooLarge as KeyvaultTooLarge
 from keyvault.kdf import DEFAULT_KDF, KdfParams, new_salt, password_keys, store_key
 from keyvault.keys import (
@@ -40,6 +46,8 @@ from keyvault.keys import (
     verify_device,
     wrap_bundle,
 )
+from keyvault.letter import Letter, decode_letter, encode_letter, max_body_bytes
+from keyvault.prekeys import OneTimePrekey, SignedPrekey, new_one_time_prekeys, new_signed_prekey
 from keyvault.safety import safety_number
 from node.errors import (
     AlreadySetUp,
@@ -50,12 +58,14 @@ from node.errors import (
     NameTaken,
     NotSetUp,
     RelayRefused,
+    RelayUnreachable,
     UnknownUser,
     VeilError,
     WrongPassword,
 )
 from node.home import Home, HomeConfig
 from node.link import RelayLink, open_link
+from node.sessions import ONE_TIME_STOCK, Peer, Sessions
 from node.store import Contact, NodeStore, OutboxEntry, StoredMessage
 from relay import wire
 from relay.cipherdb import WrongKey
@@ -89,6 +99,18 @@ class Received:
     warning: str | None = None
 
 
+def _first_prekeys(keys: AccountKeys) -> tuple[tuple[SignedPrekey, list[OneTimePrekey]], wire.PrekeySet]:
+    """A new device's prekeys, published with its registration so that others can start
+    sessions with it at once (kept by ``_create_home``)."""
+    spk = new_signed_prekey(keys, 1, int(time.time()))
+    opks = new_one_time_prekeys(2, ONE_TIME_STOCK)
+    public = wire.PrekeySet(
+        signed=wire.SignedPrekeyPub(spk.key_id, spk.public, spk.signature),
+        one_time=[wire.OneTimePrekeyPub(k.key_id, k.public) for k in opks],
+    )
+    return (spk, opks), public
+
+
 async def _password_proof(
     link: RelayLink, name: str, purpose: str, auth_seed: bytes
 ) -> tuple[bytes, bytes]:
@@ -113,6 +135,7 @@ class Node:
         # A message was stored: called at once, before the relay is told, so a link that
         # dies before the acknowledgement cannot hide a stored message from the user.
         self.received_listeners: list[Callable[[Received], None]] = []
+        self.sessions = Sessions(store, keys, self.name, self.device_id)
 
     def close(self) -> None:
         self.store.close()
@@ -121,7 +144,8 @@ class Node:
     @classmethod
     def _create_home(
         cls, home: Home, name: str, relay: str, password: str, kdf: KdfParams, keys: AccountKeys,
-        device_id: bytes, auth_seed: bytes, token: bytes, socks: str | None = None,
+        device_id: bytes, auth_seed: bytes, token: bytes, socks: str | None,
+        prekeys: tuple[SignedPrekey, list[OneTimePrekey]],
     ) -> Node:
         store_salt = new_salt()
         config = HomeConfig(
@@ -134,6 +158,10 @@ class Node:
             store.put("account_keys", keys.to_bytes())
             store.put("auth_seed", auth_seed)
             store.put("token", token)
+            spk, opks = prekeys
+            store.add_signed_prekey(spk.key_id, spk.to_bytes(), spk.created_at)
+            store.add_one_time_prekeys([(k.key_id, k.to_bytes()) for k in opks])
+            store.put("next_prekey_id", (max(k.key_id for k in [spk, *opks]) + 1).to_bytes(8, "big"))
         home.save(config)
         return cls(home, config, store, keys)
 
@@ -157,6 +185,7 @@ class Node:
         rk = recovery_keys(parse_recovery_code(code))
         device_id = secrets.token_bytes(16)
         pub = keys.public()
+        prekeys, prekeys_pub = _first_prekeys(keys)
         async with open_link(relay, socks) as link:
             try:
                 session = await link.request(
@@ -173,13 +202,14 @@ class Node:
                     recovery_auth_pub=auth_public_key(rk.auth_seed),
                     recovery_bundle=wrap_bundle(keys, rk.wrap_key, name),
                     device=wire.DeviceCert(device_id, sign_device(keys, name, device_id)),
+                    prekeys=prekeys_pub,
                 )
             except RelayRefused as exc:
                 raise _refused_as(exc) from None
         try:
             node = await trio.to_thread.run_sync(
                 cls._create_home, home, name, relay, password, kdf, keys, device_id, pk.auth_seed,
-                session.token, socks,
+                session.token, socks, prekeys,
             )
         except BaseException:
             home.discard()
@@ -216,17 +246,19 @@ class Node:
                 except BadPassword:
                     raise LoginFailed() from None
                 device_id = secrets.token_bytes(16)
+                prekeys, prekeys_pub = _first_prekeys(keys)
                 challenge, sig = await _password_proof(link, name, "login", pk.auth_seed)
                 session = await link.request(
                     wire.Login, name=name, challenge=challenge, signature=sig,
                     device=wire.DeviceCert(device_id, sign_device(keys, name, device_id)),
+                    prekeys=prekeys_pub,
                 )
             except RelayRefused as exc:
                 raise _refused_as(exc) from None
         try:
             return await trio.to_thread.run_sync(
                 cls._create_home, home, name, relay, password, kdf, keys, device_id, pk.auth_seed,
-                session.token, socks,
+                session.token, socks, prekeys,
             )
         except BaseException:
             home.discard()
@@ -256,6 +288,7 @@ class Node:
         key), the outbox already flushed."""
         async with open_link(self.relay, self.socks) as link:
             await self.authenticate(link)
+            await self.maintain_prekeys(link)
             for _, exc in await self.seal_pending(link):
                 self._warn(str(exc))
             await self.flush_outbox(link)
@@ -272,6 +305,16 @@ class Node:
                 raise
             await self._renew_session(link)
         link.device_id = self.device_id
+
+    async def maintain_prekeys(self, link: RelayLink) -> None:
+        """Refill one-time prekeys below the threshold; rotate the signed prekey weekly."""
+        status = await link.request(wire.PrekeyStatus)
+        now = int(time.time())
+        rotate, add = self.sessions.prekeys_due(status.signed_id, status.one_time_left, now)
+        if rotate or add:
+            with self.store.transaction():
+                fresh = self.sessions.new_prekeys(signed=rotate, one_time=add, now=now)
+            await link.request(wire.UploadPrekeys, prekeys=fresh)
 
     async def _renew_session(self, link: RelayLink) -> None:
         seed = self.store.get("auth_seed")
@@ -312,6 +355,7 @@ class Node:
                 self.store.replace_keys(name, ans.enc_pub, ans.identity_pub, ans.dh_pub)
                 warning = f"{name}'s identity key has changed: check it with `veil verify {name}`"
             self.store.set_devices(name, devices)
+            self.store.forget_sessions(name, devices)
         contact = self.store.contact(name)
         assert contact is not None
         if warning:
@@ -381,49 +425,91 @@ class Node:
             try:
                 if own is None:
                     own = await self.own_devices(link)
-                entries = await self._seal(link, m, own)
+                targets, bundles = await self._prepare(link, m, own)
+                sealed = self._seal(m, targets, bundles)
             except IdentityChanged as exc:
                 problems.append((msg_id, exc))
                 continue
-            except (UnknownUser, MessageTooLarge) as exc:
+            except (ConnectionLost, RelayUnreachable, RelayRefused):
+                raise  # the link: try again on the next one
+            except (VeilError, KeyvaultError) as exc:
+                # No such user, too large, keys the identity key does not vouch for:
+                # retrying cannot help, so the message fails (and says why).
                 with self.store.transaction():
                     self.store.remove_unsealed(msg_id)
                     self.store.set_state(msg_id, "failed")
-                problems.append((msg_id, exc))
+                problems.append((msg_id, exc if isinstance(exc, VeilError) else VeilError(str(exc))))
                 continue
-            with self.store.transaction():
-                self.store.add_outbox(entries)
-                self.store.remove_unsealed(msg_id)
-                if not entries:
-                    self.store.set_state(msg_id, "sent")
+            if not sealed:  # a note to self on a one-device account: nothing to hand over
+                for fn in self.sent_listeners:
+                    fn(msg_id)
         return problems
 
-    async def _seal(self, link: RelayLink, m: StoredMessage, own: list[bytes]) -> list[OutboxEntry]:
+    async def _prepare(
+        self, link: RelayLink, m: StoredMessage, own: list[bytes]
+    ) -> tuple[list[tuple[Peer, bytes]], dict[tuple[str, bytes], wire.DeviceBundle]]:
+        """Everything sealing needs from the relay: the devices to seal for (with their
+        account's RSA key), and prekey bundles for devices we have no session with."""
         me = self.keys.public()
-        targets: list[tuple[bytes, bytes]] = []  # (enc_pub, device_id)
+        targets: list[tuple[Peer, bytes]] = []
         if m.peer != self.name:
             contact, _ = await self.lookup(link, m.peer)
             if contact.verified and contact.key_changed:
                 raise self._held(m.peer)
-            targets += [(contact.enc_pub, d) for d in contact.devices]
-        targets += [(me.enc, d) for d in own if d != self.device_id]
-        letter = Letter(
-            sender=self.name, sender_device=self.device_id, to=m.peer,
-            msg_id=m.msg_id, sent_at=m.sent_at, body=m.body,
-        )
-        try:
-            return [
-                OutboxEntry(secrets.token_bytes(16), m.msg_id, device, seal(letter, self.keys, enc, device))
-                for enc, device in targets
+            targets += [
+                (Peer(contact.name, d, contact.identity_pub, contact.dh_pub), contact.enc_pub)
+                for d in contact.devices
             ]
+        targets += [(Peer(self.name, d, me.identity, me.dh), me.enc) for d in own if d != self.device_id]
+        missing: dict[str, list[bytes]] = {}
+        for peer, _ in targets:
+            if not self.sessions.has_session(peer.name, peer.device_id):
+                missing.setdefault(peer.name, []).append(peer.device_id)
+        bundles: dict[tuple[str, bytes], wire.DeviceBundle] = {}
+        for name, devices in missing.items():
+            ans = await link.request(wire.ClaimPrekeys, name=name, device_ids=devices)
+            bundles.update({(name, b.device_id): b for b in ans.bundles})
+        return targets, bundles
+
+    def _seal(
+        self, m: StoredMessage, targets: list[tuple[Peer, bytes]],
+        bundles: dict[tuple[str, bytes], wire.DeviceBundle],
+    ) -> int:
+        """Encrypt the message in each device's ratchet session, seal each for its device,
+        and store the new session states with the envelopes in one transaction (no await
+        inside: nothing else touches the sessions meanwhile). Returns the envelope count."""
+        letter = encode_letter(Letter(to=m.peer, msg_id=m.msg_id, sent_at=m.sent_at, body=m.body))
+        entries: list[OutboxEntry] = []
+        try:
+            with self.store.transaction():
+                for peer, enc in targets:
+                    bundle = bundles.get((peer.name, peer.device_id))
+                    if bundle is None and not self.sessions.has_session(peer.name, peer.device_id):
+                        self._warn(f"a device of {peer.name} has no prekeys yet and cannot receive this")
+                        continue
+                    try:
+                        payload = self.sessions.encrypt(peer, letter, bundle)
+                    except BadPrekey:
+                        self._warn(f"skipped a device of {peer.name}: its prekey signature does not verify")
+                        continue
+                    blob = seal(Sealed(self.name, self.device_id, payload), self.keys, enc, peer.device_id)
+                    entries.append(OutboxEntry(secrets.token_bytes(16), m.msg_id, peer.device_id, blob))
+                self.store.add_outbox(entries)
+                self.store.remove_unsealed(m.msg_id)
+                if not entries:
+                    self.store.set_state(m.msg_id, "sent")
         except KeyvaultTooLarge:
             raise MessageTooLarge() from None
+        return len(entries)
 
     async def own_devices(self, link: RelayLink) -> list[bytes]:
         """This account's devices, as the relay lists them (signatures checked)."""
         ans = await link.request(wire.LookupKeys, name=self.name)
         me = self.keys.public()
-        return [d.device_id for d in ans.devices if verify_device(me.identity, self.name, d.device_id, d.sig)]
+        devices = [d.device_id for d in ans.devices if verify_device(me.identity, self.name, d.device_id, d.sig)]
+        with self.store.transaction():
+            self.store.forget_sessions(self.name, devices)
+        return devices
 
     async def flush_outbox(self, link: RelayLink) -> int:
         """Hand every unacknowledged envelope to the relay, one frame per message.
@@ -481,42 +567,64 @@ class Node:
         return received
 
     async def _accept_one(self, link: RelayLink, blob: bytes) -> Received | None:
+        """Open one envelope: the outer layer (RSA) names the sender, whose identity key
+        must have signed it; the inner layer is a ratchet message in the session with the
+        sender's device. Returns None for a duplicate; DecryptionFailed for anything bad."""
         unverified = open_envelope(blob, self.keys, self.device_id)
-        letter = unverified.letter
-        if self.store.has_message(letter.msg_id):
-            log.info("dropped a replayed message")
-            return None
+        sender = unverified.sealed.sender
         warning = None
-        if letter.sender == self.name:
-            letter = verify_letter(unverified, self.keys.public().identity)
-            peer = letter.to
+        if sender == self.name:
+            me = self.keys.public()
+            sealed = verify_sealed(unverified, me.identity)
+            sender_dh = me.dh
         else:
-            if letter.to != self.name:
-                raise DecryptionFailed()  # signed for someone else: not ours to show
-            contact = self.store.contact(letter.sender)
+            contact = self.store.contact(sender)
             try:
                 if contact is None:
                     raise DecryptionFailed()
-                letter = verify_letter(unverified, contact.identity_pub)
+                sealed = verify_sealed(unverified, contact.identity_pub)
             except DecryptionFailed:
                 # Unknown sender, or a key we have not seen yet: ask the relay.
                 try:
-                    contact, warning = await self.lookup(link, letter.sender)
+                    contact, warning = await self.lookup(link, sender)
                 except UnknownUser:
                     raise DecryptionFailed() from None
-                letter = verify_letter(unverified, contact.identity_pub)
-            peer = letter.sender
+                sealed = verify_sealed(unverified, contact.identity_pub)
+            sender_dh = contact.dh_pub
+        # From here on nothing awaits: the session state read is the one committed.
+        try:
+            plain, commit = self.sessions.decrypt(sender, sealed.sender_device, sealed.payload, sender_dh)
+        except DuplicateMessage:
+            log.info("dropped a replayed message")
+            return None
+        letter = decode_letter(plain)
+        if sender != self.name and letter.to != self.name:
+            raise DecryptionFailed()  # written for someone else: not ours to show
+        peer = letter.to if sender == self.name else sender
         with self.store.transaction():
+            commit()  # the ratchet moves on with the message stored, or not at all
             if self.store.has_message(letter.msg_id):
+                log.info("dropped a message already received")
                 return None
             msg = self.store.add_message(
-                StoredMessage(letter.msg_id, peer, letter.sender, letter.sender == self.name, letter.body,
+                StoredMessage(letter.msg_id, peer, sender, sender == self.name, letter.body,
                               letter.sent_at, now_ms(), "received", 0)
             )
         received = Received(msg, warning)
         for fn in self.received_listeners:
             fn(received)
         return received
+
+    def open_only(self, blob: bytes) -> tuple[str, bytes]:
+        """Try to open an envelope with this device's current keys and sessions without
+        changing anything: (sender, plaintext body) or DecryptionFailed/DuplicateMessage.
+        For checking forward secrecy against a copy of a device's state."""
+        unverified = open_envelope(blob, self.keys, self.device_id)
+        s = unverified.sealed
+        contact = self.store.contact(s.sender)
+        dh = self.keys.public().dh if s.sender == self.name else (contact.dh_pub if contact else b"")
+        plain, _ = self.sessions.decrypt(s.sender, s.sender_device, s.payload, dh)
+        return s.sender, plain
 
     async def receive(self, link: RelayLink, *, wait: float = 0.0) -> list[Received]:
         """Everything waiting at the relay; with ``wait``, wait up to that many seconds

@@ -72,6 +72,41 @@ def _m0001(db: Database) -> None:
     db.execute("CREATE TABLE unsealed (msg_id BLOB PRIMARY KEY REFERENCES messages(msg_id))")
 
 
+@migrations(name="0002_sessions_and_prekeys")
+def _m0002(db: Database) -> None:
+    # Ratchet sessions with each device of each peer (several per device: when both sides
+    # start a session at once, the one the peer keeps using wins).
+    db.execute(
+        """
+        CREATE TABLE sessions (
+            peer TEXT NOT NULL,
+            device_id BLOB NOT NULL,
+            sid INTEGER NOT NULL,
+            state BLOB NOT NULL,
+            ad BLOB NOT NULL,
+            init BLOB,
+            used INTEGER NOT NULL,
+            PRIMARY KEY (peer, device_id, sid)
+        )"""
+    )
+    db.execute(
+        "CREATE TABLE signed_prekeys (key_id INTEGER PRIMARY KEY, blob BLOB NOT NULL,"
+        " created_at INTEGER NOT NULL)"
+    )
+    db.execute("CREATE TABLE one_time_prekeys (key_id INTEGER PRIMARY KEY, blob BLOB NOT NULL)")
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    sid: int
+    state: bytes
+    ad: bytes
+    init: bytes | None  # our X3DH data, sent until the peer has answered
+
+
+MAX_SESSIONS_PER_DEVICE = 4
+
+
 @dataclass(frozen=True)
 class Contact:
     name: str
@@ -224,6 +259,87 @@ class NodeStore:
                 (peer, limit),
             )
         return [_message(r) for r in rows][::-1]
+
+    # ---- ratchet sessions ------------------------------------------------------------
+    def sessions(self, peer: str, device_id: bytes) -> list[SessionRow]:
+        """Sessions with one device, the one used last first."""
+        return [
+            SessionRow(int(r[0]), bytes(r[1]), bytes(r[2]), None if r[3] is None else bytes(r[3]))
+            for r in self.conn.execute(
+                "SELECT sid, state, ad, init FROM sessions WHERE peer = ? AND device_id = ?"
+                " ORDER BY used DESC",
+                (peer, device_id),
+            )
+        ]
+
+    def save_session(
+        self, peer: str, device_id: bytes, sid: int | None, state: bytes, ad: bytes, init: bytes | None
+    ) -> int:
+        """Store a session's new state and make it the current one; returns its sid."""
+        (used,) = self.conn.execute("SELECT coalesce(max(used), 0) + 1 FROM sessions").fetchone()
+        if sid is None:
+            (sid,) = self.conn.execute(
+                "SELECT coalesce(max(sid), 0) + 1 FROM sessions WHERE peer = ? AND device_id = ?",
+                (peer, device_id),
+            ).fetchone()
+        self.conn.execute(
+            "INSERT OR REPLACE INTO sessions (peer, device_id, sid, state, ad, init, used)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (peer, device_id, sid, state, ad, init, used),
+        )
+        self.conn.execute(
+            "DELETE FROM sessions WHERE peer = ? AND device_id = ? AND sid NOT IN"
+            " (SELECT sid FROM sessions WHERE peer = ? AND device_id = ? ORDER BY used DESC LIMIT ?)",
+            (peer, device_id, peer, device_id, MAX_SESSIONS_PER_DEVICE),
+        )
+        return int(sid)
+
+    def forget_sessions(self, peer: str, keep_devices: Sequence[bytes]) -> None:
+        """Drop sessions with devices the peer no longer has."""
+        marks = ",".join("?" * len(keep_devices))
+        self.conn.execute(
+            f"DELETE FROM sessions WHERE peer = ? AND device_id NOT IN ({marks})", (peer, *keep_devices)
+        )
+
+    # ---- our prekeys -----------------------------------------------------------------
+    def next_prekey_ids(self, count: int) -> int:
+        """Reserve ``count`` fresh prekey ids; returns the first."""
+        raw = self.get("next_prekey_id")
+        first = int.from_bytes(raw, "big") if raw else 1
+        self.put("next_prekey_id", (first + count).to_bytes(8, "big"))
+        return first
+
+    def add_signed_prekey(self, key_id: int, blob: bytes, created_at: int) -> None:
+        self.conn.execute(
+            "INSERT INTO signed_prekeys (key_id, blob, created_at) VALUES (?,?,?)", (key_id, blob, created_at)
+        )
+
+    def signed_prekey(self, key_id: int) -> bytes | None:
+        row = self.conn.execute("SELECT blob FROM signed_prekeys WHERE key_id = ?", (key_id,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def newest_signed_prekey(self) -> tuple[int, int] | None:
+        """(key_id, created_at) of the signed prekey published last."""
+        row = self.conn.execute(
+            "SELECT key_id, created_at FROM signed_prekeys ORDER BY created_at DESC, key_id DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]))
+
+    def drop_signed_prekeys_before(self, created_at: int, keep: int) -> None:
+        """Forget retired signed prekeys older than ``created_at`` (never ``keep``)."""
+        self.conn.execute(
+            "DELETE FROM signed_prekeys WHERE created_at < ? AND key_id != ?", (created_at, keep)
+        )
+
+    def add_one_time_prekeys(self, keys: Sequence[tuple[int, bytes]]) -> None:
+        self.conn.executemany("INSERT INTO one_time_prekeys (key_id, blob) VALUES (?,?)", keys)
+
+    def one_time_prekey(self, key_id: int) -> bytes | None:
+        row = self.conn.execute("SELECT blob FROM one_time_prekeys WHERE key_id = ?", (key_id,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def delete_one_time_prekey(self, key_id: int) -> None:
+        self.conn.execute("DELETE FROM one_time_prekeys WHERE key_id = ?", (key_id,))
 
     # ---- composed, not yet sealed -------------------------------------------------------
     def add_unsealed(self, msg_id: bytes) -> None:

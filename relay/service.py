@@ -18,6 +18,7 @@ from keyvault.auth import verify_challenge
 from keyvault.errors import BadKey
 from keyvault.kdf import DEFAULT_KDF
 from keyvault.keys import PublicKeys, verify_account_keys, verify_device
+from keyvault.prekeys import verify_signed_prekey
 from relay import wire
 from relay.auth import Challenges, Throttle, name_mac, new_token, token_hash
 from relay.delivery import Outlet, Router
@@ -67,6 +68,12 @@ def _name(raw: str) -> str:
         raise Refused(E.BAD_NAME, str(exc)) from None
 
 
+def _check_prekeys(identity: bytes, prekeys: wire.PrekeySet | None) -> None:
+    sp = None if prekeys is None else prekeys.signed
+    if sp is not None and not verify_signed_prekey(identity, sp.key_id, sp.public, sp.sig):
+        raise Refused(E.BAD_KEY, "the signed prekey's signature does not verify")
+
+
 class RelayService:
     def __init__(self, keys: RelayKeys, relay_id: bytes, mailroom: Mailroom, router: Router) -> None:
         self.keys = keys
@@ -104,6 +111,22 @@ class RelayService:
                 return await self.logout(peer, req)
             case wire.LookupKeys():
                 return await self.lookup_keys(peer, req)
+            case wire.UploadPrekeys():
+                self._require_session(peer)
+                assert peer.account_id is not None and peer.device_id is not None
+                identity = await self.mailroom.call(self.mailroom.store.identity_of, peer.account_id)
+                return await self._publish(req.id, peer.device_id, identity, req.prekeys)
+            case wire.PrekeyStatus():
+                self._require_session(peer)
+                spk, left = await self.mailroom.call(self.mailroom.store.prekey_status, peer.device_id)
+                return wire.PrekeyStatusOk(id=req.id, signed_id=spk, one_time_left=left)
+            case wire.ClaimPrekeys():
+                self._require_session(peer)
+                account = await self._account(_name(req.name))
+                if account is None:
+                    raise Refused(E.UNKNOWN_USER, "no such user")
+                rows = await self.mailroom.call(self.mailroom.store.claim_prekeys, account.id, req.device_ids)
+                return wire.PrekeyBundles(id=req.id, bundles=[wire.DeviceBundle(*r) for r in rows])
             case wire.ListDevices():
                 self._require_session(peer)
                 rows = await self.mailroom.call(self.mailroom.store.devices, peer.account_id)
@@ -143,6 +166,7 @@ class RelayService:
             raise Refused(E.BAD_KEY, "device signature does not verify")
         if not verify_account_keys(req.identity_pub, name, req.enc_pub, req.dh_pub, req.keys_sig):
             raise Refused(E.BAD_KEY, "the identity key does not vouch for the other keys")
+        _check_prekeys(req.identity_pub, req.prekeys)
         new = NewAccount(
             name_mac=self.mac(name),
             salt=req.salt,
@@ -165,6 +189,8 @@ class RelayService:
             raise Refused(E.NAME_TAKEN, "that name is taken") from None
         except UnknownDevice:
             raise Refused(E.UNKNOWN_DEVICE, "device id already in use") from None
+        if req.prekeys is not None:
+            await self._publish(req.id, req.device.device_id, req.identity_pub, req.prekeys)
         return await self._open_session(peer, req.id, account_id, req.device.device_id)
 
     async def _prove(
@@ -199,6 +225,7 @@ class RelayService:
         name = _name(req.name)
         if not verify_device(account.identity_pub, name, req.device.device_id, req.device.sig):
             raise Refused(E.BAD_KEY, "device signature does not verify")
+        _check_prekeys(account.identity_pub, req.prekeys)
         try:
             ok = await self.mailroom.call(
                 self.mailroom.store.ensure_device,
@@ -208,7 +235,24 @@ class RelayService:
             raise Refused(E.UNKNOWN_DEVICE, "device id belongs to another account") from None
         if not ok:
             raise Refused(E.TOO_MANY_DEVICES, f"an account has at most {wire.MAX_DEVICES} devices")
+        if req.prekeys is not None:
+            await self._publish(req.id, req.device.device_id, account.identity_pub, req.prekeys)
         return await self._open_session(peer, req.id, account.id, req.device.device_id)
+
+    async def _publish(
+        self, rid: int, device_id: bytes, identity: bytes, prekeys: wire.PrekeySet
+    ) -> wire.PrekeyStatusOk:
+        """Check the signed prekey's signature and store the device's prekeys."""
+        _check_prekeys(identity, prekeys)
+        sp = prekeys.signed
+        signed = None if sp is None else (sp.key_id, sp.public, sp.sig)
+        status = await self.mailroom.call(
+            self.mailroom.store.publish_prekeys, device_id, signed,
+            [(k.key_id, k.public) for k in prekeys.one_time], wire.MAX_ONE_TIME_PREKEYS,
+        )
+        if status is None:
+            raise Refused(E.PREKEY_LIMIT, f"a device holds at most {wire.MAX_ONE_TIME_PREKEYS} one-time prekeys")
+        return wire.PrekeyStatusOk(id=rid, signed_id=status[0], one_time_left=status[1])
 
     async def _open_session(self, peer: Peer, rid: int, account_id: int, device_id: bytes) -> wire.Frame:
         token = new_token()

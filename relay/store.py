@@ -87,6 +87,28 @@ def _m0001(db: Database) -> None:
     db.execute("CREATE TABLE relay_meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
 
 
+@migrations(name="0002_prekeys")
+def _m0002(db: Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE signed_prekeys (
+            device_id BLOB PRIMARY KEY REFERENCES devices(device_id) ON DELETE CASCADE,
+            key_id INTEGER NOT NULL,
+            public BLOB NOT NULL,
+            sig BLOB NOT NULL
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE one_time_prekeys (
+            device_id BLOB NOT NULL REFERENCES devices(device_id) ON DELETE CASCADE,
+            key_id INTEGER NOT NULL,
+            public BLOB NOT NULL,
+            PRIMARY KEY (device_id, key_id)
+        ) WITHOUT ROWID"""
+    )
+
+
 def today() -> int:
     """Days since the epoch (UTC): the only clock granularity the relay stores."""
     return int(time.time() // 86400)
@@ -217,6 +239,10 @@ class RelayStore:
             f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE name_mac = ?", (name_mac,)
         ).fetchone()
         return None if row is None else _account(row)
+
+    def identity_of(self, account_id: int) -> bytes:
+        (ident,) = self.conn.execute("SELECT identity_pub FROM accounts WHERE id = ?", (account_id,)).fetchone()
+        return bytes(ident)
 
     def _insert_device(self, account_id: int, device_id: bytes, sig: bytes) -> None:
         try:
@@ -364,6 +390,66 @@ class RelayStore:
             [(device_id, eid) for eid in eids],
         )
         return int(cur.rowcount)
+
+    # ---- prekeys -------------------------------------------------------------------
+    def prekey_status(self, device_id: bytes) -> tuple[int | None, int]:
+        """(signed prekey id or None, one-time prekeys held) of a device."""
+        row = self.conn.execute("SELECT key_id FROM signed_prekeys WHERE device_id = ?", (device_id,)).fetchone()
+        (count,) = self.conn.execute(
+            "SELECT count(*) FROM one_time_prekeys WHERE device_id = ?", (device_id,)
+        ).fetchone()
+        return (None if row is None else int(row[0])), int(count)
+
+    def publish_prekeys(
+        self,
+        device_id: bytes,
+        signed: tuple[int, bytes, bytes] | None,
+        one_time: Sequence[tuple[int, bytes]],
+        limit: int,
+    ) -> tuple[int | None, int] | None:
+        """Store a device's prekeys; None (nothing stored) if it would hold over ``limit``
+        one-time prekeys. A repeated one-time key id replaces nothing (it is ignored)."""
+        with self.db.atomic():
+            _, held = self.prekey_status(device_id)
+            if held + len(one_time) > limit:
+                return None
+            if signed is not None:
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO signed_prekeys (device_id, key_id, public, sig) VALUES (?,?,?,?)",
+                    (device_id, *signed),
+                )
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO one_time_prekeys (device_id, key_id, public) VALUES (?,?,?)",
+                [(device_id, k, pub) for k, pub in one_time],
+            )
+            return self.prekey_status(device_id)
+
+    def claim_prekeys(
+        self, account_id: int, device_ids: Sequence[bytes]
+    ) -> list[tuple[bytes, int, bytes, bytes, int | None, bytes | None]]:
+        """Bundles for the account's listed devices, taking one one-time prekey from each
+        (the oldest); devices of other accounts or without a signed prekey are left out."""
+        out: list[tuple[bytes, int, bytes, bytes, int | None, bytes | None]] = []
+        with self.db.atomic():
+            for device_id in dict.fromkeys(device_ids):
+                row = self.conn.execute(
+                    "SELECT s.key_id, s.public, s.sig FROM signed_prekeys s JOIN devices d"
+                    " ON d.device_id = s.device_id WHERE s.device_id = ? AND d.account_id = ?",
+                    (device_id, account_id),
+                ).fetchone()
+                if row is None:
+                    continue
+                opk = self.conn.execute(
+                    "DELETE FROM one_time_prekeys WHERE device_id = ? AND key_id ="
+                    " (SELECT min(key_id) FROM one_time_prekeys WHERE device_id = ?)"
+                    " RETURNING key_id, public",
+                    (device_id, device_id),
+                ).fetchone()
+                out.append((
+                    device_id, int(row[0]), bytes(row[1]), bytes(row[2]),
+                    None if opk is None else int(opk[0]), None if opk is None else bytes(opk[1]),
+                ))
+        return out
 
     def expire(self) -> int:
         """Drop undelivered mail past its expiry day and dead sessions."""

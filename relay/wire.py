@@ -75,6 +75,30 @@ class DeviceCert(Struct, forbid_unknown_fields=True, frozen=True):
     sig: Sig
 
 
+U32 = Annotated[int, Meta(ge=0, le=2**32 - 1)]
+MAX_ONE_TIME_PREKEYS = 100
+
+
+class SignedPrekeyPub(Struct, forbid_unknown_fields=True, frozen=True):
+    """A device's signed prekey (X25519), signed by the account identity key."""
+
+    key_id: U32
+    public: Key32
+    sig: Sig
+
+
+class OneTimePrekeyPub(Struct, forbid_unknown_fields=True, frozen=True):
+    key_id: U32
+    public: Key32
+
+
+class PrekeySet(Struct, forbid_unknown_fields=True, frozen=True):
+    """Prekeys a device publishes: a signed prekey and a stock of one-time prekeys."""
+
+    signed: SignedPrekeyPub | None = None
+    one_time: Annotated[list[OneTimePrekeyPub], Meta(max_length=MAX_ONE_TIME_PREKEYS)] = []
+
+
 # ---- requests (node -> relay) -------------------------------------------------------
 
 
@@ -101,6 +125,7 @@ class Register(Frame, tag="register"):
     recovery_auth_pub: Key32
     recovery_bundle: BundleBlob
     device: DeviceCert
+    prekeys: PrekeySet | None = None
 
 
 class Challenge(Frame, tag="challenge"):
@@ -128,6 +153,7 @@ class Login(Frame, tag="login"):
     challenge: Key32
     signature: Sig
     device: DeviceCert
+    prekeys: PrekeySet | None = None
 
 
 class Resume(Frame, tag="resume"):
@@ -181,6 +207,30 @@ class ListDevices(Frame, tag="devices"):
     id: ReqId
 
 
+class UploadPrekeys(Frame, tag="upload_prekeys"):
+    """Publish this device's prekeys (a new signed prekey replaces the old one; one-time
+    prekeys are added, up to MAX_ONE_TIME_PREKEYS held). Answered with PrekeyStatusOk."""
+
+    id: ReqId
+    prekeys: PrekeySet
+
+
+class PrekeyStatus(Frame, tag="prekey_status"):
+    """How many one-time prekeys the relay still holds for this device."""
+
+    id: ReqId
+
+
+class ClaimPrekeys(Frame, tag="claim_prekeys"):
+    """Prekey bundles of some devices of an account, to start sessions with them. Each
+    one-time prekey is handed out once; when none is left the bundle has only the signed
+    prekey."""
+
+    id: ReqId
+    name: Name
+    device_ids: Annotated[list[Id16], Meta(min_length=1, max_length=MAX_DEVICES)]
+
+
 class Ping(Frame, tag="ping"):
     """Application-level liveness check."""
 
@@ -199,6 +249,9 @@ Request = (
     | Send
     | Ack
     | ListDevices
+    | UploadPrekeys
+    | PrekeyStatus
+    | ClaimPrekeys
     | Ping
 )
 
@@ -262,6 +315,28 @@ class DevicesOk(Frame, tag="devices_ok"):
     devices: list[DeviceInfo]
 
 
+class PrekeyStatusOk(Frame, tag="prekey_status_ok"):
+    id: int
+    signed_id: int | None
+    one_time_left: int
+
+
+class DeviceBundle(Struct, frozen=True):
+    device_id: bytes
+    spk_id: int
+    spk: bytes
+    spk_sig: bytes
+    opk_id: int | None
+    opk: bytes | None
+
+
+class PrekeyBundles(Frame, tag="prekey_bundles"):
+    """One bundle per requested device that has published prekeys."""
+
+    id: int
+    bundles: list[DeviceBundle]
+
+
 class Mail(Struct, frozen=True):
     eid: bytes
     blob: bytes
@@ -282,7 +357,20 @@ class Error(Frame, tag="error"):
     message: str
 
 
-Answer = Ok | AuthParamsOk | ChallengeOk | BundleOk | SessionOk | ResumeOk | KeysOk | DevicesOk | Deliver | Error
+Answer = (
+    Ok
+    | AuthParamsOk
+    | ChallengeOk
+    | BundleOk
+    | SessionOk
+    | ResumeOk
+    | KeysOk
+    | DevicesOk
+    | PrekeyStatusOk
+    | PrekeyBundles
+    | Deliver
+    | Error
+)
 
 
 class ErrorCode:
@@ -302,6 +390,7 @@ class ErrorCode:
     UNKNOWN_USER = "unknown_user"
     UNKNOWN_DEVICE = "unknown_device"
     TOO_MANY_DEVICES = "too_many_devices"
+    PREKEY_LIMIT = "prekey_limit"
     MAILBOX_FULL = "mailbox_full"
     BAD_KEY = "bad_key"
     INTERNAL = "internal"

@@ -1,0 +1,165 @@
+"""Forward secrecy and post-compromise healing, tested on real devices and a real relay.
+
+The attacker captures envelopes at the relay's database and later steals a copy of the
+recipient device's key material and ratchet sessions (everything but the message history,
+which holds plaintext by design and is what the master password protects).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import trio
+
+from keyvault.envelope import open_envelope
+from keyvault.errors import DecryptionFailed, DuplicateMessage
+from keyvault.letter import decode_letter
+from node.home import Home
+from node.node import Node
+from tests.conftest import PASSWORD, Accounts, RelayRunner
+
+DEADLINE = 30
+
+
+async def send(node: Node, peer: str, text: str) -> None:
+    async with node.connected() as link:
+        await node.send(link, peer, text)
+
+
+async def receive(node: Node) -> list[str]:
+    async with node.connected() as link:
+        return [r.message.body for r in await node.receive(link, wait=5)]
+
+
+async def captured(relay: RelayRunner, node: Node) -> list[bytes]:
+    """The envelopes the relay holds for a device, as an attacker copying its database."""
+    state = relay.state
+    assert state is not None
+    return [m.blob for m in await state.mailroom.call(state.store.fetch, node.device_id, 0, 100)]
+
+
+def stolen_copy(node: Node, tmp: Path) -> Node:
+    """A copy of the device's keys and sessions, without its message history."""
+    node.store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    target = tmp / f"stolen-{node.name}"
+    target.mkdir()
+    for f in ("device.json", "store.db"):
+        shutil.copy(node.home.path / f, target / f)
+    copy = Node.unlock(Home(target), PASSWORD)
+    with copy.store.transaction():
+        copy.store.conn.execute("DELETE FROM messages")
+    return copy
+
+
+def cannot_open(copy: Node, blob: bytes) -> None:
+    with pytest.raises((DecryptionFailed, DuplicateMessage)):
+        copy.open_only(blob)
+
+
+async def test_stolen_state_does_not_open_earlier_messages(
+    accounts: Accounts, relay: RelayRunner, tmp_path: Path
+) -> None:
+    with trio.fail_after(DEADLINE):
+        alice = await accounts.register("alice")
+        bob = await accounts.register("bob")
+        for i in range(3):
+            await send(alice, "bob", f"secret {i}")
+        early = await captured(relay, bob)
+        assert len(early) == 3
+        assert await receive(bob) == ["secret 0", "secret 1", "secret 2"]
+        # The conversation moves on a few ratchet steps.
+        for i in range(3):
+            await send(bob, "alice", f"reply {i}")
+            assert await receive(alice) == [f"reply {i}"]
+            await send(alice, "bob", f"more {i}")
+            assert await receive(bob) == [f"more {i}"]
+        copy = stolen_copy(bob, tmp_path)
+        try:
+            for blob in early:
+                # The long-term RSA key still opens the outer layer: the sender shows
+                # (the documented trade-off), the content does not.
+                outer = open_envelope(blob, copy.keys, copy.device_id)
+                assert outer.sealed.sender == "alice"
+                cannot_open(copy, blob)
+            # The copy is a working state: what alice sends next, it can read (until
+            # the ratchet heals, see below). So the refusals above are forward secrecy.
+            await send(alice, "bob", "after the theft")
+            (late,) = await captured(relay, bob)
+            sender, plain = copy.open_only(late)
+            assert (sender, decode_letter(plain).body) == ("alice", "after the theft")
+        finally:
+            copy.close()
+
+
+async def test_stolen_state_stops_working_once_both_sides_have_sent(
+    accounts: Accounts, relay: RelayRunner, tmp_path: Path
+) -> None:
+    with trio.fail_after(DEADLINE):
+        alice = await accounts.register("alice")
+        bob = await accounts.register("bob")
+        await send(alice, "bob", "hello")
+        assert await receive(bob) == ["hello"]
+        await send(bob, "alice", "hi")
+        assert await receive(alice) == ["hi"]
+        copy = stolen_copy(bob, tmp_path)
+        try:
+            # Both sides send once more: new DH ratchet keys the copy never saw.
+            await send(alice, "bob", "one")
+            assert await receive(bob) == ["one"]
+            await send(bob, "alice", "two")
+            assert await receive(alice) == ["two"]
+            await send(alice, "bob", "healed")
+            (blob,) = await captured(relay, bob)
+            cannot_open(copy, blob)
+            assert await receive(bob) == ["healed"]
+        finally:
+            copy.close()
+
+
+async def test_new_device_of_contact_is_picked_up_and_out_of_order_delivery(accounts: Accounts) -> None:
+    with trio.fail_after(DEADLINE):
+        alice = await accounts.register("alice")
+        bob = await accounts.register("bob")
+        await send(alice, "bob", "to one device")
+        assert await receive(bob) == ["to one device"]
+        bob2 = await accounts.login("bob", "laptop")
+        # alice's next send finds the new device and starts a session with it.
+        await send(alice, "bob", "to both")
+        assert await receive(bob2) == ["to both"]
+        assert await receive(bob) == ["to both"]
+        # Several messages in flight at once, delivered in one batch: all decrypt once.
+        async with alice.connected() as link:
+            for i in range(5):
+                await alice.send(link, "bob", f"burst {i}")
+        assert await receive(bob2) == [f"burst {i}" for i in range(5)]
+
+
+async def test_one_time_prekeys_are_used_once_and_refilled(accounts: Accounts, relay: RelayRunner) -> None:
+    with trio.fail_after(DEADLINE):
+        bob = await accounts.register("bob")
+        state = relay.state
+        assert state is not None
+        spk, left = await state.mailroom.call(state.store.prekey_status, bob.device_id)
+        assert spk is not None and left == 100
+        senders = [await accounts.register(f"sender{i}") for i in range(3)]
+        for s in senders:
+            await send(s, "bob", f"from {s.name}")
+        _, left = await state.mailroom.call(state.store.prekey_status, bob.device_id)
+        assert left == 97  # one per new session, never handed out twice
+        assert sorted(await receive(bob)) == sorted(f"from {s.name}" for s in senders)
+        # Bob's device deletes a one-time prekey once its first message decrypted.
+        (count,) = bob.store.conn.execute("SELECT count(*) FROM one_time_prekeys").fetchone()
+        assert count == 97
+        # Drain the stock below the refill mark; the next connection tops it up.
+        account = state.store.account(state.service.mac("bob"))
+        assert account is not None
+        for _ in range(85):
+            await state.mailroom.call(state.store.claim_prekeys, account.id, [bob.device_id])
+        _, left = await state.mailroom.call(state.store.prekey_status, bob.device_id)
+        assert left == 12
+        async with bob.connected():
+            pass
+        _, left = await state.mailroom.call(state.store.prekey_status, bob.device_id)
+        assert left == 100
