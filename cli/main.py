@@ -91,7 +91,11 @@ def kdf_profile() -> KdfParams:
 
 
 def local_time(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M")
+    """A sender's timestamp in local time (it is the peer's claim: guard absurd values)."""
+    try:
+        return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M")
+    except (ValueError, OverflowError, OSError):
+        return "????-??-?? ??:??"
 
 
 def print_received(node: Node, items: list[Received], as_json: bool) -> None:
