@@ -559,6 +559,14 @@ class Node:
             except DecryptionFailed:
                 log.warning("dropped an envelope that failed to open or verify")
                 got = None
+            except (ConnectionLost, RelayUnreachable, RelayRefused):
+                raise  # not acknowledged: it comes again on the next link
+            except (KeyvaultError, VeilError) as exc:
+                # Beyond the ratchet's skip limits, or the relay served keys the sender's
+                # identity does not vouch for: it will not open later either. Dropping it
+                # (and saying so) beats a redelivery loop.
+                self._warn(f"dropped a message that cannot be opened: {exc}")
+                got = None
             if got is not None:
                 received.append(got)
             done.append(item.eid)

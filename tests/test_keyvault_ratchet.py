@@ -218,30 +218,33 @@ def test_jump_beyond_max_skip_is_refused() -> None:
     assert len(b.skipped) == 0
 
 
-def test_storing_more_than_the_cap_in_one_message_is_refused() -> None:
+def test_a_jump_past_the_store_cap_keeps_the_newest_keys() -> None:
     a, b = established()
     a, msgs = _burst(a, MAX_STORED_SKIPPED + 2)
-    with pytest.raises(TooManySkipped):
-        recv(b, msgs[MAX_STORED_SKIPPED + 1])  # would store 1001 keys
-    b, p = recv(b, msgs[MAX_STORED_SKIPPED])  # stores exactly 1000
-    assert p == b"%d" % MAX_STORED_SKIPPED
+    b, p = recv(b, msgs[MAX_STORED_SKIPPED + 1])  # skips 1001: the oldest one is evicted
+    assert p == b"%d" % (MAX_STORED_SKIPPED + 1)
     assert len(b.skipped) == MAX_STORED_SKIPPED
-    b, p = recv(b, msgs[0])
-    assert p == b"0"
+    with pytest.raises(DuplicateMessage):  # its key was evicted
+        recv(b, msgs[0])
+    b, p = recv(b, msgs[1])
+    assert p == b"1"
 
 
-def test_old_and_new_chain_count_together() -> None:
+def test_old_and_new_chain_both_bounded_by_max_skip() -> None:
     a, b = established()
     a, old = _burst(a, 600)
     b, _ = recv(b, old[0])
     b, r = send(b, b"r")
     a, _ = recv(a, r)
     a, new = _burst(a, 500)
-    # 599 keys left in the old chain + 499 in the new one > 1000.
-    with pytest.raises(TooManySkipped):
-        recv(b, new[499])
-    b, _ = recv(b, new[400])  # 599 + 400 = 999: fine
-    assert len(b.skipped) == 999
+    # 599 keys left in the old chain + 499 in the new one: kept are the newest 1000.
+    b, p = recv(b, new[499])
+    assert p == b"499"
+    assert len(b.skipped) == MAX_STORED_SKIPPED
+    b, _ = recv(b, new[400])
+    b, _ = recv(b, old[599])  # among the newest of the old chain: still there
+    with pytest.raises(DuplicateMessage):
+        recv(b, old[1])  # evicted
 
 
 def test_stored_keys_are_bounded_and_oldest_evicted_first() -> None:
