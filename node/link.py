@@ -33,6 +33,8 @@ CONNECT_TIMEOUT = 15.0
 HANDSHAKE_TIMEOUT = 30.0  # the WebSocket handshake over a SOCKS stream (Tor is slower)
 REQUEST_TIMEOUT = 60.0
 DELIVERY_QUEUE = 64
+ACK_DELAY = 0.02
+ACK_BATCH = 1024
 
 F = TypeVar("F", bound=wire.Frame)
 
@@ -49,6 +51,29 @@ class RelayLink:
         self._deliver_in, self.deliveries = trio.open_memory_channel[wire.Deliver](DELIVERY_QUEUE)
         self.closed = trio.Event()
         self.device_id: bytes | None = None
+        self._acks: list[bytes] = []
+        self._ack_wake = trio.Event()
+
+    def ack_soon(self, eids: list[bytes]) -> None:
+        """Acknowledge delivered envelopes within ACK_DELAY: acks from a busy stretch go
+        out together, one frame instead of one per delivery (they are not urgent: a lost
+        ack only means a redelivery that the node drops as already seen)."""
+        self._acks.extend(eids)
+        self._ack_wake.set()
+
+    async def flush_acks(self) -> None:
+        while self._acks:
+            batch, self._acks = self._acks[:ACK_BATCH], self._acks[ACK_BATCH:]
+            await self.notify(wire.Ack(eids=batch))
+
+    async def acker(self) -> None:
+        """Sends pending acks, at most one frame per ACK_DELAY (unless many are waiting)."""
+        while True:
+            await self._ack_wake.wait()
+            self._ack_wake = trio.Event()
+            if len(self._acks) < ACK_BATCH:
+                await trio.sleep(ACK_DELAY)
+            await self.flush_acks()
 
     async def request(self, kind: type[wire.Frame], **fields: Any) -> Any:
         """Send one request and return its answer frame (raises on an error answer)."""
@@ -207,9 +232,15 @@ async def open_link(url: str, socks: str | None = None) -> AsyncIterator[RelayLi
                 raise RelayUnreachable(f"bad relay address {url!r}: use ws://HOST:PORT") from exc
             link = RelayLink(ws, url)
             nursery.start_soon(link.reader)
+            nursery.start_soon(link.acker)
             try:
                 yield link
             finally:
                 with trio.CancelScope(shield=True):
+                    with trio.move_on_after(2):
+                        try:
+                            await link.flush_acks()
+                        except ConnectionLost:
+                            pass
                     await link.aclose()
                 nursery.cancel_scope.cancel()

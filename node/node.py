@@ -306,10 +306,11 @@ class Node:
             await self._renew_session(link)
         link.device_id = self.device_id
 
-    async def maintain_prekeys(self, link: RelayLink) -> None:
-        """Refill one-time prekeys below the threshold; rotate the signed prekey weekly."""
+    async def maintain_prekeys(self, link: RelayLink, *, now: int | None = None) -> None:
+        """Refill one-time prekeys below the threshold; rotate the signed prekey weekly.
+        (``now``, in seconds, lets a test move the clock.)"""
         status = await link.request(wire.PrekeyStatus)
-        now = int(time.time())
+        now = int(time.time()) if now is None else now
         rotate, add = self.sessions.prekeys_due(status.signed_id, status.one_time_left, now)
         if rotate or add:
             with self.store.transaction():
@@ -571,7 +572,7 @@ class Node:
                 received.append(got)
             done.append(item.eid)
         if done:
-            await link.notify(wire.Ack(eids=done))
+            link.ack_soon(done)
         return received
 
     async def _accept_one(self, link: RelayLink, blob: bytes) -> Received | None:

@@ -145,7 +145,7 @@ class Sessions:
             key_id = self.store.next_prekey_ids(1)
             spk = new_signed_prekey(self.keys, key_id, now)
             self.store.add_signed_prekey(key_id, spk.to_bytes(), now)
-            self.store.drop_signed_prekeys_before(now - KEEP_RETIRED_SIGNED, keep=key_id)
+            self.store.drop_signed_prekeys_retired_before(now - KEEP_RETIRED_SIGNED)
             spub = wire.SignedPrekeyPub(key_id, spk.public, spk.signature)
         opks: list[OneTimePrekey] = []
         if one_time:

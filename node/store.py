@@ -325,10 +325,14 @@ class NodeStore:
         ).fetchone()
         return None if row is None else (int(row[0]), int(row[1]))
 
-    def drop_signed_prekeys_before(self, created_at: int, keep: int) -> None:
-        """Forget retired signed prekeys older than ``created_at`` (never ``keep``)."""
+    def drop_signed_prekeys_retired_before(self, cutoff: int) -> None:
+        """Forget signed prekeys that a newer one replaced before ``cutoff`` (the newest
+        is never replaced, so never dropped)."""
         self.conn.execute(
-            "DELETE FROM signed_prekeys WHERE created_at < ? AND key_id != ?", (created_at, keep)
+            "DELETE FROM signed_prekeys WHERE EXISTS (SELECT 1 FROM signed_prekeys AS newer"
+            " WHERE (newer.created_at, newer.key_id) > (signed_prekeys.created_at, signed_prekeys.key_id)"
+            " AND newer.created_at < ?)",
+            (cutoff,),
         )
 
     def add_one_time_prekeys(self, keys: Sequence[tuple[int, bytes]]) -> None:

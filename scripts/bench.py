@@ -133,8 +133,10 @@ class Pacer:
 
     async def wait(self) -> None:
         if self.interval:
-            self.next += self.interval
-            delay = self.next - time.monotonic()
+            now = time.monotonic()
+            # Never catch up in a burst after falling behind: offer at most the rate.
+            self.next = max(self.next + self.interval, now)
+            delay = self.next - now
             if delay > 0:
                 await asyncio.sleep(delay)
         else:
@@ -221,13 +223,29 @@ async def relay_pair(url: str, reg: Registrar, size: int, rate: float | None, st
     wake = asyncio.Event()
     inflight = asyncio.Semaphore(1)
 
+    acks: list[bytes] = []
+    ack_wake = asyncio.Event()
+
     async def receive() -> None:
         async for data in rx.ws:
             frame = wire.decode_answer(data)
             if isinstance(frame, wire.Deliver) and frame.items:
                 for item in frame.items:
                     stats.record(stamp(item.blob))
-                await rx.ws.send(wire.encode(wire.Ack(eids=[m.eid for m in frame.items])))
+                acks.extend(m.eid for m in frame.items)
+                ack_wake.set()
+
+    async def ack() -> None:
+        # As a node does (node/link.py): acks go out within 20 ms, many to a frame.
+        while True:
+            await ack_wake.wait()
+            ack_wake.clear()
+            if len(acks) < 1024:
+                await asyncio.sleep(0.02)
+            batch = acks[:1024]
+            del acks[:1024]
+            if batch:
+                await rx.ws.send(wire.encode(wire.Ack(eids=batch)))
 
     async def tx_answers() -> None:
         async for data in tx.ws:
@@ -257,7 +275,7 @@ async def relay_pair(url: str, reg: Registrar, size: int, rate: float | None, st
                 del pending[: wire.MAX_BATCH]
                 await tx.ws.send(wire.encode(wire.Send(id=next(tx.ids), envelopes=batch)))
 
-    tasks += [asyncio.create_task(c) for c in (receive(), tx_answers(), produce(), flush())]
+    tasks += [asyncio.create_task(c) for c in (receive(), ack(), tx_answers(), produce(), flush())]
 
 
 async def load(kind: str, url: str, pairs: int, size: int, seconds: float, rate: float | None) -> dict[str, object]:

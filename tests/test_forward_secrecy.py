@@ -8,6 +8,7 @@ which holds plaintext by design and is what the master password protects).
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,35 @@ async def test_one_time_prekeys_are_used_once_and_refilled(accounts: Accounts, r
             pass
         _, left = await state.mailroom.call(state.store.prekey_status, bob.device_id)
         assert left == 100
+
+
+async def test_signed_prekey_rotates_weekly_and_old_one_opens_late_messages(
+    accounts: Accounts, relay: RelayRunner
+) -> None:
+    with trio.fail_after(DEADLINE):
+        alice = await accounts.register("alice")
+        bob = await accounts.register("bob")
+        state = relay.state
+        assert state is not None
+        first_spk, _ = await state.mailroom.call(state.store.prekey_status, bob.device_id)
+        # alice starts a session on bob's current signed prekey; bob is away for a while.
+        await send(alice, "bob", "sent before the rotation")
+        week = 7 * 86400
+        now = int(time.time())
+        async with bob.connected() as link:
+            await bob.maintain_prekeys(link, now=now + week - 60)  # not due yet
+            assert (await state.mailroom.call(state.store.prekey_status, bob.device_id))[0] == first_spk
+            await bob.maintain_prekeys(link, now=now + week + 60)  # due: a new one
+        second_spk, _ = await state.mailroom.call(state.store.prekey_status, bob.device_id)
+        assert second_spk != first_spk
+        # The retired key still opens the late first message.
+        assert await receive(bob) == ["sent before the rotation"]
+        # New sessions use the new signed prekey.
+        carol = await accounts.register("carol")
+        await send(carol, "bob", "after the rotation")
+        assert await receive(bob) == ["after the rotation"]
+        # A month after its retirement the old private key is gone for good.
+        async with bob.connected() as link:
+            await bob.maintain_prekeys(link, now=now + week + 60 + 31 * 86400)
+        assert bob.store.signed_prekey(first_spk) is None  # type: ignore[arg-type]
+        assert bob.store.signed_prekey(second_spk) is not None  # type: ignore[arg-type]
