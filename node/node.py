@@ -295,6 +295,8 @@ class Node:
             yield link
 
     async def authenticate(self, link: RelayLink) -> None:
+        if self.store.get("logged_out"):
+            raise LoginFailed("this device is logged out; set it up again with `veil login` in a new --home")
         token = self.store.get("token")
         try:
             if not token:
@@ -319,7 +321,7 @@ class Node:
 
     async def _renew_session(self, link: RelayLink) -> None:
         seed = self.store.get("auth_seed")
-        if seed is None:
+        if not seed:
             raise LoginFailed("this device has no credentials; log in again")
         try:
             challenge, sig = await _password_proof(link, self.name, "login", seed)
@@ -339,10 +341,16 @@ class Node:
 
         Returns the contact and a warning line if its identity key changed."""
         try:
+            name = wire.normalize_username(name)
             ans = await link.request(wire.LookupKeys, name=name)
+        except ValueError:
+            raise UnknownUser() from None
         except RelayRefused as exc:
             raise _refused_as(exc) from None
-        name = ans.name
+        if ans.name != name:
+            # The keys are signed for the name they belong to: a relay answering with
+            # another account's keys would otherwise pass every signature check.
+            raise VeilError(f"the relay answered a lookup of {name} with another account's keys")
         PublicKeys(enc=ans.enc_pub, identity=ans.identity_pub, dh=ans.dh_pub).validate()
         if not verify_account_keys(ans.identity_pub, name, ans.enc_pub, ans.dh_pub, ans.keys_sig):
             raise VeilError(f"the relay served keys for {name} that {name}'s identity key does not vouch for")
@@ -495,6 +503,9 @@ class Node:
                         continue
                     blob = seal(Sealed(self.name, self.device_id, payload), self.keys, enc, peer.device_id)
                     entries.append(OutboxEntry(secrets.token_bytes(16), m.msg_id, peer.device_id, blob))
+                peer_devices = {p.device_id for p, _ in targets if p.name == m.peer}
+                if m.peer != self.name and not any(e.device_id in peer_devices for e in entries):
+                    raise VeilError(f"no device of {m.peer} can receive messages yet")
                 self.store.add_outbox(entries)
                 self.store.remove_unsealed(m.msg_id)
                 if not entries:
@@ -507,6 +518,8 @@ class Node:
         """This account's devices, as the relay lists them (signatures checked)."""
         ans = await link.request(wire.LookupKeys, name=self.name)
         me = self.keys.public()
+        if ans.name != self.name:
+            raise VeilError("the relay answered a lookup of this account with another account's keys")
         devices = [d.device_id for d in ans.devices if verify_device(me.identity, self.name, d.device_id, d.sig)]
         with self.store.transaction():
             self.store.forget_sessions(self.name, devices)
@@ -611,10 +624,12 @@ class Node:
             raise DecryptionFailed()  # written for someone else: not ours to show
         peer = letter.to if sender == self.name else sender
         with self.store.transaction():
-            commit()  # the ratchet moves on with the message stored, or not at all
             if self.store.has_message(letter.msg_id):
+                # An old message replayed (perhaps rebuilding a session from its X3DH
+                # data): keep the sessions as they are.
                 log.info("dropped a message already received")
                 return None
+            commit()  # the ratchet moves on with the message stored, or not at all
             msg = self.store.add_message(
                 StoredMessage(letter.msg_id, peer, sender, sender == self.name, letter.body,
                               letter.sent_at, now_ms(), "received", 0)
@@ -664,9 +679,13 @@ class Node:
         return list(ans.devices)
 
     async def logout(self, link: RelayLink, *, remove_device: bool = True) -> None:
+        """End this device's session (and remove the device from the account). The stored
+        credentials go too, so the device cannot quietly log itself back in."""
         await link.request(wire.Logout, remove_device=remove_device)
         with self.store.transaction():
             self.store.put("token", b"")
+            self.store.put("auth_seed", b"")
+            self.store.put("logged_out", b"1")
 
 
 def open_home(path: Path) -> Home:

@@ -27,6 +27,7 @@ log = logging.getLogger("veil.node")
 # What a dropped link or an unreachable relay looks like; all end in a retry.
 _TRANSIENT = (RelayUnreachable, ConnectionLost, RelayRefused, OSError)
 
+PREKEY_CHECK_EVERY = 6 * 3600.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 
@@ -114,6 +115,7 @@ class LiveSession:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._receive, link)
                 nursery.start_soon(self._flush_on_poke, link)
+                nursery.start_soon(self._maintain_prekeys, link)
                 await link.closed.wait()
                 nursery.cancel_scope.cancel()
             raise ConnectionLost()
@@ -121,6 +123,12 @@ class LiveSession:
     async def _receive(self, link: RelayLink) -> None:
         async for frame in link.deliveries:
             await self.node.accept(link, frame)  # announces each message via _received
+
+    async def _maintain_prekeys(self, link: RelayLink) -> None:
+        # Connecting refills and rotates; a device that stays online checks again daily.
+        while True:
+            await trio.sleep(PREKEY_CHECK_EVERY)
+            await self.node.maintain_prekeys(link)
 
     async def _flush_on_poke(self, link: RelayLink) -> None:
         while True:

@@ -285,11 +285,14 @@ async def load(kind: str, url: str, pairs: int, size: int, seconds: float, rate:
     tasks: list[asyncio.Task[None]] = []
     per_sender = rate / pairs if rate else None
     reg = Registrar() if kind == "relay" else None
+    # Fresh forwarder ids per run: frames a previous run left in flight must not reach
+    # this run's receivers (the forwarder keeps running between runs).
+    base = secrets.randbelow(1 << 30)
     for i in range(pairs):
         if reg is not None:
             await relay_pair(url, reg, size, per_sender, stats, stop, tasks)
         else:
-            await bare_pair(url, i, size, per_sender, stats, stop, tasks)
+            await bare_pair(url, base + i, size, per_sender, stats, stop, tasks)
     await asyncio.sleep(min(2.0, seconds / 4))  # warm-up
     stats.measuring = True
     start_count, start = stats.received, time.monotonic()

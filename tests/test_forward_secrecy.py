@@ -7,6 +7,7 @@ which holds plaintext by design and is what the master password protects).
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +19,9 @@ from keyvault.envelope import open_envelope
 from keyvault.errors import DecryptionFailed, DuplicateMessage
 from keyvault.letter import decode_letter
 from node.home import Home
+from node.errors import VeilError
 from node.node import Node
+from relay import wire
 from tests.conftest import PASSWORD, Accounts, RelayRunner
 
 DEADLINE = 30
@@ -196,3 +199,58 @@ async def test_signed_prekey_rotates_weekly_and_old_one_opens_late_messages(
             await bob.maintain_prekeys(link, now=now + week + 60 + 31 * 86400)
         assert bob.store.signed_prekey(first_spk) is None  # type: ignore[arg-type]
         assert bob.store.signed_prekey(second_spk) is not None  # type: ignore[arg-type]
+
+
+async def test_relay_answering_with_another_accounts_keys_is_caught(
+    accounts: Accounts, relay: RelayRunner
+) -> None:
+    """A relay that answers a lookup of bob with mallory's (validly signed) keys."""
+    with trio.fail_after(DEADLINE):
+        alice = await accounts.register("alice")
+        await accounts.register("bob")
+        mallory = await accounts.register("mallory")
+        state = relay.state
+        assert state is not None
+        honest = state.service.lookup_keys
+
+        async def lying(peer, req):  # type: ignore[no-untyped-def]
+            if req.name == "bob":
+                req = wire.LookupKeys(id=req.id, name="mallory")
+            return await honest(peer, req)
+
+        state.service.lookup_keys = lying  # type: ignore[method-assign]
+        with pytest.raises(VeilError, match="another account"):
+            await send(alice, "bob", "secret for bob")
+        assert await captured(relay, mallory) == []
+        assert alice.store.contact("bob") is None
+
+
+@pytest.mark.slow
+async def test_replayed_first_message_does_not_fork_the_session(
+    accounts: Accounts, relay: RelayRunner
+) -> None:
+    """A first message (X3DH data, no one-time prekey) replayed long after: dropped,
+    and the conversation goes on in the session both sides use."""
+    with trio.fail_after(120):
+        alice = await accounts.register("alice")
+        bob = await accounts.register("bob")
+        state = relay.state
+        assert state is not None
+        account = state.store.account(state.service.mac("bob"))
+        assert account is not None
+        for _ in range(100):  # bob's one-time prekeys run out: X3DH on the signed prekey
+            await state.mailroom.call(state.store.claim_prekeys, account.id, [bob.device_id])
+        await send(alice, "bob", "first")
+        (first,) = await captured(relay, bob)
+        assert await receive(bob) == ["first"]
+        for i in range(52):  # bob retires more than 50 receiving header keys
+            await send(bob, "alice", f"b{i}")
+            assert await receive(alice) == [f"b{i}"]
+            await send(alice, "bob", f"a{i}")
+            assert await receive(bob) == [f"a{i}"]
+        async with alice.connected() as link:
+            await link.request(wire.Send, envelopes=[wire.Envelope(bob.device_id, secrets.token_bytes(16), first)])
+        assert await receive(bob) == []
+        assert len(bob.store.sessions("alice", alice.device_id)) == 1
+        await send(bob, "alice", "after the replay")
+        assert await receive(alice) == ["after the replay"]

@@ -282,3 +282,16 @@ async def test_relay_cannot_substitute_the_sealing_key(
         with pytest.raises(VeilError, match="does not vouch"):
             await send(alice, "bob", "for bob's eyes only")
         assert alice.store.contact("bob") is None
+
+
+async def test_logged_out_device_stays_out(accounts: Accounts) -> None:
+    with trio.fail_after(DEADLINE):
+        alice = await accounts.register("alice")
+        phone = await accounts.login("alice", "phone")
+        async with phone.connected() as link:
+            await phone.logout(link)
+        with pytest.raises(LoginFailed, match="logged out"):
+            async with phone.connected():
+                pass
+        async with alice.connected() as link:
+            assert [d.device_id for d in await alice.devices(link)] == [alice.device_id]
