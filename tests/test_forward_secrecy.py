@@ -18,8 +18,8 @@ import trio
 from keyvault.envelope import open_envelope
 from keyvault.errors import DecryptionFailed, DuplicateMessage
 from keyvault.letter import decode_letter
-from node.home import Home
 from node.errors import VeilError
+from node.home import Home
 from node.node import Node
 from relay import wire
 from tests.conftest import PASSWORD, Accounts, RelayRunner
