@@ -76,6 +76,7 @@ class Mailroom:
         # Owned by the commit thread (always under self._limiter):
         self._counts: dict[bytes, int] = {}
         self._last_seq: dict[bytes, int] = {}
+        self._known: set[bytes] = set()  # devices known to exist
         self.commits = 0
         self.envelopes = 0
         self._committed = trio.Event()
@@ -130,6 +131,7 @@ class Mailroom:
     async def remove_device(self, device_id: bytes) -> None:
         def run() -> None:
             self._counts.pop(device_id, None)
+            self._known.discard(device_id)
             self.store.remove_device(device_id)
 
         await self.call(run)
@@ -152,7 +154,6 @@ class Mailroom:
                 log.error("group commit failed: %s", type(exc).__name__)
                 for w in enqueues:
                     w.error, w.stored = exc, []
-                self._counts.clear()
             self.commits += 1
             stored = [s for w in enqueues for s in w.stored]
             self.envelopes += len(stored)
@@ -172,46 +173,70 @@ class Mailroom:
             self._last_seq[device_id] = max(last, self._last_seq.get(device_id, 0))
 
     def _commit(self, enqueues: list[_Enqueue], acks: list[_Ack]) -> None:
+        # Few statements per batch, whatever its size: the commit thread gives up the GIL
+        # around every statement step, and getting it back from a busy event loop is
+        # what a commit under load spends most of its time on.
         store, conn = self.store, self.store.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             devices = {d for w in enqueues for d, _, _ in w.items}
-            existing = store.existing_devices(devices) if devices else set()
-            # Retried sends: envelopes already in a mailbox are neither stored nor counted
-            # again (and do not make a full mailbox refuse the retry).
-            pairs = list({(d, eid) for w in enqueues for d, eid, _ in w.items if d in existing})
-            taken = store.stored_pairs(pairs) if pairs else set()
+            unknown = devices - self._known
+            if unknown:
+                self._known |= store.existing_devices(unknown)
             rows: list[tuple[bytes, int, bytes, bytes]] = []
+            seen: set[tuple[bytes, bytes]] = set()
             for w in enqueues:
-                if any(d not in existing for d, _, _ in w.items):
+                if any(d not in self._known for d, _, _ in w.items):
                     w.error = UnknownDevice()
                     continue
                 fresh: dict[tuple[bytes, bytes], bytes] = {}
                 for d, eid, blob in w.items:
-                    if (d, eid) not in taken and (d, eid) not in fresh:
+                    if (d, eid) not in seen and (d, eid) not in fresh:
                         fresh[(d, eid)] = blob
                 adding = Counter(d for d, _ in fresh)
                 for d in adding:
                     self._device_state(d)
                 limit = self.mailbox_limit
                 if limit and any(self._counts[d] + n > limit for d, n in adding.items()):
-                    w.error = MailboxFull()
-                    continue
+                    # Perhaps a retry of envelopes already stored: those do not count.
+                    taken = store.stored_pairs(list(fresh))
+                    for pair in taken:
+                        del fresh[pair]
+                    seen.update(taken)
+                    adding = Counter(d for d, _ in fresh)
+                    if any(self._counts[d] + n > limit for d, n in adding.items()):
+                        w.error = MailboxFull()
+                        continue
                 for (d, eid), blob in fresh.items():
                     self._counts[d] += 1
                     self._last_seq[d] += 1
                     rows.append((d, self._last_seq[d], eid, blob))
                     w.stored.append(Stored(d, self._last_seq[d], eid, blob))
-                taken.update(fresh)  # a later send in this batch with the same envelope
-            if rows:
-                store.insert_mail(rows)
-            for a in acks:
-                deleted = store.ack(a.device_id, a.eids)
-                if a.device_id in self._counts:
-                    self._counts[a.device_id] = max(0, self._counts[a.device_id] - deleted)
+                seen.update(fresh)  # a later send in this batch with the same envelope
+            if rows and store.insert_mail(rows) != len(rows):
+                # Retried sends: envelopes a mailbox already held were not inserted again;
+                # find which (their fresh sequence numbers are absent), so that they are
+                # neither counted nor pushed twice. Rare: a lost answer to a send.
+                inserted = store.present_seqs([(d, seq) for d, seq, _, _ in rows])
+                for d, seq, _, _ in rows:
+                    if (d, seq) not in inserted:
+                        self._counts[d] -= 1
+                for w in enqueues:
+                    w.stored = [st for st in w.stored if (st.device_id, st.seq) in inserted]
+            if acks:
+                acked = [(a.device_id, eid) for a in acks for eid in dict.fromkeys(a.eids)]
+                deleted = store.ack(acked)
+                per_device = Counter(d for d, _ in acked)
+                for d, n in per_device.items():
+                    if d in self._counts:
+                        if deleted == len(acked):
+                            self._counts[d] = max(0, self._counts[d] - n)
+                        else:  # some acks named nothing: count those mailboxes again
+                            del self._counts[d]
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             for w in enqueues:
                 w.stored = []
+            self._counts.clear()
             raise

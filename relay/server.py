@@ -6,6 +6,7 @@ import fcntl
 import logging
 import os
 import secrets
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from relay.store import RelayStore
 log = logging.getLogger("veil.relay")
 
 DB_FILE = "relay.db"
+SWITCH_INTERVAL = 0.0005
 EXPIRE_EVERY = 3600.0
 # Pending messages per connection inside trio-websocket before its reader stops reading;
 # above 1 so that pings and close frames are answered while a request is handled.
@@ -113,6 +115,10 @@ async def serve(
 ) -> None:
     """Run a relay until cancelled; reports a RelayInfo once it accepts connections.
     (``state`` lets a test or benchmark look inside the relay it runs.)"""
+    # The commit thread gives up the GIL around every SQLite call and must get it back
+    # from a busy event loop: with the default 5 ms switch interval that wait, not SQLite,
+    # dominated commits under load (measured: 13.6 ms mean commit at 9.7k msgs/s).
+    sys.setswitchinterval(SWITCH_INTERVAL)
     state = state or RelayState(config)
     try:
         async with trio.open_nursery() as nursery:

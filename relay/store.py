@@ -335,7 +335,9 @@ class RelayStore:
         return found
 
     def stored_pairs(self, pairs: Sequence[tuple[bytes, bytes]]) -> set[tuple[bytes, bytes]]:
-        """Which of these (device_id, eid) pairs a mailbox already holds (retried sends)."""
+        """Which of these (device_id, eid) pairs a mailbox already holds (retried sends).
+        One statement per 400 pairs (the commit thread releases the GIL around every
+        statement step; under load, getting it back is what costs)."""
         found: set[tuple[bytes, bytes]] = set()
         for start in range(0, len(pairs), 400):
             chunk = pairs[start : start + 400]
@@ -349,6 +351,21 @@ class RelayStore:
             )
         return found
 
+    def present_seqs(self, keys: Sequence[tuple[bytes, int]]) -> set[tuple[bytes, int]]:
+        """Which of these (device_id, seq) a mailbox holds."""
+        found: set[tuple[bytes, int]] = set()
+        for start in range(0, len(keys), 400):
+            chunk = keys[start : start + 400]
+            values = ",".join(["(?,?)"] * len(chunk))
+            found.update(
+                (bytes(r[0]), int(r[1]))
+                for r in self.conn.execute(
+                    f"SELECT device_id, seq FROM mailbox WHERE (device_id, seq) IN (VALUES {values})",
+                    [x for key in chunk for x in key],
+                )
+            )
+        return found
+
     def mailbox_state(self, device_id: bytes) -> tuple[int, int]:
         """(number of envelopes, highest seq) of one device's mailbox."""
         row = self.conn.execute(
@@ -356,21 +373,20 @@ class RelayStore:
         ).fetchone()
         return int(row[0]), int(row[1])
 
-    def insert_mail(self, rows: Sequence[tuple[bytes, int, bytes, bytes]]) -> set[tuple[bytes, bytes]]:
-        """Insert (device_id, seq, eid, blob) rows; a repeated (device, eid) is ignored.
-        Returns the (device_id, eid) pairs newly stored."""
+    def insert_mail(self, rows: Sequence[tuple[bytes, int, bytes, bytes]]) -> int:
+        """Insert (device_id, seq, eid, blob) rows (the caller has left out envelopes the
+        mailboxes already hold); returns how many were inserted."""
         expires = today() + MAIL_TTL_DAYS
-        stored: set[tuple[bytes, bytes]] = set()
+        stored = 0
         for start in range(0, len(rows), 200):
             chunk = rows[start : start + 200]
             values = ",".join(["(?,?,?,?,?)"] * len(chunk))
             params = [x for d, seq, eid, blob in chunk for x in (d, seq, eid, blob, expires)]
             cur = self.conn.execute(
-                f"INSERT OR IGNORE INTO mailbox (device_id, seq, eid, blob, expires_day) VALUES {values}"
-                " RETURNING device_id, eid",
+                f"INSERT OR IGNORE INTO mailbox (device_id, seq, eid, blob, expires_day) VALUES {values}",
                 params,
             )
-            stored.update((bytes(r[0]), bytes(r[1])) for r in cur.fetchall())
+            stored += int(cur.rowcount)
         return stored
 
     def fetch(self, device_id: bytes, after_seq: int, limit: int) -> list[Stored]:
@@ -383,13 +399,18 @@ class RelayStore:
             )
         ]
 
-    def ack(self, device_id: bytes, eids: Sequence[bytes]) -> int:
-        """Delete delivered envelopes of one device; returns how many were deleted."""
-        cur = self.conn.executemany(
-            "DELETE FROM mailbox WHERE device_id = ? AND eid = ?",
-            [(device_id, eid) for eid in eids],
-        )
-        return int(cur.rowcount)
+    def ack(self, pairs: Sequence[tuple[bytes, bytes]]) -> int:
+        """Delete delivered envelopes, given as (device_id, eid); returns how many went."""
+        deleted = 0
+        for start in range(0, len(pairs), 400):
+            chunk = pairs[start : start + 400]
+            values = ",".join(["(?,?)"] * len(chunk))
+            cur = self.conn.execute(
+                f"DELETE FROM mailbox WHERE (device_id, eid) IN (VALUES {values})",
+                [x for pair in chunk for x in pair],
+            )
+            deleted += int(cur.rowcount)
+        return deleted
 
     # ---- prekeys -------------------------------------------------------------------
     def prekey_status(self, device_id: bytes) -> tuple[int | None, int]:
