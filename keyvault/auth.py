@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from keyvault import labels
 from keyvault._codec import lp
+from keyvault._verify import ed25519_verifies
 from keyvault.errors import BadKey
 
 SEED_LEN = 32
@@ -55,11 +55,7 @@ def verify_challenge(
 ) -> bool:
     """Return True if ``signature`` answers the challenge; False for any bad input."""
     try:
-        if len(public) != 32 or len(signature) != 64:
-            return False
         msg = challenge_message(purpose, relay_id, username, challenge)
-        Ed25519PublicKey.from_public_bytes(bytes(public)).verify(bytes(signature), msg)
-    except (InvalidSignature, ValueError, TypeError):
-        # ValueError covers unencodable strings (lone surrogates) and bad key bytes.
+    except (ValueError, TypeError):  # unencodable strings (lone surrogates), bad types
         return False
-    return True
+    return ed25519_verifies(public, signature, msg)

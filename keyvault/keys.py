@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyvault import labels
 from keyvault._codec import Reader, lp
+from keyvault._verify import ed25519_verifies
 from keyvault.errors import BadKey, BadPassword
 from keyvault.kdf import PasswordKeys, derive
 
@@ -206,13 +207,10 @@ def verify_device(
 ) -> bool:
     """Return True if the account identity key signed this device; False on any bad input."""
     try:
-        if len(identity_public) != 32 or len(signature) != 64:
-            return False
-        key = Ed25519PublicKey.from_public_bytes(bytes(identity_public))
-        key.verify(bytes(signature), _device_message(username, device_id))
-    except (InvalidSignature, ValueError, TypeError):
+        message = _device_message(username, device_id)
+    except (ValueError, TypeError):
         return False
-    return True
+    return ed25519_verifies(identity_public, signature, message)
 
 
 def _account_keys_message(username: str, enc: bytes, dh: bytes) -> bytes:
@@ -230,13 +228,10 @@ def verify_account_keys(
 ) -> bool:
     """Return True if the identity key vouches for these keys; False on any bad input."""
     try:
-        if len(identity_public) != 32 or len(signature) != 64:
-            return False
-        key = Ed25519PublicKey.from_public_bytes(bytes(identity_public))
-        key.verify(bytes(signature), _account_keys_message(username, enc, dh))
-    except (InvalidSignature, ValueError, TypeError):
+        message = _account_keys_message(username, enc, dh)
+    except (ValueError, TypeError):
         return False
-    return True
+    return ed25519_verifies(identity_public, signature, message)
 
 
 # Recovery codes ---------------------------------------------------------------------------

@@ -21,11 +21,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from keyvault import labels
+from keyvault._verify import ed25519_verifies
 from keyvault.errors import BadKey
 from keyvault.keys import AccountKeys
 
@@ -114,13 +113,12 @@ def verify_signed_prekey(
     """Return True if ``identity_public`` signed this prekey; False on any bad input."""
     try:
         _check_id(key_id)
-        if len(identity_public) != KEY_LEN or len(public) != KEY_LEN or len(signature) != SIG_LEN:
+        if len(public) != KEY_LEN:
             return False
-        key = Ed25519PublicKey.from_public_bytes(bytes(identity_public))
-        key.verify(bytes(signature), _signed_message(key_id, public))
-    except (InvalidSignature, ValueError, TypeError):
+        message = _signed_message(key_id, public)
+    except (ValueError, TypeError):
         return False
-    return True
+    return ed25519_verifies(identity_public, signature, message)
 
 
 @dataclass(frozen=True, repr=False)

@@ -334,37 +334,29 @@ class RelayStore:
             )
         return found
 
-    def stored_pairs(self, pairs: Sequence[tuple[bytes, bytes]]) -> set[tuple[bytes, bytes]]:
-        """Which of these (device_id, eid) pairs a mailbox already holds (retried sends).
-        One statement per 400 pairs (the commit thread releases the GIL around every
-        statement step; under load, getting it back is what costs)."""
-        found: set[tuple[bytes, bytes]] = set()
-        for start in range(0, len(pairs), 400):
-            chunk = pairs[start : start + 400]
-            values = ",".join(["(?,?)"] * len(chunk))
-            found.update(
-                (bytes(r[0]), bytes(r[1]))
-                for r in self.conn.execute(
-                    f"SELECT device_id, eid FROM mailbox WHERE (device_id, eid) IN (VALUES {values})",
-                    [x for pair in chunk for x in pair],
-                )
-            )
-        return found
-
-    def present_seqs(self, keys: Sequence[tuple[bytes, int]]) -> set[tuple[bytes, int]]:
-        """Which of these (device_id, seq) a mailbox holds."""
-        found: set[tuple[bytes, int]] = set()
+    def _present(self, column: str, keys: Sequence[tuple[bytes, object]]) -> set[tuple[bytes, object]]:
+        # One statement per 400 keys: the commit thread releases the GIL around every
+        # statement step, and under load getting it back is what costs.
+        found: set[tuple[bytes, object]] = set()
         for start in range(0, len(keys), 400):
             chunk = keys[start : start + 400]
             values = ",".join(["(?,?)"] * len(chunk))
             found.update(
-                (bytes(r[0]), int(r[1]))
+                (bytes(r[0]), r[1] if column == "seq" else bytes(r[1]))
                 for r in self.conn.execute(
-                    f"SELECT device_id, seq FROM mailbox WHERE (device_id, seq) IN (VALUES {values})",
+                    f"SELECT device_id, {column} FROM mailbox WHERE (device_id, {column}) IN (VALUES {values})",
                     [x for key in chunk for x in key],
                 )
             )
         return found
+
+    def stored_pairs(self, pairs: Sequence[tuple[bytes, bytes]]) -> set[tuple[bytes, bytes]]:
+        """Which of these (device_id, eid) pairs a mailbox already holds (retried sends)."""
+        return self._present("eid", pairs)  # type: ignore[return-value]
+
+    def present_seqs(self, keys: Sequence[tuple[bytes, int]]) -> set[tuple[bytes, int]]:
+        """Which of these (device_id, seq) a mailbox holds."""
+        return self._present("seq", keys)  # type: ignore[return-value]
 
     def mailbox_state(self, device_id: bytes) -> tuple[int, int]:
         """(number of envelopes, highest seq) of one device's mailbox."""
