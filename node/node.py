@@ -427,6 +427,7 @@ class Node:
         contact's key changed; they stay queued) or failed (no such user)."""
         problems: list[tuple[bytes, VeilError]] = []
         own: list[bytes] | None = None
+        contacts: dict[str, Contact] = {}  # looked up once per peer per call
         for msg_id in self.store.unsealed():
             m = self.store.message(msg_id)
             if m is None:
@@ -434,7 +435,7 @@ class Node:
             try:
                 if own is None:
                     own = await self.own_devices(link)
-                targets, bundles = await self._prepare(link, m, own)
+                targets, bundles = await self._prepare(link, m, own, contacts)
                 sealed = self._seal(m, targets, bundles)
             except IdentityChanged as exc:
                 problems.append((msg_id, exc))
@@ -455,14 +456,16 @@ class Node:
         return problems
 
     async def _prepare(
-        self, link: RelayLink, m: StoredMessage, own: list[bytes]
+        self, link: RelayLink, m: StoredMessage, own: list[bytes], contacts: dict[str, Contact]
     ) -> tuple[list[tuple[Peer, bytes]], dict[tuple[str, bytes], wire.DeviceBundle]]:
         """Everything sealing needs from the relay: the devices to seal for (with their
         account's RSA key), and prekey bundles for devices we have no session with."""
         me = self.keys.public()
         targets: list[tuple[Peer, bytes]] = []
         if m.peer != self.name:
-            contact, _ = await self.lookup(link, m.peer)
+            if m.peer not in contacts:
+                contacts[m.peer], _ = await self.lookup(link, m.peer)
+            contact = contacts[m.peer]
             if contact.verified and contact.key_changed:
                 raise self._held(m.peer)
             targets += [
@@ -526,32 +529,44 @@ class Node:
         return devices
 
     async def flush_outbox(self, link: RelayLink) -> int:
-        """Hand every unacknowledged envelope to the relay, one frame per message.
-        Returns how many messages the relay now holds."""
+        """Hand every unacknowledged envelope to the relay. Whole messages share a frame
+        (up to MAX_BATCH envelopes), so a backlog goes out in few round trips. Returns
+        how many messages the relay now holds."""
         by_msg: dict[bytes, list[OutboxEntry]] = {}
         for e in self.store.outbox():
             by_msg.setdefault(e.msg_id, []).append(e)
+        frames: list[list[OutboxEntry]] = []
+        for entries in by_msg.values():
+            if frames and len(frames[-1]) + len(entries) <= wire.MAX_BATCH:
+                frames[-1].extend(entries)
+            else:
+                frames += [entries[k : k + wire.MAX_BATCH] for k in range(0, len(entries), wire.MAX_BATCH)]
+        left = {msg_id: len(entries) for msg_id, entries in by_msg.items()}
         done = 0
-        for msg_id, entries in by_msg.items():
-            for start in range(0, len(entries), wire.MAX_BATCH):
-                chunk = entries[start : start + wire.MAX_BATCH]
-                try:
-                    await link.request(
-                        wire.Send, envelopes=[wire.Envelope(e.device_id, e.eid, e.blob) for e in chunk]
-                    )
-                except RelayRefused as exc:
-                    if exc.code != E.UNKNOWN_DEVICE:
-                        raise
-                    # A device was removed since the message was sealed: it gets
-                    # nothing more. Send the rest one by one to find which.
-                    await self._send_singly(link, chunk)
-                with self.store.transaction():
-                    self.store.remove_outbox([e.eid for e in chunk])
+        for chunk in frames:
+            try:
+                await link.request(
+                    wire.Send, envelopes=[wire.Envelope(e.device_id, e.eid, e.blob) for e in chunk]
+                )
+            except RelayRefused as exc:
+                if exc.code != E.UNKNOWN_DEVICE:
+                    raise
+                # A device was removed since the message was sealed: it gets nothing
+                # more. Send the rest one by one to find which.
+                await self._send_singly(link, chunk)
+            finished: list[bytes] = []
+            for e in chunk:
+                left[e.msg_id] -= 1
+                if left[e.msg_id] == 0:
+                    finished.append(e.msg_id)
             with self.store.transaction():
-                self.store.set_state(msg_id, "sent")
-            done += 1
-            for fn in self.sent_listeners:
-                fn(msg_id)
+                self.store.remove_outbox([e.eid for e in chunk])
+                for msg_id in finished:
+                    self.store.set_state(msg_id, "sent")
+            done += len(finished)
+            for msg_id in finished:
+                for fn in self.sent_listeners:
+                    fn(msg_id)
         return done
 
     async def _send_singly(self, link: RelayLink, entries: list[OutboxEntry]) -> None:
