@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import io
 import re
-import signal
 import stat
-import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import datetime
@@ -17,7 +15,7 @@ import pexpect
 import pytest
 
 from cli.chat import local_time, wrap
-from tests.test_cli import ROOT, RelayProcess, User, env_for, start_relay
+from tests.test_cli import ROOT, RelayProcess, User, env_for, start_relay, stop_relay
 
 TIMEOUT = 20
 COLUMNS = 160
@@ -94,16 +92,7 @@ class World:
         if rp is None:
             return
         self.relay = None
-        if rp.proc.poll() is None:
-            rp.proc.send_signal(signal.SIGTERM)
-            try:
-                rp.proc.wait(timeout=TIMEOUT)
-            except subprocess.TimeoutExpired:
-                rp.proc.kill()
-                rp.proc.wait()
-        for f in (rp.proc.stdout, rp.proc.stderr):
-            if f:
-                f.close()
+        stop_relay(rp)
 
     def user(self, name: str) -> User:
         assert self.relay is not None

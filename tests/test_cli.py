@@ -64,10 +64,8 @@ def start_relay(tmp: Path, port: int = 0) -> RelayProcess:
     return RelayProcess(proc, line.removeprefix("relay listening on "), data)
 
 
-@pytest.fixture
-def relay_proc(tmp_path: Path) -> Iterator[RelayProcess]:
-    rp = start_relay(tmp_path)
-    yield rp
+def stop_relay(rp: RelayProcess) -> None:
+    """SIGTERM, wait (SIGKILL if it hangs), close its pipes."""
     if rp.proc.poll() is None:
         rp.proc.send_signal(signal.SIGTERM)
         try:
@@ -78,6 +76,13 @@ def relay_proc(tmp_path: Path) -> Iterator[RelayProcess]:
     for f in (rp.proc.stdout, rp.proc.stderr):
         if f:
             f.close()
+
+
+@pytest.fixture
+def relay_proc(tmp_path: Path) -> Iterator[RelayProcess]:
+    rp = start_relay(tmp_path)
+    yield rp
+    stop_relay(rp)
 
 
 class User:
