@@ -78,7 +78,7 @@ class RelayLink:
     async def request(self, kind: type[wire.Frame], **fields: Any) -> Any:
         """Send one request and return its answer frame (raises on an error answer)."""
         rid = next(self._ids)
-        frame = kind(id=rid, **fields)  # type: ignore[call-arg]
+        frame = kind(id=rid, **fields)
         send, recv = trio.open_memory_channel[wire.Frame](1)
         self._waiting[rid] = send
         try:

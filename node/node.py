@@ -161,7 +161,8 @@ class Node:
             spk, opks = prekeys
             store.add_signed_prekey(spk.key_id, spk.to_bytes(), spk.created_at)
             store.add_one_time_prekeys([(k.key_id, k.to_bytes()) for k in opks])
-            store.put("next_prekey_id", (max(k.key_id for k in [spk, *opks]) + 1).to_bytes(8, "big"))
+            last_id = max([spk.key_id, *(k.key_id for k in opks)])
+            store.put("next_prekey_id", (last_id + 1).to_bytes(8, "big"))
         home.save(config)
         return cls(home, config, store, keys)
 
@@ -178,7 +179,8 @@ class Node:
             name = wire.normalize_username(name)
         except ValueError as exc:
             raise VeilError(str(exc)) from None
-        keys = keys or await trio.to_thread.run_sync(AccountKeys.generate)
+        if keys is None:
+            keys = await trio.to_thread.run_sync(AccountKeys.generate)
         salt = new_salt()
         pk = await trio.to_thread.run_sync(password_keys, password, salt, kdf)
         code = new_recovery_code()

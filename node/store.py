@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
@@ -142,10 +143,9 @@ class OutboxEntry:
 _MSG_COLS = "msg_id, peer, sender, outgoing, body, sent_at, received_at, state, seq"
 
 
-def _message(r: Sequence[object]) -> StoredMessage:
+def _message(r: Sequence[Any]) -> StoredMessage:
     return StoredMessage(
-        bytes(r[0]), str(r[1]), str(r[2]), bool(r[3]), str(r[4]),
-        int(r[5]), int(r[6]), str(r[7]), int(r[8]),  # type: ignore[call-overload]
+        bytes(r[0]), str(r[1]), str(r[2]), bool(r[3]), str(r[4]), int(r[5]), int(r[6]), str(r[7]), int(r[8])
     )
 
 

@@ -89,7 +89,7 @@ class Throttle:
             count = 0
         if len(self._failures) > MAX_CHALLENGES:
             self._failures = {k: v for k, v in self._failures.items() if v[1] + FORGET_AFTER > now}
-        delay = min(FIRST_DELAY * 2**count, MAX_DELAY)
+        delay = float(min(FIRST_DELAY * 2.0**count, MAX_DELAY))
         self._failures[key] = (count + 1, now + delay)
         return delay
 

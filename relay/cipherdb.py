@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import sqlcipher3.dbapi2 as sqlcipher
+import sqlcipher3.dbapi2 as sqlcipher  # type: ignore[import-untyped]
 
 sys.modules.setdefault("pysqlite3", sys.modules["sqlcipher3"])
 sys.modules.setdefault("pysqlite3.dbapi2", sqlcipher)

@@ -122,16 +122,16 @@ class RelayService:
                 return wire.PrekeyStatusOk(id=req.id, signed_id=spk, one_time_left=left)
             case wire.ClaimPrekeys():
                 self._require_session(peer)
-                account = await self._account(_name(req.name))
-                if account is None:
+                holder = await self._account(_name(req.name))
+                if holder is None:
                     raise Refused(E.UNKNOWN_USER, "no such user")
-                rows = await self.mailroom.call(self.mailroom.store.claim_prekeys, account.id, req.device_ids)
-                return wire.PrekeyBundles(id=req.id, bundles=[wire.DeviceBundle(*r) for r in rows])
+                bundles = await self.mailroom.call(self.mailroom.store.claim_prekeys, holder.id, req.device_ids)
+                return wire.PrekeyBundles(id=req.id, bundles=[wire.DeviceBundle(*b) for b in bundles])
             case wire.ListDevices():
                 self._require_session(peer)
-                rows = await self.mailroom.call(self.mailroom.store.devices, peer.account_id)
+                devices = await self.mailroom.call(self.mailroom.store.devices, peer.account_id)
                 return wire.DevicesOk(
-                    id=req.id, devices=[wire.DeviceInfo(d, day) for d, _, day in rows]
+                    id=req.id, devices=[wire.DeviceInfo(d, day) for d, _, day in devices]
                 )
         raise Refused(E.UNKNOWN_FRAME, "unknown request")  # pragma: no cover
 

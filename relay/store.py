@@ -230,6 +230,7 @@ class RelayStore:
                 )
             except IntegrityError:
                 raise NameTaken() from None
+            assert cur.lastrowid is not None
             account_id = int(cur.lastrowid)
             self._insert_device(account_id, device_id, device_sig)
         return account_id

@@ -15,7 +15,7 @@ wrong types, missing fields and oversized fields are all refused with a stable c
 from __future__ import annotations
 
 import re
-from typing import Annotated, Final, Literal
+from typing import Annotated, Final, Literal, cast
 
 import msgspec
 from msgspec import Meta, Struct
@@ -102,14 +102,14 @@ class PrekeySet(Struct, forbid_unknown_fields=True, frozen=True):
 # ---- requests (node -> relay) -------------------------------------------------------
 
 
-class AuthParams(Frame, tag="auth_params"):
+class AuthParams(Frame, tag="auth_params", frozen=True):
     """Ask for the salt and KDF parameters of an account (answered for any name)."""
 
     id: ReqId
     name: Name
 
 
-class Register(Frame, tag="register"):
+class Register(Frame, tag="register", frozen=True):
     """Create an account and its first device; answered with a session."""
 
     id: ReqId
@@ -128,7 +128,7 @@ class Register(Frame, tag="register"):
     prekeys: PrekeySet | None = None
 
 
-class Challenge(Frame, tag="challenge"):
+class Challenge(Frame, tag="challenge", frozen=True):
     """Ask for a single-use 60 s challenge for ``purpose``."""
 
     id: ReqId
@@ -136,7 +136,7 @@ class Challenge(Frame, tag="challenge"):
     purpose: Purpose
 
 
-class FetchBundle(Frame, tag="fetch_bundle"):
+class FetchBundle(Frame, tag="fetch_bundle", frozen=True):
     """Prove the password (signed challenge) and receive the wrapped key bundle."""
 
     id: ReqId
@@ -145,7 +145,7 @@ class FetchBundle(Frame, tag="fetch_bundle"):
     signature: Sig
 
 
-class Login(Frame, tag="login"):
+class Login(Frame, tag="login", frozen=True):
     """Prove the password and open a session for a device (registering it if new)."""
 
     id: ReqId
@@ -156,21 +156,21 @@ class Login(Frame, tag="login"):
     prekeys: PrekeySet | None = None
 
 
-class Resume(Frame, tag="resume"):
+class Resume(Frame, tag="resume", frozen=True):
     """Authenticate this connection with an existing session token."""
 
     id: ReqId
     token: Token
 
 
-class Logout(Frame, tag="logout"):
+class Logout(Frame, tag="logout", frozen=True):
     """End this connection's session (and forget the device when ``remove_device``)."""
 
     id: ReqId
     remove_device: bool = False
 
 
-class LookupKeys(Frame, tag="keys"):
+class LookupKeys(Frame, tag="keys", frozen=True):
     """Public keys and devices of an account (needs a session)."""
 
     id: ReqId
@@ -186,14 +186,14 @@ class Envelope(Struct, forbid_unknown_fields=True, frozen=True):
     blob: Blob
 
 
-class Send(Frame, tag="send"):
+class Send(Frame, tag="send", frozen=True):
     """Store envelopes in device mailboxes; answered once all are committed."""
 
     id: ReqId
     envelopes: Annotated[list[Envelope], Meta(min_length=1, max_length=MAX_BATCH)]
 
 
-class Ack(Frame, tag="ack"):
+class Ack(Frame, tag="ack", frozen=True):
     """Delete delivered envelopes from this device's mailbox. A notification, not a
     request: it has no id and no answer (a lost ack only means a redelivery, which the
     node drops as already seen), which saves a frame per delivery."""
@@ -201,13 +201,13 @@ class Ack(Frame, tag="ack"):
     eids: Annotated[list[Id16], Meta(min_length=1, max_length=1024)]
 
 
-class ListDevices(Frame, tag="devices"):
+class ListDevices(Frame, tag="devices", frozen=True):
     """The devices of this session's account."""
 
     id: ReqId
 
 
-class UploadPrekeys(Frame, tag="upload_prekeys"):
+class UploadPrekeys(Frame, tag="upload_prekeys", frozen=True):
     """Publish this device's prekeys (a new signed prekey replaces the old one; one-time
     prekeys are added, up to MAX_ONE_TIME_PREKEYS held). Answered with PrekeyStatusOk."""
 
@@ -215,13 +215,13 @@ class UploadPrekeys(Frame, tag="upload_prekeys"):
     prekeys: PrekeySet
 
 
-class PrekeyStatus(Frame, tag="prekey_status"):
+class PrekeyStatus(Frame, tag="prekey_status", frozen=True):
     """How many one-time prekeys the relay still holds for this device."""
 
     id: ReqId
 
 
-class ClaimPrekeys(Frame, tag="claim_prekeys"):
+class ClaimPrekeys(Frame, tag="claim_prekeys", frozen=True):
     """Prekey bundles of some devices of an account, to start sessions with them. Each
     one-time prekey is handed out once; when none is left the bundle has only the signed
     prekey."""
@@ -231,7 +231,7 @@ class ClaimPrekeys(Frame, tag="claim_prekeys"):
     device_ids: Annotated[list[Id16], Meta(min_length=1, max_length=MAX_DEVICES)]
 
 
-class Ping(Frame, tag="ping"):
+class Ping(Frame, tag="ping", frozen=True):
     """Application-level liveness check."""
 
     id: ReqId
@@ -258,30 +258,30 @@ Request = (
 # ---- answers and pushes (relay -> node) --------------------------------------------
 
 
-class Ok(Frame, tag="ok"):
+class Ok(Frame, tag="ok", frozen=True):
     """A request succeeded and has nothing to return."""
 
     id: int
 
 
-class AuthParamsOk(Frame, tag="auth_params_ok"):
+class AuthParamsOk(Frame, tag="auth_params_ok", frozen=True):
     id: int
     salt: bytes
     kdf: Kdf
 
 
-class ChallengeOk(Frame, tag="challenge_ok"):
+class ChallengeOk(Frame, tag="challenge_ok", frozen=True):
     id: int
     challenge: bytes
     relay_id: bytes
 
 
-class BundleOk(Frame, tag="bundle_ok"):
+class BundleOk(Frame, tag="bundle_ok", frozen=True):
     id: int
     bundle: bytes
 
 
-class SessionOk(Frame, tag="session_ok"):
+class SessionOk(Frame, tag="session_ok", frozen=True):
     """A session for this device; ``token`` is shown once (the relay keeps its hash)."""
 
     id: int
@@ -290,12 +290,12 @@ class SessionOk(Frame, tag="session_ok"):
     expires_day: int
 
 
-class ResumeOk(Frame, tag="resume_ok"):
+class ResumeOk(Frame, tag="resume_ok", frozen=True):
     id: int
     device_id: bytes
 
 
-class KeysOk(Frame, tag="keys_ok"):
+class KeysOk(Frame, tag="keys_ok", frozen=True):
     id: int
     name: str
     enc_pub: bytes
@@ -310,12 +310,12 @@ class DeviceInfo(Struct, frozen=True):
     created_day: int
 
 
-class DevicesOk(Frame, tag="devices_ok"):
+class DevicesOk(Frame, tag="devices_ok", frozen=True):
     id: int
     devices: list[DeviceInfo]
 
 
-class PrekeyStatusOk(Frame, tag="prekey_status_ok"):
+class PrekeyStatusOk(Frame, tag="prekey_status_ok", frozen=True):
     id: int
     signed_id: int | None
     one_time_left: int
@@ -330,7 +330,7 @@ class DeviceBundle(Struct, frozen=True):
     opk: bytes | None
 
 
-class PrekeyBundles(Frame, tag="prekey_bundles"):
+class PrekeyBundles(Frame, tag="prekey_bundles", frozen=True):
     """One bundle per requested device that has published prekeys."""
 
     id: int
@@ -342,14 +342,14 @@ class Mail(Struct, frozen=True):
     blob: bytes
 
 
-class Deliver(Frame, tag="deliver"):
+class Deliver(Frame, tag="deliver", frozen=True):
     """Envelopes pushed to a device. ``synced`` says that nothing older is waiting."""
 
     items: list[Mail]
     synced: bool
 
 
-class Error(Frame, tag="error"):
+class Error(Frame, tag="error", frozen=True):
     """A refused request (``id`` 0 when the request's id could not be read)."""
 
     id: int
@@ -403,7 +403,7 @@ _encoder = msgspec.msgpack.Encoder()
 
 _NOT_A_MAP: Final = object()
 _REQUEST_TAGS: Final = frozenset(
-    t.__struct_config__.tag for t in Request.__args__  # type: ignore[attr-defined]
+    t.__struct_config__.tag for t in Request.__args__
 )
 
 
@@ -448,7 +448,7 @@ def decode_request(data: bytes) -> Request:
     if len(data) > MAX_FRAME:
         raise FrameError(ErrorCode.FRAME_TOO_LARGE, f"frame larger than {MAX_FRAME} bytes", request_id(data))
     try:
-        return _request_decoder.decode(data)
+        return cast(Request, _request_decoder.decode(data))
     except msgspec.ValidationError as exc:
         tag, rid = _salvage_id(data)
         if tag is _NOT_A_MAP:
@@ -466,4 +466,4 @@ def decode_request(data: bytes) -> Request:
 
 def decode_answer(data: bytes) -> Answer:
     """Decode a frame from the relay (raises msgspec errors on garbage)."""
-    return _answer_decoder.decode(data)
+    return cast(Answer, _answer_decoder.decode(data))
