@@ -24,7 +24,8 @@ log = logging.getLogger("veil.relay")
 SEND_TIMEOUT = 30.0
 HEARTBEAT_INTERVAL = 20.0
 HEARTBEAT_TIMEOUT = 20.0
-OUTBOX_FRAMES = 128
+OUTBOX_FRAMES = 1024
+WAITING_FRAMES = 64  # of which frames that can wait (deliveries, error answers) may use
 MAX_INFLIGHT = 32  # Sends awaiting their commit, per connection
 # Frames per second per connection (a token bucket). A whole message to every device of
 # a recipient is one frame, and acknowledgements are batched, so this is generous.
@@ -42,6 +43,8 @@ _SERIAL = (wire.AuthParams, wire.Register, wire.Challenge, wire.FetchBundle, wir
 class Limits:
     rate: float = RATE
     burst: float = BURST
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT
 
 
 class _Bucket:
@@ -80,6 +83,9 @@ class RelayConnections:
         self.service = service
         self.limits = limits or Limits()
         self.open = 0
+        self._live: dict[WebSocketConnection, trio.CancelScope] = {}
+        self.heartbeats = 0  # rounds of pings sent (tests wait on next_heartbeat)
+        self._heartbeat_sent = trio.Event()
 
     async def handle(self, request: WebSocketRequest) -> None:
         """trio-websocket's handler: must never raise."""
@@ -106,17 +112,22 @@ class RelayConnections:
             self.open -= 1
 
     async def _serve(self, ws: WebSocketConnection) -> None:
-        send_in, send_out = trio.open_memory_channel[wire.Frame](OUTBOX_FRAMES)
+        # One queue to the sender task. Deliveries and other frames that can wait hold a
+        # slot of ``waiting`` until the sender takes them, so they never fill the queue:
+        # the answers to committed sends, which come from a callback and cannot wait,
+        # always find room (their number is bounded by MAX_INFLIGHT per turn of the
+        # reader; a peer that stops reading altogether is dropped once the queue is full).
+        send_in, send_out = trio.open_memory_channel[tuple[wire.Frame, bool]](OUTBOX_FRAMES)
+        waiting = trio.Semaphore(WAITING_FRAMES)
         peer = Peer()
 
         async def send(frame: wire.Frame) -> None:
-            await send_in.send(frame)
+            await waiting.acquire()
+            await send_in.send((frame, True))
 
         def reply(frame: wire.Frame) -> None:
-            # Answers to committed sends come from a callback and cannot wait: a peer
-            # that does not read its answers is dropped (it resends on reconnect).
             try:
-                send_in.send_nowait(frame)
+                send_in.send_nowait((frame, False))
             except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
                 if peer.nursery is not None:
                     peer.nursery.cancel_scope.cancel()
@@ -126,18 +137,21 @@ class RelayConnections:
         try:
             async with trio.open_nursery() as nursery:
                 peer.nursery = nursery
-                nursery.start_soon(self._sender, ws, send_out, nursery.cancel_scope)
-                nursery.start_soon(self._heartbeat, ws, nursery.cancel_scope)
+                nursery.start_soon(self._sender, ws, send_out, waiting, nursery.cancel_scope)
+                self._live[ws] = nursery.cancel_scope
                 await self._reader(ws, peer, nursery)
                 nursery.cancel_scope.cancel()
         finally:
+            self._live.pop(ws, None)
             self.service.unbind(peer)
 
     async def _sender(
-        self, ws: WebSocketConnection, frames: trio.MemoryReceiveChannel[wire.Frame],
-        scope: trio.CancelScope,
+        self, ws: WebSocketConnection, frames: trio.MemoryReceiveChannel[tuple[wire.Frame, bool]],
+        waiting: trio.Semaphore, scope: trio.CancelScope,
     ) -> None:
-        async for frame in frames:
+        async for frame, holds_slot in frames:
+            if holds_slot:
+                waiting.release()
             data = wire.encode(frame)
             done = False
             try:
@@ -152,17 +166,36 @@ class RelayConnections:
             if not done:
                 return
 
-    async def _heartbeat(self, ws: WebSocketConnection, scope: trio.CancelScope) -> None:
-        while True:
-            await trio.sleep(HEARTBEAT_INTERVAL)
-            with trio.move_on_after(HEARTBEAT_TIMEOUT) as timeout:
+    async def heartbeat(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Ping every connection every HEARTBEAT_INTERVAL; drop those that do not answer.
+
+        One task for the whole relay, and a short-lived task per ping, instead of a
+        sleeping task per connection: with 10,000 idle nodes that is memory saved."""
+        task_status.started()
+        async with trio.open_nursery() as pings:
+            while True:
+                await trio.sleep(self.limits.heartbeat_interval)
+                for ws, scope in list(self._live.items()):
+                    pings.start_soon(self._ping, ws, scope)
+                self.heartbeats += 1
+                self._heartbeat_sent.set()
+                self._heartbeat_sent = trio.Event()
+
+    async def next_heartbeat(self) -> None:
+        """Wait for the next round of pings to go out."""
+        await self._heartbeat_sent.wait()
+
+    async def _ping(self, ws: WebSocketConnection, scope: trio.CancelScope) -> None:
+        with trio.move_on_after(self.limits.heartbeat_timeout) as timeout:
+            try:
                 await ws.ping()
-            if timeout.cancelled_caught:
-                log.info("peer missed a heartbeat; closing")
-                scope.cancel()
-                with trio.CancelScope(shield=True):
-                    await _abort(ws)
-                return
+            except (ConnectionClosed, ValueError):
+                return  # closing anyway (or a ping already in flight)
+        if timeout.cancelled_caught:
+            log.info("peer missed a heartbeat; closing")
+            scope.cancel()
+            with trio.CancelScope(shield=True):
+                await _abort(ws)
 
     async def _reader(self, ws: WebSocketConnection, peer: Peer, nursery: trio.Nursery) -> None:
         bucket = _Bucket(self.limits.rate, self.limits.burst)

@@ -124,6 +124,7 @@ async def serve(
         async with trio.open_nursery() as nursery:
             await nursery.start(state.mailroom.run)
             nursery.start_soon(_expire_loop, state.mailroom)
+            await nursery.start(state.connections.heartbeat)
             server = await nursery.start(
                 lambda task_status: serve_websocket(
                     state.connections.handle,
