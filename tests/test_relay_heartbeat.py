@@ -20,7 +20,7 @@ DEADLINE = 20
 
 @pytest.fixture
 async def fast_heartbeat(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[tuple[RelayInfo, RelayState]]:
-    config = RelayConfig(data_dir=tmp_path / "relay", limits=Limits(heartbeat_interval=0.1, heartbeat_timeout=0.3))
+    config = RelayConfig(data_dir=tmp_path / "relay", limits=Limits(heartbeat_interval=0.1, heartbeat_timeout=1.0))
     state = RelayState(config)
     info = await nursery.start(lambda task_status: serve(config, state=state, task_status=task_status))
     yield info, state
