@@ -32,6 +32,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import outcome
 import trio
@@ -664,7 +665,11 @@ class Chat:
         if not convs:
             self.note("no conversations yet: /to NAME starts one")
             return
-        order = sorted(convs, key=lambda p: (-self.unread.get(p, 0), -(convs[p].seq if convs[p] else 0), p))
+        def rank(p: str) -> tuple[int, int, str]:
+            last = convs[p]
+            return (-self.unread.get(p, 0), -(last.seq if last is not None else 0), p)
+
+        order = sorted(convs, key=rank)
         self.note("conversations (unread counts are for this session):")
         width = max(len(p) for p in order)
         for p in order:
@@ -807,8 +812,12 @@ async def _host(chat: Chat) -> None:
         if not done.done():
             done.set_result(result)
 
+    def mark_ready() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
     def trio_ready() -> None:
-        loop.call_soon_threadsafe(lambda: ready.done() or ready.set_result(None))
+        loop.call_soon_threadsafe(mark_ready)
 
     trio.lowlevel.start_guest_run(
         chat.main, trio_ready,
@@ -816,7 +825,8 @@ async def _host(chat: Chat) -> None:
         done_callback=trio_done,
         host_uses_signal_set_wakeup_fd=True,  # asyncio owns signal.set_wakeup_fd
     )
-    await asyncio.wait([ready, done], return_when=asyncio.FIRST_COMPLETED)
+    started: list[asyncio.Future[Any]] = [ready, done]
+    await asyncio.wait(started, return_when=asyncio.FIRST_COMPLETED)
     if not done.done():
         history_cls = _history_class()
         session: PromptSession[str] = PromptSession(
@@ -846,7 +856,9 @@ async def _host(chat: Chat) -> None:
     result.unwrap()
 
 
-async def _prompt_loop(chat: Chat, screen: Screen, session: object, done: asyncio.Future[object]) -> None:
+async def _prompt_loop(
+    chat: Chat, screen: Screen, session: object, done: asyncio.Future[outcome.Outcome[None]]
+) -> None:
     from prompt_toolkit import PromptSession
 
     assert isinstance(session, PromptSession)
@@ -855,14 +867,16 @@ async def _prompt_loop(chat: Chat, screen: Screen, session: object, done: asynci
         # Ctrl-C and Ctrl-D end the prompt with KeyboardInterrupt / EOFError. Catch them in
         # the task: a KeyboardInterrupt leaving an asyncio task aborts the whole loop.
         try:
-            return await session.prompt_async()
+            line: str = await session.prompt_async()
+            return line
         except (EOFError, KeyboardInterrupt):
             return None
 
     while True:
         prompt = asyncio.ensure_future(read())
         try:
-            await asyncio.wait([prompt, done], return_when=asyncio.FIRST_COMPLETED)
+            either: list[asyncio.Future[Any]] = [prompt, done]
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:  # SIGINT outside the prompt: quit cleanly
             prompt.cancel()
             await asyncio.gather(prompt, return_exceptions=True)

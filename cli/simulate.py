@@ -298,7 +298,10 @@ class RelayProcess:
 
 
 async def coordinate(args: argparse.Namespace) -> dict[str, Any]:
-    say = (lambda text: None) if args.quiet else (lambda text: print(f"simulate: {text}", file=sys.stderr, flush=True))
+    def say(text: str) -> None:
+        if not args.quiet:
+            print(f"simulate: {text}", file=sys.stderr, flush=True)
+
     say("node passwords use the weak test KDF profile (Argon2id t=1, 8 MiB) to keep the run short")
     tag = secrets.token_hex(2)
     names = [f"sim{tag}n{i:05d}" for i in range(args.nodes)]
