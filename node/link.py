@@ -100,10 +100,6 @@ class RelayLink:
         """Send a frame that gets no answer (an Ack)."""
         await self._send(wire.encode(frame))
 
-    async def send_raw(self, data: bytes) -> None:
-        """Send bytes as one frame (tests use this to send malformed frames)."""
-        await self._send(data)
-
     async def _send(self, data: bytes) -> None:
         # One writer at a time; a cancelled half-sent frame would corrupt the stream,
         # so the send itself is shielded and bounded instead of cancellable.

@@ -18,7 +18,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import trio
 
@@ -703,7 +702,3 @@ class Node:
             self.store.put("token", b"")
             self.store.put("auth_seed", b"")
             self.store.put("logged_out", b"1")
-
-
-def open_home(path: Path) -> Home:
-    return Home(path)

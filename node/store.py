@@ -375,6 +375,3 @@ class NodeStore:
 
     def remove_outbox(self, eids: Sequence[bytes]) -> None:
         self.conn.executemany("DELETE FROM outbox WHERE eid = ?", [(e,) for e in eids])
-
-    def remove_outbox_device(self, device_id: bytes) -> None:
-        self.conn.execute("DELETE FROM outbox WHERE device_id = ?", (device_id,))

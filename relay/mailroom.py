@@ -101,20 +101,6 @@ class Mailroom:
         self._acks.append(_Ack(device_id, eids))
         self._wake.set()
 
-    async def enqueue(self, items: Sequence[tuple[bytes, bytes, bytes]]) -> None:
-        """Store envelopes and wait for the commit (raises what ``submit`` reports)."""
-        done = trio.Event()
-        result: list[Exception | None] = []
-
-        def finished(error: Exception | None) -> None:
-            result.append(error)
-            done.set()
-
-        self.submit(items, finished)
-        await done.wait()
-        if result[0] is not None:
-            raise result[0]
-
     async def wait_commit_after(self, count: int) -> None:
         """Wait until more than ``count`` group commits have finished (tests wait on
         this instead of on time: read ``commits``, check, then wait for the next)."""
