@@ -1,27 +1,59 @@
 # shellcheck shell=bash
-# Shared by scripts/test and scripts/demo (sourced, not run): make sure .venv exists and
-# holds the project installed in editable mode with its dev, chat and tor extras.
+# Shared by scripts/test, scripts/demo, scripts/bench and scripts/lock (sourced, not run): make
+# sure .venv holds exactly what uv.lock pins (the project in editable mode with its dev, chat
+# and tor extras), so a fresh machine next month installs what CI installed today.
 #
-# The install is re-run only when pyproject.toml (or this file) is newer than the stamp file, so
-# repeated runs start at once. Delete .venv/.veil-installed to force a reinstall.
-# Needs nothing outside the repository but python3 (with its venv module) and, for the
-# first install, access to the package index.
+# uv itself is installed first, into .uv/, with pip from scripts/uv-requirements.txt (one exact
+# version, every wheel's hash). Then `uv sync --locked` makes .venv match uv.lock; it refuses,
+# and we stop, when pyproject.toml and uv.lock disagree (scripts/lock brings them back in step).
+# An up-to-date .venv costs a fraction of a second, so this runs every time.
+# Needs nothing outside the repository but python3 (3.11 or newer, with pip and venv) and, for
+# the first install, access to the package index.
 
 VEIL_VENV=.venv
-VEIL_STAMP="$VEIL_VENV/.veil-installed"
+VEIL_UV_DIR=.uv
+VEIL_UV="$VEIL_UV_DIR/bin/uv"
+VEIL_UV_STAMP="$VEIL_UV_DIR/.installed"
+export UV_PROJECT_ENVIRONMENT="$VEIL_VENV"
+# Only what uv.lock says: no Python downloads, no packages the lock does not name.
+export UV_PYTHON_DOWNLOADS=never
+# Installed packages are compiled to bytecode once, at install: where PYTHONDONTWRITEBYTECODE
+# is set (as on the machines we test on) Python would otherwise compile them at every start.
+export UV_COMPILE_BYTECODE=1
+
+veil_ensure_uv() {
+    if [ -x "$VEIL_UV" ] && [ -f "$VEIL_UV_STAMP" ] && [ "$VEIL_UV_STAMP" -nt scripts/uv-requirements.txt ]; then
+        return 0
+    fi
+    if ! command -v python3 >/dev/null 2>&1; then
+        echo "error: python3 is needed (3.11 or newer)" >&2
+        return 1
+    fi
+    echo "installing uv (pinned, hash-checked) into $VEIL_UV_DIR" >&2
+    rm -rf "$VEIL_UV_DIR"
+    local log
+    log=$(mktemp "${TMPDIR:-/tmp}/veil-uv-install.XXXXXX")
+    if ! python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore \
+        --require-hashes --only-binary :all: --target "$VEIL_UV_DIR" \
+        -r scripts/uv-requirements.txt >"$log" 2>&1; then
+        cat "$log" >&2
+        echo "error: could not install uv with pip (its output is above, and in $log)" >&2
+        return 1
+    fi
+    rm -f "$log"
+    touch "$VEIL_UV_STAMP"
+}
 
 veil_ensure_venv() {
-    if [ ! -x "$VEIL_VENV/bin/python" ]; then
-        if ! command -v python3 >/dev/null 2>&1; then
-            echo "error: python3 is needed (3.11 or newer)" >&2
-            return 1
-        fi
-        echo "creating $VEIL_VENV with $(python3 --version 2>&1)" >&2
-        python3 -m venv "$VEIL_VENV"
-    fi
-    if [ ! -f "$VEIL_STAMP" ] || [ pyproject.toml -nt "$VEIL_STAMP" ] || [ scripts/_venv.sh -nt "$VEIL_STAMP" ]; then
-        echo "installing veil and its dependencies into $VEIL_VENV" >&2
-        "$VEIL_VENV/bin/pip" install -q -e '.[dev,chat,tor]'
-        touch "$VEIL_STAMP"
+    veil_ensure_uv || return 1
+    local python
+    python=$(command -v python3) || {
+        echo "error: python3 is needed (3.11 or newer)" >&2
+        return 1
+    }
+    if ! "$VEIL_UV" sync --quiet --locked --all-extras --python "$python"; then
+        echo "error: could not install the locked dependencies into $VEIL_VENV;" \
+            "if pyproject.toml changed, run scripts/lock and commit uv.lock" >&2
+        return 1
     fi
 }
