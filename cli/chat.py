@@ -37,6 +37,7 @@ from typing import Any
 import outcome
 import trio
 
+import wire
 from cli.text import inert
 from keyvault.errors import KeyvaultError
 from keyvault.safety import format_safety_number
@@ -44,7 +45,6 @@ from node.errors import UnknownUser, VeilError
 from node.node import Node, Received
 from node.session import LiveSession
 from node.store import StoredMessage
-from relay import wire
 
 HISTORY_FILE = "chat-history"  # in the device's home directory
 LINK_TIMEOUT = 15.0  # for commands that ask the relay (lookups, /devices)

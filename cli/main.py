@@ -19,6 +19,7 @@ from typing import NoReturn
 
 import trio
 
+import wire
 from cli.text import inert
 from keyvault.errors import KeyvaultError
 from keyvault.kdf import DEFAULT_KDF, TEST_KDF, KdfParams
@@ -27,7 +28,6 @@ from node.errors import VeilError
 from node.home import Home
 from node.link import collapse_groups
 from node.node import Node, Received
-from relay import wire
 
 PROG = "veil"
 EXIT_ERROR = 1

@@ -26,8 +26,8 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
+import wire
 from node.errors import ConnectionLost, RelayRefused, RelayUnreachable
-from relay import wire
 
 CONNECT_TIMEOUT = 15.0
 HANDSHAKE_TIMEOUT = 30.0  # the WebSocket handshake over a SOCKS stream (Tor is slower)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import trio
 
+import wire
+from cipherdb import WrongKey
 from keyvault.auth import auth_public_key, sign_challenge
 from keyvault.envelope import Sealed, open_envelope, seal, verify_sealed
 from keyvault.errors import (
@@ -66,8 +68,6 @@ from node.home import Home, HomeConfig
 from node.link import RelayLink, open_link
 from node.sessions import ONE_TIME_STOCK, Peer, Sessions
 from node.store import Contact, NodeStore, OutboxEntry, StoredMessage
-from relay import wire
-from relay.cipherdb import WrongKey
 
 log = logging.getLogger("veil.node")
 E = wire.ErrorCode

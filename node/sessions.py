@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import wire
 from keyvault import ratchet
 from keyvault.errors import DecryptionFailed
 from keyvault.keys import AccountKeys
@@ -24,7 +25,6 @@ from keyvault.payload import Payload, PrekeyInit, decode_payload, encode_payload
 from keyvault.prekeys import OneTimePrekey, SignedPrekey, new_one_time_prekeys, new_signed_prekey
 from keyvault.x3dh import PrekeyBundle, initiate, respond
 from node.store import NodeStore
-from relay import wire
 
 ONE_TIME_STOCK = wire.MAX_ONE_TIME_PREKEYS  # 100 one-time prekeys published per device
 REFILL_BELOW = 20

@@ -16,7 +16,7 @@ from typing import Any
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
-from relay.cipherdb import open_encrypted
+from cipherdb import open_encrypted
 
 migrations = Migrations("veil-node")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
-from relay import wire
+import wire
 from relay.service import Peer, Refused, RelayService
 
 log = logging.getLogger("veil.relay")

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from relay import wire
+import wire
 from relay.store import Stored
 
 PAGE = wire.MAX_BATCH

@@ -13,8 +13,8 @@ from pathlib import Path
 import trio
 from trio_websocket import serve_websocket
 
-from relay import wire
-from relay.cipherdb import WrongKey
+import wire
+from cipherdb import WrongKey
 from relay.connection import Limits, RelayConnections
 from relay.delivery import Router
 from relay.keyfile import ENV_KEY, KEY_FILE, RelayKeyError, RelayKeys, load_root_key

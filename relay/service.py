@@ -14,12 +14,12 @@ from typing import NoReturn
 
 import trio
 
+import wire
 from keyvault.auth import verify_challenge
 from keyvault.errors import BadKey
 from keyvault.kdf import DEFAULT_KDF
 from keyvault.keys import PublicKeys, verify_account_keys, verify_device
 from keyvault.prekeys import verify_signed_prekey
-from relay import wire
 from relay.auth import Challenges, Throttle, name_mac, new_token, token_hash
 from relay.delivery import Outlet, Router
 from relay.keyfile import RelayKeys

@@ -17,7 +17,7 @@ from pathlib import Path
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
-from relay.cipherdb import IntegrityError, open_encrypted
+from cipherdb import IntegrityError, open_encrypted
 
 MAIL_TTL_DAYS = 30
 SESSION_IDLE_DAYS = 30

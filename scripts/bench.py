@@ -42,8 +42,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, serve_websocke
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import wire  # noqa: E402
 from keyvault.keys import AccountKeys, sign_account_keys, sign_device  # noqa: E402
-from relay import wire  # noqa: E402
 
 TS = struct.Struct("!Q")
 HELLO = b"H"

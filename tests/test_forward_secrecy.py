@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import trio
 
+import wire
 from keyvault.envelope import open_envelope
 from keyvault.errors import DecryptionFailed, DuplicateMessage
 from keyvault.letter import decode_letter
 from node.errors import VeilError
 from node.home import Home
 from node.node import Node
-from relay import wire
 from tests.conftest import PASSWORD, Accounts, RelayRunner
 
 DEADLINE = 30

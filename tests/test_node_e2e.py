@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import trio
 
+import wire
 from keyvault.kdf import DEFAULT_KDF, TEST_KDF
 from keyvault.keys import AccountKeys
 from node.errors import IdentityChanged, LoginFailed, UnknownUser, VeilError, WrongPassword
 from node.home import Home
 from node.node import Node, Received
 from node.store import OutboxEntry
-from relay import wire
 from tests.conftest import PASSWORD, Accounts, RelayRunner
 
 DEADLINE = 30

@@ -8,10 +8,10 @@ import secrets
 
 import trio
 
+import wire
 from keyvault.auth import sign_challenge
 from keyvault.kdf import DEFAULT_KDF, TEST_KDF, password_keys
 from keyvault.keys import sign_device
-from relay import wire
 from tests.conftest import PASSWORD, Accounts
 from tests.test_relay_support import DEADLINE, RawClient, raw_client
 

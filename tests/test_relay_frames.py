@@ -12,7 +12,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from relay import connection, wire
+import wire
+from relay import connection
 from relay.connection import Limits
 from relay.server import RelayConfig, RelayInfo, serve
 from tests.conftest import Accounts, RelayRunner

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from relay import wire
+import wire
 from relay.connection import Limits
 from relay.server import RelayConfig, RelayInfo, RelayState, serve
 from tests.test_relay_support import raw_client

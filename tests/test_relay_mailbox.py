@@ -7,7 +7,7 @@ import secrets
 
 import trio
 
-from relay import wire
+import wire
 from tests.conftest import Accounts, RelayRunner
 from tests.test_relay_support import (
     DEADLINE,

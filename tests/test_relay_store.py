@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from relay import wire
-from relay.cipherdb import WrongKey, open_encrypted
+import wire
+from cipherdb import WrongKey, open_encrypted
 from relay.keyfile import KEY_FILE
 from relay.server import DB_FILE
 from relay.store import MAIL_TTL_DAYS, today

@@ -18,11 +18,11 @@ import msgspec
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
+import wire
 from keyvault.auth import sign_challenge
 from keyvault.kdf import TEST_KDF, password_keys
 from keyvault.keys import sign_device
 from node.node import Node
-from relay import wire
 from tests.conftest import PASSWORD, RelayRunner
 
 DEADLINE = 30
