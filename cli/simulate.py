@@ -37,6 +37,8 @@ from typing import Any
 
 import trio
 
+from cli.errors import CliError
+
 PASSWORD = "simulated nodes use this password"
 SECOND_DEVICE_EVERY = 5
 SEND_GAP = 0.05  # mean seconds between one node's sends
@@ -171,17 +173,21 @@ class Run:
     expected_total: int = 0
     delivered: int = 0
     done_workers: int = 0
+    errors: list[str] = field(default_factory=list)  # a worker's one-line failure
 
     def expected(self, key: str) -> set[str]:
         rec = self.sent[key]
         return (set(self.devices[rec["to"]]) | set(self.devices[rec["from"]])) - {rec["device"]}
 
     async def wait_until(self, done: Any, say: Any, progress: Any) -> None:
-        """Wait for ``done()``, reporting progress about once a second."""
+        """Wait for ``done()``, reporting progress about once a second; a failed worker
+        ends the run at once (CliError with its reason)."""
         while not done():
+            if self.errors:
+                raise CliError(f"a simulated node process failed: {self.errors[0]}")
             say(progress())
             with trio.move_on_after(1.0):
-                while not done():
+                while not done() and not self.errors:
                     await self.changed.wait()
 
     def on_event(self, ev: dict[str, Any]) -> None:
@@ -210,6 +216,8 @@ class Run:
             self.cuts += 1
         elif "done" in ev:
             self.done_workers += 1
+        elif "error" in ev:
+            self.errors.append(str(ev["error"])[:300])
 
     def complete(self) -> bool:
         return len(self.sent) == self.n * self.m and self.delivered >= self.expected_total
@@ -278,7 +286,7 @@ class RelayProcess:
             while b"\n" not in buf:
                 chunk = await self.proc.stdout.receive_some()
                 if not chunk:
-                    raise RuntimeError("relay exited before listening")
+                    raise CliError("the simulation's relay exited before it was listening")
                 buf += chunk
         line = buf.split(b"\n", 1)[0].decode()
         self.url = line.rsplit(" ", 1)[1]
@@ -314,8 +322,10 @@ async def coordinate(args: argparse.Namespace) -> dict[str, Any]:
             relay = RelayProcess(Path(tmp) / "relay")
             url = await relay.start()
             say(f"relay on {url} (throwaway database)")
-        elif args.chaos:
-            say("--relay given: chaos cuts connections but cannot restart that relay")
+        else:
+            await check_relay(url)
+            if args.chaos:
+                say("--relay given: chaos cuts connections but cannot restart that relay")
         workers: list[trio.Process] = []
         try:
             async with trio.open_nursery() as nursery:
@@ -336,7 +346,8 @@ async def coordinate(args: argparse.Namespace) -> dict[str, Any]:
                     await run.wait_until(lambda: len(run.devices) >= args.nodes, say,
                                          lambda: f"registered {len(run.devices)}/{args.nodes} nodes")
                 if len(run.devices) < args.nodes:
-                    raise RuntimeError("workers did not register their nodes in time")
+                    raise CliError(f"the nodes were not registered within --timeout {args.timeout:g} s"
+                                   f" ({len(run.devices)} of {args.nodes})")
                 say(f"registered {args.nodes} nodes with {sum(len(v) for v in run.devices.values())} devices; sending")
                 for p in workers:
                     assert p.stdin is not None
@@ -366,12 +377,24 @@ async def coordinate(args: argparse.Namespace) -> dict[str, Any]:
     return run.report(args.chaos, procs)
 
 
+async def check_relay(url: str) -> None:
+    """Fail in seconds, with the reason, when the relay given with --relay is not there."""
+    import wire
+    from node.link import open_link
+
+    async with open_link(url) as link:  # RelayUnreachable: "cannot reach the relay at ..."
+        await link.request(wire.Ping)
+
+
 async def read_events(p: trio.Process, run: Run) -> None:
     assert p.stdout is not None
     buf = b""
     while True:
         chunk = await p.stdout.receive_some(65536)
         if not chunk:
+            await p.wait()
+            if p.returncode != 0 and not run.errors:
+                run.on_event({"error": f"exited with status {p.returncode}"})
             return
         buf += chunk
         *lines, buf = buf.split(b"\n")
@@ -391,6 +414,17 @@ async def restart_relay(relay: RelayProcess, run: Run, args: argparse.Namespace,
         await relay.stop(sig)
         await relay.start()
         run.restarts += 1
+
+
+async def cmd_simulate(args: argparse.Namespace) -> None:
+    if args.nodes < 2 or args.messages < 0:
+        raise CliError("simulate needs at least 2 nodes")
+    report = await coordinate(args)
+    print_report(report, args.json)
+    bad = report["lost"] + report["duplicates"] + report["misdelivered"]
+    if bad:
+        raise CliError(f"{report['lost']} lost, {report['duplicates']} duplicated, "
+                       f"{report['misdelivered']} misdelivered")
 
 
 def print_report(rep: dict[str, Any], as_json: bool) -> None:
@@ -417,7 +451,13 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker"]:
         cfg = json.loads(sys.stdin.readline())
-        trio.run(worker_main, cfg)
+        try:
+            trio.run(worker_main, cfg)
+        except Exception as exc:  # reported to the coordinator as one line, not a traceback
+            from cli.main import describe
+
+            emit({"error": describe(exc)})
+            raise SystemExit(1) from None
         return
     raise SystemExit("use `veil simulate`")
 

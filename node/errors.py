@@ -18,6 +18,20 @@ class AlreadySetUp(VeilError):
     """This home directory already holds an account; use another --home."""
 
 
+class HomeInUse(VeilError):
+    """Another process is using this device's home directory."""
+
+    def __init__(self, path: object, holder: str) -> None:
+        pid, _, what = holder.partition(" ")
+        who = f"`{what}` (pid {pid})" if pid.isdigit() and what else "another veil process"
+        super().__init__(
+            f"this device ({path}) is in use by {who}: one process at a time uses a home;"
+            " quit it first, or use another --home"
+        )
+        self.holder_pid = int(pid) if pid.isdigit() else None
+        self.holder = what
+
+
 class WrongPassword(VeilError):
     """Wrong password."""
 

@@ -1,22 +1,32 @@
-"""A device's home directory: ``device.json`` (nothing secret) and ``store.db`` (encrypted).
+"""A device's home directory: ``device.json`` (nothing secret), ``store.db`` (encrypted)
+and ``lock``.
 
 ``device.json`` holds what is needed before the store can be opened: the account name,
 the relay address (and the SOCKS proxy it is reached through, if any), this device's id,
 and the salt and Argon2id parameters from which the store key is derived with the master
 password.
+
+One process at a time uses a home: two processes on one device would split its live
+messages between them and race on its ratchet sessions. ``Home.hold`` takes an exclusive
+``flock`` on ``lock`` (released by the kernel when the process ends, however it ends) and
+writes into it which command holds it, so a second process can say what is in the way.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from keyvault.kdf import KdfParams
+from node.errors import HomeInUse
 
 CONFIG_FILE = "device.json"
 STORE_FILE = "store.db"
+LOCK_FILE = "lock"
 FORMAT = 1
 
 
@@ -38,6 +48,44 @@ class HomeConfig:
 class Home:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._lock_fd: int | None = None
+
+    # ---- one process per home -------------------------------------------------------------
+    @property
+    def lock_path(self) -> Path:
+        return self.path / LOCK_FILE
+
+    @property
+    def held(self) -> bool:
+        return self._lock_fd is not None
+
+    def hold(self, what: str) -> None:
+        """Take this home for this process (``what``: the command, for others to read);
+        HomeInUse, naming the holder, if another process has it. Idempotent."""
+        if self._lock_fd is not None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise HomeInUse(self.path, holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {what}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        """Let other processes use this home again."""
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            try:
+                os.ftruncate(fd, 0)
+            finally:
+                os.close(fd)  # closing the descriptor drops the flock
 
     @property
     def config_path(self) -> Path:
@@ -63,6 +111,15 @@ class Home:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.config_path)
+
+    def wipe(self) -> None:
+        """Remove this device's account from the home (after it left its account), so
+        that the home can be set up again; the lock file stays, held."""
+        self.discard()
+        try:
+            (self.path / "chat-history").unlink()  # an older veil chat's input history
+        except FileNotFoundError:
+            pass
 
     def discard(self) -> None:
         """Remove a half-created home (after a failed register or login)."""

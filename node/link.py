@@ -20,6 +20,7 @@ import msgspec
 import trio
 from trio_websocket import (
     ConnectionClosed,
+    ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
     connect_websocket_url,
@@ -212,6 +213,21 @@ async def open_link(url: str, socks: str | None = None) -> AsyncIterator[RelayLi
             f"{url} is an onion address: reach it through Tor with --socks HOST:PORT (or "
             "VEIL_SOCKS), e.g. --socks 127.0.0.1:9050; it is never resolved or dialled directly"
         )
+    try:
+        with collapse_groups():
+            async with _open_link(url, target, socks) as link:
+                yield link
+    except ConnectionRejected as exc:
+        # The HTTP upgrade was refused (raised from trio-websocket's reader task, so it
+        # crosses the nursery): most often a URL with a path, or not a Veil relay at all.
+        raise RelayUnreachable(
+            f"the server at {url} refused the WebSocket connection (HTTP {exc.status_code}):"
+            " is it a Veil relay? give its address as ws://HOST:PORT, without a path"
+        ) from None
+
+
+@asynccontextmanager
+async def _open_link(url: str, target: str, socks: str | None) -> AsyncIterator[RelayLink]:
     with collapse_groups():
         async with trio.open_nursery() as nursery:
             try:

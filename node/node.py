@@ -71,6 +71,9 @@ from node.store import Contact, NodeStore, OutboxEntry, StoredMessage
 
 log = logging.getLogger("veil.node")
 E = wire.ErrorCode
+LOGGED_OUT_REMOVED = b"1"  # the relay removed this device: nothing left to resume
+LOGGED_OUT_KEPT = b"kept"  # the session ended; the device resumes with the password
+HOLDER = "veil"  # what a home held by the library names (the CLI holds it first, by command)
 
 
 def now_ms() -> int:
@@ -135,9 +138,11 @@ class Node:
         # dies before the acknowledgement cannot hide a stored message from the user.
         self.received_listeners: list[Callable[[Received], None]] = []
         self.sessions = Sessions(store, keys, self.name, self.device_id)
+        self._resume_password: str | None = None
 
     def close(self) -> None:
         self.store.close()
+        self.home.release()
 
     # ---- creating and opening a device ------------------------------------------------
     @classmethod
@@ -165,6 +170,20 @@ class Node:
         home.save(config)
         return cls(home, config, store, keys)
 
+    @staticmethod
+    async def name_free(relay: str, name: str, *, socks: str | None = None) -> bool:
+        """Whether no account has ``name`` at the relay now (a check before registering)."""
+        try:
+            name = wire.normalize_username(name)
+        except ValueError as exc:
+            raise VeilError(str(exc)) from None
+        async with open_link(relay, socks) as link:
+            try:
+                ans = await link.request(wire.NameFree, name=name)
+            except RelayRefused as exc:
+                raise _refused_as(exc) from None
+        return bool(ans.free)
+
     @classmethod
     async def register(
         cls, home: Home, name: str, password: str, relay: str, *, kdf: KdfParams = DEFAULT_KDF,
@@ -172,6 +191,20 @@ class Node:
     ) -> tuple[Node, str]:
         """Create an account and this, its first device. Returns the node and the
         recovery code (shown once)."""
+        took = not home.held  # a caller that held the home first keeps it on failure
+        home.hold(HOLDER)
+        try:
+            return await cls._register(home, name, password, relay, kdf=kdf, keys=keys, socks=socks)
+        except BaseException:
+            if took:
+                home.release()
+            raise
+
+    @classmethod
+    async def _register(
+        cls, home: Home, name: str, password: str, relay: str, *, kdf: KdfParams,
+        keys: AccountKeys | None, socks: str | None,
+    ) -> tuple[Node, str]:
         if home.exists():
             raise AlreadySetUp()
         try:
@@ -227,6 +260,19 @@ class Node:
         KDF parameters weaker than ``min_kdf`` are refused: a relay must not be able to
         make a device derive its keys cheaply (and so make the password cheap to guess
         from what the device then sends)."""
+        took = not home.held  # a caller that held the home first keeps it on failure
+        home.hold(HOLDER)
+        try:
+            return await cls._login(home, name, password, relay, socks=socks, min_kdf=min_kdf)
+        except BaseException:
+            if took:
+                home.release()
+            raise
+
+    @classmethod
+    async def _login(
+        cls, home: Home, name: str, password: str, relay: str, *, socks: str | None, min_kdf: KdfParams,
+    ) -> Node:
         if home.exists():
             raise AlreadySetUp()
         try:
@@ -267,9 +313,21 @@ class Node:
 
     @classmethod
     def unlock(cls, home: Home, password: str) -> Node:
-        """Open this device's store with the master password."""
+        """Open this device's store with the master password (holding the home for this
+        process: HomeInUse if another has it)."""
         if not home.exists():
             raise NotSetUp()
+        took = not home.held  # a caller that held the home first keeps it on failure
+        home.hold(HOLDER)
+        try:
+            return cls._unlock(home, password)
+        except BaseException:
+            if took:
+                home.release()
+            raise
+
+    @classmethod
+    def _unlock(cls, home: Home, password: str) -> Node:
         config = home.load()
         key = store_key(password, bytes.fromhex(config.store_salt), config.kdf_params)
         try:
@@ -280,7 +338,12 @@ class Node:
         if blob is None:
             store.close()
             raise NotSetUp("this device's store is incomplete; set it up again in a new --home")
-        return cls(home, config, store, AccountKeys.from_bytes(blob))
+        node = cls(home, config, store, AccountKeys.from_bytes(blob))
+        if store.get("logged_out") == LOGGED_OUT_KEPT:
+            # Logged out with the device kept: the next connection logs in again, proving
+            # the password afresh (the stored credentials went with the logout).
+            node._resume_password = password
+        return node
 
     # ---- the connection --------------------------------------------------------------
     @asynccontextmanager
@@ -296,8 +359,16 @@ class Node:
             yield link
 
     async def authenticate(self, link: RelayLink) -> None:
-        if self.store.get("logged_out"):
-            raise LoginFailed("this device is logged out; set it up again with `veil login` in a new --home")
+        state = self.store.get("logged_out")
+        if state == LOGGED_OUT_KEPT:
+            await self._log_in_again(link)
+            link.device_id = self.device_id
+            return
+        if state:
+            raise LoginFailed(
+                "this device was logged out and removed from its account: run `veil logout` to"
+                " clear it, then `veil login NAME --relay URL`"
+            )
         token = self.store.get("token")
         try:
             if not token:
@@ -319,6 +390,32 @@ class Node:
             with self.store.transaction():
                 fresh = self.sessions.new_prekeys(signed=rotate, one_time=add, now=now)
             await link.request(wire.UploadPrekeys, prekeys=fresh)
+
+    async def _log_in_again(self, link: RelayLink) -> None:
+        """A device logged out with ``keep_device``: prove the password again (as a new
+        device does, but keeping this device's id), and store the new credentials."""
+        password = self._resume_password
+        if password is None:
+            raise LoginFailed("this device is logged out: unlock it with the master password to log in again")
+        try:
+            params = await link.request(wire.AuthParams, name=self.name)
+            kdf = KdfParams(params.kdf.t, params.kdf.m, params.kdf.p)
+            mine = self.config.kdf_params
+            if kdf.time_cost < mine.time_cost or kdf.memory_kib < mine.memory_kib:
+                raise VeilError("the relay asks for weaker password hashing than this device accepts")
+            pk = await trio.to_thread.run_sync(password_keys, password, params.salt, kdf)
+            challenge, sig = await _password_proof(link, self.name, "login", pk.auth_seed)
+            session = await link.request(
+                wire.Login, name=self.name, challenge=challenge, signature=sig,
+                device=wire.DeviceCert(self.device_id, sign_device(self.keys, self.name, self.device_id)),
+            )
+        except RelayRefused as exc:
+            raise _refused_as(exc) from None
+        with self.store.transaction():
+            self.store.put("token", session.token)
+            self.store.put("auth_seed", pk.auth_seed)
+            self.store.delete("logged_out")
+        self._resume_password = None
 
     async def _renew_session(self, link: RelayLink) -> None:
         seed = self.store.get("auth_seed")
@@ -420,6 +517,32 @@ class Node:
                 raise exc
         await self.flush_outbox(link)
         return self.store.message(msg.msg_id) or msg
+
+    async def send_or_queue(self, peer: str, text: str) -> StoredMessage:
+        """Send now if the relay can be reached; if it cannot (or the link drops on the
+        way), the message stays in the outbox, state "pending", and goes out on this
+        device's next connection. Errors that waiting cannot cure (no such user, a held
+        contact, a refused login) are raised as ``send`` raises them."""
+        composed: StoredMessage | None = None
+        try:
+            peer = wire.normalize_username(peer)
+        except ValueError:
+            raise UnknownUser() from None
+        try:
+            async with self.connected() as link:
+                if peer != self.name:
+                    contact, _ = await self.lookup(link, peer)
+                    if contact.verified and contact.key_changed:
+                        raise self._held(peer)
+                composed = self.compose(peer, text)
+                for msg_id, exc in await self.seal_pending(link):
+                    if msg_id == composed.msg_id:
+                        raise exc
+                await self.flush_outbox(link)
+        except (RelayUnreachable, ConnectionLost):
+            if composed is None:
+                composed = self.compose(peer, text)
+        return self.store.message(composed.msg_id) or composed
 
     async def seal_pending(self, link: RelayLink) -> list[tuple[bytes, VeilError]]:
         """Seal composed messages for the recipients' current devices, into the outbox.
@@ -695,10 +818,17 @@ class Node:
         return list(ans.devices)
 
     async def logout(self, link: RelayLink, *, remove_device: bool = True) -> None:
-        """End this device's session (and remove the device from the account). The stored
-        credentials go too, so the device cannot quietly log itself back in."""
+        """End this device's session. With ``remove_device`` the device also leaves the
+        account (the caller then wipes the home); without it the device stays, and its
+        next connection logs in again with the master password. Either way the stored
+        credentials go, so the device cannot quietly log itself back in."""
         await link.request(wire.Logout, remove_device=remove_device)
         with self.store.transaction():
             self.store.put("token", b"")
             self.store.put("auth_seed", b"")
-            self.store.put("logged_out", b"1")
+            self.store.put("logged_out", LOGGED_OUT_REMOVED if remove_device else LOGGED_OUT_KEPT)
+
+    @property
+    def removed(self) -> bool:
+        """This device was logged out and removed from its account (its home can go)."""
+        return self.store.get("logged_out") == LOGGED_OUT_REMOVED

@@ -171,6 +171,9 @@ class NodeStore:
     def put(self, key: str, value: bytes) -> None:
         self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
+    def delete(self, key: str) -> None:
+        self.conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+
     # ---- contacts --------------------------------------------------------------------
     def contact(self, name: str) -> Contact | None:
         row = self.conn.execute(

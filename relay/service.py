@@ -39,6 +39,7 @@ class Refused(Exception):
 
 
 AUTH_FAILED = Refused(E.AUTH_FAILED, "authentication failed")
+MAX_NAME_CHECKS = 10  # name_free per connection: enough for a person choosing a name
 
 
 async def _no_send(frame: wire.Frame) -> None:
@@ -58,6 +59,7 @@ class Peer:
     reply: Callable[[wire.Frame], None] = field(default=lambda frame: None, repr=False)
     failures: int = 0
     registrations: int = 0
+    name_checks: int = 0
     nursery: trio.Nursery | None = field(default=None, repr=False)
 
 
@@ -93,6 +95,11 @@ class RelayService:
                 return wire.Ok(id=req.id)
             case wire.AuthParams():
                 return await self.auth_params(req)
+            case wire.NameFree():
+                if peer.name_checks >= MAX_NAME_CHECKS:
+                    raise Refused(E.RATE_LIMITED, "too many name checks on one connection")
+                peer.name_checks += 1
+                return wire.NameFreeOk(id=req.id, free=await self._account(_name(req.name)) is None)
             case wire.Challenge():
                 mac = self.mac(_name(req.name))
                 return wire.ChallengeOk(

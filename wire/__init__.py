@@ -109,6 +109,14 @@ class AuthParams(Frame, tag="auth_params", frozen=True):
     name: Name
 
 
+class NameFree(Frame, tag="name_free", frozen=True):
+    """Ask whether a name is free to register (a check before the slow part of
+    registration; ``register`` itself answers ``name_taken`` anyway)."""
+
+    id: ReqId
+    name: Name
+
+
 class Register(Frame, tag="register", frozen=True):
     """Create an account and its first device; answered with a session."""
 
@@ -239,6 +247,7 @@ class Ping(Frame, tag="ping", frozen=True):
 
 Request = (
     AuthParams
+    | NameFree
     | Register
     | Challenge
     | FetchBundle
@@ -268,6 +277,11 @@ class AuthParamsOk(Frame, tag="auth_params_ok", frozen=True):
     id: int
     salt: bytes
     kdf: Kdf
+
+
+class NameFreeOk(Frame, tag="name_free_ok", frozen=True):
+    id: int
+    free: bool
 
 
 class ChallengeOk(Frame, tag="challenge_ok", frozen=True):
@@ -360,6 +374,7 @@ class Error(Frame, tag="error", frozen=True):
 Answer = (
     Ok
     | AuthParamsOk
+    | NameFreeOk
     | ChallengeOk
     | BundleOk
     | SessionOk

@@ -1,0 +1,73 @@
+"""`veil relay serve`: run a relay in the foreground until Ctrl-C or SIGTERM.
+
+Prints `relay listening on ws://HOST:PORT` on standard output once it accepts connections
+(and `relay onion address ...` with --onion); everything else goes to standard error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from cli.errors import CliError
+from node.link import collapse_groups
+
+
+async def cmd_relay_serve(args: argparse.Namespace) -> None:
+    from relay.onion import OnionError
+    from relay.server import RelayStartError
+
+    try:
+        with collapse_groups():
+            await _relay_serve(args)
+    except (OnionError, RelayStartError) as exc:
+        raise CliError(str(exc)) from None
+
+
+async def _relay_serve(args: argparse.Namespace) -> None:
+    from relay import onion
+    from relay.server import RelayConfig, serve
+
+    control = args.tor_control or os.environ.get("TOR_CONTROL") or onion.DEFAULT_CONTROL
+    if not args.onion and (args.tor_control or args.launch_tor or args.torrc):
+        raise CliError("--tor-control, --launch-tor and --torrc go with --onion")
+    if args.onion:
+        if args.host not in (None, "127.0.0.1"):
+            raise CliError("an onion relay listens on 127.0.0.1 only: drop --host")
+        if args.torrc and not args.launch_tor:
+            raise CliError("--torrc configures the tor that --launch-tor starts")
+        onion.check_available(launch=args.launch_tor)  # before the relay starts: one clear line
+        if not args.launch_tor:
+            onion.control_target(control)
+    logging.basicConfig(level=logging.DEBUG if os.environ.get("VEIL_DEBUG") else logging.INFO, format="%(asctime)s relay %(levelname)s %(message)s", stream=sys.stderr)
+    config = RelayConfig(data_dir=Path(args.data_dir), host=args.host or "127.0.0.1", port=args.port)
+
+    async def run_relay() -> None:
+        async with trio.open_nursery() as inner:
+            info = await inner.start(serve, config)
+            print(f"relay listening on {info.url}", flush=True)
+
+    async def run_onion_relay() -> None:
+        async with onion.open_tor(
+            control=None if args.launch_tor else control, launch=args.launch_tor,
+            data_dir=config.data_dir, torrc=Path(args.torrc) if args.torrc else None,
+        ) as tor:
+            async with trio.open_nursery() as inner:
+                info = await inner.start(serve, config)
+                print(f"relay listening on {info.url}", flush=True)
+                service = await tor.publish(config.data_dir / onion.KEY_FILE, info.port)
+                print(f"relay onion address {service.url}", flush=True)
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_onion_relay if args.onion else run_relay)
+            async for _ in signals:
+                print("relay stopping", file=sys.stderr, flush=True)
+                nursery.cancel_scope.cancel()
+                break
