@@ -248,3 +248,22 @@ async def test_login_cannot_take_over_another_accounts_device(accounts: Accounts
             devices = await c.ok(wire.ListDevices(id=c.next_id()))
             assert isinstance(devices, wire.DevicesOk)
             assert [d.device_id for d in devices.devices] == [bob.device_id]
+
+
+async def test_name_free_says_whether_a_name_is_taken_and_is_capped(accounts: Accounts) -> None:
+    relay = accounts.relay
+    with trio.fail_after(DEADLINE):
+        await accounts.register("alice")
+        async with raw_client(relay.url) as c:
+            for name, free in (("alice", False), ("  ALICE ", False), ("nobody_here", True)):
+                ans = await c.ok(wire.NameFree(id=c.next_id(), name=name))
+                assert ans == wire.NameFreeOk(id=ans.id, free=free)  # type: ignore[attr-defined]
+            await c.refused(wire.NameFree(id=c.next_id(), name="x!"), E.BAD_NAME)
+            for _ in range(10 - 4):
+                await c.ok(wire.NameFree(id=c.next_id(), name="someone"))
+            # The eleventh on one connection is refused; the connection lives on.
+            await c.refused(wire.NameFree(id=c.next_id(), name="someone"), E.RATE_LIMITED)
+            await c.assert_alive()
+        async with raw_client(relay.url) as c:  # the cap is per connection
+            ans = await c.ok(wire.NameFree(id=c.next_id(), name="alice"))
+            assert isinstance(ans, wire.NameFreeOk) and not ans.free
