@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only end the session: the device stays and logs in again with the password")
 
     command("chat", "cli.main:cmd_chat", "the interactive chat (REPL)")
+    command("daemon", "cli.messages:cmd_daemon",
+            "keep this device online; `veil send` and `veil recv` then go through it")
 
     sim = command("simulate", "cli.simulate:cmd_simulate",
                   "many real nodes against one relay, every message checked", device=False)

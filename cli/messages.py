@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from datetime import datetime
+from typing import Any
 
 import trio
 
 from cli.device import unlock, username
 from cli.errors import CliError
 from cli.text import inert
-from node.node import Node, Received
+from node import control
+from node.control import message_json
+from node.errors import HomeInUse
+from node.home import Home
+from node.node import Node
 from node.session import LiveSession
+from node.store import StoredMessage
 
 PROG = "veil"
 
@@ -38,24 +46,24 @@ def local_time(ms: int) -> str:
         return "????-??-?? ??:??"
 
 
-def print_received(node: Node, items: list[Received], as_json: bool) -> None:
-    for r in items:
-        m = r.message
-        if r.warning:
-            warn(r.warning)
-        if as_json:
-            print(json.dumps({
-                "from": m.sender,
-                "to": node.name if not m.outgoing else m.peer,
-                "conversation": m.peer,
-                "text": m.body,
-                "id": m.msg_id.hex(),
-                "sent_at": m.sent_at,
-                "outgoing": m.outgoing,
-            }), flush=True)
-        else:
-            arrow = f"{m.sender} -> {m.peer}" if m.outgoing else m.sender
-            print(f"[{local_time(m.sent_at)}] {arrow}: {inert(m.body)}", flush=True)
+def print_message(m: dict[str, Any], as_json: bool) -> None:
+    """One message, as `recv` prints it (``m`` as ``node.control.message_json`` makes it)."""
+    if as_json:
+        print(json.dumps(m), flush=True)
+        return
+    arrow = f"{m['from']} -> {m['to']}" if m["outgoing"] else str(m["from"])
+    print(f"[{local_time(int(m['sent_at']))}] {inert(arrow)}: {inert(str(m['text']))}", flush=True)
+
+
+def print_unprinted(node: Node, as_json: bool) -> int:
+    """Print what no `veil recv` has printed yet, marking each once printed."""
+    count = 0
+    while batch := node.unprinted():
+        for m in batch:
+            print_message(message_json(node, m), as_json)
+            node.mark_printed(m.seq)
+            count += 1
+    return count
 
 
 def message_text(args: argparse.Namespace) -> str:
@@ -70,54 +78,137 @@ def message_text(args: argparse.Namespace) -> str:
 async def cmd_send(args: argparse.Namespace) -> None:
     peer = username(args.name)
     text = message_text(args)
-    node = unlock(args)
+    try:
+        node = unlock(args)
+    except HomeInUse:
+        home = Home(args.home)
+        if not control.serving(home):
+            raise
+        answer = await control.request(home, {"op": "send", "to": peer, "text": text})
+        _report_send(str(answer["peer"]), str(answer["state"]), "the process holding this device")
+        return
     node.events.append(warn)
     try:
         msg = await node.send_or_queue(peer, text)
-        if msg.state == "pending":
-            print(f"queued for {msg.peer}: the relay at {node.relay} cannot be reached now;"
-                  " it goes out the next time this device is online (veil send, recv or chat)")
-        else:
-            print(f"sent to {msg.peer} ({msg.state})")
+        _report_send(msg.peer, msg.state, f"the relay at {node.relay}")
     finally:
         node.close()
+
+
+def _report_send(peer: str, state: str, via: str) -> None:
+    if state == "pending":
+        print(f"queued for {peer}: {via} cannot reach the relay now;"
+              " it goes out the next time this device is online")
+    else:
+        print(f"sent to {peer} ({state})")
 
 
 async def cmd_recv(args: argparse.Namespace) -> None:
     if args.follow and args.wait:
         raise CliError("--follow and --wait do not go together (--follow waits for ever)")
-    node = unlock(args)
+    try:
+        node = unlock(args)
+    except HomeInUse:
+        home = Home(args.home)
+        if not control.serving(home):
+            raise
+        await _recv_through(home, args)
+        return
     try:
         if args.follow:
-            await _follow(node, args.json)
+            await _follow(node, args.json, holder=f"`veil recv --follow` (pid {os.getpid()})")
             return
         node.events.append(warn)
+        # Messages that another process of this device stored (veil chat) come first;
+        # only when there are none does --wait wait for new ones.
+        wait = 0.0 if node.unprinted(limit=1) else args.wait
         async with node.connected() as link:
-            got = await node.receive(link, wait=args.wait)
-        print_received(node, got, args.json)
-        if not got and not args.json:
+            got = await node.receive(link, wait=wait)
+        for r in got:
+            if r.warning:
+                warn(r.warning)
+        if not print_unprinted(node, args.json) and not args.json:
             print("no new messages", file=sys.stderr)
     finally:
         node.close()
 
 
-async def _follow(node: Node, as_json: bool) -> None:
-    """Stay online and print each message as it is stored, until SIGINT or SIGTERM."""
-    live = LiveSession(node)
-    live.on.message.append(lambda r: print_received(node, [r], as_json))
-    live.on.problem.append(warn)  # the node's warnings, and a refused login
+async def _recv_through(home: Home, args: argparse.Namespace) -> None:
+    """`veil recv` while another process holds the device: ask it."""
+    count = 0
 
+    def show(line: dict[str, Any]) -> None:
+        nonlocal count
+        message = line.get("message")
+        if isinstance(message, dict):
+            print_message(message, args.json)
+            count += 1
+
+    request = {"op": "recv", "wait": args.wait, "follow": args.follow}
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            async def stop_on_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            await control.request(home, request, show)
+            nursery.cancel_scope.cancel()
+    if not count and not args.json and not args.follow:
+        print("no new messages", file=sys.stderr)
+
+
+async def stay_online(node: Node, *, holder: str, on_status: Callable[[str], None],
+                      consume: Callable[[control.ControlService], Awaitable[None]] | None = None) -> None:
+    """Keep the device online, answer its control socket, and (``consume``) print what
+    arrives, until SIGINT or SIGTERM."""
+    live = LiveSession(node)
+    live.on.problem.append(warn)  # the node's warnings, and a refused login
+    live.on.status.append(on_status)
+    service = control.ControlService(node, live, holder)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(live.run)
+            await nursery.start(service.serve)
+            if consume is not None:
+                nursery.start_soon(consume, service)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _status_line(node: Node, ready: str) -> Callable[[str], None]:
     def status(now: str) -> None:
         if now == "offline":
             print(f"{PROG}: offline: cannot reach the relay at {node.relay}; trying again",
                   file=sys.stderr, flush=True)
         elif now == "online":
-            print(f"{PROG}: online; waiting for messages (Ctrl-C to stop)", file=sys.stderr, flush=True)
+            print(f"{PROG}: online; {ready}", file=sys.stderr, flush=True)
 
-    live.on.status.append(status)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(live.run)
-            async for _ in signals:
-                nursery.cancel_scope.cancel()
-                break
+    return status
+
+
+async def _follow(node: Node, as_json: bool, *, holder: str) -> None:
+    """Stay online and print each message as it is stored, until SIGINT or SIGTERM."""
+
+    async def emit(m: StoredMessage) -> None:
+        print_message(message_json(node, m), as_json)
+
+    async def consume(service: control.ControlService) -> None:
+        await service.hand_out(emit, follow=True)
+
+    await stay_online(node, holder=holder, on_status=_status_line(node, "waiting for messages (Ctrl-C to stop)"),
+                      consume=consume)
+
+
+async def cmd_daemon(args: argparse.Namespace) -> None:
+    """Hold this device online for other `veil` commands (send, recv) until interrupted."""
+    node = unlock(args)
+    try:
+        print(f"{PROG}: daemon for {node.name} (device {node.device_id.hex()[:8]}); `veil send` and"
+              f" `veil recv` on {args.home} now go through it", file=sys.stderr, flush=True)
+        await stay_online(node, holder=f"`veil daemon` (pid {os.getpid()})",
+                          on_status=_status_line(node, "holding this device (Ctrl-C to stop)"))
+    finally:
+        node.close()

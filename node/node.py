@@ -73,6 +73,7 @@ log = logging.getLogger("veil.node")
 E = wire.ErrorCode
 LOGGED_OUT_REMOVED = b"1"  # the relay removed this device: nothing left to resume
 LOGGED_OUT_KEPT = b"kept"  # the session ended; the device resumes with the password
+RECV_CURSOR = "recv_cursor"  # the seq of the last message `veil recv` handed out
 HOLDER = "veil"  # what a home held by the library names (the CLI holds it first, by command)
 
 
@@ -167,6 +168,7 @@ class Node:
             store.add_one_time_prekeys([(k.key_id, k.to_bytes()) for k in opks])
             last_id = max([spk.key_id, *(k.key_id for k in opks)])
             store.put("next_prekey_id", (last_id + 1).to_bytes(8, "big"))
+            store.put(RECV_CURSOR, (0).to_bytes(8, "big"))
         home.save(config)
         return cls(home, config, store, keys)
 
@@ -339,6 +341,10 @@ class Node:
             store.close()
             raise NotSetUp("this device's store is incomplete; set it up again in a new --home")
         node = cls(home, config, store, AccountKeys.from_bytes(blob))
+        if store.get(RECV_CURSOR) is None:
+            # A home from before the cursor: what it holds was shown already.
+            with store.transaction():
+                store.put(RECV_CURSOR, store.last_seq().to_bytes(8, "big"))
         if store.get("logged_out") == LOGGED_OUT_KEPT:
             # Logged out with the device kept: the next connection logs in again, proving
             # the password afresh (the stored credentials went with the logout).
@@ -808,6 +814,20 @@ class Node:
                     return got
                 continue
             return got
+
+    # ---- what `veil recv` prints ----------------------------------------------------------
+    def unprinted(self, limit: int = 500) -> list[StoredMessage]:
+        """Received messages no `veil recv` has handed out yet, oldest first, whichever
+        process of this device received them (recv itself, `veil chat`, `veil daemon`)."""
+        blob = self.store.get(RECV_CURSOR)
+        return self.store.received_after(int.from_bytes(blob or b"", "big"), limit)
+
+    def mark_printed(self, seq: int) -> None:
+        """Everything up to ``seq`` has been handed out."""
+        with self.store.transaction():
+            current = int.from_bytes(self.store.get(RECV_CURSOR) or b"", "big")
+            if seq > current:
+                self.store.put(RECV_CURSOR, seq.to_bytes(8, "big"))
 
     # ---- contacts and devices ------------------------------------------------------------
     def safety_number(self, contact: Contact) -> str:

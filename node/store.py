@@ -263,6 +263,19 @@ class NodeStore:
             )
         return [_message(r) for r in rows][::-1]
 
+    def received_after(self, seq: int, limit: int) -> list[StoredMessage]:
+        """Messages this device received (from others, or copies from our other devices)
+        stored after ``seq``, oldest first: what `veil recv` has not printed yet."""
+        rows = self.conn.execute(
+            f"SELECT {_MSG_COLS} FROM messages WHERE state = 'received' AND seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        )
+        return [_message(r) for r in rows]
+
+    def last_seq(self) -> int:
+        (seq,) = self.conn.execute("SELECT coalesce(max(seq), 0) FROM messages").fetchone()
+        return int(seq)
+
     # ---- ratchet sessions ------------------------------------------------------------
     def sessions(self, peer: str, device_id: bytes) -> list[SessionRow]:
         """Sessions with one device, the one used last first."""
