@@ -1,0 +1,348 @@
+"""The trio side of ``veil chat`` while it runs: the node online, its events shown.
+
+``Chat`` owns the REPL's state (the current peer, unread counts, the connection status)
+and turns what the ``LiveSession`` reports (messages, sends, status changes, warnings)
+into lines for the ``Screen``. Typed lines arrive through ``submit`` and are carried out
+by ``commands.handle``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import trio
+
+import wire
+from cli.chat import commands
+from cli.chat.formatting import local_time, message_line, preview
+from cli.chat.screen import Screen
+from cli.text import inert
+from keyvault.errors import KeyvaultError
+from node.errors import VeilError
+from node.node import Node, Received
+from node.session import LiveSession
+from node.store import StoredMessage
+
+QUIT_FLUSH_SECONDS = 3.0  # on /quit, how long to wait for queued messages to reach the relay
+
+
+class Chat:
+    """The REPL's state, and the node's events as lines. Runs in the trio guest; talks to
+    the screen only through ``Screen``'s thread-safe methods."""
+
+    log = logging.getLogger("veil.chat")
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.screen: Screen | None = None
+        self.peer: str | None = None
+        self.unread: dict[str, int] = {}  # per conversation, for this REPL session
+        self.names: list[str] = []  # contact names, for completion
+        self.status = "offline"
+        self.retry_at: float | None = None  # time.monotonic() of the next attempt
+        self.ever_online = False
+        self.offline_said = False
+        self.key_warned: set[str] = set()  # contacts whose key change was announced
+        self.tracked: set[bytes] = set()  # messages typed here and not yet at the relay
+        self.session: LiveSession | None = None
+        self.token: trio.lowlevel.TrioToken | None = None
+        self._lines: trio.MemorySendChannel[str | None] | None = None
+        self._scope: trio.CancelScope | None = None
+        self._sent = trio.Event()
+        self._sent_while_connecting: list[str] = []
+
+    # ---- from the asyncio side (thread-safe: scheduled onto trio) ----------------------
+    def submit(self, line: str | None) -> None:
+        """Hand a typed line to trio (None: finish up and stop)."""
+        if self.token is None or self._lines is None:
+            return
+        try:
+            self.token.run_sync_soon(self._lines.send_nowait, line)
+        except trio.RunFinishedError:
+            pass
+
+    def stop_now(self) -> None:
+        """Stop at once, without waiting for the outbox (a second Ctrl-C)."""
+        if self.token is None:
+            return
+        try:
+            self.token.run_sync_soon(self._cancel)
+        except trio.RunFinishedError:
+            pass
+
+    def _cancel(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def prompt_text(self) -> str:
+        """The prompt: connection state, unread count, current peer."""
+        who = f"@{self.peer}" if self.peer else ""
+        waiting = sum(self.unread.values())
+        parts = []
+        if self.status == "connecting":
+            parts.append("connecting")
+        elif self.status != "online":
+            if self.retry_at is not None:
+                parts.append(f"offline, retry in {max(0, math.ceil(self.retry_at - time.monotonic()))}s")
+            else:
+                parts.append("offline")
+        if waiting:
+            parts.append(f"{waiting} unread")
+        state = f"[{', '.join(parts)}] " if parts else ""
+        return f"{state}{who}> "
+
+    # ---- output ---------------------------------------------------------------------------
+    def say(self, text: str, hang: int = 2) -> None:
+        """A line above the prompt."""
+        if self.screen is not None:
+            self.screen.say(text, hang)
+
+    def note(self, text: str) -> None:
+        """A line about the chat itself ("-- ...")."""
+        self.say(f"-- {text}", 3)
+
+    def error(self, text: str) -> None:
+        """A line about something that went wrong ("! ..."); the REPL carries on."""
+        self.say(f"! {text}", 2)
+
+    def show(self, m: StoredMessage, *, state: str | None = None, note: str = "") -> None:
+        """A message, as one line."""
+        self.say(*message_line(m, state, note))
+
+    def state_of(self, m: StoredMessage) -> str | None:
+        """What to show after an outgoing message: pending, held, sent or failed."""
+        if not m.outgoing:
+            return None
+        if m.state == "pending" and self.held(m.peer):
+            return "held"
+        return m.state
+
+    def held(self, peer: str) -> bool:
+        """Sending to ``peer`` waits for /trust (a verified contact's key changed)."""
+        c = self.node.store.contact(peer)
+        return c is not None and c.verified and c.key_changed
+
+    def refresh_prompt(self) -> None:
+        """Redraw the prompt (its text changed)."""
+        if self.screen is not None:
+            self.screen.refresh()
+
+    # ---- the trio main -------------------------------------------------------------------
+    async def main(self, ready: Callable[[], None]) -> None:
+        """The trio guest: online with the node, carrying out typed lines until /quit."""
+        self.token = trio.lowlevel.current_trio_token()
+        send, receive = trio.open_memory_channel[str | None](math.inf)
+        self._lines = send
+        session = self.session = LiveSession(self.node)
+        session.on.message.append(self._guard(self._on_message))
+        session.on.sent.append(self._guard(self._on_sent))
+        session.on.status.append(self._guard(self._on_status))
+        session.on.problem.append(self._guard(self._on_problem))
+        self._refresh_names()
+        ready()
+        self._welcome()
+        with trio.CancelScope() as self._scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stay_online)
+                nursery.start_soon(self._tick)
+                await self._commands(receive)
+                nursery.cancel_scope.cancel()
+
+    def _welcome(self) -> None:
+        me = self.node
+        self.note(f"veil chat: {me.name} on {me.relay} (device {me.device_id.hex()[:8]}); /help lists the commands")
+        self.check_keys()
+        pending = me.store.pending_count()
+        if pending:
+            self.note(f"{pending} message(s) waiting in the outbox: they go out once online")
+
+    def _guard(self, fn: Callable[..., None]) -> Callable[..., None]:
+        """Listeners run inside the session's tasks: a bug in one must not take the
+        connection down."""
+
+        def guarded(*args: object) -> None:
+            try:
+                fn(*args)
+            except Exception as exc:
+                self.log.debug("listener failed", exc_info=True)
+                self.error(f"internal error ({type(exc).__name__}) while showing an event")
+
+        return guarded
+
+    async def _stay_online(self) -> None:
+        assert self.session is not None
+        while True:
+            try:
+                await self.session.run()
+            except Exception as exc:  # a bug below us: say so, keep the REPL, try again
+                self.log.debug("session failed", exc_info=True)
+                self.error(f"the connection handling failed ({type(exc).__name__}); trying again in 5s")
+                self._on_status("offline")
+                self.retry_at = time.monotonic() + 5
+                await trio.sleep(5)
+
+    async def _tick(self) -> None:
+        """Keep the offline countdown in the prompt current."""
+        while True:
+            await trio.sleep(1)
+            if self.status != "online":
+                self.refresh_prompt()
+
+    async def _commands(self, lines: trio.MemoryReceiveChannel[str | None]) -> None:
+        async for line in lines:
+            if line is None:
+                break
+            try:
+                await commands.handle(self, line)
+            except (VeilError, KeyvaultError) as exc:
+                self.error(inert(str(exc), keep_newlines=False))
+            except trio.TooSlowError:
+                self.error("the relay did not answer in time")
+            except Exception as exc:  # nothing crashes the REPL
+                self.log.debug("command failed", exc_info=True)
+                self.error(f"internal error ({type(exc).__name__}); the REPL carries on")
+        await self._finish()
+
+    async def _finish(self) -> None:
+        """On /quit: give messages typed here a moment to reach the relay."""
+        assert self.session is not None
+
+        def waiting() -> list[bytes]:
+            out = []
+            for mid in self.tracked:
+                m = self.node.store.message(mid)
+                if m is not None and m.state == "pending" and not self.held(m.peer):
+                    out.append(mid)
+            return out
+
+        if waiting() and self.session.status == "online":
+            with trio.move_on_after(QUIT_FLUSH_SECONDS):
+                while waiting():
+                    self._sent = trio.Event()
+                    await self._sent.wait()
+        left = self.node.store.pending_count()
+        if left:
+            self.note(f"{left} message(s) still pending: they go out the next time this device is online")
+
+    # ---- the relay link, for commands ----------------------------------------------------
+    def username(self, raw: str) -> str:
+        """``raw`` as a canonical username, or a one-line error."""
+        try:
+            return wire.normalize_username(raw)
+        except ValueError as exc:
+            raise VeilError(f"{inert(raw, keep_newlines=False)!r} is not a username: {exc}") from None
+
+    async def lookup(self, name: str) -> bool:
+        """Fetch NAME's keys from the relay (pins them on first use, flags a change).
+        False when offline; UnknownUser for a name nobody has."""
+        assert self.session is not None
+        link = self.session.link
+        if link is None:
+            return False
+        with trio.fail_after(commands.LINK_TIMEOUT):
+            await self.node.lookup(link, name)
+        self._refresh_names()
+        self.check_keys()
+        return True
+
+    # ---- session events ------------------------------------------------------------------
+    def _on_message(self, r: Received) -> None:
+        m = r.message
+        self._refresh_names()
+        self.check_keys()
+        if m.outgoing:  # written on another device of ours
+            if self.peer in (None, m.peer):
+                self.show(m, note=" (from your other device)")
+            else:
+                self.note(f"you wrote to {inert(m.peer)} from your other device")
+            return
+        if self.peer in (None, m.peer):
+            self.show(m)
+            return
+        n = self.unread[m.peer] = self.unread.get(m.peer, 0) + 1
+        self.note(f"new message from {inert(m.peer)} ({n} unread): /to {inert(m.peer)} to read")
+        self.refresh_prompt()
+
+    def _on_sent(self, msg_id: bytes) -> None:
+        self.tracked.discard(msg_id)
+        self._sent.set()
+        m = self.node.store.message(msg_id)
+        if m is None:
+            return
+        line = f"[{local_time(m.sent_at)}] sent to {inert(m.peer)}: {preview(m.body)}"
+        if self.status == "connecting":  # the outbox goes out while connecting: say so after "online"
+            self._sent_while_connecting.append(line)
+        else:
+            self.say(line, 3)
+
+    def _on_status(self, status: str) -> None:
+        assert self.session is not None
+        previous, self.status = self.status, status
+        if status == "online":
+            self.retry_at = None
+            self.note("back online: reconnected to the relay" if self.ever_online
+                      else f"online: connected to {self.node.relay}")
+            self.ever_online = True
+            self.offline_said = False
+        elif status == "offline":
+            nxt = self.session.next_retry
+            self.retry_at = None if nxt is None else time.monotonic() + max(0.0, nxt - trio.current_time())
+            if previous == "online":
+                self.note("lost the connection to the relay: offline, reconnecting with backoff"
+                          " (messages you write are queued)")
+                self.offline_said = True
+            elif not self.offline_said:
+                self.note(f"cannot reach the relay at {self.node.relay}: offline, retrying with backoff"
+                          " (messages you write are queued)")
+                self.offline_said = True
+        if status != "connecting":
+            for line in self._sent_while_connecting:
+                self.say(line, 3)
+            self._sent_while_connecting.clear()
+        self.refresh_prompt()
+
+    def _on_problem(self, text: str) -> None:
+        announced = self.check_keys()
+        failed = self._check_failed(text)
+        if "identity key" in text:
+            # Key changes and held messages: check_keys() shows them, once per change,
+            # tied to the conversation. The node repeats them on every send attempt.
+            if not announced:
+                self.log.debug("repeated key warning: %s", text)
+            return
+        if not failed:
+            self.error(inert(text, keep_newlines=False))
+
+    def _check_failed(self, text: str) -> bool:
+        found = False
+        for mid in list(self.tracked):
+            m = self.node.store.message(mid)
+            if m is not None and m.state == "failed":
+                self.tracked.discard(mid)
+                self.error(f"not sent to {inert(m.peer)}: {preview(m.body)} ({inert(text, keep_newlines=False)})")
+                found = True
+        return found
+
+    def check_keys(self) -> bool:
+        """Announce each contact whose identity key changed (once per change)."""
+        announced = False
+        for c in self.node.store.contacts():
+            if c.key_changed and c.name not in self.key_warned:
+                self.key_warned.add(c.name)
+                self.key_warning(c.name, c.verified)
+                announced = True
+            elif not c.key_changed:
+                self.key_warned.discard(c.name)
+        return announced
+
+    def key_warning(self, name: str, verified: bool) -> None:
+        """The warning line for a contact whose identity key changed."""
+        n = inert(name)
+        then = f"Sending to {n} is held until you /trust {n}." if verified else f"/trust {n} accepts it."
+        self.error(f"WARNING: {n}'s identity key has changed (check: /verify {n}). {then}")
+
+    def _refresh_names(self) -> None:
+        self.names = [c.name for c in self.node.store.contacts()]
