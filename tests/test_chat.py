@@ -232,6 +232,43 @@ def test_two_repls_talk_through_the_relay(world: World) -> None:
     assert "hello bob" not in saved and "while you read that" not in saved
 
 
+def test_unread_counts_survive_a_restart(world: World) -> None:
+    alice, bob = world.user("alice"), world.user("bob")
+    world.user("carol")
+    b = world.chat(bob)
+    b.expect("-- online: connected to ws://")
+    b.line("/to carol")
+    b.expect("-- talking to carol")
+    alice.veil("send", "bob", "one")
+    b.expect("-- new message from alice (1 unread): /to alice to read")
+    alice.veil("send", "bob", "two")
+    b.expect("-- new message from alice (2 unread): /to alice to read")
+    b.line("/quit")
+    assert b.exit_code() == 0
+
+    # The count comes back from the store, in the prompt and in /inbox.
+    b = world.chat(bob)
+    b.expect("-- online: connected to ws://")
+    b.expect_re(typed("[2 unread] >"))
+    b.line("/inbox")
+    b.expect_re(r"alice\s+2 unread")
+    b.expect_re(r"carol\s+no unread")
+    b.line("/to alice")  # shows them: now they are read
+    b.expect("-- talking to alice; 2 unread:")
+    b.expect("] alice: one")
+    b.expect("] alice: two")
+    b.line("/quit")
+    assert b.exit_code() == 0
+
+    b = world.chat(bob)
+    b.expect("-- online: connected to ws://")
+    b.line("/inbox")
+    b.expect_re(r"alice\s+no unread")
+    b.line("/quit")
+    assert b.exit_code() == 0
+    assert "unread]" not in b.log.getvalue()
+
+
 @pytest.mark.slow
 def test_offline_typing_is_delivered_when_the_relay_comes_back(world: World) -> None:
     alice, bob = world.user("alice"), world.user("bob")

@@ -73,12 +73,14 @@ async def handle(chat: Chat, line: str) -> None:
 def send_line(chat: Chat, text: str) -> None:
     """Send a line to the current peer."""
     assert chat.session is not None
-    if chat.peer is None:
+    peer = chat.conv.peer
+    if peer is None:
         raise VeilError("no conversation yet: pick one with /to NAME, or write @NAME text")
-    msg = chat.session.send(chat.peer, text)
+    msg = chat.session.send(peer, text)
     chat.tracked.add(msg.msg_id)
     state = chat.state_of(msg)
     chat.show(msg, state=state)
+    chat.conv.shown(peer, msg.seq)
     if state == "held":
         chat.error(f"sending to {inert(msg.peer)} is held: their identity key changed since you verified it"
                    f" (/verify {inert(msg.peer)}, then /trust {inert(msg.peer)})")
@@ -102,38 +104,29 @@ async def switch(chat: Chat, raw: str, *, quiet: bool = False) -> bool:
             chat.log.debug("lookup failed: %s", exc)
         if not online and not known:
             chat.note(f"offline: {name} is not checked yet; messages to {name} are queued")
-    changed = name != chat.peer
-    chat.peer = name
-    chat.refresh_prompt()
-    unread = chat.unread.pop(name, 0)
-    if unread:
+    changed = name != chat.conv.peer
+    chat.conv.peer = name
+    unread = chat.conv.unread.get(name, 0)
+    msgs = chat.conv.unread_messages(name)
+    if msgs:
         chat.note(f"talking to {name}; {unread} unread:")
-        for m in _last_incoming(chat, name, unread):
+        for m in msgs:
             chat.show(m, state=chat.state_of(m))
+        chat.conv.shown(name, msgs[-1].seq)
     elif changed or not quiet:
         chat.note(f"talking to {name}" + (" (notes to yourself and your other devices)"
                                           if name == chat.node.name else ""))
     contact = chat.node.store.contact(name)
     if contact is not None and contact.key_changed:
         chat.key_warning(name, contact.verified)
+    chat.refresh_prompt()
     return True
-
-
-def _last_incoming(chat: Chat, peer: str, n: int) -> list[StoredMessage]:
-    msgs = chat.node.store.history(peer, 1000)
-    seen = 0
-    for i in range(len(msgs) - 1, -1, -1):
-        if not msgs[i].outgoing:
-            seen += 1
-            if seen == n:
-                return msgs[i:]
-    return msgs
 
 
 async def cmd_to(chat: Chat, rest: str) -> None:
     if not rest:
-        if chat.peer:
-            chat.note(f"talking to {chat.peer}")
+        if chat.conv.peer:
+            chat.note(f"talking to {chat.conv.peer}")
         else:
             raise VeilError("write /to NAME")
         return
@@ -141,7 +134,7 @@ async def cmd_to(chat: Chat, rest: str) -> None:
 
 
 async def cmd_history(chat: Chat, rest: str) -> None:
-    peer, n = chat.peer, DEFAULT_HISTORY
+    peer, n = chat.conv.peer, DEFAULT_HISTORY
     for arg in rest.split():
         if arg.isdigit():
             n = max(1, min(int(arg), 1000))
@@ -150,14 +143,14 @@ async def cmd_history(chat: Chat, rest: str) -> None:
     if peer is None:
         raise VeilError("no conversation yet: /history NAME, or pick one with /to NAME")
     msgs = chat.node.store.history(peer, n)
-    chat.unread.pop(peer, None)
-    chat.refresh_prompt()
     if not msgs:
         chat.note(f"no messages with {peer} yet")
         return
     chat.note(f"history with {peer} (last {len(msgs)}, local time):")
     for m in msgs:
         chat.show(m, state=chat.state_of(m))
+    chat.conv.shown(peer, msgs[-1].seq)
+    chat.refresh_prompt()
     contact = chat.node.store.contact(peer)
     if contact is not None and contact.key_changed:
         chat.key_warning(peer, contact.verified)
@@ -165,9 +158,9 @@ async def cmd_history(chat: Chat, rest: str) -> None:
 
 def _conversations(chat: Chat) -> dict[str, StoredMessage | None]:
     convs: dict[str, StoredMessage | None] = {c.name: None for c in chat.node.store.contacts()}
-    for m in chat.node.store.history(None, 2000):
-        convs[m.peer] = m  # oldest first: the last one wins
-    for p in chat.unread:
+    for m in chat.node.store.last_messages():
+        convs[m.peer] = m
+    for p in chat.conv.unread:
         convs.setdefault(p, None)
     return convs
 
@@ -180,17 +173,17 @@ async def cmd_inbox(chat: Chat, rest: str) -> None:
 
     def rank(p: str) -> tuple[int, int, str]:
         last = convs[p]
-        return (-chat.unread.get(p, 0), -(last.seq if last is not None else 0), p)
+        return (-chat.conv.unread.get(p, 0), -(last.seq if last is not None else 0), p)
 
     order = sorted(convs, key=rank)
-    chat.note("conversations (unread counts are for this session):")
+    chat.note("conversations (unread: not yet shown on this device):")
     width = max(len(p) for p in order)
     for p in order:
         last = convs[p]
-        n = chat.unread.get(p, 0)
+        n = chat.conv.unread.get(p, 0)
         count = f"{n} unread" if n else "no unread"
         when = f"  last [{local_time(last.sent_at)}]" if last else ""
-        mark = "  <- current" if p == chat.peer else ""
+        mark = "  <- current" if p == chat.conv.peer else ""
         chat.say(f"  {inert(p).ljust(width)}  {count}{when}{mark}", 4)
 
 
@@ -203,7 +196,7 @@ async def cmd_contacts(chat: Chat, rest: str) -> None:
     for c in contacts:
         state = "verified" if c.verified else "unverified"
         flag = "  KEY CHANGED" if c.key_changed else ""
-        n = chat.unread.get(c.name, 0)
+        n = chat.conv.unread.get(c.name, 0)
         unread = f"  {n} unread" if n else ""
         chat.say(f"  {inert(c.name).ljust(width)}  {state}  {len(c.devices)} device(s){flag}{unread}", 4)
 
@@ -216,8 +209,8 @@ async def cmd_verify(chat: Chat, rest: str) -> None:
         args = args[:-1]
     if args:
         name = chat.username(args[0])
-    elif chat.peer:
-        name = chat.peer
+    elif chat.conv.peer:
+        name = chat.conv.peer
     else:
         raise VeilError("write /verify NAME")
     if name == chat.node.name:
@@ -248,7 +241,7 @@ async def cmd_verify(chat: Chat, rest: str) -> None:
 async def cmd_trust(chat: Chat, rest: str) -> None:
     assert chat.session is not None
     args = rest.split()
-    name = chat.username(args[0]) if args else chat.peer
+    name = chat.username(args[0]) if args else chat.conv.peer
     if name is None:
         raise VeilError("write /trust NAME")
     contact = chat.node.store.contact(name)
@@ -295,7 +288,7 @@ async def cmd_status(chat: Chat, rest: str) -> None:
     chat.say(f"account {chat.node.name}, this device {chat.node.device_id.hex()[:8]}")
     chat.say(f"relay {chat.node.relay}: {conn}")
     chat.say(f"outbox: {chat.node.store.pending_count()} pending")
-    chat.say(f"talking to: {chat.peer or 'nobody (/to NAME)'}")
+    chat.say(f"talking to: {chat.conv.peer or 'nobody (/to NAME)'}")
 
 
 async def cmd_reconnect(chat: Chat, rest: str) -> None:

@@ -17,6 +17,7 @@ import trio
 
 import wire
 from cli.chat import commands
+from cli.chat.conversation import Conversations
 from cli.chat.formatting import local_time, message_line, preview
 from cli.chat.screen import Screen
 from cli.text import inert
@@ -38,8 +39,7 @@ class Chat:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.screen: Screen | None = None
-        self.peer: str | None = None
-        self.unread: dict[str, int] = {}  # per conversation, for this REPL session
+        self.conv = Conversations(node.store)
         self.names: list[str] = []  # contact names, for completion
         self.status = "offline"
         self.retry_at: float | None = None  # time.monotonic() of the next attempt
@@ -79,8 +79,8 @@ class Chat:
 
     def prompt_text(self) -> str:
         """The prompt: connection state, unread count, current peer."""
-        who = f"@{self.peer}" if self.peer else ""
-        waiting = sum(self.unread.values())
+        who = f"@{self.conv.peer}" if self.conv.peer else ""
+        waiting = self.conv.total_unread()
         parts = []
         if self.status == "connecting":
             parts.append("connecting")
@@ -253,16 +253,13 @@ class Chat:
         m = r.message
         self._refresh_names()
         self.check_keys()
-        if m.outgoing:  # written on another device of ours
-            if self.peer in (None, m.peer):
-                self.show(m, note=" (from your other device)")
-            else:
-                self.note(f"you wrote to {inert(m.peer)} from your other device")
+        if self.conv.arrived(m):
+            self.show(m, note=" (from your other device)" if m.outgoing else "")
             return
-        if self.peer in (None, m.peer):
-            self.show(m)
+        if m.outgoing:  # written on another device of ours, in another conversation
+            self.note(f"you wrote to {inert(m.peer)} from your other device")
             return
-        n = self.unread[m.peer] = self.unread.get(m.peer, 0) + 1
+        n = self.conv.unread[m.peer]
         self.note(f"new message from {inert(m.peer)} ({n} unread): /to {inert(m.peer)} to read")
         self.refresh_prompt()
 
