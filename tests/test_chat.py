@@ -130,9 +130,25 @@ def test_two_repls_talk_through_the_relay(world: World) -> None:
     a.expect("online: connected to ws://")
     b.expect("online: connected to ws://")
 
-    # No peer yet: an error line, and the REPL carries on.
+    # No peer and nobody has written to alice yet: a plain line is not sent, it stays in
+    # the input with a hint; here it becomes an @NAME line.
     a.line("hello?")
-    a.expect("! no conversation yet: pick one with /to NAME")
+    a.expect("! not sent: nobody has written to you yet; pick who gets it with /to NAME"
+             " or @NAME text (the line is kept)\r\n")
+    a.expect_re(typed("> hello?"))
+    a.type("\x01@bob ")  # Ctrl-A: to the start of the line
+    a.line("")
+    a.expect("-- talking to bob")
+    a.expect("] alice -> bob: hello? (pending)")
+
+    # Bob has no peer either: the message is shown in full, and a plain line answers it.
+    b.expect("] alice: hello?")
+    b.line("hi alice")
+    b.expect("] bob -> alice (who wrote last): hi alice (pending)")
+    b.expect_re(typed("@alice>"))  # alice is now bob's current peer
+    a.expect("] bob: hi alice")
+
+    # Errors are one line, and the REPL carries on.
     a.line("/to x!")
     a.expect("is not a username")
     a.line("@nobody hi")
@@ -144,10 +160,9 @@ def test_two_repls_talk_through_the_relay(world: World) -> None:
     a.expect_re(typed("@bob>"))
 
     # @NAME text picks the peer and sends.
-    b.line("@alice hi alice")
-    b.expect("bob -> alice: hi alice (pending)")
-    b.expect("sent to alice: hi alice")
-    a.expect("] bob: hi alice")
+    b.line("@alice and again")
+    b.expect("bob -> alice: and again (pending)")
+    a.expect("] bob: and again")
 
     # A message arrives while bob has half a line typed: it appears above, the line stays.
     b.type("half typ")
@@ -181,8 +196,10 @@ def test_two_repls_talk_through_the_relay(world: World) -> None:
 
     # /history shows the stored conversation, and reading it clears the unread count.
     b.line("/history alice")
-    b.expect("-- history with alice (last 4, local time):")
+    b.expect("-- history with alice (last 6, local time):")
+    b.expect("] alice: hello?")
     b.expect("] bob -> alice: hi alice (sent)")
+    b.expect("] bob -> alice: and again (sent)")
     b.expect("] alice: hello bob")
     b.expect("] bob -> alice: half typed line (sent)")
     b.expect("] alice: while you read that")

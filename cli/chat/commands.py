@@ -71,15 +71,23 @@ async def handle(chat: Chat, line: str) -> None:
 
 
 def send_line(chat: Chat, text: str) -> None:
-    """Send a line to the current peer."""
+    """Send a line to the current peer; with none, to whoever wrote last (who becomes the
+    current peer), and with nobody yet, keep the line in the input."""
     assert chat.session is not None
-    peer = chat.conv.peer
+    peer, why = chat.conv.peer, ""
     if peer is None:
-        raise VeilError("no conversation yet: pick one with /to NAME, or write @NAME text")
+        peer = chat.conv.last_writer
+        if peer is None:
+            chat.keep_input(text)
+            chat.error("not sent: nobody has written to you yet; pick who gets it with /to NAME"
+                       " or @NAME text (the line is kept)")
+            return
+        chat.conv.peer, why = peer, "who wrote last"
+        chat.refresh_prompt()
     msg = chat.session.send(peer, text)
-    chat.tracked.add(msg.msg_id)
+    chat.tracked[msg.msg_id] = why
     state = chat.state_of(msg)
-    chat.show(msg, state=state)
+    chat.show(msg, state=state, why=why)
     chat.conv.shown(peer, msg.seq)
     if state == "held":
         chat.error(f"sending to {inert(msg.peer)} is held: their identity key changed since you verified it"

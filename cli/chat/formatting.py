@@ -41,9 +41,13 @@ def wrap(text: str, width: int, hang: int) -> list[str]:
     return rows
 
 
-def message_line(m: StoredMessage, state: str | None = None, note: str = "") -> tuple[str, int]:
-    """A message as the chat shows it, and the indent of its continuation rows."""
-    who = f"{inert(m.sender)} -> {inert(m.peer)}" if m.outgoing else inert(m.sender)
+def message_line(
+    m: StoredMessage, state: str | None = None, note: str = "", *, why: str = ""
+) -> tuple[str, int]:
+    """A message as the chat shows it, and the indent of its continuation rows. ``why``
+    says why an outgoing message went to its peer ("who wrote last")."""
+    why = f" ({why})" if why else ""
+    who = f"{inert(m.sender)} -> {inert(m.peer)}{why}" if m.outgoing else inert(m.sender)
     prefix = f"[{local_time(m.sent_at)}] {who}: "
     suffix = f" ({state})" if state else ""
     return prefix + inert(m.body) + suffix + note, len(prefix)

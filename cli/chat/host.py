@@ -114,11 +114,11 @@ async def _host(chat: Chat) -> None:
             erase_when_done=True,  # the line is echoed above, with its time and state
             output=output,
         )
-        screen.app = session.app
+        screen.app, screen.input = session.app, session.default_buffer
         try:
             await _prompt_loop(chat, screen, session, done)
         finally:
-            screen.app = None
+            screen.app = screen.input = None
             chat.submit(None)  # finish the lines already typed, then stop
             try:
                 result = await asyncio.shield(done)
@@ -139,7 +139,7 @@ async def _prompt_loop(
         # Ctrl-C and Ctrl-D end the prompt with KeyboardInterrupt / EOFError. Catch them in
         # the task: a KeyboardInterrupt leaving an asyncio task aborts the whole loop.
         try:
-            line: str = await session.prompt_async()
+            line: str = await session.prompt_async(default=screen.take_kept())
             return line
         except (EOFError, KeyboardInterrupt):
             return None

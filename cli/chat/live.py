@@ -46,7 +46,8 @@ class Chat:
         self.ever_online = False
         self.offline_said = False
         self.key_warned: set[str] = set()  # contacts whose key change was announced
-        self.tracked: set[bytes] = set()  # messages typed here and not yet at the relay
+        # Messages typed here and not yet at the relay, with why they went to their peer.
+        self.tracked: dict[bytes, str] = {}
         self.session: LiveSession | None = None
         self.token: trio.lowlevel.TrioToken | None = None
         self._lines: trio.MemorySendChannel[str | None] | None = None
@@ -108,9 +109,14 @@ class Chat:
         """A line about something that went wrong ("! ..."); the REPL carries on."""
         self.say(f"! {text}", 2)
 
-    def show(self, m: StoredMessage, *, state: str | None = None, note: str = "") -> None:
+    def show(self, m: StoredMessage, *, state: str | None = None, note: str = "", why: str = "") -> None:
         """A message, as one line."""
-        self.say(*message_line(m, state, note))
+        self.say(*message_line(m, state, note, why=why))
+
+    def keep_input(self, text: str) -> None:
+        """Put a typed line back into the input."""
+        if self.screen is not None:
+            self.screen.keep_input(text)
 
     def state_of(self, m: StoredMessage) -> str | None:
         """What to show after an outgoing message: pending, held, sent or failed."""
@@ -264,7 +270,7 @@ class Chat:
         self.refresh_prompt()
 
     def _on_sent(self, msg_id: bytes) -> None:
-        self.tracked.discard(msg_id)
+        self.tracked.pop(msg_id, None)
         self._sent.set()
         m = self.node.store.message(msg_id)
         if m is None:
@@ -318,7 +324,7 @@ class Chat:
         for mid in list(self.tracked):
             m = self.node.store.message(mid)
             if m is not None and m.state == "failed":
-                self.tracked.discard(mid)
+                del self.tracked[mid]
                 self.error(f"not sent to {inert(m.peer)}: {preview(m.body)} ({inert(text, keep_newlines=False)})")
                 found = True
         return found

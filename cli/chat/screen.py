@@ -11,6 +11,7 @@ import shutil
 from typing import Any
 
 from prompt_toolkit.application import Application, run_in_terminal
+from prompt_toolkit.buffer import Buffer
 from prompt_toolkit.output import Output
 
 from cli.chat.formatting import wrap
@@ -24,12 +25,24 @@ class Screen:
         self.loop = loop
         self.output = output
         self.app: Application[Any] | None = None  # the prompt's Application, once there is one
+        self.input: Buffer | None = None  # the line being typed at that prompt
         self._lines: list[tuple[str, int]] = []
         self._scheduled = False
+        self._kept = ""  # a line to put back into the input when the next prompt starts
 
     def say(self, text: str, hang: int = 2) -> None:
         """Print a line above the prompt (continuation rows indented by ``hang``)."""
         self._soon(self._add, text, hang)
+
+    def keep_input(self, text: str) -> None:
+        """Put a line that could not be carried out back into the input, unless
+        something else is typed there by now (the up arrow still finds it)."""
+        self._soon(self._keep_input, text)
+
+    def take_kept(self) -> str:
+        """The line to start the next prompt with (asyncio side)."""
+        text, self._kept = self._kept, ""
+        return text
 
     def refresh(self) -> None:
         """Redraw the prompt (its text changed)."""
@@ -43,6 +56,13 @@ class Screen:
 
     def _running(self) -> bool:
         return self.app is not None and self.app.is_running
+
+    def _keep_input(self, text: str) -> None:
+        if not self._running():
+            self._kept = text
+        elif self.input is not None and not self.input.text:
+            self.input.text = text
+            self.input.cursor_position = len(text)
 
     def _invalidate(self) -> None:
         if self.app is not None and self.app.is_running:
