@@ -7,11 +7,13 @@ import io
 import re
 import stat
 import sys
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import pexpect
+import pyte
 import pytest
 
 from cli.chat import local_time, wrap
@@ -19,6 +21,7 @@ from tests.test_cli import ROOT, RelayProcess, User, env_for, start_relay, stop_
 
 TIMEOUT = 20
 COLUMNS = 160
+ROWS = 40
 # Between the characters of typed text, prompt-toolkit may move the cursor or restyle.
 _CSI = r"(?:\x1b\[[0-9;?]*[A-Za-z]|\x08)*"
 
@@ -38,7 +41,7 @@ class Repl:
         self.p = pexpect.spawn(
             sys.executable,
             ["-m", "cli.main", "--home", str(user.home), "--password-file", str(user.password_file), "chat"],
-            env=env, cwd=str(ROOT), dimensions=(40, COLUMNS), encoding="utf-8", timeout=TIMEOUT,
+            env=env, cwd=str(ROOT), dimensions=(ROWS, COLUMNS), encoding="utf-8", timeout=TIMEOUT,
         )
         self.p.logfile_read = self.log
 
@@ -56,6 +59,31 @@ class Repl:
         match = self.p.match
         assert isinstance(match, re.Match)
         return match
+
+    def screen(self) -> list[str]:
+        """The terminal as a person sees it now: everything printed so far, played through
+        a VT100 emulator the size of the pseudo-terminal."""
+        screen = pyte.Screen(COLUMNS, ROWS)
+        pyte.Stream(screen).feed(self.log.getvalue())
+        return [row.rstrip() for row in screen.display]
+
+    def rows_with(self, text: str) -> list[str]:
+        """The rows of the screen that show ``text``."""
+        return [row for row in self.screen() if text in row]
+
+    def expect_screen(self, text: str) -> None:
+        """Wait until a row of the screen shows ``text``. For what prompt-toolkit draws as
+        part of the prompt: it redraws only the cells that change, so the text need not
+        appear in one piece in the output. Consumes the output read meanwhile."""
+        deadline = time.monotonic() + TIMEOUT
+        while not self.rows_with(text):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{text!r} not on the screen:\n" + "\n".join(self.screen()))
+            try:
+                self.p.read_nonblocking(65536, timeout=left)  # logged, and so on the screen
+            except pexpect.TIMEOUT:
+                pass
 
     def type(self, text: str) -> None:
         self.p.send(text)
@@ -139,12 +167,12 @@ def test_two_repls_talk_through_the_relay(world: World) -> None:
     a.type("\x01@bob ")  # Ctrl-A: to the start of the line
     a.line("")
     a.expect("-- talking to bob")
-    a.expect("] alice -> bob: hello? (pending)")
+    a.expect("] alice -> bob: hello? (sent)")
 
     # Bob has no peer either: the message is shown in full, and a plain line answers it.
     b.expect("] alice: hello?")
     b.line("hi alice")
-    b.expect("] bob -> alice (who wrote last): hi alice (pending)")
+    b.expect("] bob -> alice (who wrote last): hi alice (sent)")
     b.expect_re(typed("@alice>"))  # alice is now bob's current peer
     a.expect("] bob: hi alice")
 
@@ -161,18 +189,23 @@ def test_two_repls_talk_through_the_relay(world: World) -> None:
 
     # @NAME text picks the peer and sends.
     b.line("@alice and again")
-    b.expect("bob -> alice: and again (pending)")
+    # A sent message is one line: drawn as pending, it turns to sent in place.
+    b.expect("] bob -> alice: and again (sent)")
+    b.expect_re(typed("@alice>"))
+    [row] = b.rows_with("and again")
+    assert row.endswith("] bob -> alice: and again (sent)")
+    assert not b.rows_with("(pending)")
     a.expect("] bob: and again")
 
     # A message arrives while bob has half a line typed: it appears above, the line stays.
     b.type("half typ")
     b.expect_re(typed("half typ"))
     a.line("hello bob")
-    a.expect("alice -> bob: hello bob (pending)")
+    a.expect("alice -> bob: hello bob (sent)")
     b.expect("] alice: hello bob\r\n")
     b.expect_re(typed("@alice> half typ"))  # the prompt is redrawn below, with the line
     b.line("ed line")
-    b.expect("bob -> alice: half typed line (pending)")
+    b.expect("bob -> alice: half typed line (sent)")
     a.expect("] bob: half typed line")
 
     # Someone else writes to bob while he talks to alice: announced, counted as unread.
@@ -298,7 +331,7 @@ def test_offline_typing_is_delivered_when_the_relay_comes_back(world: World) -> 
     a.line("/to bob")
     a.expect("-- offline: bob is not checked yet; messages to bob are queued")
     a.line("written while offline")
-    a.expect("alice -> bob: written while offline (pending)")
+    a.expect_screen("] alice -> bob: written while offline (pending)")
     a.line("/devices")
     a.expect("! offline: /devices needs the relay")
     a.line("/status")
@@ -306,8 +339,12 @@ def test_offline_typing_is_delivered_when_the_relay_comes_back(world: World) -> 
     a.expect("outbox: 1 pending")
 
     world.start_relay()
-    # The outbox is flushed as the connection is made: both lines, in either order.
-    a.expect_all("-- online: connected to ws://", "sent to bob: written while offline")
+    # The outbox is flushed as the connection is made; the pending line turns to sent.
+    a.expect("-- online: connected to ws://")
+    a.expect("] alice -> bob: written while offline (sent)")
+    a.expect_re(typed("@bob>"))
+    [row] = a.rows_with("written while offline")
+    assert row.endswith("] alice -> bob: written while offline (sent)")
     b = world.chat(bob)
     b.expect("-- online: connected to ws://")
     b.expect("] alice: written while offline")  # no peer chosen yet: shown in full
@@ -319,11 +356,24 @@ def test_offline_typing_is_delivered_when_the_relay_comes_back(world: World) -> 
     a.expect("lost the connection to the relay: offline, reconnecting with backoff")
     b.expect("lost the connection to the relay")
     a.expect_re(typed("[offline"))
-    a.line("queued while down")
-    a.expect("alice -> bob: queued while down (pending)")
+    # Four lines: the three newest stay pending just above the prompt; the first is
+    # pushed out of that area, so its send is told in a line of its own.
+    for n in ("first", "second", "third", "fourth"):
+        a.line(f"{n} while down")
+    a.expect_screen("] alice -> bob: fourth while down (pending)")
     world.start_relay()
-    a.expect_all("-- back online: reconnected to the relay", "sent to bob: queued while down")
-    b.expect("] alice: queued while down")
+    a.expect("-- back online: reconnected to the relay")
+    a.expect("] sent to bob: first while down")
+    a.expect("] alice -> bob: fourth while down (sent)")
+    a.expect_re(typed("@bob>"))
+    first = a.rows_with("first while down")
+    assert len(first) == 2
+    assert first[0].endswith("] alice -> bob: first while down (pending)")
+    assert first[1].endswith("] sent to bob: first while down")
+    for n in ("second", "third", "fourth"):
+        [row] = a.rows_with(f"{n} while down")
+        assert row.endswith(f"] alice -> bob: {n} while down (sent)")
+    b.expect("] alice: fourth while down")
 
     a.type("\x03")  # Ctrl-C
     assert a.exit_code() == 0

@@ -87,7 +87,10 @@ def send_line(chat: Chat, text: str) -> None:
     msg = chat.session.send(peer, text)
     chat.tracked[msg.msg_id] = why
     state = chat.state_of(msg)
-    chat.show(msg, state=state, why=why)
+    if state == "pending":
+        chat.show_pending(msg, why)
+    else:
+        chat.show(msg, state=state, why=why)
     chat.conv.shown(peer, msg.seq)
     if state == "held":
         chat.error(f"sending to {inert(msg.peer)} is held: their identity key changed since you verified it"

@@ -106,7 +106,7 @@ async def _host(chat: Chat) -> None:
     await asyncio.wait(started, return_when=asyncio.FIRST_COMPLETED)
     if not done.done():
         session: PromptSession[str] = PromptSession(
-            chat.prompt_text,
+            lambda: screen.pending_area() + chat.prompt_text(),
             history=CommandHistory(chat.node.home.path / HISTORY_FILE),
             completer=ChatCompleter(lambda: chat.names),
             complete_style=CompleteStyle.READLINE_LIKE,
@@ -119,6 +119,7 @@ async def _host(chat: Chat) -> None:
             await _prompt_loop(chat, screen, session, done)
         finally:
             screen.app = screen.input = None
+            screen.close_area()
             chat.submit(None)  # finish the lines already typed, then stop
             try:
                 result = await asyncio.shield(done)

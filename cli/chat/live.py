@@ -53,7 +53,7 @@ class Chat:
         self._lines: trio.MemorySendChannel[str | None] | None = None
         self._scope: trio.CancelScope | None = None
         self._sent = trio.Event()
-        self._sent_while_connecting: list[str] = []
+        self._sent_while_connecting: list[bytes] = []
 
     # ---- from the asyncio side (thread-safe: scheduled onto trio) ----------------------
     def submit(self, line: str | None) -> None:
@@ -112,6 +112,11 @@ class Chat:
     def show(self, m: StoredMessage, *, state: str | None = None, note: str = "", why: str = "") -> None:
         """A message, as one line."""
         self.say(*message_line(m, state, note, why=why))
+
+    def show_pending(self, m: StoredMessage, why: str) -> None:
+        """A message on its way: its line changes in place once it is sent (``_on_sent``)."""
+        if self.screen is not None:
+            self.screen.show_pending(m.msg_id, *message_line(m, "pending", why=why))
 
     def keep_input(self, text: str) -> None:
         """Put a typed line back into the input."""
@@ -270,16 +275,20 @@ class Chat:
         self.refresh_prompt()
 
     def _on_sent(self, msg_id: bytes) -> None:
-        self.tracked.pop(msg_id, None)
         self._sent.set()
-        m = self.node.store.message(msg_id)
-        if m is None:
-            return
-        line = f"[{local_time(m.sent_at)}] sent to {inert(m.peer)}: {preview(m.body)}"
         if self.status == "connecting":  # the outbox goes out while connecting: say so after "online"
-            self._sent_while_connecting.append(line)
+            self._sent_while_connecting.append(msg_id)
         else:
-            self.say(line, 3)
+            self._show_sent(msg_id)
+
+    def _show_sent(self, msg_id: bytes) -> None:
+        why = self.tracked.pop(msg_id, "")
+        m = self.node.store.message(msg_id)
+        if m is None or self.screen is None:
+            return
+        # If the line has left the pending area, a short line of its own says it.
+        fallback = f"[{local_time(m.sent_at)}] sent to {inert(m.peer)}: {preview(m.body)}", 3
+        self.screen.settle(msg_id, *message_line(m, "sent", why=why), fallback)
 
     def _on_status(self, status: str) -> None:
         assert self.session is not None
@@ -302,8 +311,8 @@ class Chat:
                           " (messages you write are queued)")
                 self.offline_said = True
         if status != "connecting":
-            for line in self._sent_while_connecting:
-                self.say(line, 3)
+            for msg_id in self._sent_while_connecting:
+                self._show_sent(msg_id)
             self._sent_while_connecting.clear()
         self.refresh_prompt()
 
@@ -324,7 +333,9 @@ class Chat:
         for mid in list(self.tracked):
             m = self.node.store.message(mid)
             if m is not None and m.state == "failed":
-                del self.tracked[mid]
+                why = self.tracked.pop(mid)
+                if self.screen is not None:
+                    self.screen.settle(mid, *message_line(m, "failed", why=why), None)
                 self.error(f"not sent to {inert(m.peer)}: {preview(m.body)} ({inert(text, keep_newlines=False)})")
                 found = True
         return found
