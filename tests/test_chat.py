@@ -22,6 +22,7 @@ from tests.test_cli import ROOT, RelayProcess, User, env_for, start_relay, stop_
 TIMEOUT = 20
 COLUMNS = 160
 ROWS = 40
+BEL = "\x07"
 # Between the characters of typed text, prompt-toolkit may move the cursor or restyle.
 _CSI = r"(?:\x1b\[[0-9;?]*[A-Za-z]|\x08)*"
 
@@ -34,8 +35,8 @@ def typed(text: str) -> str:
 class Repl:
     """One `veil chat` in its own pseudo-terminal; everything it prints is kept in ``log``."""
 
-    def __init__(self, user: User) -> None:
-        env = env_for(user.tmp)
+    def __init__(self, user: User, env: dict[str, str] | None = None) -> None:
+        env = env_for(user.tmp) | (env or {})
         env.update(TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1", LC_ALL="C.UTF-8")
         self.log = io.StringIO()
         self.p = pexpect.spawn(
@@ -53,6 +54,12 @@ class Repl:
         left = list(texts)
         while left:
             left.pop(self.p.expect_exact(left))
+
+    def rang(self) -> int:
+        """Terminal bells in the output the last expect skipped (before its match)."""
+        before = self.p.before
+        assert isinstance(before, str)
+        return before.count(BEL)
 
     def expect_re(self, pattern: str) -> re.Match[str]:
         self.p.expect(pattern)
@@ -128,8 +135,8 @@ class World:
         u.veil("register", name, "--relay", self.relay.url)
         return u
 
-    def chat(self, user: User) -> Repl:
-        r = Repl(user)
+    def chat(self, user: User, env: dict[str, str] | None = None) -> Repl:
+        r = Repl(user, env)
         self.repls.append(r)
         return r
 
@@ -169,8 +176,10 @@ def test_two_repls_talk_through_the_relay(world: World) -> None:
     a.expect("-- talking to bob")
     a.expect("] alice -> bob: hello? (sent)")
 
-    # Bob has no peer either: the message is shown in full, and a plain line answers it.
+    # Bob has no peer either: the message is shown in full (with the bell: it is not in
+    # a conversation bob is looking at), and a plain line answers it.
     b.expect("] alice: hello?")
+    assert b.rang() == 1
     b.line("hi alice")
     b.expect("] bob -> alice (who wrote last): hi alice (sent)")
     b.expect_re(typed("@alice>"))  # alice is now bob's current peer
@@ -203,6 +212,7 @@ def test_two_repls_talk_through_the_relay(world: World) -> None:
     a.line("hello bob")
     a.expect("alice -> bob: hello bob (sent)")
     b.expect("] alice: hello bob\r\n")
+    assert b.rang() == 0  # the conversation on screen: no bell
     b.expect_re(typed("@alice> half typ"))  # the prompt is redrawn below, with the line
     b.line("ed line")
     b.expect("bob -> alice: half typed line (sent)")
@@ -213,16 +223,22 @@ def test_two_repls_talk_through_the_relay(world: World) -> None:
     evil = "evil \x1b[2J\x1b[31mred\x07"
     mallory.veil("send", "bob", evil)
     b.expect("-- new message from mallory (1 unread): /to mallory to read")
+    assert b.rang() == 1  # another conversation: the bell rings
     b.expect_re(typed("[1 unread] @alice>"))
     b.line("/inbox")
     b.expect_re(r"mallory\s+1 unread")
     b.line("/to mallory")
     b.expect("-- talking to mallory; 1 unread:")
     b.expect("] mallory: evil \\x1b[2J\\x1b[31mred\\x07\r\n")
+    assert b.rang() == 0
     out = b.log.getvalue()
-    assert "\x1b[2J" not in out and "\x1b[31m" not in out and "\x07" not in out
+    assert "\x1b[2J" not in out and "\x1b[31m" not in out
+    assert out.count(BEL) == 2  # the two bells above, none from mallory's text
+    b.line("/bell off")
+    b.expect("-- bell off: messages outside the conversation you are in are announced without it")
     a.line("while you read that")
     b.expect("-- new message from alice (1 unread): /to alice to read")
+    assert b.rang() == 0
     b.line("/inbox")
     b.expect_re(r"alice\s+1 unread")
     b.expect_re(r"mallory\s+no unread")
@@ -282,38 +298,54 @@ def test_two_repls_talk_through_the_relay(world: World) -> None:
     assert "hello bob" not in saved and "while you read that" not in saved
 
 
-def test_unread_counts_survive_a_restart(world: World) -> None:
+def test_unread_counts_and_the_bell_setting_survive_a_restart(world: World) -> None:
     alice, bob = world.user("alice"), world.user("bob")
     world.user("carol")
+    phone = User(world.tmp, "bob-phone")  # a second device of bob's
+    phone.password_file.write_text(bob.password_file.read_text())
+    assert world.relay is not None
+    phone.veil("login", "bob", "--relay", world.relay.url)
     b = world.chat(bob)
     b.expect("-- online: connected to ws://")
     b.line("/to carol")
     b.expect("-- talking to carol")
     alice.veil("send", "bob", "one")
     b.expect("-- new message from alice (1 unread): /to alice to read")
+    assert b.rang() == 1
+    phone.veil("send", "alice", "from my phone")
+    b.expect("-- you wrote to alice from your other device")
+    assert b.rang() == 0  # never for our own messages
+    b.line("/bell off")
+    b.expect("-- bell off:")
     alice.veil("send", "bob", "two")
     b.expect("-- new message from alice (2 unread): /to alice to read")
+    assert b.rang() == 0
     b.line("/quit")
     assert b.exit_code() == 0
 
-    # The count comes back from the store, in the prompt and in /inbox.
+    # The count comes back from the store, in the prompt and in /inbox; so does the bell.
     b = world.chat(bob)
     b.expect("-- online: connected to ws://")
     b.expect_re(typed("[2 unread] >"))
+    b.line("/bell")
+    b.expect("-- bell off:")
     b.line("/inbox")
     b.expect_re(r"alice\s+2 unread")
     b.expect_re(r"carol\s+no unread")
     b.line("/to alice")  # shows them: now they are read
     b.expect("-- talking to alice; 2 unread:")
     b.expect("] alice: one")
+    b.expect("] bob -> alice: from my phone")
     b.expect("] alice: two")
     b.line("/quit")
     assert b.exit_code() == 0
 
-    b = world.chat(bob)
+    b = world.chat(bob, env={"VEIL_CHAT_BELL": "1"})  # for this run only
     b.expect("-- online: connected to ws://")
     b.line("/inbox")
     b.expect_re(r"alice\s+no unread")
+    b.line("/bell")
+    b.expect("-- bell on:")
     b.line("/quit")
     assert b.exit_code() == 0
     assert "unread]" not in b.log.getvalue()

@@ -39,6 +39,7 @@ HELP = [
     ("/devices", "this account's devices (needs the relay)"),
     ("/status", "relay, connection, outbox"),
     ("/reconnect", "try the relay now instead of waiting for the backoff"),
+    ("/bell [on|off]", "ring the terminal bell for messages outside the current conversation"),
     ("/help", "this list"),
     ("/quit", "leave (also Ctrl-D or Ctrl-C)"),
     ("//text", "send a line that starts with '/'"),
@@ -311,6 +312,20 @@ async def cmd_reconnect(chat: Chat, rest: str) -> None:
     chat.note("reconnecting now")
 
 
+async def cmd_bell(chat: Chat, rest: str) -> None:
+    word = rest.lower()
+    if word not in ("", "on", "off"):
+        raise VeilError("write /bell on or /bell off")
+    if word:
+        chat.set_bell(word == "on")
+    if chat.bell:
+        chat.note("bell on: a message outside the conversation you are in rings the terminal bell"
+                  " (/bell off; remembered on this device)")
+    else:
+        chat.note("bell off: messages outside the conversation you are in are announced without it"
+                  " (/bell on; remembered on this device)")
+
+
 async def cmd_help(chat: Chat, rest: str) -> None:
     width = max(len(h[0]) for h in HELP)
     for cmd, text in HELP:
@@ -321,5 +336,5 @@ async def cmd_help(chat: Chat, rest: str) -> None:
 HANDLERS: dict[str, Callable[[Chat, str], Awaitable[None]]] = {
     "to": cmd_to, "history": cmd_history, "inbox": cmd_inbox, "contacts": cmd_contacts,
     "verify": cmd_verify, "trust": cmd_trust, "devices": cmd_devices, "status": cmd_status,
-    "reconnect": cmd_reconnect, "help": cmd_help,
+    "reconnect": cmd_reconnect, "bell": cmd_bell, "help": cmd_help,
 }

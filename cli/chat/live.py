@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 
@@ -28,6 +29,7 @@ from node.session import LiveSession
 from node.store import StoredMessage
 
 QUIT_FLUSH_SECONDS = 3.0  # on /quit, how long to wait for queued messages to reach the relay
+BELL_SETTING = "chat_bell"  # in the store's meta table: b"1" or b"0"
 
 
 class Chat:
@@ -40,6 +42,7 @@ class Chat:
         self.node = node
         self.screen: Screen | None = None
         self.conv = Conversations(node.store)
+        self.bell = self._bell_setting()
         self.names: list[str] = []  # contact names, for completion
         self.status = "offline"
         self.retry_at: float | None = None  # time.monotonic() of the next attempt
@@ -96,10 +99,10 @@ class Chat:
         return f"{state}{who}> "
 
     # ---- output ---------------------------------------------------------------------------
-    def say(self, text: str, hang: int = 2) -> None:
-        """A line above the prompt."""
+    def say(self, text: str, hang: int = 2, *, ring: bool = False) -> None:
+        """A line above the prompt; with ``ring``, the terminal bell sounds with it."""
         if self.screen is not None:
-            self.screen.say(text, hang)
+            self.screen.say(text, hang, ring=ring)
 
     def note(self, text: str) -> None:
         """A line about the chat itself ("-- ...")."""
@@ -109,9 +112,11 @@ class Chat:
         """A line about something that went wrong ("! ..."); the REPL carries on."""
         self.say(f"! {text}", 2)
 
-    def show(self, m: StoredMessage, *, state: str | None = None, note: str = "", why: str = "") -> None:
+    def show(
+        self, m: StoredMessage, *, state: str | None = None, note: str = "", why: str = "", ring: bool = False
+    ) -> None:
         """A message, as one line."""
-        self.say(*message_line(m, state, note, why=why))
+        self.say(*message_line(m, state, note, why=why), ring=ring)
 
     def show_pending(self, m: StoredMessage, why: str) -> None:
         """A message on its way: its line changes in place once it is sent (``_on_sent``)."""
@@ -238,6 +243,20 @@ class Chat:
         if left:
             self.note(f"{left} message(s) still pending: they go out the next time this device is online")
 
+    # ---- the bell -------------------------------------------------------------------------
+    def _bell_setting(self) -> bool:
+        # VEIL_CHAT_BELL=0 / =1 decides for this run only; /bell changes the stored setting.
+        env = os.environ.get("VEIL_CHAT_BELL", "").strip()
+        if env in ("0", "1"):
+            return env == "1"
+        return self.node.store.get(BELL_SETTING) != b"0"
+
+    def set_bell(self, on: bool) -> None:
+        """Turn the bell on or off, now and in later runs on this device."""
+        with self.node.store.transaction():
+            self.node.store.put(BELL_SETTING, b"1" if on else b"0")
+        self.bell = on
+
     # ---- the relay link, for commands ----------------------------------------------------
     def username(self, raw: str) -> str:
         """``raw`` as a canonical username, or a one-line error."""
@@ -264,14 +283,17 @@ class Chat:
         m = r.message
         self._refresh_names()
         self.check_keys()
+        # The bell is for what someone else wrote outside the conversation on screen.
+        ring = self.bell and not m.outgoing and m.peer != self.conv.peer
         if self.conv.arrived(m):
-            self.show(m, note=" (from your other device)" if m.outgoing else "")
+            self.show(m, note=" (from your other device)" if m.outgoing else "", ring=ring)
             return
         if m.outgoing:  # written on another device of ours, in another conversation
             self.note(f"you wrote to {inert(m.peer)} from your other device")
             return
         n = self.conv.unread[m.peer]
-        self.note(f"new message from {inert(m.peer)} ({n} unread): /to {inert(m.peer)} to read")
+        p = inert(m.peer)
+        self.say(f"-- new message from {p} ({n} unread): /to {p} to read", 3, ring=ring)
         self.refresh_prompt()
 
     def _on_sent(self, msg_id: bytes) -> None:
