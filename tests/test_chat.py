@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import re
-import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -290,12 +289,49 @@ def test_two_repls_talk_through_the_relay(world: World) -> None:
     b.type("\x04")  # Ctrl-D
     assert b.exit_code() == 0
 
-    # Input history: per device, mode 0600, commands only (typed messages are plaintext).
-    hist = alice.home / "chat-history"
-    assert stat.S_IMODE(hist.stat().st_mode) == 0o600
-    saved = hist.read_text()
-    assert "/to bob" in saved and "/verify bob yes" in saved
-    assert "hello bob" not in saved and "while you read that" not in saved
+    assert not (alice.home / "chat-history").exists()  # input history: in the store only
+
+
+def test_input_history_is_kept_encrypted_and_commands_only(world: World) -> None:
+    alice = world.user("alice")
+    world.user("bob")
+    # What an earlier version left in the home: commands in plaintext (prompt-toolkit's
+    # FileHistory format).
+    old = alice.home / "chat-history"
+    old.write_text("\n# 2026-11-30 10:00:00\n+/history bob 5\n\n# 2026-11-30 10:01:00\n+/inbox\n")
+    a = world.chat(alice)
+    a.expect("-- removed chat-history, the plaintext input history of an earlier version;"
+             " its 2 command(s) are now kept in the encrypted store")
+    a.expect("-- online: connected to ws://")
+    assert not old.exists()
+    a.line("/to bob")
+    a.expect("-- talking to bob")
+    a.line("a very secret message to bob")
+    a.expect("] alice -> bob: a very secret message to bob (sent)")
+    a.line("@bob another very secret one")
+    a.expect("] alice -> bob: another very secret one (sent)")
+    a.line("/status")
+    a.expect("outbox: 0 pending")
+    a.line("/quit")
+    assert a.exit_code() == 0
+
+    # Nothing typed is in the clear anywhere in the home: a thief of the locked device
+    # learns the account name, the relay and the device id (device.json), no more.
+    for f in alice.home.rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            for text in (b"/to bob", b"/status", b"/history", b"very secret"):
+                assert text not in data, (f, text)
+
+    # The up arrow brings back the commands of earlier runs, newest first; never messages.
+    a = world.chat(alice)
+    a.expect("-- online: connected to ws://")
+    assert "removed chat-history" not in a.log.getvalue()  # said once
+    for line in ("/quit", "/status", "/to bob", "/inbox", "/history bob 5"):
+        a.type("\x1b[A")  # up arrow
+        a.expect_screen(f"> {line}")
+    a.type("\x15/quit\r")  # Ctrl-U clears the line
+    assert a.exit_code() == 0
 
 
 def test_unread_counts_and_the_bell_setting_survive_a_restart(world: World) -> None:

@@ -6,10 +6,14 @@
   what to show goes to asyncio with ``loop.call_soon_threadsafe`` (``Screen``).
 - ``screen``: what the terminal shows: lines printed above the prompt with
   ``run_in_terminal``, so that the prompt and its half-typed line are redrawn below,
-  untouched.
+  untouched, and the messages still pending, drawn as part of the prompt until they turn
+  to sent in place.
 - ``live``: the trio side while the chat runs: the node online (``LiveSession``), and its
   events (messages, sends, connection changes, warnings) turned into lines.
 - ``commands``: a typed line, parsed, and the command it names carried out.
+- ``conversation``: the current peer, who wrote last, unread counts (the store's read
+  marks).
+- ``history``: the input history: commands only, in the encrypted store.
 - ``formatting``: how times and messages look.
 
 Everything a peer controls (message bodies, names) goes through ``cli.text.inert`` before

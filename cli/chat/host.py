@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import outcome
@@ -21,7 +19,7 @@ import trio
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
-from prompt_toolkit.history import FileHistory
+from prompt_toolkit.history import History
 from prompt_toolkit.output import create_output
 from prompt_toolkit.shortcuts import CompleteStyle
 
@@ -31,24 +29,21 @@ from cli.chat.screen import Screen
 from cli.text import inert
 from node.node import Node
 
-HISTORY_FILE = "chat-history"  # in the device's home directory
 
+class StoredHistory(History):
+    """The up arrow's history: what was typed in this run (in memory, as prompt-toolkit
+    keeps it), after the commands of earlier runs from the encrypted store. Each typed
+    line goes to ``Chat.remember``, which keeps commands only (cli/chat/history.py)."""
 
-class CommandHistory(FileHistory):
-    """Input history kept per device in its home directory, for commands only.
+    def __init__(self, chat: Chat) -> None:
+        super().__init__()
+        self.chat = chat
 
-    The file is plaintext, and a line typed to someone is a message: those stay in
-    memory for this session (up-arrow still finds them) and never reach the disk."""
-
-    def __init__(self, path: Path) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.close(fd)
-        os.chmod(path, 0o600)
-        super().__init__(str(path))
+    def load_history_strings(self) -> Iterable[str]:
+        return list(self.chat.input_history)  # newest first, as prompt-toolkit wants them
 
     def store_string(self, string: str) -> None:
-        if string.startswith("/") and not string.startswith("//"):
-            super().store_string(string)
+        self.chat.remember(string)
 
 
 class ChatCompleter(Completer):
@@ -107,7 +102,7 @@ async def _host(chat: Chat) -> None:
     if not done.done():
         session: PromptSession[str] = PromptSession(
             lambda: screen.pending_area() + chat.prompt_text(),
-            history=CommandHistory(chat.node.home.path / HISTORY_FILE),
+            history=StoredHistory(chat),
             completer=ChatCompleter(lambda: chat.names),
             complete_style=CompleteStyle.READLINE_LIKE,
             complete_while_typing=False,

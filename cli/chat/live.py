@@ -20,6 +20,7 @@ import wire
 from cli.chat import commands
 from cli.chat.conversation import Conversations
 from cli.chat.formatting import local_time, message_line, preview
+from cli.chat.history import PLAINTEXT_FILE, is_command, retire_plaintext_history
 from cli.chat.screen import Screen
 from cli.text import inert
 from keyvault.errors import KeyvaultError
@@ -43,6 +44,8 @@ class Chat:
         self.screen: Screen | None = None
         self.conv = Conversations(node.store)
         self.bell = self._bell_setting()
+        self.input_history: list[str] = []  # commands of earlier runs, newest first
+        self._retired: int | None = None  # commands moved from an old plaintext history file
         self.names: list[str] = []  # contact names, for completion
         self.status = "offline"
         self.retry_at: float | None = None  # time.monotonic() of the next attempt
@@ -67,6 +70,20 @@ class Chat:
             self.token.run_sync_soon(self._lines.send_nowait, line)
         except trio.RunFinishedError:
             pass
+
+    def remember(self, line: str) -> None:
+        """A line was typed: keep it in the store's input history if it is a command."""
+        if self.token is None:
+            return
+        try:
+            self.token.run_sync_soon(self._guard(self._remember), line)
+        except trio.RunFinishedError:
+            pass
+
+    def _remember(self, line: str) -> None:
+        if is_command(line):
+            with self.node.store.transaction():
+                self.node.store.add_input(line)
 
     def stop_now(self) -> None:
         """Stop at once, without waiting for the outbox (a second Ctrl-C)."""
@@ -158,6 +175,11 @@ class Chat:
         session.on.status.append(self._guard(self._on_status))
         session.on.problem.append(self._guard(self._on_problem))
         self._refresh_names()
+        try:
+            self._retired = retire_plaintext_history(self.node.home.path, self.node.store)
+        except OSError as exc:
+            self.error(f"could not remove the plaintext input history {PLAINTEXT_FILE}: {exc.strerror or exc}")
+        self.input_history = self.node.store.input_history()
         ready()
         self._welcome()
         with trio.CancelScope() as self._scope:
@@ -170,6 +192,9 @@ class Chat:
     def _welcome(self) -> None:
         me = self.node
         self.note(f"veil chat: {me.name} on {me.relay} (device {me.device_id.hex()[:8]}); /help lists the commands")
+        if self._retired is not None:
+            self.note(f"removed {PLAINTEXT_FILE}, the plaintext input history of an earlier version;"
+                      f" its {self._retired} command(s) are now kept in the encrypted store")
         self.check_keys()
         pending = me.store.pending_count()
         if pending:
