@@ -83,9 +83,11 @@ def send_line(chat: Chat, text: str) -> None:
             chat.error("not sent: nobody has written to you yet; pick who gets it with /to NAME"
                        " or @NAME text (the line is kept)")
             return
-        chat.conv.peer, why = peer, "who wrote last"
-        chat.refresh_prompt()
+        why = "who wrote last"
     msg = chat.session.send(peer, text)
+    if chat.conv.peer is None:
+        chat.conv.peer = peer
+        chat.refresh_prompt()
     chat.tracked[msg.msg_id] = why
     state = chat.state_of(msg)
     if state == "pending":
