@@ -44,6 +44,7 @@ SECOND_DEVICE_EVERY = 5
 SEND_GAP = 0.05  # mean seconds between one node's sends
 OFFLINE_SHARE = float(os.environ.get("VEIL_SIM_OFFLINE", "0.3"))  # devices that spend part of the run offline
 CHAOS_CUT_PROB = 0.15
+RELAY_START_TIMEOUT = 30.0
 
 
 def percentile(sorted_values: list[float], p: float) -> float:
@@ -279,15 +280,21 @@ class RelayProcess:
     async def start(self) -> str:
         cmd = [sys.executable, "-m", "cli.main", "relay", "serve", "--port", str(self.port),
                "--data-dir", str(self.data_dir)]
-        self.proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        log_path = self.data_dir.parent / "relay.log"
+        with open(log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=log)
         assert self.proc.stdout is not None
         buf = b""
-        with trio.fail_after(30):
+        with trio.move_on_after(RELAY_START_TIMEOUT) as waited:
             while b"\n" not in buf:
                 chunk = await self.proc.stdout.receive_some()
                 if not chunk:
-                    raise CliError("the simulation's relay exited before it was listening")
+                    lines = log_path.read_text(errors="replace").strip().splitlines()
+                    why = lines[-1] if lines else "no output"
+                    raise CliError(f"the simulation's relay exited before it was listening: {why}")
                 buf += chunk
+        if waited.cancelled_caught:
+            raise CliError(f"the simulation's relay did not listen within {RELAY_START_TIMEOUT:g} s (log: {log_path})")
         line = buf.split(b"\n", 1)[0].decode()
         self.url = line.rsplit(" ", 1)[1]
         self.port = int(self.url.rsplit(":", 1)[1])

@@ -110,6 +110,8 @@ class ControlService:
         self.holder = holder
         self._changed = trio.Event()
         self._recv_lock = trio.Lock()  # one recv stream at a time hands out messages
+        # A message another process asked us to send was stored (`veil chat` shows it).
+        self.composed: list[Callable[[StoredMessage], None]] = []
         live.on.message.append(self._wake)
         live.on.sent.append(self._wake)
         live.on.problem.append(self._wake)
@@ -209,6 +211,8 @@ class ControlService:
 
     async def _send(self, to: str, text: str) -> dict[str, Any]:
         msg = self.live.send(to, text)  # stored at once; raises for a bad name or text
+        for fn in self.composed:
+            fn(msg)
         with trio.move_on_after(SEND_WAIT):
             while True:
                 changed = self._changed

@@ -2,7 +2,9 @@
 
 Holds the account's private keys, the session token, contacts and their pinned keys,
 the message history (plaintext, which is why the whole file is encrypted under a key
-derived from the master password), the outbox and the ids of messages already seen.
+derived from the master password), the outbox and the ids of messages already seen, and
+what ``veil chat`` keeps between runs: how far each conversation has been read, and the
+commands typed (its input history).
 """
 
 from __future__ import annotations
@@ -97,6 +99,16 @@ def _m0002(db: Database) -> None:
     db.execute("CREATE TABLE one_time_prekeys (key_id INTEGER PRIMARY KEY, blob BLOB NOT NULL)")
 
 
+@migrations(name="0003_read_marks_and_input_history")
+def _m0003(db: Database) -> None:
+    # How far each conversation has been shown on this device: messages with a larger
+    # seq are unread. What was stored before this migration counts as read, as it did.
+    db.execute("CREATE TABLE read_marks (peer TEXT PRIMARY KEY, up_to_seq INTEGER NOT NULL)")
+    db.execute("INSERT INTO read_marks (peer, up_to_seq) SELECT peer, max(seq) FROM messages GROUP BY peer")
+    # Commands typed in `veil chat`, oldest first (never message text: see cli/chat/host.py).
+    db.execute("CREATE TABLE input_history (id INTEGER PRIMARY KEY, line TEXT NOT NULL)")
+
+
 @dataclass(frozen=True)
 class SessionRow:
     sid: int
@@ -106,6 +118,7 @@ class SessionRow:
 
 
 MAX_SESSIONS_PER_DEVICE = 4
+INPUT_HISTORY_MAX = 500  # commands kept for `veil chat`'s up arrow
 
 
 @dataclass(frozen=True)
@@ -275,6 +288,56 @@ class NodeStore:
     def last_seq(self) -> int:
         (seq,) = self.conn.execute("SELECT coalesce(max(seq), 0) FROM messages").fetchone()
         return int(seq)
+
+    def last_messages(self) -> list[StoredMessage]:
+        """The newest message of each conversation, newest first."""
+        rows = self.conn.execute(
+            f"SELECT {_MSG_COLS} FROM messages WHERE seq IN (SELECT max(seq) FROM messages GROUP BY peer)"
+            " ORDER BY seq DESC"
+        )
+        return [_message(r) for r in rows]
+
+    # ---- read marks --------------------------------------------------------------------
+    def mark_read(self, peer: str, up_to_seq: int) -> None:
+        """Messages of the conversation with ``peer`` up to ``up_to_seq`` have been shown.
+        A mark only moves forward."""
+        self.conn.execute(
+            "INSERT INTO read_marks (peer, up_to_seq) VALUES (?, ?) ON CONFLICT (peer)"
+            " DO UPDATE SET up_to_seq = max(up_to_seq, excluded.up_to_seq)",
+            (peer, up_to_seq),
+        )
+
+    def read_mark(self, peer: str) -> int:
+        """The seq up to which the conversation with ``peer`` has been read (0: none)."""
+        row = self.conn.execute("SELECT up_to_seq FROM read_marks WHERE peer = ?", (peer,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def unread_counts(self, peer: str | None = None) -> dict[str, int]:
+        """Received messages past each conversation's read mark (of one conversation, with
+        ``peer``); conversations with none are left out."""
+        sql = (
+            "SELECT m.peer, count(*) FROM messages AS m LEFT JOIN read_marks AS r ON r.peer = m.peer"
+            " WHERE m.outgoing = 0 AND m.seq > coalesce(r.up_to_seq, 0)"
+        )
+        if peer is None:
+            rows = self.conn.execute(sql + " GROUP BY m.peer")
+        else:
+            rows = self.conn.execute(sql + " AND m.peer = ? GROUP BY m.peer", (peer,))
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    # ---- input history of `veil chat` ----------------------------------------------------
+    def add_input(self, line: str) -> None:
+        """Remember a command typed in the chat, keeping the newest INPUT_HISTORY_MAX."""
+        self.conn.execute("INSERT INTO input_history (line) VALUES (?)", (line,))
+        self.conn.execute(
+            "DELETE FROM input_history WHERE id NOT IN"
+            " (SELECT id FROM input_history ORDER BY id DESC LIMIT ?)",
+            (INPUT_HISTORY_MAX,),
+        )
+
+    def input_history(self) -> list[str]:
+        """The remembered commands, newest first."""
+        return [str(r[0]) for r in self.conn.execute("SELECT line FROM input_history ORDER BY id DESC")]
 
     # ---- ratchet sessions ------------------------------------------------------------
     def sessions(self, peer: str, device_id: bytes) -> list[SessionRow]:

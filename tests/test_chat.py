@@ -4,21 +4,26 @@ process, users registered with the real `veil` command."""
 from __future__ import annotations
 
 import io
+import json
 import re
-import stat
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import pexpect
+import pyte
 import pytest
 
 from cli.chat import local_time, wrap
-from tests.test_cli import ROOT, RelayProcess, User, env_for, start_relay, stop_relay
+from tests.test_cli import ROOT, VEIL, RelayProcess, User, env_for, start_relay, stop_relay
 
 TIMEOUT = 20
 COLUMNS = 160
+ROWS = 40
+BEL = "\x07"
 # Between the characters of typed text, prompt-toolkit may move the cursor or restyle.
 _CSI = r"(?:\x1b\[[0-9;?]*[A-Za-z]|\x08)*"
 
@@ -31,14 +36,14 @@ def typed(text: str) -> str:
 class Repl:
     """One `veil chat` in its own pseudo-terminal; everything it prints is kept in ``log``."""
 
-    def __init__(self, user: User) -> None:
-        env = env_for(user.tmp)
+    def __init__(self, user: User, env: dict[str, str] | None = None) -> None:
+        env = env_for(user.tmp) | (env or {})
         env.update(TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1", LC_ALL="C.UTF-8")
         self.log = io.StringIO()
         self.p = pexpect.spawn(
             sys.executable,
             ["-m", "cli.main", "--home", str(user.home), "--password-file", str(user.password_file), "chat"],
-            env=env, cwd=str(ROOT), dimensions=(40, COLUMNS), encoding="utf-8", timeout=TIMEOUT,
+            env=env, cwd=str(ROOT), dimensions=(ROWS, COLUMNS), encoding="utf-8", timeout=TIMEOUT,
         )
         self.p.logfile_read = self.log
 
@@ -51,11 +56,42 @@ class Repl:
         while left:
             left.pop(self.p.expect_exact(left))
 
+    def rang(self) -> int:
+        """Terminal bells in the output the last expect skipped (before its match)."""
+        before = self.p.before
+        assert isinstance(before, str)
+        return before.count(BEL)
+
     def expect_re(self, pattern: str) -> re.Match[str]:
         self.p.expect(pattern)
         match = self.p.match
         assert isinstance(match, re.Match)
         return match
+
+    def screen(self) -> list[str]:
+        """The terminal as a person sees it now: everything printed so far, played through
+        a VT100 emulator the size of the pseudo-terminal."""
+        screen = pyte.Screen(COLUMNS, ROWS)
+        pyte.Stream(screen).feed(self.log.getvalue())
+        return [row.rstrip() for row in screen.display]
+
+    def rows_with(self, text: str) -> list[str]:
+        """The rows of the screen that show ``text``."""
+        return [row for row in self.screen() if text in row]
+
+    def expect_screen(self, text: str) -> None:
+        """Wait until a row of the screen shows ``text``. For what prompt-toolkit draws as
+        part of the prompt: it redraws only the cells that change, so the text need not
+        appear in one piece in the output. Consumes the output read meanwhile."""
+        deadline = time.monotonic() + TIMEOUT
+        while not self.rows_with(text):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{text!r} not on the screen:\n" + "\n".join(self.screen()))
+            try:
+                self.p.read_nonblocking(65536, timeout=left)  # logged, and so on the screen
+            except pexpect.TIMEOUT:
+                pass
 
     def type(self, text: str) -> None:
         self.p.send(text)
@@ -100,8 +136,8 @@ class World:
         u.veil("register", name, "--relay", self.relay.url)
         return u
 
-    def chat(self, user: User) -> Repl:
-        r = Repl(user)
+    def chat(self, user: User, env: dict[str, str] | None = None) -> Repl:
+        r = Repl(user, env)
         self.repls.append(r)
         return r
 
@@ -130,9 +166,27 @@ def test_two_repls_talk_through_the_relay(world: World) -> None:
     a.expect("online: connected to ws://")
     b.expect("online: connected to ws://")
 
-    # No peer yet: an error line, and the REPL carries on.
+    # No peer and nobody has written to alice yet: a plain line is not sent, it stays in
+    # the input with a hint; here it becomes an @NAME line.
     a.line("hello?")
-    a.expect("! no conversation yet: pick one with /to NAME")
+    a.expect("! not sent: nobody has written to you yet; pick who gets it with /to NAME"
+             " or @NAME text (the line is kept)\r\n")
+    a.expect_re(typed("> hello?"))
+    a.type("\x01@bob ")  # Ctrl-A: to the start of the line
+    a.line("")
+    a.expect("-- talking to bob")
+    a.expect("] alice -> bob: hello? (sent)")
+
+    # Bob has no peer either: the message is shown in full (with the bell: it is not in
+    # a conversation bob is looking at), and a plain line answers it.
+    b.expect("] alice: hello?")
+    assert b.rang() == 1
+    b.line("hi alice")
+    b.expect("] bob -> alice (who wrote last): hi alice (sent)")
+    b.expect_re(typed("@alice>"))  # alice is now bob's current peer
+    a.expect("] bob: hi alice")
+
+    # Errors are one line, and the REPL carries on.
     a.line("/to x!")
     a.expect("is not a username")
     a.line("@nobody hi")
@@ -144,20 +198,25 @@ def test_two_repls_talk_through_the_relay(world: World) -> None:
     a.expect_re(typed("@bob>"))
 
     # @NAME text picks the peer and sends.
-    b.line("@alice hi alice")
-    b.expect("bob -> alice: hi alice (pending)")
-    b.expect("sent to alice: hi alice")
-    a.expect("] bob: hi alice")
+    b.line("@alice and again")
+    # A sent message is one line: drawn as pending, it turns to sent in place.
+    b.expect("] bob -> alice: and again (sent)")
+    b.expect_re(typed("@alice>"))
+    [row] = b.rows_with("and again")
+    assert row.endswith("] bob -> alice: and again (sent)")
+    assert not b.rows_with("(pending)")
+    a.expect("] bob: and again")
 
     # A message arrives while bob has half a line typed: it appears above, the line stays.
     b.type("half typ")
     b.expect_re(typed("half typ"))
     a.line("hello bob")
-    a.expect("alice -> bob: hello bob (pending)")
+    a.expect("alice -> bob: hello bob (sent)")
     b.expect("] alice: hello bob\r\n")
+    assert b.rang() == 0  # the conversation on screen: no bell
     b.expect_re(typed("@alice> half typ"))  # the prompt is redrawn below, with the line
     b.line("ed line")
-    b.expect("bob -> alice: half typed line (pending)")
+    b.expect("bob -> alice: half typed line (sent)")
     a.expect("] bob: half typed line")
 
     # Someone else writes to bob while he talks to alice: announced, counted as unread.
@@ -165,24 +224,32 @@ def test_two_repls_talk_through_the_relay(world: World) -> None:
     evil = "evil \x1b[2J\x1b[31mred\x07"
     mallory.veil("send", "bob", evil)
     b.expect("-- new message from mallory (1 unread): /to mallory to read")
+    assert b.rang() == 1  # another conversation: the bell rings
     b.expect_re(typed("[1 unread] @alice>"))
     b.line("/inbox")
     b.expect_re(r"mallory\s+1 unread")
     b.line("/to mallory")
     b.expect("-- talking to mallory; 1 unread:")
     b.expect("] mallory: evil \\x1b[2J\\x1b[31mred\\x07\r\n")
+    assert b.rang() == 0
     out = b.log.getvalue()
-    assert "\x1b[2J" not in out and "\x1b[31m" not in out and "\x07" not in out
+    assert "\x1b[2J" not in out and "\x1b[31m" not in out
+    assert out.count(BEL) == 2  # the two bells above, none from mallory's text
+    b.line("/bell off")
+    b.expect("-- bell off: messages outside the conversation you are in are announced without it")
     a.line("while you read that")
     b.expect("-- new message from alice (1 unread): /to alice to read")
+    assert b.rang() == 0
     b.line("/inbox")
     b.expect_re(r"alice\s+1 unread")
     b.expect_re(r"mallory\s+no unread")
 
     # /history shows the stored conversation, and reading it clears the unread count.
     b.line("/history alice")
-    b.expect("-- history with alice (last 4, local time):")
+    b.expect("-- history with alice (last 6, local time):")
+    b.expect("] alice: hello?")
     b.expect("] bob -> alice: hi alice (sent)")
+    b.expect("] bob -> alice: and again (sent)")
     b.expect("] alice: hello bob")
     b.expect("] bob -> alice: half typed line (sent)")
     b.expect("] alice: while you read that")
@@ -224,12 +291,102 @@ def test_two_repls_talk_through_the_relay(world: World) -> None:
     b.type("\x04")  # Ctrl-D
     assert b.exit_code() == 0
 
-    # Input history: per device, mode 0600, commands only (typed messages are plaintext).
-    hist = alice.home / "chat-history"
-    assert stat.S_IMODE(hist.stat().st_mode) == 0o600
-    saved = hist.read_text()
-    assert "/to bob" in saved and "/verify bob yes" in saved
-    assert "hello bob" not in saved and "while you read that" not in saved
+    assert not (alice.home / "chat-history").exists()  # input history: in the store only
+
+
+def test_input_history_is_kept_encrypted_and_commands_only(world: World) -> None:
+    alice = world.user("alice")
+    world.user("bob")
+    # What an earlier version left in the home: commands in plaintext (prompt-toolkit's
+    # FileHistory format).
+    old = alice.home / "chat-history"
+    old.write_text("\n# 2026-11-30 10:00:00\n+/history bob 5\n\n# 2026-11-30 10:01:00\n+/inbox\n")
+    a = world.chat(alice)
+    a.expect("-- removed chat-history, the plaintext input history of an earlier version;"
+             " its 2 command(s) are now kept in the encrypted store")
+    a.expect("-- online: connected to ws://")
+    assert not old.exists()
+    a.line("/to bob")
+    a.expect("-- talking to bob")
+    a.line("a very secret message to bob")
+    a.expect("] alice -> bob: a very secret message to bob (sent)")
+    a.line("@bob another very secret one")
+    a.expect("] alice -> bob: another very secret one (sent)")
+    a.line("/status")
+    a.expect("outbox: 0 pending")
+    a.line("/quit")
+    assert a.exit_code() == 0
+
+    # Nothing typed is in the clear anywhere in the home: a thief of the locked device
+    # learns the account name, the relay and the device id (device.json), no more.
+    for f in alice.home.rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            for text in (b"/to bob", b"/status", b"/history", b"very secret"):
+                assert text not in data, (f, text)
+
+    # The up arrow brings back the commands of earlier runs, newest first; never messages.
+    a = world.chat(alice)
+    a.expect("-- online: connected to ws://")
+    assert "removed chat-history" not in a.log.getvalue()  # said once
+    for line in ("/quit", "/status", "/to bob", "/inbox", "/history bob 5"):
+        a.type("\x1b[A")  # up arrow
+        a.expect_screen(f"> {line}")
+    a.type("\x15/quit\r")  # Ctrl-U clears the line
+    assert a.exit_code() == 0
+
+
+def test_unread_counts_and_the_bell_setting_survive_a_restart(world: World) -> None:
+    alice, bob = world.user("alice"), world.user("bob")
+    world.user("carol")
+    phone = User(world.tmp, "bob-phone")  # a second device of bob's
+    phone.password_file.write_text(bob.password_file.read_text())
+    assert world.relay is not None
+    phone.veil("login", "bob", "--relay", world.relay.url)
+    b = world.chat(bob)
+    b.expect("-- online: connected to ws://")
+    b.line("/to carol")
+    b.expect("-- talking to carol")
+    alice.veil("send", "bob", "one")
+    b.expect("-- new message from alice (1 unread): /to alice to read")
+    assert b.rang() == 1
+    phone.veil("send", "alice", "from my phone")
+    b.expect("-- you wrote to alice from your other device")
+    assert b.rang() == 0  # never for our own messages
+    b.line("/bell off")
+    b.expect("-- bell off:")
+    alice.veil("send", "bob", "two")
+    b.expect("-- new message from alice (2 unread): /to alice to read")
+    assert b.rang() == 0
+    b.line("/quit")
+    assert b.exit_code() == 0
+
+    # The count comes back from the store, in the prompt and in /inbox; so does the bell.
+    b = world.chat(bob)
+    b.expect("-- online: connected to ws://")
+    b.expect_re(typed("[2 unread] >"))
+    b.line("/bell")
+    b.expect("-- bell off:")
+    b.line("/inbox")
+    b.expect_re(r"alice\s+2 unread")
+    b.expect_re(r"carol\s+no unread")
+    b.line("/to alice")  # shows them: now they are read
+    b.expect("-- talking to alice; 2 unread:")
+    b.expect("] alice: one")
+    b.expect("] bob -> alice: from my phone")
+    b.expect("] alice: two")
+    b.line("/quit")
+    assert b.exit_code() == 0
+
+    b = world.chat(bob, env={"VEIL_CHAT_BELL": "1"})  # for this run only
+    b.expect("-- online: connected to ws://")
+    b.line("/inbox")
+    b.expect_re(r"alice\s+no unread")
+    b.line("/bell")
+    b.expect("-- bell on:")
+    b.line("/quit")
+    assert b.exit_code() == 0
+    assert "unread]" not in b.log.getvalue()
 
 
 @pytest.mark.slow
@@ -244,7 +401,7 @@ def test_offline_typing_is_delivered_when_the_relay_comes_back(world: World) -> 
     a.line("/to bob")
     a.expect("-- offline: bob is not checked yet; messages to bob are queued")
     a.line("written while offline")
-    a.expect("alice -> bob: written while offline (pending)")
+    a.expect_screen("] alice -> bob: written while offline (pending)")
     a.line("/devices")
     a.expect("! offline: /devices needs the relay")
     a.line("/status")
@@ -252,8 +409,12 @@ def test_offline_typing_is_delivered_when_the_relay_comes_back(world: World) -> 
     a.expect("outbox: 1 pending")
 
     world.start_relay()
-    # The outbox is flushed as the connection is made: both lines, in either order.
-    a.expect_all("-- online: connected to ws://", "sent to bob: written while offline")
+    # The outbox is flushed as the connection is made; the pending line turns to sent.
+    a.expect("-- online: connected to ws://")
+    a.expect("] alice -> bob: written while offline (sent)")
+    a.expect_re(typed("@bob>"))
+    [row] = a.rows_with("written while offline")
+    assert row.endswith("] alice -> bob: written while offline (sent)")
     b = world.chat(bob)
     b.expect("-- online: connected to ws://")
     b.expect("] alice: written while offline")  # no peer chosen yet: shown in full
@@ -265,11 +426,24 @@ def test_offline_typing_is_delivered_when_the_relay_comes_back(world: World) -> 
     a.expect("lost the connection to the relay: offline, reconnecting with backoff")
     b.expect("lost the connection to the relay")
     a.expect_re(typed("[offline"))
-    a.line("queued while down")
-    a.expect("alice -> bob: queued while down (pending)")
+    # Four lines: the three newest stay pending just above the prompt; the first is
+    # pushed out of that area, so its send is told in a line of its own.
+    for n in ("first", "second", "third", "fourth"):
+        a.line(f"{n} while down")
+    a.expect_screen("] alice -> bob: fourth while down (pending)")
     world.start_relay()
-    a.expect_all("-- back online: reconnected to the relay", "sent to bob: queued while down")
-    b.expect("] alice: queued while down")
+    a.expect("-- back online: reconnected to the relay")
+    a.expect("] sent to bob: first while down")
+    a.expect("] alice -> bob: fourth while down (sent)")
+    a.expect_re(typed("@bob>"))
+    first = a.rows_with("first while down")
+    assert len(first) == 2
+    assert first[0].endswith("] alice -> bob: first while down (pending)")
+    assert first[1].endswith("] sent to bob: first while down")
+    for n in ("second", "third", "fourth"):
+        [row] = a.rows_with(f"{n} while down")
+        assert row.endswith(f"] alice -> bob: {n} while down (sent)")
+    b.expect("] alice: fourth while down")
 
     a.type("\x03")  # Ctrl-C
     assert a.exit_code() == 0
@@ -328,3 +502,32 @@ def test_wrapping_and_times() -> None:
     assert re.fullmatch(r"\d\d:\d\d", local_time(int(datetime(2026, 11, 5, 9, 30).timestamp() * 1000), now))
     assert local_time(int(datetime(2025, 1, 2, 3, 4).timestamp() * 1000), now) == "2025-01-02 03:04"
     assert "?" in local_time(2**62)  # a peer's clock is not to be trusted
+
+
+def test_send_and_recv_from_another_terminal_go_through_the_chat(world: World) -> None:
+    alice, bob = world.user("alice"), world.user("bob")
+    world.user("carol")
+    b = world.chat(bob)
+    b.expect("-- online: connected to ws://")
+    b.line("/to carol")
+    b.expect("-- talking to carol")
+    alice.veil("send", "bob", "for the chat and the script")
+    b.expect("-- new message from alice (1 unread)")
+    # Another terminal, no password: the chat holds the device and takes the request.
+    env = env_for(world.tmp)
+    res = subprocess.run([*VEIL, "--home", str(bob.home), "send", "alice", "from", "a", "script"],
+                         capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT,
+                         stdin=subprocess.DEVNULL)
+    assert res.returncode == 0 and "sent to alice (sent)" in res.stdout, res.stderr
+    b.expect_screen("bob -> alice (via `veil send`): from a script (sent)")
+    assert [m["text"] for m in map(json.loads, alice.veil("recv", "--json").stdout.splitlines())] == [
+        "from a script"
+    ]
+    # recv through the chat: what the chat received, once; the chat still shows it unread.
+    res = subprocess.run([*VEIL, "--home", str(bob.home), "recv", "--json"], capture_output=True, text=True,
+                         timeout=TIMEOUT, env=env, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert [json.loads(x)["text"] for x in res.stdout.splitlines()] == ["for the chat and the script"]
+    b.line("/inbox")
+    b.expect_re(r"alice\s+1 unread")
+    b.line("/quit")
+    assert b.exit_code() == 0
