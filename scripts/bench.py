@@ -24,6 +24,7 @@ import json
 import os
 import resource
 import secrets
+import selectors
 import signal
 import statistics
 import struct
@@ -349,18 +350,34 @@ async def capacity(url: str, conns: int, server_pid: int) -> dict[str, object]:
 # ---- orchestration -------------------------------------------------------------------------
 
 
+SERVER_START_TIMEOUT = 30.0
+
+
 def start_server(cmd: list[str], prefix: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    """Start a server and wait, with a deadline, for the line that says it listens. Its
+    standard error goes to a log file that a failure names."""
+    fd, log_name = tempfile.mkstemp(prefix="veil-bench-server-", suffix=".log")
+    with os.fdopen(fd, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT)
     assert proc.stdout is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    why = f"it did not print {prefix!r} within {SERVER_START_TIMEOUT:g} s"
+    while (left := deadline - time.monotonic()) > 0:
+        if not sel.select(timeout=left):
+            continue
         line = proc.stdout.readline()
         if line.startswith(prefix):
+            sel.close()
             return proc, line.strip().split()[-1]
-        if not line and proc.poll() is not None:
+        if not line:
+            why = f"it exited with status {proc.wait()}"
             break
+    sel.close()
     proc.kill()
-    raise SystemExit(f"bench: error: server did not start: {' '.join(cmd)}")
+    proc.wait()
+    raise SystemExit(f"bench: error: the server did not start ({why}); its log: {log_name}")
 
 
 def stop_server(proc: subprocess.Popen[str]) -> None:
