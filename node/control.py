@@ -213,7 +213,8 @@ class ControlService:
         msg = self.live.send(to, text)  # stored at once; raises for a bad name or text
         for fn in self.composed:
             fn(msg)
-        with trio.move_on_after(SEND_WAIT):
+        # Offline (waiting out a backoff), there is nothing to wait for: it stays queued.
+        with trio.move_on_after(SEND_WAIT if self.live.status != "offline" else 0):
             while True:
                 changed = self._changed
                 now = self.node.store.message(msg.msg_id) or msg

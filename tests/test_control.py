@@ -247,3 +247,26 @@ def test_another_user_is_refused_even_where_the_socket_is_reachable(
         assert json.loads(answer) == {"ok": False, "error": "not this device's user"}
     finally:
         daemon.stop()
+
+
+def test_a_daemon_without_its_relay_queues_sends_and_delivers_them_later(tmp_path: Path) -> None:
+    rp = start_relay(tmp_path)
+    port = int(rp.url.rsplit(":", 1)[1])
+    alice, bob = registered(tmp_path, rp, "alice", "bob")
+    daemon = Holder(bob, "daemon")
+    try:
+        stop_relay(rp)
+        started = time.monotonic()
+        res = no_password(bob, "send", "alice", "while the relay is down")
+        assert "queued for alice" in res.stdout and "next time this device is online" in res.stdout
+        assert time.monotonic() - started < TIMEOUT
+        rp = start_relay(tmp_path, port)  # the daemon reconnects by itself and sends it
+        deadline = time.monotonic() + TIMEOUT
+        got: list[str] = []
+        while not got:
+            assert time.monotonic() < deadline, "the queued message never arrived"
+            got = texts(alice.veil("recv", "--json", "--wait", "5"))
+        assert got == ["while the relay is down"]
+    finally:
+        daemon.stop()
+        stop_relay(rp)
