@@ -91,8 +91,22 @@ async def cmd_login(args: argparse.Namespace) -> None:
 
 
 async def cmd_logout(args: argparse.Namespace) -> None:
+    if args.local and args.keep_device:
+        raise CliError("--local and --keep-device do not go together")
     node = unlock(args)
     try:
+        if args.local:
+            # For a relay that is gone, or no longer knows this account: nothing to tell it.
+            if sys.stdin.isatty() and not _confirm(
+                f"delete this device's keys and history from {args.home} without telling the relay"
+                " (it stays listed among the account's devices)? [y/N] "
+            ):
+                raise CliError("nothing deleted")
+            node.store.close()
+            node.home.wipe()
+            print(f"deleted this device's keys and history from {args.home}, without the relay; it stays"
+                  " listed in the account until removed (`veil login` can set this home up again)")
+            return
         if node.removed:
             # Left its account earlier (by an older veil that kept the home): clear it.
             node.store.close()

@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "remove this device from the account and delete its keys and history here")
     logout.add_argument("--keep-device", action="store_true",
                         help="only end the session: the device stays and logs in again with the password")
+    logout.add_argument("--local", action="store_true",
+                        help="only delete this device's keys and history here, without the relay"
+                             " (for a relay that is gone or no longer knows this account)")
 
     command("chat", "cli.main:cmd_chat", "the interactive chat (REPL)")
     command("daemon", "cli.messages:cmd_daemon",

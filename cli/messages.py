@@ -84,21 +84,22 @@ async def cmd_send(args: argparse.Namespace) -> None:
         home = Home(args.home)
         if not control.serving(home):
             raise
-        answer = await control.request(home, {"op": "send", "to": peer, "text": text})
-        _report_send(str(answer["peer"]), str(answer["state"]), "the process holding this device")
+        answer = await control.request(home, {"op": "send", "to": peer, "text": text},
+                                       timeout=control.SEND_WAIT + control.ANSWER_MARGIN)
+        _report_send(str(answer["peer"]), str(answer["state"]),
+                     "the process holding this device cannot reach the relay now")
         return
     node.events.append(warn)
     try:
-        msg = await node.send_or_queue(peer, text)
-        _report_send(msg.peer, msg.state, f"the relay at {node.relay}")
+        msg, why = await node.send_or_queue(peer, text)
+        _report_send(msg.peer, msg.state, why)
     finally:
         node.close()
 
 
-def _report_send(peer: str, state: str, via: str) -> None:
+def _report_send(peer: str, state: str, why: str | None) -> None:
     if state == "pending":
-        print(f"queued for {peer}: {via} cannot reach the relay now;"
-              " it goes out the next time this device is online")
+        print(f"queued for {peer}: {why or 'not sent yet'}; it goes out the next time this device is online")
     else:
         print(f"sent to {peer} ({state})")
 
@@ -193,7 +194,10 @@ async def _follow(node: Node, as_json: bool, *, holder: str) -> None:
     """Stay online and print each message as it is stored, until SIGINT or SIGTERM."""
 
     async def emit(m: StoredMessage) -> None:
-        print_message(message_json(node, m), as_json)
+        # In a thread: a standard output that nobody drains (a full pipe, a paused
+        # terminal) must not stop the event loop, the link, or Ctrl-C. A message whose
+        # printing did not finish is not marked, so the next recv prints it.
+        await trio.to_thread.run_sync(print_message, message_json(node, m), as_json, abandon_on_cancel=True)
 
     async def consume(service: control.ControlService) -> None:
         await service.hand_out(emit, follow=True)

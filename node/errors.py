@@ -32,6 +32,10 @@ class HomeInUse(VeilError):
         self.holder = what
 
 
+class HomeNotPrivate(VeilError):
+    """This device's home directory is not private to this user."""
+
+
 class WrongPassword(VeilError):
     """Wrong password."""
 

@@ -18,11 +18,12 @@ import errno
 import fcntl
 import json
 import os
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from keyvault.kdf import KdfParams
-from node.errors import HomeInUse
+from node.errors import HomeInUse, HomeNotPrivate
 
 CONFIG_FILE = "device.json"
 STORE_FILE = "store.db"
@@ -65,7 +66,11 @@ class Home:
         if self._lock_fd is not None:
             return
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._check_private()
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        if os.fstat(fd).st_uid != os.getuid():
+            os.close(fd)
+            raise HomeNotPrivate(f"{self.lock_path} belongs to another user: this home is not safe to use")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -77,6 +82,25 @@ class Home:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {what}\n".encode(), 0)
         self._lock_fd = fd
+
+    def _check_private(self) -> None:
+        """The home must be a directory of this user that nobody else can enter: another
+        user who could write in it could plant its lock or its control socket. One of
+        ours that is too open is closed to 0700 if it is empty or a Veil home already
+        (made by hand, say); any other directory is refused rather than changed."""
+        st = os.stat(self.path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise HomeNotPrivate(f"{self.path} is not a directory")
+        if st.st_uid != os.getuid():
+            raise HomeNotPrivate(f"{self.path} belongs to another user: use a home of your own")
+        if st.st_mode & 0o077:
+            entries = {p.name for p in self.path.iterdir()}
+            if entries - {LOCK_FILE} and CONFIG_FILE not in entries:
+                raise HomeNotPrivate(
+                    f"{self.path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}) and is not"
+                    " a Veil home: use a new directory, or make this one private (chmod 700)"
+                )
+            os.chmod(self.path, 0o700)
 
     def release(self) -> None:
         """Let other processes use this home again."""

@@ -54,6 +54,20 @@ class RelayLink:
         self.device_id: bytes | None = None
         self._acks: list[bytes] = []
         self._ack_wake = trio.Event()
+        self._deferred: dict[bytes, float] = {}  # device id -> when to try it again
+
+    def defer(self, device_id: bytes, seconds: float) -> None:
+        """Send nothing more to this device's mailbox on this link for a while (it is full)."""
+        self._deferred[device_id] = trio.current_time() + seconds
+
+    def deferred(self, device_id: bytes) -> bool:
+        until = self._deferred.get(device_id)
+        if until is None:
+            return False
+        if trio.current_time() >= until:
+            del self._deferred[device_id]
+            return False
+        return True
 
     def ack_soon(self, eids: list[bytes]) -> None:
         """Acknowledge delivered envelopes within ACK_DELAY: acks from a busy stretch go

@@ -77,6 +77,14 @@ RECV_CURSOR = "recv_cursor"  # the seq of the last message `veil recv` handed ou
 HOLDER = "veil"  # what a home held by the library names (the CLI holds it first, by command)
 
 
+MAILBOX_FULL_RETRY = 60.0  # seconds before envelopes for a device with a full mailbox are tried again
+
+
+def _preview(text: str, width: int = 24) -> str:
+    one = " ".join(text.split())
+    return repr(one if len(one) <= width else one[: width - 1] + "…")
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -359,9 +367,13 @@ class Node:
         async with open_link(self.relay, self.socks) as link:
             await self.authenticate(link)
             await self.maintain_prekeys(link)
-            for _, exc in await self.seal_pending(link):
-                self._warn(str(exc))
-            await self.flush_outbox(link)
+            for msg_id, exc in await self.seal_pending(link):
+                self._warn(self.not_sent(msg_id, exc))
+            try:
+                await self.flush_outbox(link)
+            except RelayRefused as exc:
+                # What stays in the outbox must never keep this device from receiving.
+                self._warn(f"the outbox could not be sent now ({exc}); it is tried again later")
             yield link
 
     async def authenticate(self, link: RelayLink) -> None:
@@ -486,6 +498,18 @@ class Node:
             f" (check with `veil verify {peer}`, accept with `veil trust {peer}`)"
         )
 
+    def recipient(self, peer: str) -> str:
+        """The canonical name to send to; UnknownUser for a name that cannot exist, and
+        IdentityChanged for a verified contact whose key changed (sending is held)."""
+        try:
+            peer = wire.normalize_username(peer)
+        except ValueError:
+            raise UnknownUser() from None
+        contact = self.store.contact(peer)
+        if contact is not None and contact.verified and contact.key_changed:
+            raise self._held(peer)
+        return peer
+
     def compose(self, peer: str, text: str) -> StoredMessage:
         """Store a message to send (state "pending"). No network: it is sealed and sent by
         ``seal_pending`` and ``flush_outbox`` once a link is up."""
@@ -524,16 +548,16 @@ class Node:
         await self.flush_outbox(link)
         return self.store.message(msg.msg_id) or msg
 
-    async def send_or_queue(self, peer: str, text: str) -> StoredMessage:
-        """Send now if the relay can be reached; if it cannot (or the link drops on the
-        way), the message stays in the outbox, state "pending", and goes out on this
-        device's next connection. Errors that waiting cannot cure (no such user, a held
-        contact, a refused login) are raised as ``send`` raises them."""
+    async def send_or_queue(self, peer: str, text: str) -> tuple[StoredMessage, str | None]:
+        """Send now if the relay can be reached and takes it. If not (unreachable, the link
+        drops on the way, a recipient's mailbox is full, the relay fails to store), the
+        message stays in the outbox, state "pending", and goes out on a later connection;
+        the second value then says why. Errors that waiting cannot cure (no such user, a
+        held contact, a refused login) are raised as ``send`` raises them, and then nothing
+        is stored."""
         composed: StoredMessage | None = None
-        try:
-            peer = wire.normalize_username(peer)
-        except ValueError:
-            raise UnknownUser() from None
+        peer = self.recipient(peer)
+        reason: str | None = None
         try:
             async with self.connected() as link:
                 if peer != self.name:
@@ -544,11 +568,26 @@ class Node:
                 for msg_id, exc in await self.seal_pending(link):
                     if msg_id == composed.msg_id:
                         raise exc
-                await self.flush_outbox(link)
+                try:
+                    await self.flush_outbox(link)
+                except RelayRefused as exc:
+                    reason = f"the relay did not take it now ({exc})"
         except (RelayUnreachable, ConnectionLost):
+            reason = f"the relay at {self.relay} cannot be reached now"
             if composed is None:
                 composed = self.compose(peer, text)
-        return self.store.message(composed.msg_id) or composed
+        assert composed is not None
+        now = self.store.message(composed.msg_id) or composed
+        if now.state == "pending" and reason is None:
+            reason = "a recipient's mailbox is full at the relay"
+        return now, reason if now.state == "pending" else None
+
+    def not_sent(self, msg_id: bytes, exc: VeilError) -> str:
+        """The warning for a message ``seal_pending`` could not seal: which one, and why."""
+        m = self.store.message(msg_id)
+        what = f"the message to {m.peer} ({_preview(m.body)})" if m is not None else "a message"
+        state = "is held" if isinstance(exc, IdentityChanged) else "was not sent"
+        return f"{what} {state}: {str(exc).rstrip('.')}"
 
     async def seal_pending(self, link: RelayLink) -> list[tuple[bytes, VeilError]]:
         """Seal composed messages for the recipients' current devices, into the outbox.
@@ -674,23 +713,28 @@ class Node:
         left = {msg_id: len(entries) for msg_id, entries in by_msg.items()}
         done = 0
         for chunk in frames:
+            chunk = [e for e in chunk if not link.deferred(e.device_id)]
+            if not chunk:
+                continue
             try:
                 await link.request(
                     wire.Send, envelopes=[wire.Envelope(e.device_id, e.eid, e.blob) for e in chunk]
                 )
+                gone = chunk
             except RelayRefused as exc:
-                if exc.code != E.UNKNOWN_DEVICE:
+                if exc.code not in (E.UNKNOWN_DEVICE, E.MAILBOX_FULL):
                     raise
-                # A device was removed since the message was sealed: it gets nothing
-                # more. Send the rest one by one to find which.
-                await self._send_singly(link, chunk)
+                # The relay refuses the whole frame for one device that was removed since
+                # the message was sealed, or whose mailbox is full: send one by one, so
+                # that one recipient cannot hold up the others.
+                gone = await self._send_singly(link, chunk)
             finished: list[bytes] = []
-            for e in chunk:
+            for e in gone:
                 left[e.msg_id] -= 1
                 if left[e.msg_id] == 0:
                     finished.append(e.msg_id)
             with self.store.transaction():
-                self.store.remove_outbox([e.eid for e in chunk])
+                self.store.remove_outbox([e.eid for e in gone])
                 for msg_id in finished:
                     self.store.set_state(msg_id, "sent")
             done += len(finished)
@@ -699,13 +743,28 @@ class Node:
                     fn(msg_id)
         return done
 
-    async def _send_singly(self, link: RelayLink, entries: list[OutboxEntry]) -> None:
+    async def _send_singly(self, link: RelayLink, entries: list[OutboxEntry]) -> list[OutboxEntry]:
+        """Send envelopes one by one; returns those that are done: stored, or for a device
+        that no longer exists (it gets nothing more). One for a full mailbox stays in the
+        outbox, and that device is left alone for a while (``RelayLink.defer``)."""
+        gone: list[OutboxEntry] = []
         for e in entries:
+            if link.deferred(e.device_id):
+                continue
             try:
                 await link.request(wire.Send, envelopes=[wire.Envelope(e.device_id, e.eid, e.blob)])
             except RelayRefused as exc:
+                if exc.code == E.MAILBOX_FULL:
+                    link.defer(e.device_id, MAILBOX_FULL_RETRY)
+                    m = self.store.message(e.msg_id)
+                    who = m.peer if m is not None else "someone"
+                    self._warn(f"a device of {who} has a full mailbox at the relay: the message to"
+                               f" {who} waits in the outbox and is tried again later")
+                    continue
                 if exc.code != E.UNKNOWN_DEVICE:
                     raise
+            gone.append(e)
+        return gone
 
     # ---- receiving -------------------------------------------------------------------
     async def accept(self, link: RelayLink, frame: wire.Deliver) -> list[Received]:

@@ -11,23 +11,27 @@ warnings; they run on the trio loop and must not block.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
+import wire
 from node.errors import ConnectionLost, LoginFailed, RelayRefused, RelayUnreachable
 from node.link import RelayLink
 from node.node import Node, Received
 from node.store import StoredMessage
 
 log = logging.getLogger("veil.node")
+E = wire.ErrorCode
 
 # What a dropped link or an unreachable relay looks like; all end in a retry.
 _TRANSIENT = (RelayUnreachable, ConnectionLost, RelayRefused, OSError)
 
 PREKEY_CHECK_EVERY = 6 * 3600.0
+OUTBOX_RETRY_EVERY = 30.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 
@@ -132,12 +136,22 @@ class LiveSession:
 
     async def _flush_on_poke(self, link: RelayLink) -> None:
         while True:
-            await self._poke.wait()
-            self._poke = trio.Event()
-            for msg_id, exc in await self.node.seal_pending(link):
-                self._problem(str(exc))
-                del msg_id
-            await self.node.flush_outbox(link)
+            # Woken by a new message; and, while something waits in the outbox (for a
+            # full mailbox, say), now and then anyway.
+            waiting = self.node.store.outbox_count() > 0
+            with trio.move_on_after(OUTBOX_RETRY_EVERY if waiting else math.inf):
+                await self._poke.wait()
+            if self._poke.is_set():
+                self._poke = trio.Event()
+                for msg_id, exc in await self.node.seal_pending(link):
+                    self._problem(str(exc))
+                    del msg_id
+            try:
+                await self.node.flush_outbox(link)
+            except RelayRefused as exc:
+                if exc.code not in (E.MAILBOX_FULL, E.INTERNAL, E.RATE_LIMITED):
+                    raise
+                self._problem(f"the outbox could not be sent now ({exc}); it is tried again later")
 
     def _received(self, r: Received) -> None:
         for fn in self.on.message:

@@ -447,6 +447,11 @@ class NodeStore:
             for r in self.conn.execute("SELECT eid, msg_id, device_id, blob FROM outbox ORDER BY rowid")
         ]
 
+    def outbox_count(self) -> int:
+        """Sealed envelopes waiting for the relay."""
+        (n,) = self.conn.execute("SELECT count(*) FROM outbox").fetchone()
+        return int(n)
+
     def pending_count(self) -> int:
         """Messages not yet held by the relay (composed or in the outbox)."""
         (n,) = self.conn.execute("SELECT count(*) FROM messages WHERE state = 'pending'").fetchone()

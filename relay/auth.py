@@ -95,3 +95,23 @@ class Throttle:
 
     def succeed(self, key: bytes) -> None:
         self._failures.pop(key, None)
+
+
+class Bucket:
+    """A token bucket on the trio clock: ``rate`` tokens a second, at most ``burst``."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = burst
+        self.stamp: float | None = None  # set at the first take (made outside trio, it may be)
+
+    def take(self) -> bool:
+        now = trio.current_time()
+        if self.stamp is None:
+            self.stamp = now
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False

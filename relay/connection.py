@@ -17,6 +17,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 import wire
+from relay.auth import Bucket
 from relay.service import Peer, Refused, RelayService
 
 log = logging.getLogger("veil.relay")
@@ -45,22 +46,6 @@ class Limits:
     burst: float = BURST
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT
-
-
-class _Bucket:
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens = burst
-        self.stamp = trio.current_time()
-
-    def take(self) -> bool:
-        now = trio.current_time()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
 
 
 def _describe(exc: BaseException) -> str:
@@ -198,7 +183,7 @@ class RelayConnections:
                 await _abort(ws)
 
     async def _reader(self, ws: WebSocketConnection, peer: Peer, nursery: trio.Nursery) -> None:
-        bucket = _Bucket(self.limits.rate, self.limits.burst)
+        bucket = Bucket(self.limits.rate, self.limits.burst)
         inflight = trio.Semaphore(MAX_INFLIGHT)
         violations = 0
         while True:

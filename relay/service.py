@@ -20,7 +20,7 @@ from keyvault.errors import BadKey
 from keyvault.kdf import DEFAULT_KDF
 from keyvault.keys import PublicKeys, verify_account_keys, verify_device
 from keyvault.prekeys import verify_signed_prekey
-from relay.auth import Challenges, Throttle, name_mac, new_token, token_hash
+from relay.auth import Bucket, Challenges, Throttle, name_mac, new_token, token_hash
 from relay.delivery import Outlet, Router
 from relay.keyfile import RelayKeys
 from relay.mailroom import MailboxFull, Mailroom
@@ -40,6 +40,8 @@ class Refused(Exception):
 
 AUTH_FAILED = Refused(E.AUTH_FAILED, "authentication failed")
 MAX_NAME_CHECKS = 10  # name_free per connection: enough for a person choosing a name
+NAME_CHECK_RATE = 5.0  # name_free per second, relay-wide
+NAME_CHECK_BURST = 50.0
 
 
 async def _no_send(frame: wire.Frame) -> None:
@@ -84,6 +86,9 @@ class RelayService:
         self.router = router
         self.challenges = Challenges()
         self.throttle = Throttle()
+        # name_free across the whole relay, whatever the connections: checking names one by
+        # one must stay slow for an outsider (a person choosing a name needs a handful).
+        self.name_check_budget = Bucket(NAME_CHECK_RATE, NAME_CHECK_BURST)
 
     def mac(self, name: str) -> bytes:
         return name_mac(self.keys.name_mac_key, name)
@@ -99,6 +104,8 @@ class RelayService:
                 if peer.name_checks >= MAX_NAME_CHECKS:
                     raise Refused(E.RATE_LIMITED, "too many name checks on one connection")
                 peer.name_checks += 1
+                if not self.name_check_budget.take():
+                    raise Refused(E.RATE_LIMITED, "too many name checks at this relay; try again shortly")
                 return wire.NameFreeOk(id=req.id, free=await self._account(_name(req.name)) is None)
             case wire.Challenge():
                 mac = self.mac(_name(req.name))

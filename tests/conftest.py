@@ -17,6 +17,7 @@ from keyvault.kdf import TEST_KDF
 from keyvault.keys import AccountKeys
 from node.home import Home
 from node.node import Node
+from relay.mailroom import MAILBOX_LIMIT
 from relay.server import RelayConfig, RelayInfo, RelayState, serve
 
 KEY_POOL_SIZE = 8
@@ -35,6 +36,7 @@ class RelayRunner:
     nursery: trio.Nursery
     data_dir: Path
     port: int = 0
+    mailbox_limit: int = MAILBOX_LIMIT
     info: RelayInfo | None = None
     state: RelayState | None = None
     _scope: trio.CancelScope | None = None
@@ -46,7 +48,7 @@ class RelayRunner:
         return self.info.url
 
     async def start(self) -> RelayInfo:
-        config = RelayConfig(data_dir=self.data_dir, port=self.port)
+        config = RelayConfig(data_dir=self.data_dir, port=self.port, mailbox_limit=self.mailbox_limit)
         self.state = RelayState(config)
         self._stopped = trio.Event()
 

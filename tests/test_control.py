@@ -270,3 +270,106 @@ def test_a_daemon_without_its_relay_queues_sends_and_delivers_them_later(tmp_pat
     finally:
         daemon.stop()
         stop_relay(rp)
+
+
+def _caller(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(TIMEOUT)
+    s.connect(str(path))
+    return s
+
+
+def test_recv_through_the_holder_marks_only_what_the_caller_printed(
+    relay_proc: RelayProcess, tmp_path: Path
+) -> None:
+    alice, bob = registered(tmp_path, relay_proc, "alice", "bob")
+    daemon = Holder(bob, "daemon")
+    try:
+        for i in range(3):
+            alice.veil("send", "bob", f"m{i}")
+        # `head -1` closes the pipe after one line: the other two were never printed.
+        cmd = " ".join([*VEIL, "--home", str(bob.home), "recv", "--json", "--wait", "30", "|", "head", "-1"])
+        done = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=TIMEOUT,
+                              env=env_for(tmp_path), cwd=ROOT)
+        assert [json.loads(x)["text"] for x in done.stdout.splitlines()] == ["m0"]
+        # A caller that asks and hangs up without reading takes nothing either.
+        s = _caller(bob.home / CONTROL_FILE)
+        s.sendall(b'{"op": "recv"}\n')
+        s.close()
+        # Nor one that asks to follow and goes away while nothing arrives: the next recv
+        # is not told that someone else is printing.
+        s = _caller(bob.home / CONTROL_FILE)
+        s.sendall(b'{"op": "recv", "follow": true}\n')
+        first = json.loads(s.makefile("rb").readline())
+        assert first["message"]["text"] == "m1"  # not acknowledged, so not taken
+        s.close()
+        assert texts(no_password(bob, "recv", "--json")) == ["m1", "m2"]
+        assert no_password(bob, "recv", "--json").stdout == ""
+    finally:
+        daemon.stop()
+
+
+def test_a_deeply_nested_line_does_not_stop_the_holder(relay_proc: RelayProcess, tmp_path: Path) -> None:
+    _, bob = registered(tmp_path, relay_proc, "alice", "bob")
+    daemon = Holder(bob, "daemon")
+    try:
+        answer = json.loads(_ask(bob.home / CONTROL_FILE, b"[" * 100_000 + b"\n"))
+        assert answer["ok"] is False
+        assert "sent to alice" in no_password(bob, "send", "alice", "still alive").stdout
+    finally:
+        _, err = daemon.stop()
+    assert "Traceback" not in err and "internal error" not in err
+
+
+def test_a_follower_whose_output_nobody_reads_still_answers_and_stops(
+    relay_proc: RelayProcess, tmp_path: Path
+) -> None:
+    alice, bob = registered(tmp_path, relay_proc, "alice", "bob")
+    follower = Holder(bob, "recv", "--follow", "--json")  # its stdout is a pipe we never read
+    try:
+        for i in range(6):  # more than a pipe holds (64 KiB)
+            alice.veil("send", "bob", f"{i} " + "x" * 20_000)
+        assert "sent to alice" in no_password(bob, "send", "alice", "the loop is not stuck").stdout
+        follower.proc.send_signal(signal.SIGTERM)
+        follower.proc.wait(timeout=TIMEOUT)
+    finally:
+        follower.stop()
+    assert texts(alice.veil("recv", "--json")) == ["the loop is not stuck"]
+    # What the follower could not print is printed by the next recv (nothing is lost).
+    printed = bob.veil("recv", "--json")
+    assert len(texts(printed)) >= 1
+    assert texts(printed)[-1].startswith("5 ")
+
+
+def test_a_home_open_to_others_is_closed_or_refused(relay_proc: RelayProcess, tmp_path: Path) -> None:
+    open_empty = tmp_path / "open-empty"
+    open_empty.mkdir(mode=0o777)
+    open_empty.chmod(0o777)
+    u = User(tmp_path, "dora")
+    u.home = open_empty
+    u.veil("register", "dora", "--relay", relay_proc.url)
+    assert stat.S_IMODE(open_empty.stat().st_mode) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    (shared / "notes.txt").write_text("someone else's files")
+    v = User(tmp_path, "erin")
+    v.home = shared
+    res = v.veil("register", "erin", "--relay", relay_proc.url, check=False)
+    assert_one_line_error(res, "is open to other users (mode 755) and is not a Veil home")
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755  # not changed
+
+
+def test_logout_local_clears_a_home_whose_relay_is_gone(tmp_path: Path) -> None:
+    rp = start_relay(tmp_path)
+    (alice,) = registered(tmp_path, rp, "alice")
+    stop_relay(rp)
+    assert_one_line_error(alice.veil("logout", check=False), "cannot reach the relay")
+    out = alice.veil("logout", "--local").stdout
+    assert "without the relay" in out
+    assert not (alice.home / "device.json").exists() and not (alice.home / "store.db").exists()
+    rp = start_relay(tmp_path / "another")  # a new relay: the same home can register again
+    try:
+        alice.veil("register", "alice", "--relay", rp.url)
+    finally:
+        stop_relay(rp)

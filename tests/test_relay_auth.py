@@ -267,3 +267,17 @@ async def test_name_free_says_whether_a_name_is_taken_and_is_capped(accounts: Ac
         async with raw_client(relay.url) as c:  # the cap is per connection
             ans = await c.ok(wire.NameFree(id=c.next_id(), name="alice"))
             assert isinstance(ans, wire.NameFreeOk) and not ans.free
+
+
+async def test_name_free_is_capped_across_the_whole_relay(accounts: Accounts) -> None:
+    """Reconnecting does not reset it: outsiders cannot test names one by one at speed."""
+    refused = 0
+    with trio.fail_after(DEADLINE):
+        for _ in range(10):  # 100 checks in a few seconds against a budget of 50 (+5 a second)
+            async with raw_client(accounts.relay.url) as c:
+                for _ in range(10):
+                    ans = await c.ask(wire.NameFree(id=c.next_id(), name="someone"))
+                    if isinstance(ans, wire.Error):
+                        assert ans.code == E.RATE_LIMITED
+                        refused += 1
+    assert refused >= 20
