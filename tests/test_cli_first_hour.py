@@ -391,3 +391,23 @@ def test_simulate_against_a_relay_that_is_not_there_fails_at_once(tmp_path: Path
     )
     assert_one_line_error(res, "cannot reach the relay at ws://127.0.0.1:")
     assert time.monotonic() - started < TIMEOUT  # seconds, not the 300 s --timeout
+
+
+def test_ctrl_c_while_connecting_is_one_line(relay_proc: RelayProcess, tmp_path: Path) -> None:
+    """Interrupted while it waits for a relay that accepts but never answers."""
+    (alice,) = registered(tmp_path, relay_proc, "alice")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        config = json.loads((alice.home / "device.json").read_text())
+        config["relay"] = f"ws://127.0.0.1:{silent.getsockname()[1]}"
+        (alice.home / "device.json").write_text(json.dumps(config))
+        p = pty(alice, "--password-file", str(alice.password_file), "recv")
+        conn, _ = silent.accept()  # it is connecting now
+        try:
+            p.sendcontrol("c")
+            out, status = finish(p)
+        finally:
+            conn.close()
+    assert status == 130 and "veil: error: interrupted" in out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out
