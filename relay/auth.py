@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import trio
@@ -20,6 +21,7 @@ MAX_CHALLENGES = 100_000
 FIRST_DELAY = 0.2
 MAX_DELAY = 10.0
 FORGET_AFTER = 900.0
+MAX_THROTTLED = 100_000  # account names with recent failures
 
 
 def name_mac(key: bytes, name: str) -> bytes:
@@ -44,20 +46,34 @@ class _Pending:
 
 
 class Challenges:
-    """Outstanding single-use challenges."""
+    """Outstanding single-use challenges.
 
-    def __init__(self) -> None:
-        self._pending: dict[bytes, _Pending] = {}
+    Every challenge lives CHALLENGE_TTL, so insertion order is expiry order: expired ones
+    are dropped from the front as new ones come in, and when the table is full the oldest
+    goes. Each operation costs O(1) amortised; nothing rebuilds the table."""
+
+    def __init__(self, limit: int = MAX_CHALLENGES) -> None:
+        self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
+        self.limit = limit
+
+    def __len__(self) -> int:
+        return len(self._pending)
 
     def issue(self, mac: bytes, purpose: str) -> bytes:
         now = trio.current_time()
-        if len(self._pending) >= MAX_CHALLENGES:
-            self._pending = {c: p for c, p in self._pending.items() if p.expires > now}
-            while len(self._pending) >= MAX_CHALLENGES:  # still full: drop the oldest
-                del self._pending[next(iter(self._pending))]
+        self._prune(now)
+        while len(self._pending) >= self.limit:
+            self._pending.popitem(last=False)
         challenge = secrets.token_bytes(32)
         self._pending[challenge] = _Pending(mac, purpose, now + CHALLENGE_TTL)
         return challenge
+
+    def _prune(self, now: float) -> None:
+        while self._pending:
+            oldest = next(iter(self._pending.values()))
+            if oldest.expires > now:
+                return
+            self._pending.popitem(last=False)
 
     def redeem(self, challenge: bytes, mac: bytes, purpose: str) -> bool:
         """True once for a live challenge issued for this account and purpose."""
@@ -71,47 +87,74 @@ class Challenges:
         )
 
 
-class Throttle:
-    """Growing delays after failures, per key (an account's name HMAC)."""
+@dataclass
+class _Failures:
+    count: int
+    blocked_until: float
+    touched: float  # when last changed: the table is ordered by this
 
-    def __init__(self) -> None:
-        self._failures: dict[bytes, tuple[int, float]] = {}  # key -> (count, blocked until)
+
+class Throttle:
+    """Growing delays after failures, per key (an account's name HMAC).
+
+    ``attempt`` is the gate: it refuses a key that is blocked and, in the same step (no
+    await in between), blocks it for as long as a failure would, so concurrent attempts
+    on one key cannot all pass the check before any failure is recorded. ``succeed``
+    lifts the block; ``fail`` lengthens it. Entries are kept in the order they were last
+    touched; those quiet for FORGET_AFTER are dropped from the front, and when the table
+    is full the least recently touched goes: O(1) amortised per call."""
+
+    def __init__(self, limit: int = MAX_THROTTLED) -> None:
+        self._failures: OrderedDict[bytes, _Failures] = OrderedDict()
+        self.limit = limit
+
+    def __len__(self) -> int:
+        return len(self._failures)
+
+    def _entry(self, key: bytes, now: float) -> _Failures:
+        self._prune(now)
+        entry = self._failures.pop(key, None)
+        if entry is None or entry.blocked_until + FORGET_AFTER < now:
+            entry = _Failures(0, 0.0, now)
+        while len(self._failures) >= self.limit:
+            self._failures.popitem(last=False)
+        entry.touched = now
+        self._failures[key] = entry  # to the end: the most recently touched
+        return entry
+
+    def _prune(self, now: float) -> None:
+        while self._failures:
+            oldest = next(iter(self._failures.values()))
+            if oldest.touched + FORGET_AFTER + MAX_DELAY > now:
+                return
+            self._failures.popitem(last=False)
 
     def blocked(self, key: bytes) -> bool:
         entry = self._failures.get(key)
-        return entry is not None and entry[1] > trio.current_time()
+        return entry is not None and entry.blocked_until > trio.current_time()
+
+    def attempt(self, key: bytes) -> bool:
+        """Whether an attempt on ``key`` may go ahead now; if so, the key is blocked until
+        the attempt ends in ``succeed`` or ``fail``."""
+        now = trio.current_time()
+        entry = self._entry(key, now)
+        if entry.blocked_until > now:
+            return False
+        entry.blocked_until = now + _delay(entry.count)
+        return True
 
     def fail(self, key: bytes) -> float:
         """Record a failure; returns how long the failing caller should wait."""
         now = trio.current_time()
-        count, until = self._failures.get(key, (0, 0.0))
-        if until + FORGET_AFTER < now:
-            count = 0
-        if len(self._failures) > MAX_CHALLENGES:
-            self._failures = {k: v for k, v in self._failures.items() if v[1] + FORGET_AFTER > now}
-        delay = float(min(FIRST_DELAY * 2.0**count, MAX_DELAY))
-        self._failures[key] = (count + 1, now + delay)
+        entry = self._entry(key, now)
+        delay = _delay(entry.count)
+        entry.count += 1
+        entry.blocked_until = max(entry.blocked_until, now + delay)
         return delay
 
     def succeed(self, key: bytes) -> None:
         self._failures.pop(key, None)
 
 
-class Bucket:
-    """A token bucket on the trio clock: ``rate`` tokens a second, at most ``burst``."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens = burst
-        self.stamp: float | None = None  # set at the first take (made outside trio, it may be)
-
-    def take(self) -> bool:
-        now = trio.current_time()
-        if self.stamp is None:
-            self.stamp = now
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
+def _delay(failures: int) -> float:
+    return float(min(FIRST_DELAY * 2.0**failures, MAX_DELAY))

@@ -10,14 +10,16 @@ handler raises, so every exception ends only this connection.
 
 from __future__ import annotations
 
+import gc
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 import wire
-from relay.auth import Bucket
+from relay.limits import Bucket, ByteBudget
 from relay.service import Peer, Refused, RelayService
 
 log = logging.getLogger("veil.relay")
@@ -26,8 +28,17 @@ SEND_TIMEOUT = 30.0
 HEARTBEAT_INTERVAL = 20.0
 HEARTBEAT_TIMEOUT = 20.0
 OUTBOX_FRAMES = 1024
-WAITING_FRAMES = 64  # of which frames that can wait (deliveries, error answers) may use
+WAITING_BYTES = 1024 * 1024  # per connection: deliveries and answers that can wait
+RELAY_WAITING_BYTES = 256 * 1024 * 1024  # the same, for all connections together
+COLLECT_AFTER_ABANDONED = 64 * 1024 * 1024
+COLLECT_DELAY = 0.5
 MAX_INFLIGHT = 32  # Sends awaiting their commit, per connection
+INFLIGHT_SEND_BYTES = 8 * 1024 * 1024  # envelope bytes of those, per connection
+COMMIT_BYTES = 256 * 1024 * 1024  # envelope bytes awaiting their commit, relay-wide
+UNAUTHENTICATED_MAX_MESSAGE = 128 * 1024  # frames before a session (a register is ~40 KiB)
+AUTH_DEADLINE = 60.0  # seconds a connection has to get a session
+MAX_CONNECTIONS = 20_000  # relay-wide (also kept below the open-file limit)
+MAX_UNAUTHENTICATED = 1_000  # connections without a session, relay-wide
 # Frames per second per connection (a token bucket). A whole message to every device of
 # a recipient is one frame, and acknowledgements are batched, so this is generous.
 RATE = 500.0
@@ -46,12 +57,39 @@ class Limits:
     burst: float = BURST
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+    max_unauthenticated: int = MAX_UNAUTHENTICATED
+    auth_deadline: float = AUTH_DEADLINE
+
+
+@dataclass
+class _ReaderState:
+    """What one connection's reader keeps between frames."""
+
+    bucket: Bucket
+    inflight: trio.Semaphore
+    send_bytes: ByteBudget = field(default_factory=lambda: ByteBudget(INFLIGHT_SEND_BYTES))
+    violations: int = 0
+    grown: bool = False  # frames of any size allowed (the connection has a session)
 
 
 def _describe(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return type(exc).__name__
+
+
+def _drop_queued(ws: WebSocketConnection) -> None:
+    """Free the messages trio-websocket still holds for a connection that has ended (the
+    connection object can outlive it in a reference cycle of trio's, until a full garbage
+    collection; its queue may hold megabytes)."""
+    channel = getattr(ws, "_recv_channel", None)
+    while channel is not None:
+        try:
+            channel.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError, trio.BrokenResourceError):
+            break
+    ws._message_parts = []
 
 
 async def _abort(ws: WebSocketConnection) -> None:
@@ -68,6 +106,14 @@ class RelayConnections:
         self.service = service
         self.limits = limits or Limits()
         self.open = 0
+        self.unauthenticated = 0
+        self.budget = ByteBudget(RELAY_WAITING_BYTES)
+        self.commit_budget = ByteBudget(COMMIT_BYTES)
+        self.abandoned = 0  # bytes of frames cut off mid-send since the last collection
+        self.collect_after = COLLECT_AFTER_ABANDONED
+        self.collections = 0
+        self._collect = trio.Event()
+        self._collected = trio.Event()
         self._live: dict[WebSocketConnection, trio.CancelScope] = {}
         self.heartbeats = 0  # rounds of pings sent (tests wait on next_heartbeat)
         self._heartbeat_sent = trio.Event()
@@ -78,12 +124,18 @@ class RelayConnections:
             if request.path.split("?")[0] != wire.PATH:
                 await request.reject(404, body=b"this relay speaks /v1\n")
                 return
+            if self.open >= self.limits.max_connections or self.unauthenticated >= self.limits.max_unauthenticated:
+                await request.reject(503, body=b"this relay is full; try again later\n")
+                return
             ws = await request.accept()
         except Exception:
             return
         self.open += 1
+        self.unauthenticated += 1
+        ws._max_message_size = UNAUTHENTICATED_MAX_MESSAGE  # until it has a session (_reader)
+        counted = [True]  # still counted as unauthenticated
         try:
-            await self._serve(ws)
+            await self._serve(ws, counted)
         except ConnectionClosed:
             pass
         except Exception as exc:  # a bug: end this connection, keep the relay
@@ -95,24 +147,46 @@ class RelayConnections:
             log.error("connection ended by %s", _describe(exc), exc_info=log.isEnabledFor(logging.DEBUG))
         finally:
             self.open -= 1
+            if counted[0]:
+                self.unauthenticated -= 1
+            _drop_queued(ws)
+            if self.abandoned > self.collect_after:
+                self._collect.set()  # see collector()
 
-    async def _serve(self, ws: WebSocketConnection) -> None:
-        # One queue to the sender task. Deliveries and other frames that can wait hold a
-        # slot of ``waiting`` until the sender takes them, so they never fill the queue:
-        # the answers to committed sends, which come from a callback and cannot wait,
-        # always find room (their number is bounded by MAX_INFLIGHT per turn of the
-        # reader; a peer that stops reading altogether is dropped once the queue is full).
-        send_in, send_out = trio.open_memory_channel[tuple[wire.Frame, bool]](OUTBOX_FRAMES)
-        waiting = trio.Semaphore(WAITING_FRAMES)
+    async def _serve(self, ws: WebSocketConnection, counted: list[bool]) -> None:
+        # One queue to the sender task, of frames already encoded. Deliveries and other
+        # frames that can wait take their size from two byte budgets first, this
+        # connection's and the relay's, and give it back once sent: a peer that reads
+        # slowly holds at most WAITING_BYTES here (and is dropped when a frame takes more
+        # than SEND_TIMEOUT). The answers to committed sends, which come from a callback
+        # and cannot wait, skip the budgets and always find room (their number is bounded
+        # by MAX_INFLIGHT per turn of the reader; a peer that stops reading altogether is
+        # dropped once the queue is full).
+        send_in, send_out = trio.open_memory_channel[tuple[bytes, int]](OUTBOX_FRAMES)
+        budget = ByteBudget(WAITING_BYTES)
         peer = Peer()
 
         async def send(frame: wire.Frame) -> None:
-            await waiting.acquire()
-            await send_in.send((frame, True))
+            data = wire.encode(frame)
+            size = len(data)
+            held = 0  # of the two budgets
+            try:
+                await budget.acquire(size)
+                held = 1
+                await self.budget.acquire(size)
+                held = 2
+                await send_in.send((data, size))
+            except BaseException:  # not queued (cancelled, or the connection is closing)
+                if held >= 1:
+                    budget.release(size)
+                if held == 2:
+                    self.budget.release(size)
+                del data  # this frame may stay in one of trio's reference cycles a while
+                raise
 
         def reply(frame: wire.Frame) -> None:
             try:
-                send_in.send_nowait((frame, False))
+                send_in.send_nowait((wire.encode(frame), 0))
             except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
                 if peer.nursery is not None:
                     peer.nursery.cancel_scope.cancel()
@@ -122,28 +196,47 @@ class RelayConnections:
         try:
             async with trio.open_nursery() as nursery:
                 peer.nursery = nursery
-                nursery.start_soon(self._sender, ws, send_out, waiting, nursery.cancel_scope)
+                nursery.start_soon(self._sender, ws, send_out, budget, nursery.cancel_scope)
                 self._live[ws] = nursery.cancel_scope
-                await self._reader(ws, peer, nursery)
+                await self._reader(ws, peer, nursery, counted)
                 nursery.cancel_scope.cancel()
         finally:
             self._live.pop(ws, None)
             self.service.unbind(peer)
+            # Break the cycles through this connection (the peer holds closures over
+            # itself and its queue, the nursery holds tasks that hold the peer), and
+            # drop whatever frames still wait, giving their bytes back: without a cycle,
+            # all of it is freed the moment the connection ends, not at some later full
+            # garbage collection (large blobs do not count towards triggering one).
+            peer.detach()
+            send_in.close()
+            while True:
+                try:
+                    self.budget.release(send_out.receive_nowait()[1])
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+            send_out.close()
 
     async def _sender(
-        self, ws: WebSocketConnection, frames: trio.MemoryReceiveChannel[tuple[wire.Frame, bool]],
-        waiting: trio.Semaphore, scope: trio.CancelScope,
+        self, ws: WebSocketConnection, frames: trio.MemoryReceiveChannel[tuple[bytes, int]],
+        budget: ByteBudget, scope: trio.CancelScope,
     ) -> None:
-        async for frame, holds_slot in frames:
-            if holds_slot:
-                waiting.release()
-            data = wire.encode(frame)
+        async for data, size in frames:
             done = False
             try:
                 with trio.move_on_after(SEND_TIMEOUT):
                     await ws.send_message(data)
                     done = True
             finally:
+                if not done:
+                    # trio-websocket's frames for this send end up in one of trio's reference
+                    # cycles (the cancellation's traceback), which hold the frame's bytes
+                    # until a full collection: count them towards one.
+                    self.abandoned += len(data)
+                data = b""
+                if size:
+                    budget.release(size)
+                    self.budget.release(size)
                 if not done:  # timed out, cancelled or broken mid-frame
                     scope.cancel()
                     with trio.CancelScope(shield=True):
@@ -166,6 +259,25 @@ class RelayConnections:
                 self._heartbeat_sent.set()
                 self._heartbeat_sent = trio.Event()
 
+    async def collector(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """A backstop for memory that only a full garbage collection frees (see _sender):
+        a collection once dropped connections have left collect_after bytes behind, a
+        moment after the last of them ended (its own frames must be gone first)."""
+        task_status.started()
+        while True:
+            await self._collect.wait()
+            await trio.sleep(COLLECT_DELAY)
+            self._collect = trio.Event()
+            self.abandoned = 0
+            gc.collect()
+            self.collections += 1
+            self._collected.set()
+            self._collected = trio.Event()
+
+    async def next_collection(self) -> None:
+        """Wait for the collector's next collection (for tests)."""
+        await self._collected.wait()
+
     async def next_heartbeat(self) -> None:
         """Wait for the next round of pings to go out."""
         await self._heartbeat_sent.wait()
@@ -182,51 +294,84 @@ class RelayConnections:
             with trio.CancelScope(shield=True):
                 await _abort(ws)
 
-    async def _reader(self, ws: WebSocketConnection, peer: Peer, nursery: trio.Nursery) -> None:
-        bucket = Bucket(self.limits.rate, self.limits.burst)
-        inflight = trio.Semaphore(MAX_INFLIGHT)
-        violations = 0
+    async def _reader(self, ws: WebSocketConnection, peer: Peer, nursery: trio.Nursery, counted: list[bool]) -> None:
+        state = _ReaderState(Bucket(self.limits.rate, self.limits.burst), trio.Semaphore(MAX_INFLIGHT))
+        deadline = trio.current_time() + self.limits.auth_deadline
         while True:
-            try:
-                data = await ws.get_message()
-            except ConnectionClosed:
-                return
-            if isinstance(data, str):
-                data = data.encode("utf-8", "surrogateescape")
-            try:
-                if not bucket.take():
-                    raise wire.FrameError(
-                        wire.ErrorCode.RATE_LIMITED, "too many frames; slow down", wire.request_id(data)
-                    )
+            # Until it has a session, a connection may send only small frames, and must
+            # get its session within auth_deadline; then it may send frames of any size.
+            with trio.move_on_at(deadline if peer.account_id is None else math.inf) as waiting:
                 try:
-                    req = wire.decode_request(data)
-                except wire.FrameError:
-                    raise
-                except Exception:  # a decoder surprise must not end the connection unanswered
-                    raise wire.FrameError(wire.ErrorCode.MALFORMED, "frame could not be decoded") from None
-            except wire.FrameError as exc:
-                violations += 1
-                await peer.send(exc.to_frame())
-                if violations > MAX_VIOLATIONS:
+                    data = await ws.get_message()
+                except ConnectionClosed:
                     return
-                continue
-            if isinstance(req, wire.Send):
-                await inflight.acquire()
-                try:
-                    self.service.send(peer, req, inflight.release)
-                except Refused as exc:
-                    inflight.release()
-                    await peer.send(wire.Error(id=req.id, code=exc.code, message=exc.message))
-            elif isinstance(req, wire.Ack):
-                try:
-                    self.service.ack(peer, req)
-                except Refused as exc:
-                    await peer.send(wire.Error(id=0, code=exc.code, message=exc.message))
-            elif isinstance(req, _SERIAL):
-                await self._answer(peer, req)
-            else:
-                await inflight.acquire()
-                nursery.start_soon(self._answer_then_release, peer, req, inflight)
+            if waiting.cancelled_caught:
+                log.info("connection did not authenticate in time; closing")
+                return
+            # One frame at a time, in its own call: nothing of it stays referenced while
+            # the next is awaited (a frame can be megabytes).
+            if not await self._one_frame(ws, peer, nursery, state, data):
+                return
+            del data
+            if peer.account_id is not None and not state.grown:
+                state.grown = True
+                ws._max_message_size = wire.WS_MAX_MESSAGE  # trio-websocket reads it per message
+                if counted[0]:
+                    counted[0] = False
+                    self.unauthenticated -= 1
+
+    async def _one_frame(self, ws: WebSocketConnection, peer: Peer, nursery: trio.Nursery,
+                         state: _ReaderState, data: bytes | str) -> bool:
+        """Handle one frame; False when the connection must end."""
+        if isinstance(data, str):
+            data = data.encode("utf-8", "surrogateescape")
+        try:
+            if not state.bucket.take():
+                raise wire.FrameError(
+                    wire.ErrorCode.RATE_LIMITED, "too many frames; slow down", wire.request_id(data)
+                )
+            try:
+                req = wire.decode_request(data)
+            except wire.FrameError:
+                raise
+            except Exception:  # a decoder surprise must not end the connection unanswered
+                raise wire.FrameError(wire.ErrorCode.MALFORMED, "frame could not be decoded") from None
+        except wire.FrameError as exc:
+            state.violations += 1
+            await peer.send(exc.to_frame())
+            return state.violations <= MAX_VIOLATIONS
+        if isinstance(req, wire.Send):
+            size = sum(len(e.blob) for e in req.envelopes)
+            await state.inflight.acquire()
+            await state.send_bytes.acquire(size)
+            try:
+                await self.commit_budget.acquire(size)
+            except BaseException:
+                state.send_bytes.release(size)
+                state.inflight.release()
+                raise
+
+            def answered() -> None:
+                self.commit_budget.release(size)
+                state.send_bytes.release(size)
+                state.inflight.release()
+
+            try:
+                self.service.send(peer, req, answered)
+            except Refused as exc:
+                answered()
+                await peer.send(wire.Error(id=req.id, code=exc.code, message=exc.message))
+        elif isinstance(req, wire.Ack):
+            try:
+                await self.service.ack(peer, req)
+            except Refused as exc:
+                await peer.send(wire.Error(id=0, code=exc.code, message=exc.message))
+        elif isinstance(req, _SERIAL):
+            await self._answer(peer, req)
+        else:
+            await state.inflight.acquire()
+            nursery.start_soon(self._answer_then_release, peer, req, state.inflight)
+        return True
 
     async def _answer_then_release(self, peer: Peer, req: wire.Request, inflight: trio.Semaphore) -> None:
         try:

@@ -20,7 +20,19 @@ import wire
 from relay.store import Stored
 
 PAGE = wire.MAX_BATCH
+DELIVER_BYTES = 512 * 1024  # envelope bytes in one deliver frame (at least one envelope)
 BUFFER_LIMIT = 4096
+
+
+def _within(items: list[Stored]) -> list[Stored]:
+    """The longest prefix of ``items`` whose blobs fit in one deliver frame (never empty
+    while ``items`` is not)."""
+    total = 0
+    for n, s in enumerate(items):
+        total += len(s.blob)
+        if total > DELIVER_BYTES and n:
+            return items[:n]
+    return items
 
 
 class Outlet:
@@ -32,6 +44,16 @@ class Outlet:
         self._refill = True  # start by reading the backlog from the mailbox
         self._wake = trio.Event()
         self._last_seq = 0
+        # Envelopes pushed on this connection and not yet acknowledged: only these may be
+        # acknowledged on it, so an ack costs the relay work only for real deliveries.
+        # At most a mailbox's worth (they are all in the mailbox).
+        self.unacked: set[bytes] = set()
+
+    def acknowledged(self, eids: list[bytes]) -> list[bytes]:
+        """Of ``eids``, those pushed here and not acknowledged before (now they are)."""
+        known = [e for e in dict.fromkeys(eids) if e in self.unacked]
+        self.unacked.difference_update(known)
+        return known
 
     def offer(self, items: list[Stored]) -> None:
         if self._refill:
@@ -55,18 +77,29 @@ class Outlet:
                 self._pending.clear()
                 while True:
                     rows = await fetch(self.device_id, self._last_seq, PAGE)
-                    if rows:
-                        self._last_seq = rows[-1].seq
-                    synced = len(rows) < PAGE
-                    await send(wire.Deliver(items=[wire.Mail(r.eid, r.blob) for r in rows], synced=synced))
+                    batch = _within(rows)
+                    if batch:
+                        self._last_seq = batch[-1].seq
+                    synced = len(rows) < PAGE and len(batch) == len(rows)
+                    self.unacked.update(r.eid for r in batch)
+                    await send(wire.Deliver(items=[wire.Mail(r.eid, r.blob) for r in batch], synced=synced))
                     if synced or self._refill:
                         break
             elif self._pending:
-                batch = [s for s in self._pending[:PAGE] if s.seq > self._last_seq]
-                del self._pending[:PAGE]
+                batch = []
+                total = taken = 0
+                for item in self._pending:
+                    if len(batch) == PAGE or (batch and total + len(item.blob) > DELIVER_BYTES):
+                        break
+                    taken += 1
+                    if item.seq > self._last_seq:  # already sent from a mailbox read
+                        batch.append(item)
+                        total += len(item.blob)
+                del self._pending[:taken]
                 if batch:
                     self._last_seq = max(s.seq for s in batch)
                     synced = not self._pending and not self._refill
+                    self.unacked.update(s.eid for s in batch)
                     await send(wire.Deliver(items=[wire.Mail(s.eid, s.blob) for s in batch], synced=synced))
             else:
                 await self._wake.wait()

@@ -34,6 +34,8 @@ log = logging.getLogger("veil.relay")
 T = TypeVar("T")
 
 MAILBOX_LIMIT = 10_000
+ACKS_PER_COMMIT = 8192  # eids deleted in one group commit at most
+MAX_PENDING_ACKS = 65536  # eids queued relay-wide before an ack waits
 
 Done = Callable[[Exception | None], None]
 
@@ -77,6 +79,7 @@ class Mailroom:
         self._counts: dict[bytes, int] = {}
         self._last_seq: dict[bytes, int] = {}
         self._known: set[bytes] = set()  # devices known to exist
+        self._pending_acks = 0  # eids queued in _acks
         self.commits = 0
         self.envelopes = 0
         self._committed = trio.Event()
@@ -96,9 +99,13 @@ class Mailroom:
         self._enqueues.append(_Enqueue(items, on_done))
         self._wake.set()
 
-    def ack_nowait(self, device_id: bytes, eids: Sequence[bytes]) -> None:
-        """Queue the deletion of delivered envelopes (committed with the next batch)."""
+    async def ack(self, device_id: bytes, eids: Sequence[bytes]) -> None:
+        """Queue the deletion of delivered envelopes (committed with the next batches, at
+        most ACKS_PER_COMMIT a commit); waits first while MAX_PENDING_ACKS are queued."""
+        while self._pending_acks >= MAX_PENDING_ACKS:
+            await self._committed.wait()
         self._acks.append(_Ack(device_id, eids))
+        self._pending_acks += len(eids)
         self._wake.set()
 
     async def wait_commit_after(self, count: int) -> None:
@@ -131,24 +138,51 @@ class Mailroom:
             await self._wake.wait()
             self._wake = trio.Event()
             enqueues, self._enqueues = self._enqueues, []
-            acks, self._acks = self._acks, []
+            acks = self._take_acks()
             if not enqueues and not acks:
                 continue
             try:
                 await trio.to_thread.run_sync(self._commit, enqueues, acks, limiter=self._limiter)
             except Exception as exc:  # the whole transaction failed: fail every send in it
                 log.error("group commit failed: %s", type(exc).__name__)
-                for w in enqueues:
-                    w.error, w.stored = exc, []
+                for failed in enqueues:
+                    failed.error, failed.stored = exc, []
             self.commits += 1
-            stored = [s for w in enqueues for s in w.stored]
-            self.envelopes += len(stored)
-            if stored:
-                self._on_stored(stored)
-            for w in enqueues:
-                w.on_done(w.error)
+            self._report(enqueues)
+            # Not kept while waiting for the next batch: they hold the envelopes, and
+            # through their callbacks the connections that sent them.
+            del enqueues, acks
             self._committed.set()
             self._committed = trio.Event()
+
+    def _report(self, enqueues: list[_Enqueue]) -> None:
+        """After a commit: push what it stored, and answer every send in it."""
+        stored = [s for w in enqueues for s in w.stored]
+        self.envelopes += len(stored)
+        if stored:
+            self._on_stored(stored)
+        for w in enqueues:
+            w.on_done(w.error)
+
+    def _take_acks(self) -> list[_Ack]:
+        """The acks for this commit: the oldest, up to ACKS_PER_COMMIT eids (a flood of
+        acks makes commits neither slower nor bigger than that)."""
+        taken: list[_Ack] = []
+        count = 0
+        while self._acks and count < ACKS_PER_COMMIT:
+            a = self._acks[0]
+            room = ACKS_PER_COMMIT - count
+            if len(a.eids) <= room:
+                taken.append(self._acks.pop(0))
+                count += len(a.eids)
+            else:
+                taken.append(_Ack(a.device_id, a.eids[:room]))
+                self._acks[0] = _Ack(a.device_id, a.eids[room:])
+                count += room
+        self._pending_acks -= count
+        if self._acks:
+            self._wake.set()  # more next time
+        return taken
 
     def _device_state(self, device_id: bytes) -> None:
         if device_id not in self._counts or device_id not in self._last_seq:

@@ -143,6 +143,7 @@ async def serve(
             await nursery.start(state.mailroom.run)
             nursery.start_soon(_expire_loop, state.mailroom)
             await nursery.start(state.connections.heartbeat)
+            await nursery.start(state.connections.collector)
             server = WebSocketServer(
                 state.connections.handle,
                 listeners,

@@ -8,6 +8,7 @@ becomes an ``Error`` frame. Nothing here logs a name, a token or a key.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -20,9 +21,10 @@ from keyvault.errors import BadKey
 from keyvault.kdf import DEFAULT_KDF
 from keyvault.keys import PublicKeys, verify_account_keys, verify_device
 from keyvault.prekeys import verify_signed_prekey
-from relay.auth import Bucket, Challenges, Throttle, name_mac, new_token, token_hash
+from relay.auth import CHALLENGE_TTL, Challenges, Throttle, name_mac, new_token, token_hash
 from relay.delivery import Outlet, Router
 from relay.keyfile import RelayKeys
+from relay.limits import Bucket
 from relay.mailroom import MailboxFull, Mailroom
 from relay.store import Account, NameTaken, NewAccount, Stored, UnknownDevice
 
@@ -38,7 +40,13 @@ class Refused(Exception):
         self.message = message
 
 
-AUTH_FAILED = Refused(E.AUTH_FAILED, "authentication failed")
+def auth_failed() -> Refused:
+    """A fresh exception each time: one shared instance would collect, in its traceback,
+    every failed handler's frame (and so its connection) for the life of the process."""
+    return Refused(E.AUTH_FAILED, "authentication failed")
+
+MAX_PER_DEVICE = 4  # connections with a session for one device
+MAX_CHALLENGES_PER_CONNECTION = 16  # a login needs two
 MAX_NAME_CHECKS = 10  # name_free per connection: enough for a person choosing a name
 NAME_CHECK_RATE = 5.0  # name_free per second, relay-wide
 NAME_CHECK_BURST = 50.0
@@ -48,7 +56,11 @@ async def _no_send(frame: wire.Frame) -> None:
     raise RuntimeError("peer has no connection")
 
 
-@dataclass
+def _no_reply(frame: wire.Frame) -> None:
+    pass
+
+
+@dataclass(eq=False)
 class Peer:
     """The relay's view of one connection."""
 
@@ -58,11 +70,25 @@ class Peer:
     outlet: Outlet | None = None
     send: Callable[[wire.Frame], Awaitable[None]] = field(default=_no_send, repr=False)
     outlet_scope: trio.CancelScope | None = field(default=None, repr=False)
-    reply: Callable[[wire.Frame], None] = field(default=lambda frame: None, repr=False)
+    reply: Callable[[wire.Frame], None] = field(default=_no_reply, repr=False)
     failures: int = 0
     registrations: int = 0
     name_checks: int = 0
+    challenges: deque[float] = field(default_factory=deque)  # when each one issued here expires
     nursery: trio.Nursery | None = field(default=None, repr=False)
+
+    def close(self) -> None:
+        """End this connection (from outside it: a logout elsewhere, a newer connection)."""
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
+
+    def detach(self) -> None:
+        """Forget the connection's tasks and closures (which refer back to this peer)."""
+        self.send = _no_send
+        self.reply = _no_reply
+        self.nursery = None
+        self.outlet = None
+        self.outlet_scope = None
 
 
 def _name(raw: str) -> str:
@@ -89,6 +115,8 @@ class RelayService:
         # name_free across the whole relay, whatever the connections: checking names one by
         # one must stay slow for an outsider (a person choosing a name needs a handful).
         self.name_check_budget = Bucket(NAME_CHECK_RATE, NAME_CHECK_BURST)
+        self._bound: dict[bytes, dict[Peer, None]] = {}  # device id -> its connections
+        self.max_per_device = MAX_PER_DEVICE
 
     def mac(self, name: str) -> bytes:
         return name_mac(self.keys.name_mac_key, name)
@@ -109,6 +137,12 @@ class RelayService:
                 return wire.NameFreeOk(id=req.id, free=await self._account(_name(req.name)) is None)
             case wire.Challenge():
                 mac = self.mac(_name(req.name))
+                now = trio.current_time()
+                while peer.challenges and peer.challenges[0] <= now:
+                    peer.challenges.popleft()
+                if len(peer.challenges) >= MAX_CHALLENGES_PER_CONNECTION:
+                    raise Refused(E.RATE_LIMITED, "too many outstanding challenges on one connection")
+                peer.challenges.append(now + CHALLENGE_TTL)
                 return wire.ChallengeOk(
                     id=req.id, challenge=self.challenges.issue(mac, req.purpose), relay_id=self.relay_id
                 )
@@ -210,18 +244,19 @@ class RelayService:
     async def _prove(
         self, peer: Peer, raw_name: str, purpose: str, challenge: bytes, signature: bytes
     ) -> Account:
-        """Check a signed challenge; the account on success, AUTH_FAILED otherwise."""
+        """Check a signed challenge; the account on success, ``auth_failed`` otherwise."""
         name = _name(raw_name)
         mac = self.mac(name)
         redeemed = self.challenges.redeem(challenge, mac, purpose)
-        if self.throttle.blocked(mac) or not redeemed:
+        # The gate and the block it sets happen together, before any await: concurrent
+        # attempts on one account cannot all pass before the first failure is recorded.
+        if not self.throttle.attempt(mac) or not redeemed:
             await self._failed(peer, mac)
         account = await self._account(name)
         if account is None or not verify_challenge(
             account.auth_pub, signature, purpose, self.relay_id, name, challenge
         ):
             await self._failed(peer, mac)
-            raise AssertionError("unreachable")
         self.throttle.succeed(mac)
         return account
 
@@ -230,7 +265,7 @@ class RelayService:
         peer.failures += 1
         # The connection waits too: a delay that grows with its own failures.
         await trio.sleep(max(delay, min(0.2 * 2 ** (peer.failures - 1), 10.0)))
-        raise AUTH_FAILED
+        raise auth_failed()
 
     async def login(self, peer: Peer, req: wire.Login) -> wire.Frame:
         if peer.account_id is not None:
@@ -283,12 +318,20 @@ class RelayService:
         if session is None:
             peer.failures += 1
             await trio.sleep(min(0.2 * 2 ** (peer.failures - 1), 10.0))
-            raise AUTH_FAILED
+            raise auth_failed()
         self._bind(peer, session.account_id, session.device_id, th)
         return wire.ResumeOk(id=req.id, device_id=session.device_id)
 
     def _bind(self, peer: Peer, account_id: int, device_id: bytes, th: bytes) -> None:
         peer.account_id, peer.device_id, peer.token_hash = account_id, device_id, th
+        # Connections of one device, oldest first; beyond the cap the oldest goes (a
+        # node that reconnects should not be shut out by its own half-dead connection).
+        bound = self._bound.setdefault(device_id, {})
+        bound[peer] = None
+        while len(bound) > self.max_per_device:
+            oldest = next(iter(bound))
+            del bound[oldest]
+            oldest.close()
         outlet = Outlet(device_id)
         peer.outlet = outlet
         self.router.attach(outlet)
@@ -307,6 +350,12 @@ class RelayService:
         return await self.mailroom.call(self.mailroom.store.fetch, device_id, after, limit)
 
     def unbind(self, peer: Peer) -> None:
+        if peer.device_id is not None:
+            bound = self._bound.get(peer.device_id)
+            if bound is not None:
+                bound.pop(peer, None)
+                if not bound:
+                    del self._bound[peer.device_id]
         if peer.outlet is not None:
             self.router.detach(peer.outlet)
         if peer.outlet_scope is not None:
@@ -319,11 +368,18 @@ class RelayService:
         self._require_session(peer)
         assert peer.token_hash is not None and peer.device_id is not None
         store = self.mailroom.store
+        device_id, th = peer.device_id, peer.token_hash
         if req.remove_device:
-            await self.mailroom.remove_device(peer.device_id)
+            await self.mailroom.remove_device(device_id)
         else:
-            await self.mailroom.call(store.delete_session, peer.token_hash)
+            await self.mailroom.call(store.delete_session, th)
         self.unbind(peer)
+        # Every other connection bound to what just ended closes now: a stolen token's
+        # open connection must not go on receiving this device's mail.
+        for other in list(self._bound.get(device_id, {})):
+            if req.remove_device or other.token_hash == th:
+                self.unbind(other)
+                other.close()
         return wire.Ok(id=req.id)
 
     # ---- keys and mail ---------------------------------------------------------------
@@ -367,8 +423,14 @@ class RelayService:
 
         self.mailroom.submit([(e.device_id, e.eid, e.blob) for e in req.envelopes], done)
 
-    def ack(self, peer: Peer, req: wire.Ack) -> None:
-        """Delete acknowledged envelopes of this connection's own device only."""
+    async def ack(self, peer: Peer, req: wire.Ack) -> None:
+        """Delete acknowledged envelopes: only those pushed to this very connection (and
+        not acknowledged yet). Waits while the relay has many acks queued already, which
+        holds up this connection's reader, not anyone else."""
         self._require_session(peer)
         assert peer.device_id is not None
-        self.mailroom.ack_nowait(peer.device_id, req.eids)
+        if peer.outlet is None:
+            return
+        eids = peer.outlet.acknowledged(req.eids)
+        if eids:
+            await self.mailroom.ack(peer.device_id, eids)

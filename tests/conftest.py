@@ -17,6 +17,7 @@ from keyvault.kdf import TEST_KDF
 from keyvault.keys import AccountKeys
 from node.home import Home
 from node.node import Node
+from relay.connection import Limits
 from relay.mailroom import MAILBOX_LIMIT
 from relay.server import RelayConfig, RelayInfo, RelayState, serve
 
@@ -37,6 +38,7 @@ class RelayRunner:
     data_dir: Path
     port: int = 0
     mailbox_limit: int = MAILBOX_LIMIT
+    limits: Limits = field(default_factory=Limits)
     info: RelayInfo | None = None
     state: RelayState | None = None
     _scope: trio.CancelScope | None = None
@@ -48,7 +50,8 @@ class RelayRunner:
         return self.info.url
 
     async def start(self) -> RelayInfo:
-        config = RelayConfig(data_dir=self.data_dir, port=self.port, mailbox_limit=self.mailbox_limit)
+        config = RelayConfig(data_dir=self.data_dir, port=self.port, mailbox_limit=self.mailbox_limit,
+                             limits=self.limits)
         self.state = RelayState(config)
         self._stopped = trio.Event()
 

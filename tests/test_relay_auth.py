@@ -5,7 +5,9 @@ tell whether an account exists."""
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
+import pytest
 import trio
 
 import wire
@@ -281,3 +283,65 @@ async def test_name_free_is_capped_across_the_whole_relay(accounts: Accounts) ->
                         assert ans.code == E.RATE_LIMITED
                         refused += 1
     assert refused >= 20
+
+
+async def test_concurrent_guesses_cannot_race_past_the_account_throttle(
+    accounts: Accounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of fetch_bundle attempts on many connections at once: only one of them is
+    checked against the password at all, whatever the order they arrive in."""
+    import relay.service
+
+    checked = 0
+    real_verify = relay.service.verify_challenge
+
+    def counting_verify(*args: Any) -> bool:
+        nonlocal checked
+        checked += 1
+        return real_verify(*args)
+
+    monkeypatch.setattr(relay.service, "verify_challenge", counting_verify)
+    burst = 20
+    with trio.fail_after(DEADLINE * 2):
+        alice = await accounts.register("alice")
+        url = accounts.relay.url
+        async with raw_client(url) as c:
+            params = await c.ok(wire.AuthParams(id=c.next_id(), name=alice.name))
+            assert isinstance(params, wire.AuthParamsOk)
+        right = password_keys(PASSWORD, params.salt, TEST_KDF).auth_seed
+        wrong = password_keys("a guess", params.salt, TEST_KDF).auth_seed
+        answers: list[wire.Frame] = []
+        ready = trio.Event()
+        prepared = 0
+
+        async def attempt(seed: bytes) -> None:
+            nonlocal prepared
+            async with raw_client(url) as conn:
+                ch = await conn.ok(wire.Challenge(id=conn.next_id(), name=alice.name, purpose="bundle"))
+                assert isinstance(ch, wire.ChallengeOk)
+                sig = sign_challenge(seed, "bundle", ch.relay_id, alice.name, ch.challenge)
+                prepared += 1
+                if prepared == burst:
+                    ready.set()
+                await ready.wait()  # every attempt ready: now all at once
+                answers.append(await conn.ask(
+                    wire.FetchBundle(id=7, name=alice.name, challenge=ch.challenge, signature=sig)
+                ))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(burst):
+                nursery.start_soon(attempt, right if i == burst - 1 else wrong)
+        assert len(answers) == burst
+        assert checked == 1
+        assert sum(isinstance(a, wire.BundleOk) for a in answers) <= 1
+        assert all(isinstance(a, wire.BundleOk) or a == wire.Error(7, E.AUTH_FAILED, "authentication failed")
+                   for a in answers), answers
+
+
+async def test_outstanding_challenges_are_capped_per_connection(accounts: Accounts) -> None:
+    with trio.fail_after(DEADLINE):
+        async with raw_client(accounts.relay.url) as c:
+            for _ in range(16):
+                await c.ok(wire.Challenge(id=c.next_id(), name="someone", purpose="login"))
+            await c.refused(wire.Challenge(id=c.next_id(), name="someone", purpose="login"), E.RATE_LIMITED)
+            await c.assert_alive()

@@ -224,9 +224,12 @@ def _send(rid: int, blob: bytes) -> bytes:
     return wire.encode(wire.Send(id=rid, envelopes=[envelope(D16, D16, blob)]))
 
 
-async def test_envelope_larger_than_max_is_refused(relay: RelayRunner) -> None:
+async def test_envelope_larger_than_max_is_refused(accounts: Accounts) -> None:
+    relay = accounts.relay
     with trio.fail_after(DEADLINE):
+        alice = await accounts.register("alice")
         async with raw_client(relay.url) as c:
+            await c.resume(alice)  # large frames need a session
             await c.expect_error(_send(31, b"x" * (wire.MAX_ENVELOPE + 1)), E.ENVELOPE_TOO_LARGE, 31)
             await c.assert_alive()
             # A second envelope that is too large, after a good one.
@@ -236,9 +239,9 @@ async def test_envelope_larger_than_max_is_refused(relay: RelayRunner) -> None:
             ]})
             await c.expect_error(frame, E.ENVELOPE_TOO_LARGE, 32)
             await c.assert_alive()
-            # Exactly MAX_ENVELOPE is fine: the frame decodes (and is refused for the
-            # missing session, not for its size).
-            await c.expect_error(_send(33, b"x" * wire.MAX_ENVELOPE), E.NOT_AUTHENTICATED, 33)
+            # Exactly MAX_ENVELOPE is fine: the frame decodes (and is refused because D16
+            # is no device, not for its size).
+            await c.expect_error(_send(33, b"x" * wire.MAX_ENVELOPE), E.UNKNOWN_DEVICE, 33)
 
 
 @pytest.mark.parametrize(
@@ -263,9 +266,12 @@ def _padded_ping(rid: int, size: int) -> bytes:
     return data
 
 
-async def test_frame_larger_than_max_frame_is_refused(relay: RelayRunner) -> None:
+async def test_frame_larger_than_max_frame_is_refused(accounts: Accounts) -> None:
+    relay = accounts.relay
     with trio.fail_after(DEADLINE):
+        alice = await accounts.register("alice")
         async with raw_client(relay.url) as c:
+            await c.resume(alice)  # large frames need a session
             for rid, size in ((41, wire.MAX_FRAME + 1), (42, wire.WS_MAX_MESSAGE - 64)):
                 await c.send(_padded_ping(rid, size))
                 ans = await c.answer()
@@ -275,6 +281,19 @@ async def test_frame_larger_than_max_frame_is_refused(relay: RelayRunner) -> Non
             # At exactly MAX_FRAME the frame is read (and refused for its unknown field).
             await c.expect_error(_padded_ping(43, wire.MAX_FRAME), E.BAD_FRAME, 43)
             await c.assert_alive()
+
+
+async def test_before_a_session_a_large_frame_closes_the_connection(relay: RelayRunner) -> None:
+    """Until a connection has a session it may send only small frames (login frames are a
+    few KiB): big ones parked behind an authentication delay would pin relay memory."""
+    with trio.fail_after(DEADLINE):
+        with pytest.raises(ConnectionClosed) as closed:
+            async with raw_client(relay.url) as c:
+                await c.send(_padded_ping(44, connection.UNAUTHENTICATED_MAX_MESSAGE + 1))
+                await c.frame()
+        assert closed.value.reason is not None and closed.value.reason.code == 1009
+        async with raw_client(relay.url) as c:  # just under the limit: read, and answered
+            await c.expect_error(_padded_ping(45, connection.UNAUTHENTICATED_MAX_MESSAGE), E.BAD_FRAME, 45)
 
 
 async def test_message_above_websocket_limit_closes_only_that_connection(relay: RelayRunner) -> None:

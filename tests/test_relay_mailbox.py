@@ -45,6 +45,7 @@ async def test_a_session_can_only_ack_its_own_mailbox(accounts: Accounts) -> Non
             await b.ack([eid])
         async with raw_client(relay.url) as p:
             await p.resume(phone)
+            assert await p.mail_until_synced() == [wire.Mail(eid, b"for alice's phone")]
             # alice's other device acknowledges the laptop's envelope: only its own goes.
             await p.ack([eid])
         assert await mailbox_eids(relay, alice.device_id) == [eid]
