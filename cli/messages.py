@@ -52,7 +52,10 @@ def print_message(m: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(m), flush=True)
         return
     arrow = f"{m['from']} -> {m['to']}" if m["outgoing"] else str(m["from"])
-    print(f"[{local_time(int(m['sent_at']))}] {inert(arrow)}: {inert(str(m['text']))}", flush=True)
+    # Continuation lines are indented: a body cannot forge a line that looks like another
+    # message (names are checked by the node; they are made inert here all the same).
+    body = inert(str(m["text"])).replace("\n", "\n    ")
+    print(f"[{local_time(int(m['sent_at']))}] {inert(arrow, keep_newlines=False)}: {body}", flush=True)
 
 
 def print_unprinted(node: Node, as_json: bool) -> int:

@@ -85,6 +85,13 @@ def _preview(text: str, width: int = 24) -> str:
     return repr(one if len(one) <= width else one[: width - 1] + "…")
 
 
+def _canonical(name: str) -> bool:
+    try:
+        return wire.normalize_username(name) == name
+    except ValueError:
+        return False
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -798,6 +805,10 @@ class Node:
         sender's device. Returns None for a duplicate; DecryptionFailed for anything bad."""
         unverified = open_envelope(blob, self.keys, self.device_id)
         sender = unverified.sealed.sender
+        if not _canonical(sender):
+            # "mallory\r" would pass as mallory's (the lookup canonicalises) and print as
+            # someone else: a name on the wire is in its one canonical form, or refused.
+            raise DecryptionFailed()
         warning = None
         if sender == self.name:
             me = self.keys.public()
@@ -824,6 +835,8 @@ class Node:
             log.info("dropped a replayed message")
             return None
         letter = decode_letter(plain)
+        if not _canonical(letter.to):
+            raise DecryptionFailed()
         if sender != self.name and letter.to != self.name:
             raise DecryptionFailed()  # written for someone else: not ours to show
         peer = letter.to if sender == self.name else sender

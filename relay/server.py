@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
 import os
+import resource
 import secrets
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +110,46 @@ async def _expire_loop(mailroom: Mailroom) -> None:
         await trio.sleep(EXPIRE_EVERY)
 
 
+FD_RESERVE = 256  # open files kept for the database, logs, tor and accepting
+
+
+def _open_file_room() -> int:
+    """Raise the open-file limit as far as allowed; how many connections fit under it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return max(16, soft - FD_RESERVE)
+
+
+class _OncePerMinute(logging.Filter):
+    """trio logs a traceback every 0.1 s while accept() fails for lack of file
+    descriptors: keep one line a minute, without the traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = -math.inf
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self.last < 60:
+            return False
+        self.last = now
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+def _quiet_accept_errors() -> None:
+    logger = logging.getLogger("trio.serve_listeners")
+    if not any(isinstance(f, _OncePerMinute) for f in logger.filters):
+        logger.addFilter(_OncePerMinute())
+
+
 async def _listen(host: str, port: int) -> list[trio.SocketListener]:
     if not 0 <= port <= 65535:
         raise RelayStartError(f"port {port} is out of range (0 to 65535; 0 picks a free port)")
@@ -132,6 +175,8 @@ async def serve(
     # Listen before touching the data directory: a port that is taken (or not ours to
     # use) must not leave a fresh data directory, key file and database behind.
     listeners = await _listen(config.host, config.port)
+    _quiet_accept_errors()
+    config.limits.max_connections = min(config.limits.max_connections, _open_file_room())
     try:
         state = state or RelayState(config)
     except BaseException:

@@ -158,6 +158,22 @@ def test_second_device_and_devices_listing(relay_proc: RelayProcess, tmp_path: P
     assert len(alice.veil("devices").stdout.splitlines()) == 1
 
 
+def test_recv_output_cannot_be_forged_by_a_body(relay_proc: RelayProcess, tmp_path: Path) -> None:
+    """A body with newlines, carriage returns or escapes cannot print a line that looks
+    like a message from someone else: continuation lines are indented, controls inert."""
+    mallory, alice = User(tmp_path, "mallory"), User(tmp_path, "alice")
+    mallory.veil("register", "mallory", "--relay", relay_proc.url)
+    alice.veil("register", "alice", "--relay", relay_proc.url)
+    forged = "ok\n[2026-12-02 06:00] bob: please send me the door code\rbob: \x1b[2Kand again"
+    mallory.veil("send", "alice", "-", stdin=forged)
+    lines = alice.veil("recv").stdout.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("[") and lines[0].endswith("] mallory: ok")
+    assert lines[1].startswith("    [2026-12-02 06:00] bob: ")
+    assert "\r" not in lines[1] and "\x1b" not in lines[1]
+    assert "\\x0d" in lines[1] and "\\x1b" in lines[1]
+
+
 def test_recv_wait_returns_when_a_message_arrives(relay_proc: RelayProcess, tmp_path: Path) -> None:
     alice, bob = User(tmp_path, "alice"), User(tmp_path, "bob")
     alice.veil("register", "alice", "--relay", relay_proc.url)

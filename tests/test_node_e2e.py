@@ -298,3 +298,24 @@ async def test_logged_out_device_stays_out(accounts: Accounts) -> None:
                 pass
         async with alice.connected() as link:
             assert [d.device_id for d in await alice.devices(link)] == [alice.device_id]
+
+
+async def test_a_sender_name_that_is_not_canonical_is_refused(accounts: Accounts) -> None:
+    """An envelope from "mallory\\r" would look up (and verify) as mallory's, then print as
+    someone else: the node refuses any name not in its one canonical form."""
+    with trio.fail_after(DEADLINE):
+        mallory = await accounts.register("mallory")
+        bob = await accounts.register("bob")
+        async with mallory.connected() as link:
+            own = await mallory.own_devices(link)
+            # What a hostile client can put in its envelopes, consistently (X3DH included).
+            mallory.name = mallory.sessions.name = "mallory\r"
+            try:
+                m = mallory.compose("bob", "please send me the door code")
+                targets, bundles = await mallory._prepare(link, m, own, {})
+                mallory._seal(m, targets, bundles)
+            finally:
+                mallory.name = mallory.sessions.name = "mallory"
+            await mallory.flush_outbox(link)
+        assert await receive_all(bob) == []
+        assert bob.store.history(None) == []

@@ -5,7 +5,11 @@ sends and receives."""
 from __future__ import annotations
 
 import gc
+import logging
+import resource
 import secrets
+import subprocess
+import time
 import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -23,6 +27,7 @@ from relay.connection import WAITING_BYTES, Limits
 from relay.delivery import DELIVER_BYTES
 from relay.service import MAX_PER_DEVICE, Peer
 from tests.conftest import Accounts, RelayRunner
+from tests.test_cli import VEIL, env_for, read_line_until
 from tests.test_relay_support import DEADLINE, RawClient, envelope, handshake_status, raw_client
 
 E = wire.ErrorCode
@@ -215,3 +220,50 @@ async def test_a_device_has_a_bounded_number_of_connections(accounts: Accounts) 
                 while True:
                     await conns[0].frame()
             await conns[-1].assert_alive()
+
+
+async def test_a_relay_out_of_file_descriptors_turns_connections_away_quietly(tmp_path: Path) -> None:
+    """The connection cap sits below the open-file limit: a flood of idle connections
+    gets 503s, not EMFILE, and the log stays quiet."""
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))  # room for 300 - 256 = 44
+
+    proc = subprocess.Popen([*VEIL, "relay", "serve", "--port", "0", "--data-dir", str(tmp_path / "r")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_for(tmp_path),
+                            preexec_fn=low_limit)
+    try:
+        url = read_line_until(proc, "relay listening on ", time.monotonic() + 60).split()[-1]
+        with trio.fail_after(DEADLINE):
+            async with AsyncExitStack() as stack:
+                for _ in range(44):
+                    c = await stack.enter_async_context(raw_client(url))
+                    await c.assert_alive()
+                for _ in range(16):
+                    assert await handshake_status(url, wire.PATH) == 503
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err and "EMFILE" not in err
+
+
+def test_accept_errors_are_logged_once_a_minute_without_a_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """trio logs every failed accept() (EMFILE, every 0.1 s) with a traceback: the relay
+    keeps one line a minute of it."""
+    from relay.server import _OncePerMinute, _quiet_accept_errors
+
+    _quiet_accept_errors()
+    _quiet_accept_errors()
+    trio_logger = logging.getLogger("trio.serve_listeners")
+    assert sum(isinstance(f, _OncePerMinute) for f in trio_logger.filters) == 1
+    logger = logging.getLogger("veil.test.accept")
+    logger.addFilter(_OncePerMinute())
+    with caplog.at_level(logging.ERROR, logger="veil.test.accept"):
+        for _ in range(100):
+            try:
+                raise OSError(24, "Too many open files")
+            except OSError:
+                logger.exception("accept returned EMFILE")
+    records = [r for r in caplog.records if r.name == "veil.test.accept"]
+    assert len(records) == 1
+    assert records[0].exc_info is None and "Traceback" not in caplog.text
