@@ -440,35 +440,84 @@ def encode(frame: Frame) -> bytes:
     return _encoder.encode(frame)
 
 
+class _Head(Struct, forbid_unknown_fields=False):
+    """Just the tag and id of a frame we refuse: every other field is skipped unread
+    (msgspec parses past it without building objects), so a crafted frame costs one
+    cheap pass, not a second full decode."""
+
+    t: msgspec.Raw = msgspec.Raw(b"")
+    id: msgspec.Raw = msgspec.Raw(b"")
+
+
+class _SendHead(Struct, forbid_unknown_fields=False):
+    # msgspec checks an array's length from its header before reading an element: a
+    # frame with more envelopes than a send may hold is refused without building them.
+    envelopes: Annotated[list[msgspec.Raw], Meta(max_length=MAX_BATCH)] = []
+
+
+class _EnvelopeHead(Struct, forbid_unknown_fields=False):
+    blob: msgspec.Raw = msgspec.Raw(b"")
+
+
+_head_decoder = msgspec.msgpack.Decoder(_Head)
+_send_head_decoder = msgspec.msgpack.Decoder(_SendHead)
+_envelope_head_decoder = msgspec.msgpack.Decoder(_EnvelopeHead)
+_SMALL: Final = 256  # a tag or an id longer than this is not one
+
+
+def _small(raw: msgspec.Raw) -> object:
+    if not 0 < len(raw) <= _SMALL:
+        return None
+    try:
+        return _raw_decoder.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+
+
 def _salvage_id(data: bytes) -> tuple[object, int]:
     """Best effort: the tag and request id of a frame that failed to decode."""
     try:
-        raw = _raw_decoder.decode(data)
+        head = _head_decoder.decode(data)
+    except msgspec.ValidationError:
+        return _NOT_A_MAP, 0  # not a map (its fields are not read)
     except (msgspec.DecodeError, RecursionError):
         return _NOT_A_MAP, 0
-    if not isinstance(raw, dict):
-        return _NOT_A_MAP, 0
-    rid = raw.get("id")
+    rid = _small(head.id)
     ok_id = rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 < rid <= 2**53 else 0
-    return raw.get("t"), ok_id
+    return _small(head.t), ok_id
 
 
 def _has_oversized_envelope(data: bytes) -> bool:
     """Whether a ``send`` frame that failed validation holds a blob above MAX_ENVELOPE.
 
     Decided from the frame's structure, not from the text of msgspec's error, which a
-    msgspec release may word differently."""
+    msgspec release may word differently; blobs are measured, not copied."""
     try:
-        raw = _raw_decoder.decode(data)
-    except (msgspec.DecodeError, RecursionError):
+        envelopes = _send_head_decoder.decode(data).envelopes
+    except (msgspec.DecodeError, RecursionError):  # ValidationError included
         return False
-    envelopes = raw.get("envelopes") if isinstance(raw, dict) else None
-    if not isinstance(envelopes, list):
-        return False
-    return any(
-        isinstance(e, dict) and isinstance(e.get("blob"), bytes) and len(e["blob"]) > MAX_ENVELOPE
-        for e in envelopes
-    )
+    for raw in envelopes:
+        try:
+            blob = _envelope_head_decoder.decode(raw).blob
+        except (msgspec.DecodeError, RecursionError):
+            continue
+        if _bin_length(blob) > MAX_ENVELOPE:
+            return True
+    return False
+
+
+def _bin_length(raw: msgspec.Raw) -> int:
+    """The length of a MessagePack bin value from its header, or -1 if it is not one."""
+    b = bytes(memoryview(raw)[:5])
+    if not b:
+        return -1
+    if b[0] == 0xC4 and len(b) >= 2:
+        return b[1]
+    if b[0] == 0xC5 and len(b) >= 3:
+        return int.from_bytes(b[1:3], "big")
+    if b[0] == 0xC6 and len(b) >= 5:
+        return int.from_bytes(b[1:5], "big")
+    return -1
 
 
 def request_id(data: bytes) -> int:
