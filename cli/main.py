@@ -37,6 +37,28 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+def positive_number(text: str) -> float:
+    """A number above 0 for argparse (a rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be above 0: {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number above 0 for argparse."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
 def port_number(text: str) -> int:
     """A TCP port for argparse: 0 (pick a free one) to 65535."""
     try:
@@ -89,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", default="veil-relay", help="database and key file directory")
     serve.add_argument("--onion", action="store_true",
                        help="also serve as a Tor onion service (key kept in the data directory)")
+    serve.add_argument("--max-connections", type=positive_int, default=None, metavar="N",
+                       help="connections held at once (20000; each may cost up to ~4 MiB"
+                            " under attack: see docs/THREAT_MODEL.md)")
+    serve.add_argument("--registrations-per-hour", type=positive_number, default=None, metavar="N",
+                       help="new accounts the relay takes an hour, from everyone together (600)")
+    serve.add_argument("--sender-rate", type=positive_number, default=None, metavar="N",
+                       help="envelopes a second one account may send one device, after a burst"
+                            " of 300 (1; raise it for load tests only)")
     tor = serve.add_mutually_exclusive_group()
     tor.add_argument("--tor-control", default=None, metavar="HOST:PORT",
                      help="a running tor's control port (or control socket path), cookie "

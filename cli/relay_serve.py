@@ -47,6 +47,15 @@ async def _relay_serve(args: argparse.Namespace) -> None:
             onion.control_target(control)
     logging.basicConfig(level=logging.DEBUG if os.environ.get("VEIL_DEBUG") else logging.INFO, format="%(asctime)s relay %(levelname)s %(message)s", stream=sys.stderr)
     config = RelayConfig(data_dir=Path(args.data_dir), host=args.host or "127.0.0.1", port=args.port)
+    if args.max_connections is not None:
+        config.limits.max_connections = args.max_connections
+    rations = config.limits.rations
+    if args.registrations_per_hour is not None:
+        rations.registrations_per_hour = args.registrations_per_hour
+        rations.registration_burst = max(1.0, args.registrations_per_hour / 10)
+    if args.sender_rate is not None:
+        rations.sender_rate = args.sender_rate
+        rations.sender_burst = max(rations.sender_burst, 300 * args.sender_rate)
 
     async def run_relay() -> None:
         async with trio.open_nursery() as inner:

@@ -55,10 +55,13 @@ class RelayLink:
         self._acks: list[bytes] = []
         self._ack_wake = trio.Event()
         self._deferred: dict[bytes, float] = {}  # device id -> when to try it again
+        self.deferral_reason: str | None = None  # why the last device was deferred
 
-    def defer(self, device_id: bytes, seconds: float) -> None:
-        """Send nothing more to this device's mailbox on this link for a while (it is full)."""
+    def defer(self, device_id: bytes, seconds: float, reason: str) -> None:
+        """Send nothing more to this device's mailbox on this link for a while (it is
+        full, or takes no more from this account for now)."""
         self._deferred[device_id] = trio.current_time() + seconds
+        self.deferral_reason = reason
 
     def deferred(self, device_id: bytes) -> bool:
         until = self._deferred.get(device_id)

@@ -78,6 +78,7 @@ HOLDER = "veil"  # what a home held by the library names (the CLI holds it first
 
 
 MAILBOX_FULL_RETRY = 60.0  # seconds before envelopes for a device with a full mailbox are tried again
+RECIPIENT_LIMITED_RETRY = 30.0  # ... for a device this account has sent too much lately
 
 
 def _preview(text: str, width: int = 24) -> str:
@@ -90,6 +91,30 @@ def _canonical(name: str) -> bool:
         return wire.normalize_username(name) == name
     except ValueError:
         return False
+
+
+SEND_FRAME_BYTES = wire.MAX_FRAME - 8192  # envelope bytes in one send, with room for the rest
+ENVELOPE_OVERHEAD = 64  # its device id, eid and field names, generously
+
+
+def _frames(messages: list[list[OutboxEntry]]) -> list[list[OutboxEntry]]:
+    """Group envelopes into send frames: whole messages together where they fit (up to
+    MAX_BATCH envelopes and SEND_FRAME_BYTES), a message too large for one frame split."""
+    frames: list[list[OutboxEntry]] = []
+    size = 0
+    for entries in messages:
+        whole = sum(len(e.blob) + ENVELOPE_OVERHEAD for e in entries)
+        if not (frames and len(frames[-1]) + len(entries) <= wire.MAX_BATCH and size + whole <= SEND_FRAME_BYTES):
+            frames.append([])
+            size = 0
+        for e in entries:
+            n = len(e.blob) + ENVELOPE_OVERHEAD
+            if frames[-1] and (len(frames[-1]) == wire.MAX_BATCH or size + n > SEND_FRAME_BYTES):
+                frames.append([])
+                size = 0
+            frames[-1].append(e)
+            size += n
+    return frames
 
 
 def now_ms() -> int:
@@ -565,6 +590,7 @@ class Node:
         composed: StoredMessage | None = None
         peer = self.recipient(peer)
         reason: str | None = None
+        deferred: str | None = None
         try:
             async with self.connected() as link:
                 if peer != self.name:
@@ -579,6 +605,7 @@ class Node:
                     await self.flush_outbox(link)
                 except RelayRefused as exc:
                     reason = f"the relay did not take it now ({exc})"
+                deferred = link.deferral_reason
         except (RelayUnreachable, ConnectionLost):
             reason = f"the relay at {self.relay} cannot be reached now"
             if composed is None:
@@ -586,7 +613,7 @@ class Node:
         assert composed is not None
         now = self.store.message(composed.msg_id) or composed
         if now.state == "pending" and reason is None:
-            reason = "a recipient's mailbox is full at the relay"
+            reason = deferred or "the relay did not take it for every device now"
         return now, reason if now.state == "pending" else None
 
     def not_sent(self, msg_id: bytes, exc: VeilError) -> str:
@@ -711,12 +738,7 @@ class Node:
         by_msg: dict[bytes, list[OutboxEntry]] = {}
         for e in self.store.outbox():
             by_msg.setdefault(e.msg_id, []).append(e)
-        frames: list[list[OutboxEntry]] = []
-        for entries in by_msg.values():
-            if frames and len(frames[-1]) + len(entries) <= wire.MAX_BATCH:
-                frames[-1].extend(entries)
-            else:
-                frames += [entries[k : k + wire.MAX_BATCH] for k in range(0, len(entries), wire.MAX_BATCH)]
+        frames = _frames(list(by_msg.values()))
         left = {msg_id: len(entries) for msg_id, entries in by_msg.items()}
         done = 0
         for chunk in frames:
@@ -729,11 +751,12 @@ class Node:
                 )
                 gone = chunk
             except RelayRefused as exc:
-                if exc.code not in (E.UNKNOWN_DEVICE, E.MAILBOX_FULL):
+                if exc.code not in (E.UNKNOWN_DEVICE, E.MAILBOX_FULL, E.RECIPIENT_LIMITED):
                     raise
                 # The relay refuses the whole frame for one device that was removed since
-                # the message was sealed, or whose mailbox is full: send one by one, so
-                # that one recipient cannot hold up the others.
+                # the message was sealed, whose mailbox is full, or that this account has
+                # sent too much lately: send one by one, so that one recipient cannot
+                # hold up the others.
                 gone = await self._send_singly(link, chunk)
             finished: list[bytes] = []
             for e in gone:
@@ -752,8 +775,9 @@ class Node:
 
     async def _send_singly(self, link: RelayLink, entries: list[OutboxEntry]) -> list[OutboxEntry]:
         """Send envelopes one by one; returns those that are done: stored, or for a device
-        that no longer exists (it gets nothing more). One for a full mailbox stays in the
-        outbox, and that device is left alone for a while (``RelayLink.defer``)."""
+        that no longer exists (it gets nothing more). One for a full mailbox, or for a
+        device the relay says this account has sent too much lately, stays in the outbox,
+        and that device is left alone for a while (``RelayLink.defer``)."""
         gone: list[OutboxEntry] = []
         for e in entries:
             if link.deferred(e.device_id):
@@ -761,12 +785,17 @@ class Node:
             try:
                 await link.request(wire.Send, envelopes=[wire.Envelope(e.device_id, e.eid, e.blob)])
             except RelayRefused as exc:
-                if exc.code == E.MAILBOX_FULL:
-                    link.defer(e.device_id, MAILBOX_FULL_RETRY)
+                if exc.code in (E.MAILBOX_FULL, E.RECIPIENT_LIMITED):
                     m = self.store.message(e.msg_id)
                     who = m.peer if m is not None else "someone"
-                    self._warn(f"a device of {who} has a full mailbox at the relay: the message to"
-                               f" {who} waits in the outbox and is tried again later")
+                    if exc.code == E.MAILBOX_FULL:
+                        why = f"a device of {who} has a full mailbox at the relay"
+                        link.defer(e.device_id, MAILBOX_FULL_RETRY, why)
+                    else:
+                        why = (f"a device of {who} takes no more from you for now (the relay limits"
+                               " how much one account sends one device)")
+                        link.defer(e.device_id, RECIPIENT_LIMITED_RETRY, why)
+                    self._warn(f"{why}: the message to {who} waits in the outbox and is tried again later")
                     continue
                 if exc.code != E.UNKNOWN_DEVICE:
                     raise

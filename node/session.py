@@ -149,7 +149,7 @@ class LiveSession:
             try:
                 await self.node.flush_outbox(link)
             except RelayRefused as exc:
-                if exc.code not in (E.MAILBOX_FULL, E.INTERNAL, E.RATE_LIMITED):
+                if exc.code not in (E.MAILBOX_FULL, E.RECIPIENT_LIMITED, E.INTERNAL, E.RATE_LIMITED):
                     raise
                 self._problem(f"the outbox could not be sent now ({exc}); it is tried again later")
 

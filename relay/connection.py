@@ -20,7 +20,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 import wire
 from relay.limits import Bucket, ByteBudget
-from relay.service import Peer, Refused, RelayService
+from relay.service import Peer, Rations, Refused, RelayService
 
 log = logging.getLogger("veil.relay")
 
@@ -60,6 +60,7 @@ class Limits:
     max_connections: int = MAX_CONNECTIONS
     max_unauthenticated: int = MAX_UNAUTHENTICATED
     auth_deadline: float = AUTH_DEADLINE
+    rations: Rations = field(default_factory=Rations)
 
 
 @dataclass
@@ -315,7 +316,7 @@ class RelayConnections:
             del data
             if peer.account_id is not None and not state.grown:
                 state.grown = True
-                ws._max_message_size = wire.WS_MAX_MESSAGE  # trio-websocket reads it per message
+                ws._max_message_size = wire.WS_MAX_REQUEST  # trio-websocket reads it per message
                 if counted[0]:
                     counted[0] = False
                     self.unauthenticated -= 1

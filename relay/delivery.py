@@ -12,6 +12,7 @@ until the device acknowledges them; a new connection gets every unacknowledged o
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -22,6 +23,7 @@ from relay.store import Stored
 PAGE = wire.MAX_BATCH
 DELIVER_BYTES = 512 * 1024  # envelope bytes in one deliver frame (at least one envelope)
 BUFFER_LIMIT = 4096
+UNACKED_LIMIT = 10_000  # eids remembered per connection: a full mailbox
 
 
 def _within(items: list[Stored]) -> list[Stored]:
@@ -46,14 +48,22 @@ class Outlet:
         self._last_seq = 0
         # Envelopes pushed on this connection and not yet acknowledged: only these may be
         # acknowledged on it, so an ack costs the relay work only for real deliveries.
-        # At most a mailbox's worth (they are all in the mailbox).
-        self.unacked: set[bytes] = set()
+        # Oldest first, at most UNACKED_LIMIT (a connection that never acknowledges while
+        # another of its device does would grow it for ever): the oldest is forgotten, and
+        # an ack for it then deletes nothing, so it is pushed again on the next connection.
+        self.unacked: OrderedDict[bytes, None] = OrderedDict()
 
     def acknowledged(self, eids: list[bytes]) -> list[bytes]:
         """Of ``eids``, those pushed here and not acknowledged before (now they are)."""
         known = [e for e in dict.fromkeys(eids) if e in self.unacked]
-        self.unacked.difference_update(known)
+        for e in known:
+            del self.unacked[e]
         return known
+
+    def _pushed(self, eids: list[bytes]) -> None:
+        self.unacked.update(dict.fromkeys(eids))
+        while len(self.unacked) > UNACKED_LIMIT:
+            self.unacked.popitem(last=False)
 
     def offer(self, items: list[Stored]) -> None:
         if self._refill:
@@ -81,7 +91,7 @@ class Outlet:
                     if batch:
                         self._last_seq = batch[-1].seq
                     synced = len(rows) < PAGE and len(batch) == len(rows)
-                    self.unacked.update(r.eid for r in batch)
+                    self._pushed([r.eid for r in batch])
                     await send(wire.Deliver(items=[wire.Mail(r.eid, r.blob) for r in batch], synced=synced))
                     if synced or self._refill:
                         break
@@ -99,7 +109,7 @@ class Outlet:
                 if batch:
                     self._last_seq = max(s.seq for s in batch)
                     synced = not self._pending and not self._refill
-                    self.unacked.update(s.eid for s in batch)
+                    self._pushed([s.eid for s in batch])
                     await send(wire.Deliver(items=[wire.Mail(s.eid, s.blob) for s in batch], synced=synced))
             else:
                 await self._wake.wait()

@@ -31,8 +31,9 @@ DB_FILE = "relay.db"
 SWITCH_INTERVAL = 0.0005
 EXPIRE_EVERY = 3600.0
 # Pending messages per connection inside trio-websocket before its reader stops reading;
-# above 1 so that pings and close frames are answered while a request is handled.
-WS_QUEUE = 16
+# above 1 so that pings and close frames are answered while a request is handled, small
+# because each may be a frame of up to WS_MAX_REQUEST bytes.
+WS_QUEUE = 4
 
 
 @dataclass
@@ -86,7 +87,7 @@ class RelayState:
         self.relay_id = relay_id
         self.router = Router()
         self.mailroom = Mailroom(self.store, self.router.on_stored, mailbox_limit=config.mailbox_limit)
-        self.service = RelayService(self.keys, relay_id, self.mailroom, self.router)
+        self.service = RelayService(self.keys, relay_id, self.mailroom, self.router, config.limits.rations)
         self.connections = RelayConnections(self.service, config.limits)
 
 
@@ -193,7 +194,7 @@ async def serve(
                 state.connections.handle,
                 listeners,
                 message_queue_size=WS_QUEUE,
-                max_message_size=wire.WS_MAX_MESSAGE,
+                max_message_size=wire.WS_MAX_REQUEST,
             )
             await nursery.start(server.run)
             info = RelayInfo(config.host, server.port, state.relay_id)

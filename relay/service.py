@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import trio
 
@@ -24,11 +24,12 @@ from keyvault.prekeys import verify_signed_prekey
 from relay.auth import CHALLENGE_TTL, Challenges, Throttle, name_mac, new_token, token_hash
 from relay.delivery import Outlet, Router
 from relay.keyfile import RelayKeys
-from relay.limits import Bucket
+from relay.limits import Bucket, KeyedBuckets
 from relay.mailroom import MailboxFull, Mailroom
 from relay.store import Account, NameTaken, NewAccount, Stored, UnknownDevice
 
 E = wire.ErrorCode
+K = TypeVar("K", int, bytes)
 
 
 class Refused(Exception):
@@ -46,10 +47,36 @@ def auth_failed() -> Refused:
     return Refused(E.AUTH_FAILED, "authentication failed")
 
 MAX_PER_DEVICE = 4  # connections with a session for one device
+MAX_PER_ACCOUNT = 32  # ... for all the devices of one account (16 devices, two each)
 MAX_CHALLENGES_PER_CONNECTION = 16  # a login needs two
 MAX_NAME_CHECKS = 10  # name_free per connection: enough for a person choosing a name
 NAME_CHECK_RATE = 5.0  # name_free per second, relay-wide
 NAME_CHECK_BURST = 50.0
+DAY = 86400.0
+
+
+@dataclass
+class Rations:
+    """What one party may take from everyone else, per unit of time: the relay's answer
+    to floods that are each within every per-connection limit. In memory only (a restart
+    forgets them); every table is capped, least recently used first."""
+
+    # New accounts, relay-wide: a successful registration gives its connection a
+    # session, so only a relay-wide rate bounds what one client can create.
+    registrations_per_hour: float = 600.0
+    registration_burst: float = 60.0
+    # Envelopes from one account to one device: enough for any person and for a week's
+    # backlog, far too few to keep someone's mailbox full (it drains faster).
+    sender_rate: float = 1.0  # a second
+    sender_burst: float = 300.0
+    # One-time prekeys handed out: per (requesting account, device), and per device.
+    # Beyond either, the bundle has only the signed prekey (X3DH still works; the
+    # first message lacks the one-time prekey's extra forward secrecy).
+    prekeys_per_requester_day: float = 8.0  # a few devices of one account, and a re-try
+    prekeys_per_device_hour: float = 20.0
+    max_keys: int = 65_536  # per table
+
+
 
 
 async def _no_send(frame: wire.Frame) -> None:
@@ -104,8 +131,21 @@ def _check_prekeys(identity: bytes, prekeys: wire.PrekeySet | None) -> None:
         raise Refused(E.BAD_KEY, "the signed prekey's signature does not verify")
 
 
+def _leave(table: dict[K, dict[Peer, None]], key: K | None, peer: Peer) -> None:
+    if key is None:
+        return
+    bound = table.get(key)
+    if bound is not None:
+        bound.pop(peer, None)
+        if not bound:
+            del table[key]
+
+
 class RelayService:
-    def __init__(self, keys: RelayKeys, relay_id: bytes, mailroom: Mailroom, router: Router) -> None:
+    def __init__(self, keys: RelayKeys, relay_id: bytes, mailroom: Mailroom, router: Router,
+                 rations: Rations | None = None) -> None:
+        r = rations or Rations()
+        self.rations = r
         self.keys = keys
         self.relay_id = relay_id
         self.mailroom = mailroom
@@ -115,8 +155,18 @@ class RelayService:
         # name_free across the whole relay, whatever the connections: checking names one by
         # one must stay slow for an outsider (a person choosing a name needs a handful).
         self.name_check_budget = Bucket(NAME_CHECK_RATE, NAME_CHECK_BURST)
+        self.registrations = Bucket(r.registrations_per_hour / 3600, r.registration_burst)
+        self.sender_budget: KeyedBuckets[tuple[int, bytes]] = KeyedBuckets(r.sender_rate, r.sender_burst, r.max_keys)
+        self.prekey_requester_budget: KeyedBuckets[tuple[int, bytes]] = KeyedBuckets(
+            r.prekeys_per_requester_day / DAY, r.prekeys_per_requester_day, r.max_keys
+        )
+        self.prekey_device_budget: KeyedBuckets[bytes] = KeyedBuckets(
+            r.prekeys_per_device_hour / 3600, r.prekeys_per_device_hour, r.max_keys
+        )
         self._bound: dict[bytes, dict[Peer, None]] = {}  # device id -> its connections
+        self._by_account: dict[int, dict[Peer, None]] = {}  # account id -> its connections
         self.max_per_device = MAX_PER_DEVICE
+        self.max_per_account = MAX_PER_ACCOUNT
 
     def mac(self, name: str) -> bytes:
         return name_mac(self.keys.name_mac_key, name)
@@ -169,12 +219,7 @@ class RelayService:
                 spk, left = await self.mailroom.call(self.mailroom.store.prekey_status, peer.device_id)
                 return wire.PrekeyStatusOk(id=req.id, signed_id=spk, one_time_left=left)
             case wire.ClaimPrekeys():
-                self._require_session(peer)
-                holder = await self._account(_name(req.name))
-                if holder is None:
-                    raise Refused(E.UNKNOWN_USER, "no such user")
-                bundles = await self.mailroom.call(self.mailroom.store.claim_prekeys, holder.id, req.device_ids)
-                return wire.PrekeyBundles(id=req.id, bundles=[wire.DeviceBundle(*b) for b in bundles])
+                return await self.claim_prekeys(peer, req)
             case wire.ListDevices():
                 self._require_session(peer)
                 devices = await self.mailroom.call(self.mailroom.store.devices, peer.account_id)
@@ -188,9 +233,10 @@ class RelayService:
         """Salt and KDF parameters; for a name with no account, a stable made-up answer
         of the same shape, so the answer does not tell whether the account exists."""
         name = _name(req.name)
+        fake_salt = name_mac(self.keys.fake_salt_key, name)[:16]  # made either way: same work
         account = await self._account(name)
         if account is None:
-            salt = name_mac(self.keys.fake_salt_key, name)[:16]
+            salt = fake_salt
             d = DEFAULT_KDF
             return wire.AuthParamsOk(id=req.id, salt=salt, kdf=wire.Kdf(d.time_cost, d.memory_kib, d.parallelism))
         t, m, p = account.kdf
@@ -206,6 +252,8 @@ class RelayService:
             raise Refused(E.RATE_LIMITED, "too many registrations on one connection")
         peer.registrations += 1
         name = _name(req.name)
+        if not self.registrations.take():
+            raise Refused(E.RATE_LIMITED, "this relay takes no more new accounts just now; try again in a few minutes")
         try:
             PublicKeys(enc=req.enc_pub, identity=req.identity_pub, dh=req.dh_pub).validate()
         except BadKey as exc:
@@ -326,12 +374,13 @@ class RelayService:
         peer.account_id, peer.device_id, peer.token_hash = account_id, device_id, th
         # Connections of one device, oldest first; beyond the cap the oldest goes (a
         # node that reconnects should not be shut out by its own half-dead connection).
-        bound = self._bound.setdefault(device_id, {})
-        bound[peer] = None
-        while len(bound) > self.max_per_device:
-            oldest = next(iter(bound))
-            del bound[oldest]
-            oldest.close()
+        for bound, cap in ((self._bound.setdefault(device_id, {}), self.max_per_device),
+                           (self._by_account.setdefault(account_id, {}), self.max_per_account)):
+            bound[peer] = None
+            while len(bound) > cap:
+                oldest = next(iter(bound))
+                self._forget(oldest)
+                oldest.close()
         outlet = Outlet(device_id)
         peer.outlet = outlet
         self.router.attach(outlet)
@@ -349,13 +398,13 @@ class RelayService:
     async def _fetch(self, device_id: bytes, after: int, limit: int) -> list[Stored]:
         return await self.mailroom.call(self.mailroom.store.fetch, device_id, after, limit)
 
+    def _forget(self, peer: Peer) -> None:
+        """Take a connection out of the per-device and per-account tables."""
+        _leave(self._bound, peer.device_id, peer)
+        _leave(self._by_account, peer.account_id, peer)
+
     def unbind(self, peer: Peer) -> None:
-        if peer.device_id is not None:
-            bound = self._bound.get(peer.device_id)
-            if bound is not None:
-                bound.pop(peer, None)
-                if not bound:
-                    del self._bound[peer.device_id]
+        self._forget(peer)
         if peer.outlet is not None:
             self.router.detach(peer.outlet)
         if peer.outlet_scope is not None:
@@ -387,12 +436,20 @@ class RelayService:
         if peer.account_id is None:
             raise Refused(E.NOT_AUTHENTICATED, "log in first")
 
-    async def lookup_keys(self, peer: Peer, req: wire.LookupKeys) -> wire.Frame:
-        self._require_session(peer)
-        name = _name(req.name)
+    async def _named_account(self, name: str) -> Account:
+        """The account a logged-in peer names, or ``unknown_user``. Not rationed: a node
+        looks up the sender of every envelope it cannot yet verify, so a ration of
+        unknown names per account would let anyone spend someone else's by sending them
+        envelopes from made-up names. Account existence is not secret (THREAT_MODEL.md)."""
         account = await self._account(name)
         if account is None:
             raise Refused(E.UNKNOWN_USER, "no such user")
+        return account
+
+    async def lookup_keys(self, peer: Peer, req: wire.LookupKeys) -> wire.Frame:
+        self._require_session(peer)
+        name = _name(req.name)
+        account = await self._named_account(name)
         devices = await self.mailroom.call(self.mailroom.store.devices, account.id)
         return wire.KeysOk(
             id=req.id,
@@ -404,10 +461,47 @@ class RelayService:
             devices=[wire.DeviceCert(d, sig) for d, sig, _ in devices],
         )
 
+    async def claim_prekeys(self, peer: Peer, req: wire.ClaimPrekeys) -> wire.Frame:
+        self._require_session(peer)
+        assert peer.account_id is not None
+        holder = await self._named_account(_name(req.name))
+        # A one-time prekey only while neither this account nor everyone together has
+        # taken too many of this device's lately: draining them costs the attacker time.
+        # Taken before the claim (concurrent claims cannot all pass), given back for a
+        # device that yields none (naming someone else's device spends nothing of theirs).
+        one_time: list[bytes] = []
+        for device_id in dict.fromkeys(req.device_ids):
+            mine = (peer.account_id, device_id)
+            if self.prekey_requester_budget.available(mine) >= 1 and self.prekey_device_budget.available(device_id) >= 1:
+                self.prekey_requester_budget.spend(mine, 1)
+                self.prekey_device_budget.spend(device_id, 1)
+                one_time.append(device_id)
+        bundles: list[tuple[bytes, int, bytes, bytes, int | None, bytes | None]] = []
+        try:
+            bundles = await self.mailroom.call(self.mailroom.store.claim_prekeys, holder.id, req.device_ids, one_time)
+        finally:
+            got = {b[0] for b in bundles if b[4] is not None}
+            for device_id in one_time:
+                if device_id not in got:
+                    self.prekey_requester_budget.spend((peer.account_id, device_id), -1)
+                    self.prekey_device_budget.spend(device_id, -1)
+        return wire.PrekeyBundles(id=req.id, bundles=[wire.DeviceBundle(*b) for b in bundles])
+
     def send(self, peer: Peer, req: wire.Send, answered: Callable[[], None]) -> None:
         """Queue the envelopes for the next group commit; the answer goes out when it
         is durable (``answered`` runs then: the connection's in-flight slot frees)."""
         self._require_session(peer)
+        assert peer.account_id is not None
+        # One account may not flood one device: the frame is refused whole, before any
+        # of it is stored, and the sender tries that device again later.
+        per_device: dict[bytes, int] = {}
+        for device_id, _ in dict.fromkeys((e.device_id, e.eid) for e in req.envelopes):
+            per_device[device_id] = per_device.get(device_id, 0) + 1  # a repeat is stored once
+        for device_id, n in per_device.items():
+            if self.sender_budget.available((peer.account_id, device_id)) < n:
+                raise Refused(E.RECIPIENT_LIMITED, "you have sent this device too much lately; try it again later")
+        for device_id, n in per_device.items():
+            self.sender_budget.spend((peer.account_id, device_id), n)
 
         def done(error: Exception | None) -> None:
             answered()

@@ -10,7 +10,7 @@ address or a time finer than a day.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -439,10 +439,11 @@ class RelayStore:
             return self.prekey_status(device_id)
 
     def claim_prekeys(
-        self, account_id: int, device_ids: Sequence[bytes]
+        self, account_id: int, device_ids: Sequence[bytes], one_time: Collection[bytes] | None = None
     ) -> list[tuple[bytes, int, bytes, bytes, int | None, bytes | None]]:
-        """Bundles for the account's listed devices, taking one one-time prekey from each
-        (the oldest); devices of other accounts or without a signed prekey are left out."""
+        """Bundles for the account's listed devices, taking one one-time prekey (the
+        oldest) from each device in ``one_time`` (all of them if None); devices of other
+        accounts or without a signed prekey are left out."""
         out: list[tuple[bytes, int, bytes, bytes, int | None, bytes | None]] = []
         with self.db.atomic():
             for device_id in dict.fromkeys(device_ids):
@@ -453,7 +454,7 @@ class RelayStore:
                 ).fetchone()
                 if row is None:
                     continue
-                opk = self.conn.execute(
+                opk = None if one_time is not None and device_id not in one_time else self.conn.execute(
                     "DELETE FROM one_time_prekeys WHERE device_id = ? AND key_id ="
                     " (SELECT min(key_id) FROM one_time_prekeys WHERE device_id = ?)"
                     " RETURNING key_id, public",

@@ -413,9 +413,13 @@ def orchestrate(args: argparse.Namespace) -> None:
             results["forwarder_half"] = run_loadgen("bare", fwd_url, *common, "--rate", str(half))
         finally:
             stop_server(fwd)
-        relay_cmd = [sys.executable, "-m", "cli.main", "relay", "serve", "--port", "0", "--data-dir",
-                     str(Path(tmp) / "relay")]
-        rel, rel_url = start_server(relay_cmd, "relay listening on")
+        # The relay's flood limits are lifted: one bench account sends one device thousands
+        # of envelopes a second, and the capacity run registers thousands of accounts.
+        def relay_cmd(data_dir: str) -> list[str]:
+            return [sys.executable, "-m", "cli.main", "relay", "serve", "--port", "0", "--data-dir",
+                    str(Path(tmp) / data_dir), "--sender-rate", "1e9", "--registrations-per-hour", "1e9"]
+
+        rel, rel_url = start_server(relay_cmd("relay"), "relay listening on")
         try:
             say("relay: maximum throughput ...")
             results["relay_max"] = run_loadgen("relay", rel_url, *common)
@@ -424,7 +428,7 @@ def orchestrate(args: argparse.Namespace) -> None:
         finally:
             stop_server(rel)
         if args.conns:
-            rel, rel_url = start_server([*relay_cmd[:-1], str(Path(tmp) / "relay-capacity")], "relay listening on")
+            rel, rel_url = start_server(relay_cmd("relay-capacity"), "relay listening on")
             try:
                 say(f"relay: {args.conns} connected nodes ...")
                 results["capacity"] = run_loadgen("capacity", rel_url, "--conns", str(args.conns),

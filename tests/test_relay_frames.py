@@ -236,7 +236,7 @@ async def test_envelope_larger_than_max_is_refused(accounts: Accounts) -> None:
             # A second envelope that is too large, after a good one.
             frame = pack({"t": "send", "id": 32, "envelopes": [
                 {"device_id": D16, "eid": D16, "blob": b"ok"},
-                {"device_id": D16, "eid": b"f" * 16, "blob": b"x" * (4 * wire.MAX_ENVELOPE)},
+                {"device_id": D16, "eid": b"f" * 16, "blob": b"x" * (2 * wire.MAX_ENVELOPE)},
             ]})
             await c.expect_error(frame, E.ENVELOPE_TOO_LARGE, 32)
             await c.assert_alive()
@@ -307,7 +307,7 @@ async def test_frame_larger_than_max_frame_is_refused(accounts: Accounts) -> Non
         alice = await accounts.register("alice")
         async with raw_client(relay.url) as c:
             await c.resume(alice)  # large frames need a session
-            for rid, size in ((41, wire.MAX_FRAME + 1), (42, wire.WS_MAX_MESSAGE - 64)):
+            for rid, size in ((41, wire.MAX_FRAME + 1), (42, wire.WS_MAX_REQUEST - 64)):
                 await c.send(_padded_ping(rid, size))
                 ans = await c.answer()
                 assert isinstance(ans, wire.Error) and ans.code == E.FRAME_TOO_LARGE, ans
@@ -316,6 +316,12 @@ async def test_frame_larger_than_max_frame_is_refused(accounts: Accounts) -> Non
             # At exactly MAX_FRAME the frame is read (and refused for its unknown field).
             await c.expect_error(_padded_ping(43, wire.MAX_FRAME), E.BAD_FRAME, 43)
             await c.assert_alive()
+            # Above WS_MAX_REQUEST, even with a session, the relay stops reading: 1009.
+            with pytest.raises(ConnectionClosed) as closed:
+                await c.send(b"\x00" * (wire.WS_MAX_REQUEST + 1))
+                while True:
+                    await c.frame()
+            assert closed.value.reason is not None and closed.value.reason.code == 1009
 
 
 async def test_before_a_session_a_large_frame_closes_the_connection(relay: RelayRunner) -> None:
@@ -336,7 +342,7 @@ async def test_message_above_websocket_limit_closes_only_that_connection(relay: 
         async with raw_client(relay.url) as other:
             with pytest.raises(ConnectionClosed) as closed:
                 async with raw_client(relay.url) as c:
-                    await c.send(b"\x00" * (wire.WS_MAX_MESSAGE + 1))
+                    await c.send(b"\x00" * (wire.WS_MAX_REQUEST + 1))
                     await c.frame()
             assert closed.value.reason is not None
             assert closed.value.reason.code == 1009  # message too big

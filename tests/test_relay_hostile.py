@@ -22,13 +22,21 @@ import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 import wire
-from keyvault.keys import AccountKeys
+from keyvault.keys import AccountKeys, sign_account_keys, sign_device
 from relay.connection import WAITING_BYTES, Limits
 from relay.delivery import DELIVER_BYTES
-from relay.service import MAX_PER_DEVICE, Peer
+from relay.service import MAX_PER_DEVICE, Peer, Rations
 from tests.conftest import Accounts, RelayRunner
 from tests.test_cli import VEIL, env_for, read_line_until
-from tests.test_relay_support import DEADLINE, RawClient, envelope, handshake_status, raw_client
+from tests.test_relay_support import (
+    DEADLINE,
+    RawClient,
+    envelope,
+    handshake_status,
+    mailbox_eids,
+    raw_client,
+    sql,
+)
 
 E = wire.ErrorCode
 
@@ -63,9 +71,9 @@ async def test_a_reader_that_stops_pins_a_bounded_amount_and_frees_it_at_once(ac
         async with raw_client(relay.url) as c:
             await c.resume(alice)
             await c.mail_until_synced()
-            for _ in range(20):
+            for _ in range(40):
                 frame = wire.Send(id=c.next_id(), envelopes=[
-                    envelope(bob.device_id, blob=secrets.token_bytes(60_000)) for _ in range(8)
+                    envelope(bob.device_id, blob=secrets.token_bytes(60_000)) for _ in range(4)
                 ])
                 await c.ok(frame)
         gc.collect()
@@ -222,6 +230,27 @@ async def test_a_device_has_a_bounded_number_of_connections(accounts: Accounts) 
             await conns[-1].assert_alive()
 
 
+async def test_an_account_has_a_bounded_number_of_connections(accounts: Accounts) -> None:
+    """Across its devices too: what one account can make the relay hold grows with its
+    connections, so they are capped (the default is two for each of 16 devices)."""
+    relay = accounts.relay
+    assert relay.state is not None
+    relay.state.service.max_per_account = 3
+    with trio.fail_after(DEADLINE):
+        alice = await accounts.register("alice")
+        phone = await accounts.login("alice", "phone")
+        async with AsyncExitStack() as stack:
+            conns = [await stack.enter_async_context(raw_client(relay.url)) for _ in range(4)]
+            for c, node in zip(conns, (alice, phone, phone, alice), strict=True):
+                await c.resume(node)
+                await c.mail_until_synced()
+            with pytest.raises(ConnectionClosed):  # alice's first, the account's oldest
+                while True:
+                    await conns[0].frame()
+            for c in conns[1:]:
+                await c.assert_alive()
+
+
 async def test_a_relay_out_of_file_descriptors_turns_connections_away_quietly(tmp_path: Path) -> None:
     """The connection cap sits below the open-file limit: a flood of idle connections
     gets 503s, not EMFILE, and the log stays quiet."""
@@ -267,3 +296,131 @@ def test_accept_errors_are_logged_once_a_minute_without_a_traceback(caplog: pyte
     records = [r for r in caplog.records if r.name == "veil.test.accept"]
     assert len(records) == 1
     assert records[0].exc_info is None and "Traceback" not in caplog.text
+
+
+@asynccontextmanager
+async def rationed(nursery: trio.Nursery, key_pool: list[AccountKeys], tmp_path: Path,
+                   **rations: Any) -> AsyncIterator[Accounts]:
+    """A relay with some of its rations set small, and accounts on it."""
+    relay = RelayRunner(nursery, tmp_path / "relay", limits=Limits(rations=Rations(**rations)))
+    await relay.start()
+    accounts = Accounts(key_pool, tmp_path, relay)
+    try:
+        yield accounts
+    finally:
+        accounts.close()
+
+
+def register_frame(keys: AccountKeys, name: str) -> wire.Register:
+    """A registration built by hand (as a flood would be: one key pair for every name)."""
+    pub = keys.public()
+    device = secrets.token_bytes(16)
+    return wire.Register(
+        id=1, name=name, salt=secrets.token_bytes(16), kdf=wire.Kdf(1, 8, 1), auth_pub=secrets.token_bytes(32),
+        enc_pub=pub.enc, identity_pub=pub.identity, dh_pub=pub.dh, keys_sig=sign_account_keys(keys, name),
+        bundle=b"\x00" * 64, recovery_auth_pub=secrets.token_bytes(32), recovery_bundle=b"\x00" * 64,
+        device=wire.DeviceCert(device, sign_device(keys, name, device)),
+    )
+
+
+async def test_registrations_are_rationed_relay_wide(
+    nursery: trio.Nursery, key_pool: list[AccountKeys], tmp_path: Path
+) -> None:
+    """A registration gives its connection a session, so a per-connection limit never
+    applies: new accounts are rationed across the relay, whatever the connections."""
+    async with rationed(nursery, key_pool, tmp_path, registrations_per_hour=0.001, registration_burst=4) as acc:
+        with trio.fail_after(DEADLINE):
+            alice = await acc.register("alice")
+            bob = await acc.register("bob")
+            for n in range(2):
+                async with raw_client(acc.relay.url) as c:
+                    await c.ok(register_frame(key_pool[-1], f"flood{n}"))
+            for n in range(3):
+                async with raw_client(acc.relay.url) as c:
+                    refusal = await c.refused(register_frame(key_pool[-1], f"more{n}"), E.RATE_LIMITED)
+                    assert "new accounts" in refusal.message
+            assert await sql(acc.relay, "SELECT count(*) FROM accounts") == [(4,)]
+            # Those who have accounts are not held up.
+            async with alice.connected() as link:
+                await alice.send(link, "bob", "still here")
+            async with bob.connected() as link:
+                got = await bob.receive(link, wait=5)
+            assert [r.message.body for r in got] == ["still here"]
+
+
+async def test_one_account_cannot_flood_one_device(
+    nursery: trio.Nursery, key_pool: list[AccountKeys], tmp_path: Path
+) -> None:
+    """Envelopes from one account to one device are rationed: a flood is refused whole
+    (nothing of the frame stored) while others still reach that device; the node of a
+    sender over the ration keeps the message in its outbox and tells its user."""
+    async with rationed(nursery, key_pool, tmp_path, sender_rate=0.001, sender_burst=10) as acc:
+        with trio.fail_after(DEADLINE):
+            mallory = await acc.register("mallory")
+            alice = await acc.register("alice")
+            bob = await acc.register("bob")
+            async with raw_client(acc.relay.url) as c:
+                await c.resume(mallory)
+                await c.mail_until_synced()
+                await c.ok(wire.Send(id=c.next_id(), envelopes=[envelope(bob.device_id) for _ in range(10)]))
+                both = wire.Send(id=c.next_id(), envelopes=[envelope(alice.device_id), envelope(bob.device_id)])
+                await c.refused(both, E.RECIPIENT_LIMITED)
+                await c.ok(wire.Send(id=c.next_id(), envelopes=[envelope(alice.device_id)]))
+            assert len(await mailbox_eids(acc.relay, bob.device_id)) == 10
+            assert len(await mailbox_eids(acc.relay, alice.device_id)) == 1
+            # Another sender still reaches bob.
+            async with alice.connected() as link:
+                await alice.send(link, "bob", "from alice")
+            assert len(await mailbox_eids(acc.relay, bob.device_id)) == 11
+            # Mallory's own node, over the ration for bob: that message waits (and says
+            # so); one to alice in the same flush goes.
+            warnings: list[str] = []
+            mallory.events.append(warnings.append)
+            async with mallory.connected() as link:
+                mallory.compose("bob", "one more")
+                mallory.compose("alice", "hello alice")
+                assert await mallory.seal_pending(link) == []
+                await mallory.flush_outbox(link)
+            assert any("takes no more from you" in w for w in warnings), warnings
+            assert mallory.store.outbox_count() == 1
+            assert len(await mailbox_eids(acc.relay, bob.device_id)) == 11
+            assert len(await mailbox_eids(acc.relay, alice.device_id)) == 2
+
+
+async def test_one_time_prekeys_are_rationed(
+    nursery: trio.Nursery, key_pool: list[AccountKeys], tmp_path: Path
+) -> None:
+    """Draining a device's one-time prekeys is rationed per requesting account and per
+    device; beyond either the bundle has only the signed prekey. Naming someone else's
+    device under another account's name takes nothing of its ration."""
+    async with rationed(nursery, key_pool, tmp_path, prekeys_per_requester_day=2, prekeys_per_device_hour=3) as acc:
+        with trio.fail_after(DEADLINE):
+            bob = await acc.register("bob")
+            mallory = await acc.register("mallory")
+            alice = await acc.register("alice")
+            carol = await acc.register("carol")
+
+            async def claim(c: RawClient, name: str = "bob") -> list[wire.DeviceBundle]:
+                ans = await c.ok(wire.ClaimPrekeys(id=c.next_id(), name=name, device_ids=[bob.device_id]))
+                assert isinstance(ans, wire.PrekeyBundles)
+                return ans.bundles
+
+            async with AsyncExitStack() as stack:
+                m, a, k = [await stack.enter_async_context(raw_client(acc.relay.url)) for _ in range(3)]
+                for c, who in ((m, mallory), (a, alice), (k, carol)):
+                    await c.resume(who)
+                assert await claim(m, name="mallory") == []  # not mallory's device: spends nothing
+                assert [b.opk is not None for b in (await claim(m)) + (await claim(m)) + (await claim(m))] == [
+                    True, True, False
+                ]
+                assert (await claim(a))[0].opk is not None  # the device's third this hour
+                carols = await claim(k)
+                assert carols[0].opk is None and carols[0].spk  # a bundle all the same
+            (left,) = await sql(acc.relay, "SELECT count(*) FROM one_time_prekeys WHERE device_id = ?", bob.device_id)
+            # First contact without a one-time prekey still works end to end.
+            async with carol.connected() as link:
+                await carol.send(link, "bob", "hello without a one-time prekey")
+            async with bob.connected() as link:
+                got = await bob.receive(link, wait=5)
+            assert [r.message.body for r in got] == ["hello without a one-time prekey"]
+            assert left[0] >= 1

@@ -8,6 +8,8 @@ import secrets
 import trio
 
 from relay.auth import CHALLENGE_TTL, FORGET_AFTER, MAX_DELAY, Challenges, Throttle
+from relay.delivery import UNACKED_LIMIT, Outlet
+from relay.limits import KeyedBuckets
 
 
 async def test_the_throttle_table_is_bounded_and_forgets_quiet_names(autojump_clock: trio.abc.Clock) -> None:
@@ -50,3 +52,27 @@ async def test_the_challenge_table_is_bounded_and_drops_expired_ones(autojump_cl
     await trio.sleep(CHALLENGE_TTL + 1)
     challenges.issue(mac, "bundle")
     assert len(challenges) == 1
+
+
+async def test_keyed_buckets_are_bounded_and_forget_refilled_keys(autojump_clock: trio.abc.Clock) -> None:
+    buckets: KeyedBuckets[int] = KeyedBuckets(rate=1.0, burst=3.0, max_keys=100)
+    assert [buckets.take(7) for _ in range(4)] == [True, True, True, False]
+    for k in range(1000):  # many keys: the table stays at its cap, oldest first out
+        buckets.take(k + 10)
+        assert len(buckets) <= 100
+    assert buckets.available(7) == 3.0  # forgotten: full again (the cap's documented cost)
+    buckets.spend(1, 2)
+    await trio.sleep(10)  # everything has refilled
+    buckets.take(2)
+    buckets.take(3)
+    assert len(buckets) < 100  # refilled keys are dropped from the oldest end as it goes
+
+
+def test_an_outlet_remembers_a_bounded_number_of_unacknowledged_envelopes() -> None:
+    outlet = Outlet(b"d" * 16)
+    eids = [i.to_bytes(16, "big") for i in range(UNACKED_LIMIT + 10)]
+    for k in range(0, len(eids), 64):
+        outlet._pushed(eids[k : k + 64])
+    assert len(outlet.unacked) == UNACKED_LIMIT
+    assert outlet.acknowledged([eids[0], eids[-1], eids[-1]]) == [eids[-1]]  # the oldest is forgotten
+    assert outlet.acknowledged([eids[-1]]) == []  # and nothing counts twice

@@ -26,9 +26,15 @@ PATH: Final = "/v1"
 # Sizes: a frame holds at most one message's envelopes (one per device) or one backlog batch.
 MAX_ENVELOPE: Final = 65536
 MAX_BATCH: Final = 64
-MAX_FRAME: Final = 4 * 1024 * 1024
-# trio-websocket closes with 1009 above this; between MAX_FRAME and this we answer an Error.
-WS_MAX_MESSAGE: Final = 2 * MAX_FRAME
+# A request frame: room for four of the largest envelopes. Small, because what a relay
+# holds for a connection it reads from is a few of these (docs/THREAT_MODEL.md).
+MAX_FRAME: Final = 256 * 1024
+# The relay closes a connection with 1009 for a message above this; between MAX_FRAME and
+# this it answers an Error.
+WS_MAX_REQUEST: Final = MAX_FRAME + 16 * 1024
+# The largest message a relay sends (a deliver holds at most 512 KiB of blobs): a
+# client's limit.
+WS_MAX_MESSAGE: Final = 1024 * 1024
 MAX_DEVICES: Final = 16
 
 USERNAME_RE: Final = re.compile(r"^[a-z][a-z0-9_.-]{2,31}$")
@@ -407,6 +413,7 @@ class ErrorCode:
     TOO_MANY_DEVICES = "too_many_devices"
     PREKEY_LIMIT = "prekey_limit"
     MAILBOX_FULL = "mailbox_full"
+    RECIPIENT_LIMITED = "recipient_limited"  # this account sent that device too much lately
     BAD_KEY = "bad_key"
     INTERNAL = "internal"
 
