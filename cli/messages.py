@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,7 @@ import trio
 
 from cli.device import unlock, username
 from cli.errors import CliError
-from cli.text import inert
+from cli.text import inert, rows
 from node import control
 from node.control import message_json
 from node.errors import HomeInUse
@@ -46,16 +47,26 @@ def local_time(ms: int) -> str:
         return "????-??-?? ??:??"
 
 
+INDENT = 4
+
+
 def print_message(m: dict[str, Any], as_json: bool) -> None:
     """One message, as `recv` prints it (``m`` as ``node.control.message_json`` makes it)."""
     if as_json:
         print(json.dumps(m), flush=True)
         return
     arrow = f"{m['from']} -> {m['to']}" if m["outgoing"] else str(m["from"])
-    # Continuation lines are indented: a body cannot forge a line that looks like another
-    # message (names are checked by the node; they are made inert here all the same).
-    body = inert(str(m["text"])).replace("\n", "\n    ")
-    print(f"[{local_time(int(m['sent_at']))}] {inert(arrow, keep_newlines=False)}: {body}", flush=True)
+    head = f"[{local_time(int(m['sent_at']))}] {inert(arrow, keep_newlines=False)}: "
+    # Every row after the first is indented, so a body cannot forge a line that looks like
+    # another message (names are checked by the node; they are made inert here all the
+    # same). On a terminal the rows are cut to its width, so that a line padded to wrap
+    # cannot land at the left margin either.
+    lines = inert(str(m["text"])).expandtabs(4).split("\n")
+    if sys.stdout.isatty():
+        cols = shutil.get_terminal_size().columns - 1
+        cut = [rows(line, cols - (len(head) if i == 0 else INDENT), cols - INDENT) for i, line in enumerate(lines)]
+        lines = [r for line_rows in cut for r in line_rows]
+    print(head + ("\n" + " " * INDENT).join(lines), flush=True)
 
 
 def print_unprinted(node: Node, as_json: bool) -> int:

@@ -23,3 +23,26 @@ def inert(text: str, *, keep_newlines: bool = True) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+def _columns(ch: str) -> int:
+    if unicodedata.combining(ch):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+def rows(line: str, first: int, rest: int) -> list[str]:
+    """Cut one line (no newlines, no tabs) into rows that a terminal will not wrap
+    itself: the first at most ``first`` columns wide, the others at most ``rest``."""
+    out: list[str] = []
+    row: list[str] = []
+    used, room = 0, max(1, first)
+    for ch in line:
+        w = _columns(ch)
+        if row and used + w > room:
+            out.append("".join(row))
+            row, used, room = [], 0, max(1, rest)
+        row.append(ch)
+        used += w
+    out.append("".join(row))
+    return out

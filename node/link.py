@@ -54,20 +54,22 @@ class RelayLink:
         self.device_id: bytes | None = None
         self._acks: list[bytes] = []
         self._ack_wake = trio.Event()
-        self._deferred: dict[bytes, float] = {}  # device id -> when to try it again
-        self.deferral_reason: str | None = None  # why the last device was deferred
+        self._deferred: dict[bytes, tuple[float, str]] = {}  # device id -> (when to try again, why)
 
     def defer(self, device_id: bytes, seconds: float, reason: str) -> None:
         """Send nothing more to this device's mailbox on this link for a while (it is
         full, or takes no more from this account for now)."""
-        self._deferred[device_id] = trio.current_time() + seconds
-        self.deferral_reason = reason
+        self._deferred[device_id] = (trio.current_time() + seconds, reason)
+
+    def why_deferred(self, device_id: bytes) -> str | None:
+        got = self._deferred.get(device_id)
+        return None if got is None else got[1]
 
     def deferred(self, device_id: bytes) -> bool:
-        until = self._deferred.get(device_id)
-        if until is None:
+        got = self._deferred.get(device_id)
+        if got is None:
             return False
-        if trio.current_time() >= until:
+        if trio.current_time() >= got[0]:
             del self._deferred[device_id]
             return False
         return True

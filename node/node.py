@@ -605,7 +605,8 @@ class Node:
                     await self.flush_outbox(link)
                 except RelayRefused as exc:
                     reason = f"the relay did not take it now ({exc})"
-                deferred = link.deferral_reason
+                deferred = next((w for e in self.store.outbox() if e.msg_id == composed.msg_id
+                                 if (w := link.why_deferred(e.device_id))), None)
         except (RelayUnreachable, ConnectionLost):
             reason = f"the relay at {self.relay} cannot be reached now"
             if composed is None:
@@ -788,11 +789,14 @@ class Node:
                 if exc.code in (E.MAILBOX_FULL, E.RECIPIENT_LIMITED):
                     m = self.store.message(e.msg_id)
                     who = m.peer if m is not None else "someone"
+                    contact = self.store.contact(who) if m is not None else None
+                    whose = (f"a device of {who}" if contact is None or e.device_id in contact.devices
+                             else "another device of yours")  # the copy for our own device
                     if exc.code == E.MAILBOX_FULL:
-                        why = f"a device of {who} has a full mailbox at the relay"
+                        why = f"{whose} has a full mailbox at the relay"
                         link.defer(e.device_id, MAILBOX_FULL_RETRY, why)
                     else:
-                        why = (f"a device of {who} takes no more from you for now (the relay limits"
+                        why = (f"{whose} takes no more from you for now (the relay limits"
                                " how much one account sends one device)")
                         link.defer(e.device_id, RECIPIENT_LIMITED_RETRY, why)
                     self._warn(f"{why}: the message to {who} waits in the outbox and is tried again later")

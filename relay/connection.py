@@ -37,7 +37,8 @@ INFLIGHT_SEND_BYTES = 8 * 1024 * 1024  # envelope bytes of those, per connection
 COMMIT_BYTES = 256 * 1024 * 1024  # envelope bytes awaiting their commit, relay-wide
 UNAUTHENTICATED_MAX_MESSAGE = 128 * 1024  # frames before a session (a register is ~40 KiB)
 AUTH_DEADLINE = 60.0  # seconds a connection has to get a session
-MAX_CONNECTIONS = 20_000  # relay-wide (also kept below the open-file limit)
+MAX_CONNECTIONS = 20_000  # relay-wide at most (also kept below the open-file limit, and by default
+# to what half the machine's memory holds at the worst case per connection, server.py)
 MAX_UNAUTHENTICATED = 1_000  # connections without a session, relay-wide
 # Frames per second per connection (a token bucket). A whole message to every device of
 # a recipient is one frame, and acknowledgements are batched, so this is generous.
@@ -57,7 +58,7 @@ class Limits:
     burst: float = BURST
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT
-    max_connections: int = MAX_CONNECTIONS
+    max_connections: int | None = None  # None: from the machine's memory (server.py)
     max_unauthenticated: int = MAX_UNAUTHENTICATED
     auth_deadline: float = AUTH_DEADLINE
     rations: Rations = field(default_factory=Rations)
@@ -125,7 +126,8 @@ class RelayConnections:
             if request.path.split("?")[0] != wire.PATH:
                 await request.reject(404, body=b"this relay speaks /v1\n")
                 return
-            if self.open >= self.limits.max_connections or self.unauthenticated >= self.limits.max_unauthenticated:
+            full = self.open >= (self.limits.max_connections or MAX_CONNECTIONS)
+            if full or self.unauthenticated >= self.limits.max_unauthenticated:
                 await request.reject(503, body=b"this relay is full; try again later\n")
                 return
             ws = await request.accept()
@@ -342,26 +344,36 @@ class RelayConnections:
             await peer.send(exc.to_frame())
             return state.violations <= MAX_VIOLATIONS
         if isinstance(req, wire.Send):
-            size = sum(len(e.blob) for e in req.envelopes)
-            await state.inflight.acquire()
-            await state.send_bytes.acquire(size)
             try:
-                await self.commit_budget.acquire(size)
+                admitted = self.service.admit(peer, req)
+            except Refused as exc:
+                await peer.send(wire.Error(id=req.id, code=exc.code, message=exc.message))
+                return True
+            size = sum(len(e.blob) for e in req.envelopes)
+            # Per connection, per account, relay-wide: each waits (this reader stops).
+            budgets = (state.send_bytes, self.service.send_budget(admitted.account), self.commit_budget)
+            held: list[ByteBudget] = []
+            try:
+                await state.inflight.acquire()
+                try:
+                    for budget in budgets:
+                        await budget.acquire(size)
+                        held.append(budget)
+                except BaseException:
+                    state.inflight.release()
+                    raise
             except BaseException:
-                state.send_bytes.release(size)
-                state.inflight.release()
+                for budget in held:
+                    budget.release(size)
+                admitted.refund()
                 raise
 
             def answered() -> None:
-                self.commit_budget.release(size)
-                state.send_bytes.release(size)
+                for budget in budgets:
+                    budget.release(size)
                 state.inflight.release()
 
-            try:
-                self.service.send(peer, req, answered)
-            except Refused as exc:
-                answered()
-                await peer.send(wire.Error(id=req.id, code=exc.code, message=exc.message))
+            self.service.submit(peer, req, admitted, answered)
         elif isinstance(req, wire.Ack):
             try:
                 await self.service.ack(peer, req)

@@ -22,8 +22,9 @@ from relay.store import Stored
 
 PAGE = wire.MAX_BATCH
 DELIVER_BYTES = 512 * 1024  # envelope bytes in one deliver frame (at least one envelope)
-BUFFER_LIMIT = 4096
-UNACKED_LIMIT = 10_000  # eids remembered per connection: a full mailbox
+BUFFER_LIMIT = 4096  # envelopes an outlet buffers for its connection (then re-reads)
+BUFFER_BYTES = 2 * DELIVER_BYTES  # ... and their bytes
+UNACKED_LIMIT = 2048  # eids remembered per connection (a node acknowledges within 20 ms)
 
 
 def _within(items: list[Stored]) -> list[Stored]:
@@ -43,6 +44,7 @@ class Outlet:
     def __init__(self, device_id: bytes) -> None:
         self.device_id = device_id
         self._pending: list[Stored] = []
+        self._pending_bytes = 0
         self._refill = True  # start by reading the backlog from the mailbox
         self._wake = trio.Event()
         self._last_seq = 0
@@ -66,13 +68,17 @@ class Outlet:
             self.unacked.popitem(last=False)
 
     def offer(self, items: list[Stored]) -> None:
+        size = sum(len(s.blob) for s in items)
         if self._refill:
             pass  # the next mailbox read will include them
-        elif len(self._pending) + len(items) > BUFFER_LIMIT:
+        elif len(self._pending) + len(items) > BUFFER_LIMIT or self._pending_bytes + size > BUFFER_BYTES:
+            # A connection that reads slowly: what it has not taken yet is in the mailbox.
             self._pending.clear()
+            self._pending_bytes = 0
             self._refill = True
         else:
             self._pending.extend(items)
+            self._pending_bytes += size
         self._wake.set()
 
     async def run(
@@ -85,6 +91,7 @@ class Outlet:
             if self._refill:
                 self._refill = False
                 self._pending.clear()
+                self._pending_bytes = 0
                 while True:
                     rows = await fetch(self.device_id, self._last_seq, PAGE)
                     batch = _within(rows)
@@ -105,6 +112,7 @@ class Outlet:
                     if item.seq > self._last_seq:  # already sent from a mailbox read
                         batch.append(item)
                         total += len(item.blob)
+                self._pending_bytes -= sum(len(s.blob) for s in self._pending[:taken])
                 del self._pending[:taken]
                 if batch:
                     self._last_seq = max(s.seq for s in batch)

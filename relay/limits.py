@@ -35,12 +35,16 @@ class Bucket:
 class KeyedBuckets(Generic[K]):
     """A token bucket per key, for at most ``max_keys`` keys, in memory only.
 
-    Keys are kept in order of last use; past the cap the least recently used one is
-    forgotten (O(1)), and a forgotten key starts full again. A key whose bucket has
-    refilled is forgotten at once, as it holds nothing a fresh one would not."""
+    Keys are kept in order of last use. Keys whose buckets have refilled hold nothing a
+    fresh one would not, and are dropped from the oldest end as new keys come (amortised
+    O(1)). When the table is full of keys that have not refilled, a new key either pushes
+    out the least recently used one (which then starts full again), or, with
+    ``fail_closed``, is refused: then whoever owns the table cannot reset a spent bucket by
+    touching many new keys."""
 
-    def __init__(self, rate: float, burst: float, max_keys: int) -> None:
+    def __init__(self, rate: float, burst: float, max_keys: int, *, fail_closed: bool = False) -> None:
         self.rate, self.burst, self.max_keys = rate, burst, max_keys
+        self.fail_closed = fail_closed
         self._buckets: OrderedDict[K, tuple[float, float]] = OrderedDict()  # key -> (tokens, when)
 
     def __len__(self) -> int:
@@ -53,26 +57,91 @@ class KeyedBuckets(Generic[K]):
         tokens, stamp = got
         return min(self.burst, tokens + (trio.current_time() - stamp) * self.rate)
 
+    def _prune(self, now: float) -> None:
+        while self._buckets:
+            tokens, stamp = next(iter(self._buckets.values()))
+            if tokens + (now - stamp) * self.rate < self.burst:
+                return
+            self._buckets.popitem(last=False)
+
+    def room(self) -> int:
+        """How many new keys fit now (after dropping refilled ones)."""
+        self._prune(trio.current_time())
+        return self.max_keys - len(self._buckets)
+
+    def can_take(self, wants: dict[K, float]) -> bool:
+        """Whether every ``key: n`` in ``wants`` could be taken at once."""
+        if any(self.available(k) < n for k, n in wants.items()):
+            return False
+        new = sum(1 for k in wants if k not in self._buckets)
+        return not (self.fail_closed and new and self.room() < new)
+
     def spend(self, key: K, n: float) -> None:
-        """Take ``n`` tokens (the caller checked ``available``)."""
+        """Take ``n`` tokens (the caller checked ``can_take``); a negative ``n`` gives
+        tokens back (never above the burst)."""
         now = trio.current_time()
         left = self.available(key) - n
         self._buckets[key] = (left, now)
         self._buckets.move_to_end(key)
+        self._prune(now)
         while len(self._buckets) > self.max_keys:
-            self._buckets.popitem(last=False)
-        # Forget, from the oldest end, keys that have refilled: a few per call at most.
-        for _ in range(2):
-            oldest = next(iter(self._buckets.items()))
-            tokens, stamp = oldest[1]
-            if oldest[0] == key or tokens + (now - stamp) * self.rate < self.burst:
-                break
             self._buckets.popitem(last=False)
 
     def take(self, key: K, n: float = 1.0) -> bool:
-        if self.available(key) < n:
+        if not self.can_take({key: n}):
             return False
         self.spend(key, n)
+        return True
+
+
+class AccountBuckets(Generic[K]):
+    """Token buckets per (account, key), kept account by account: one account holds at
+    most ``per_account`` keys and cannot push its own spent buckets out (its table fails
+    closed: a new key is refused until old ones refill), and all accounts together at
+    most ``max_keys`` (past that, the least recently active account's whole table goes,
+    which only ever gives that account more)."""
+
+    def __init__(self, rate: float, burst: float, per_account: int, max_keys: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.per_account, self.max_keys = per_account, max_keys
+        self._accounts: OrderedDict[int, KeyedBuckets[K]] = OrderedDict()
+        self._total = 0
+
+    def __len__(self) -> int:
+        return self._total
+
+    def _table(self, account: int) -> KeyedBuckets[K] | None:
+        return self._accounts.get(account)
+
+    def available(self, account: int, key: K) -> float:
+        table = self._table(account)
+        return self.burst if table is None else table.available(key)
+
+    def can_take(self, account: int, wants: dict[K, float]) -> bool:
+        table = self._table(account)
+        if table is None:
+            return all(n <= self.burst for n in wants.values()) and len(wants) <= self.per_account
+        before = len(table)
+        ok = table.can_take(wants)  # may drop refilled keys
+        self._total += len(table) - before
+        return ok
+
+    def spend(self, account: int, key: K, n: float) -> None:
+        table = self._accounts.get(account)
+        if table is None:
+            table = self._accounts[account] = KeyedBuckets(self.rate, self.burst, self.per_account, fail_closed=True)
+        self._accounts.move_to_end(account)
+        before = len(table)
+        table.spend(key, n)
+        self._total += len(table) - before
+        while (self._total > self.max_keys or len(self._accounts) > self.max_keys) and len(self._accounts) > 1:
+            _, oldest = self._accounts.popitem(last=False)
+            self._total -= len(oldest)
+
+    def take(self, account: int, key: K, n: float = 1.0) -> bool:
+        if not self.can_take(account, {key: n}):
+            return False
+        self.spend(account, key, n)
         return True
 
 

@@ -20,7 +20,7 @@ this process is the only writer.
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -72,7 +72,7 @@ class Mailroom:
         self._on_stored = on_stored
         self._limiter = trio.CapacityLimiter(1)
         self._enqueues: list[_Enqueue] = []
-        self._acks: list[_Ack] = []
+        self._acks: deque[_Ack] = deque()
         self._wake = trio.Event()
         self.mailbox_limit = mailbox_limit
         # Owned by the commit thread (always under self._limiter):
@@ -173,7 +173,7 @@ class Mailroom:
             a = self._acks[0]
             room = ACKS_PER_COMMIT - count
             if len(a.eids) <= room:
-                taken.append(self._acks.pop(0))
+                taken.append(self._acks.popleft())
                 count += len(a.eids)
             else:
                 taken.append(_Ack(a.device_id, a.eids[:room]))

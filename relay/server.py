@@ -18,8 +18,8 @@ from trio_websocket import WebSocketServer
 
 import wire
 from cipherdb import WrongKey
-from relay.connection import Limits, RelayConnections
-from relay.delivery import Router
+from relay.connection import MAX_CONNECTIONS, Limits, RelayConnections
+from relay.delivery import BUFFER_BYTES, UNACKED_LIMIT, Router
 from relay.keyfile import ENV_KEY, KEY_FILE, RelayKeyError, RelayKeys, load_root_key
 from relay.mailroom import MAILBOX_LIMIT, Mailroom
 from relay.service import RelayService
@@ -33,7 +33,7 @@ EXPIRE_EVERY = 3600.0
 # Pending messages per connection inside trio-websocket before its reader stops reading;
 # above 1 so that pings and close frames are answered while a request is handled, small
 # because each may be a frame of up to WS_MAX_REQUEST bytes.
-WS_QUEUE = 4
+WS_QUEUE = 2
 
 
 @dataclass
@@ -112,6 +112,21 @@ async def _expire_loop(mailroom: Mailroom) -> None:
 
 
 FD_RESERVE = 256  # open files kept for the database, logs, tor and accepting
+HANDSHAKE_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 5.0
+# What one connection with a session can make the relay hold at worst (docs/THREAT_MODEL.md,
+# section 7): incoming messages (WS_QUEUE queued, one assembled, one handled, one joined),
+# the ids of pushes it has not acknowledged, and its outlet's buffer.
+WORST_PER_CONNECTION = (WS_QUEUE + 3) * wire.WS_MAX_REQUEST + UNACKED_LIMIT * 160 + BUFFER_BYTES
+
+
+def _memory_room() -> int:
+    """Connections whose worst case fits in half the machine's memory."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return MAX_CONNECTIONS
+    return max(256, total // 2 // WORST_PER_CONNECTION)
 
 
 def _open_file_room() -> int:
@@ -177,7 +192,12 @@ async def serve(
     # use) must not leave a fresh data directory, key file and database behind.
     listeners = await _listen(config.host, config.port)
     _quiet_accept_errors()
-    config.limits.max_connections = min(config.limits.max_connections, _open_file_room())
+    limits = config.limits
+    if limits.max_connections is None:
+        limits.max_connections = min(MAX_CONNECTIONS, _memory_room())
+    limits.max_connections = min(limits.max_connections, _open_file_room())
+    # Connections without a session never take more than half the room.
+    limits.max_unauthenticated = max(1, min(limits.max_unauthenticated, limits.max_connections // 2))
     try:
         state = state or RelayState(config)
     except BaseException:
@@ -195,6 +215,10 @@ async def serve(
                 listeners,
                 message_queue_size=WS_QUEUE,
                 max_message_size=wire.WS_MAX_REQUEST,
+                # A socket that never completes the handshake, or never finishes closing,
+                # holds a file descriptor outside the connection counts: briefly.
+                connect_timeout=HANDSHAKE_TIMEOUT,
+                disconnect_timeout=CLOSE_TIMEOUT,
             )
             await nursery.start(server.run)
             info = RelayInfo(config.host, server.port, state.relay_id)

@@ -24,7 +24,7 @@ from keyvault.prekeys import verify_signed_prekey
 from relay.auth import CHALLENGE_TTL, Challenges, Throttle, name_mac, new_token, token_hash
 from relay.delivery import Outlet, Router
 from relay.keyfile import RelayKeys
-from relay.limits import Bucket, KeyedBuckets
+from relay.limits import AccountBuckets, Bucket, ByteBudget, KeyedBuckets
 from relay.mailroom import MailboxFull, Mailroom
 from relay.store import Account, NameTaken, NewAccount, Stored, UnknownDevice
 
@@ -48,6 +48,7 @@ def auth_failed() -> Refused:
 
 MAX_PER_DEVICE = 4  # connections with a session for one device
 MAX_PER_ACCOUNT = 32  # ... for all the devices of one account (16 devices, two each)
+ACCOUNT_SEND_BYTES = 32 * 1024 * 1024  # envelope bytes awaiting commit, per account
 MAX_CHALLENGES_PER_CONNECTION = 16  # a login needs two
 MAX_NAME_CHECKS = 10  # name_free per connection: enough for a person choosing a name
 NAME_CHECK_RATE = 5.0  # name_free per second, relay-wide
@@ -74,7 +75,11 @@ class Rations:
     # first message lacks the one-time prekey's extra forward secrecy).
     prekeys_per_requester_day: float = 8.0  # a few devices of one account, and a re-try
     prekeys_per_device_hour: float = 20.0
-    max_keys: int = 65_536  # per table
+    # Tables: per account at most this many devices it is rationed for (a new one is
+    # refused while all have spent buckets: no one can reset their own by spraying), and
+    # at most max_keys entries per table in all (about 330 bytes each).
+    per_account_keys: int = 4096
+    max_keys: int = 131_072
 
 
 
@@ -141,6 +146,23 @@ def _leave(table: dict[K, dict[Peer, None]], key: K | None, peer: Peer) -> None:
             del table[key]
 
 
+@dataclass(eq=False)
+class Admitted:
+    """A send that passed its checks: what it took of the sender's ration."""
+
+    service: RelayService
+    account: int
+    wants: dict[bytes, float]
+    refunded: bool = False
+
+    def refund(self) -> None:
+        """Give the ration back (the send was not stored); once."""
+        if not self.refunded:
+            self.refunded = True
+            for device_id, n in self.wants.items():
+                self.service.sender_budget.spend(self.account, device_id, -n)
+
+
 class RelayService:
     def __init__(self, keys: RelayKeys, relay_id: bytes, mailroom: Mailroom, router: Router,
                  rations: Rations | None = None) -> None:
@@ -156,15 +178,18 @@ class RelayService:
         # one must stay slow for an outsider (a person choosing a name needs a handful).
         self.name_check_budget = Bucket(NAME_CHECK_RATE, NAME_CHECK_BURST)
         self.registrations = Bucket(r.registrations_per_hour / 3600, r.registration_burst)
-        self.sender_budget: KeyedBuckets[tuple[int, bytes]] = KeyedBuckets(r.sender_rate, r.sender_burst, r.max_keys)
-        self.prekey_requester_budget: KeyedBuckets[tuple[int, bytes]] = KeyedBuckets(
-            r.prekeys_per_requester_day / DAY, r.prekeys_per_requester_day, r.max_keys
+        self.sender_budget: AccountBuckets[bytes] = AccountBuckets(
+            r.sender_rate, r.sender_burst, r.per_account_keys, r.max_keys
+        )
+        self.prekey_requester_budget: AccountBuckets[bytes] = AccountBuckets(
+            r.prekeys_per_requester_day / DAY, r.prekeys_per_requester_day, r.per_account_keys, r.max_keys
         )
         self.prekey_device_budget: KeyedBuckets[bytes] = KeyedBuckets(
             r.prekeys_per_device_hour / 3600, r.prekeys_per_device_hour, r.max_keys
         )
         self._bound: dict[bytes, dict[Peer, None]] = {}  # device id -> its connections
         self._by_account: dict[int, dict[Peer, None]] = {}  # account id -> its connections
+        self._send_budgets: dict[int, ByteBudget] = {}  # account id -> bytes awaiting commit
         self.max_per_device = MAX_PER_DEVICE
         self.max_per_account = MAX_PER_ACCOUNT
 
@@ -252,8 +277,6 @@ class RelayService:
             raise Refused(E.RATE_LIMITED, "too many registrations on one connection")
         peer.registrations += 1
         name = _name(req.name)
-        if not self.registrations.take():
-            raise Refused(E.RATE_LIMITED, "this relay takes no more new accounts just now; try again in a few minutes")
         try:
             PublicKeys(enc=req.enc_pub, identity=req.identity_pub, dh=req.dh_pub).validate()
         except BadKey as exc:
@@ -263,6 +286,10 @@ class RelayService:
         if not verify_account_keys(req.identity_pub, name, req.enc_pub, req.dh_pub, req.keys_sig):
             raise Refused(E.BAD_KEY, "the identity key does not vouch for the other keys")
         _check_prekeys(req.identity_pub, req.prekeys)
+        # After the checks (junk costs no one a registration), before the account exists:
+        # a taken name or device id spends one too, or register would be a free oracle.
+        if not self.registrations.take():
+            raise Refused(E.RATE_LIMITED, "this relay takes no more new accounts just now; try again in a few minutes")
         new = NewAccount(
             name_mac=self.mac(name),
             salt=req.salt,
@@ -402,6 +429,8 @@ class RelayService:
         """Take a connection out of the per-device and per-account tables."""
         _leave(self._bound, peer.device_id, peer)
         _leave(self._by_account, peer.account_id, peer)
+        if peer.account_id is not None:
+            self._drop_send_budget(peer.account_id)
 
     def unbind(self, peer: Peer) -> None:
         self._forget(peer)
@@ -467,13 +496,18 @@ class RelayService:
         holder = await self._named_account(_name(req.name))
         # A one-time prekey only while neither this account nor everyone together has
         # taken too many of this device's lately: draining them costs the attacker time.
-        # Taken before the claim (concurrent claims cannot all pass), given back for a
-        # device that yields none (naming someone else's device spends nothing of theirs).
+        # Only the holder's own devices are rationed (ids of others or made up spend
+        # nothing); taken before the claim, so concurrent claims cannot all pass, and
+        # given back for a device that yields none.
+        devices = await self.mailroom.call(self.mailroom.store.devices, holder.id)
+        theirs = {d for d, _, _ in devices}
         one_time: list[bytes] = []
         for device_id in dict.fromkeys(req.device_ids):
-            mine = (peer.account_id, device_id)
-            if self.prekey_requester_budget.available(mine) >= 1 and self.prekey_device_budget.available(device_id) >= 1:
-                self.prekey_requester_budget.spend(mine, 1)
+            if device_id not in theirs:
+                continue
+            if (self.prekey_requester_budget.can_take(peer.account_id, {device_id: 1})
+                    and self.prekey_device_budget.available(device_id) >= 1):
+                self.prekey_requester_budget.spend(peer.account_id, device_id, 1)
                 self.prekey_device_budget.spend(device_id, 1)
                 one_time.append(device_id)
         bundles: list[tuple[bytes, int, bytes, bytes, int | None, bytes | None]] = []
@@ -483,28 +517,52 @@ class RelayService:
             got = {b[0] for b in bundles if b[4] is not None}
             for device_id in one_time:
                 if device_id not in got:
-                    self.prekey_requester_budget.spend((peer.account_id, device_id), -1)
+                    self.prekey_requester_budget.spend(peer.account_id, device_id, -1)
                     self.prekey_device_budget.spend(device_id, -1)
         return wire.PrekeyBundles(id=req.id, bundles=[wire.DeviceBundle(*b) for b in bundles])
 
-    def send(self, peer: Peer, req: wire.Send, answered: Callable[[], None]) -> None:
-        """Queue the envelopes for the next group commit; the answer goes out when it
-        is durable (``answered`` runs then: the connection's in-flight slot frees)."""
+    def admit(self, peer: Peer, req: wire.Send) -> Admitted:
+        """Check a send before the relay holds any of it (budgets are taken after this):
+        a session, and the sender's ration for each recipient device. One account may
+        not flood one device: the frame is refused whole, before any of it is stored,
+        and the sender tries that device again later. A repeated envelope is stored once,
+        and counts once; a send that fails (a made-up device id, say) gives its share back.
+        An account cannot reset its own spent buckets by naming many devices: its table
+        fails closed (AccountBuckets)."""
         self._require_session(peer)
         assert peer.account_id is not None
-        # One account may not flood one device: the frame is refused whole, before any
-        # of it is stored, and the sender tries that device again later.
-        per_device: dict[bytes, int] = {}
+        account = peer.account_id
+        wants: dict[bytes, float] = {}
         for device_id, _ in dict.fromkeys((e.device_id, e.eid) for e in req.envelopes):
-            per_device[device_id] = per_device.get(device_id, 0) + 1  # a repeat is stored once
-        for device_id, n in per_device.items():
-            if self.sender_budget.available((peer.account_id, device_id)) < n:
-                raise Refused(E.RECIPIENT_LIMITED, "you have sent this device too much lately; try it again later")
-        for device_id, n in per_device.items():
-            self.sender_budget.spend((peer.account_id, device_id), n)
+            wants[device_id] = wants.get(device_id, 0) + 1
+        if wants and not self.sender_budget.can_take(account, wants):
+            raise Refused(E.RECIPIENT_LIMITED, "you have sent this device too much lately; try it again later")
+        for device_id, n in wants.items():
+            self.sender_budget.spend(account, device_id, n)
+        return Admitted(self, account, wants)
+
+    def send_budget(self, account: int) -> ByteBudget:
+        """Envelope bytes one account may have awaiting their commit, across all its
+        connections: one account cannot take the whole relay-wide budget."""
+        budget = self._send_budgets.get(account)
+        if budget is None:
+            budget = self._send_budgets[account] = ByteBudget(ACCOUNT_SEND_BYTES)
+        return budget
+
+    def _drop_send_budget(self, account: int) -> None:
+        budget = self._send_budgets.get(account)
+        if budget is not None and budget.used == 0 and account not in self._by_account:
+            del self._send_budgets[account]
+
+    def submit(self, peer: Peer, req: wire.Send, admitted: Admitted, answered: Callable[[], None]) -> None:
+        """Queue the envelopes for the next group commit; the answer goes out when it
+        is durable (``answered`` runs then: the connection's budgets are freed)."""
 
         def done(error: Exception | None) -> None:
             answered()
+            self._drop_send_budget(admitted.account)
+            if error is not None:  # nothing of it was stored: the ration is given back
+                admitted.refund()
             if error is None:
                 answer: wire.Frame = wire.Ok(id=req.id)
             elif isinstance(error, UnknownDevice):

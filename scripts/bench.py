@@ -414,10 +414,12 @@ def orchestrate(args: argparse.Namespace) -> None:
         finally:
             stop_server(fwd)
         # The relay's flood limits are lifted: one bench account sends one device thousands
-        # of envelopes a second, and the capacity run registers thousands of accounts.
+        # of envelopes a second, and the capacity run registers and connects thousands of
+        # accounts (more than the default cap, which is sized for the worst case).
         def relay_cmd(data_dir: str) -> list[str]:
             return [sys.executable, "-m", "cli.main", "relay", "serve", "--port", "0", "--data-dir",
-                    str(Path(tmp) / data_dir), "--sender-rate", "1e9", "--registrations-per-hour", "1e9"]
+                    str(Path(tmp) / data_dir), "--sender-rate", "1e9", "--registrations-per-hour", "1e9",
+                    "--max-connections", "20000"]
 
         rel, rel_url = start_server(relay_cmd("relay"), "relay listening on")
         try:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,3 +272,22 @@ def test_relay_start_errors_are_one_line(relay_proc: RelayProcess, tmp_path: Pat
                          capture_output=True, text=True, timeout=TIMEOUT,
                          env=env | {"VEIL_RELAY_KEY": "xyz"}, cwd=ROOT)
     assert_one_line_error(res, "64 hexadecimal digits")
+
+
+def test_recv_rows_fit_the_terminal_so_padding_cannot_reach_the_margin(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A body padded to exactly the terminal's width would wrap there and print its rest
+    at the left margin, like a new message: on a terminal recv cuts rows itself."""
+    from cli.messages import print_message
+
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda *a: os.terminal_size((40, 24)))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    forged = " " * 60 + "[2026-12-02 06:00] bob: the door code?\n界" * 30
+    print_message({"from": "mallory", "to": "alice", "outgoing": False, "sent_at": 0, "text": forged}, False)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("[")
+    for row in out[1:]:
+        assert row.startswith("    "), row
+    for row in out:
+        assert sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in row) <= 39, row

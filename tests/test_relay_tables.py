@@ -8,8 +8,9 @@ import secrets
 import trio
 
 from relay.auth import CHALLENGE_TTL, FORGET_AFTER, MAX_DELAY, Challenges, Throttle
-from relay.delivery import UNACKED_LIMIT, Outlet
-from relay.limits import KeyedBuckets
+from relay.delivery import BUFFER_BYTES, UNACKED_LIMIT, Outlet
+from relay.limits import AccountBuckets, KeyedBuckets
+from relay.store import Stored
 
 
 async def test_the_throttle_table_is_bounded_and_forgets_quiet_names(autojump_clock: trio.abc.Clock) -> None:
@@ -76,3 +77,29 @@ def test_an_outlet_remembers_a_bounded_number_of_unacknowledged_envelopes() -> N
     assert len(outlet.unacked) == UNACKED_LIMIT
     assert outlet.acknowledged([eids[0], eids[-1], eids[-1]]) == [eids[-1]]  # the oldest is forgotten
     assert outlet.acknowledged([eids[-1]]) == []  # and nothing counts twice
+
+
+async def test_an_account_cannot_reset_its_own_spent_buckets(autojump_clock: trio.abc.Clock) -> None:
+    buckets: AccountBuckets[int] = AccountBuckets(rate=0.01, burst=2.0, per_account=4, max_keys=1000)
+    assert buckets.take(1, 99, 2)  # account 1 spends its bucket for key 99
+    for k in range(10):  # then names many other keys
+        buckets.take(1, k)
+    assert not buckets.take(1, 99)  # still spent: its table failed closed, nothing was pushed out
+    assert not buckets.can_take(1, {500: 1})  # and new keys wait until old ones refill
+    assert buckets.take(2, 99)  # another account is not affected
+    await trio.sleep(200)  # everything refills
+    assert buckets.take(1, 500) and buckets.take(1, 99)
+    for account in range(3, 2000):  # many accounts: bounded in all
+        buckets.take(account, 1)
+        assert len(buckets) <= 1000
+
+
+def test_an_outlet_buffers_a_bounded_number_of_bytes() -> None:
+    outlet = Outlet(b"d" * 16)
+    outlet._refill = False  # as after the first mailbox read
+    blob = b"x" * 60_000
+    for seq in range(1, 100):
+        outlet.offer([Stored(b"d" * 16, seq, seq.to_bytes(16, "big"), blob)])
+        assert outlet._pending_bytes <= BUFFER_BYTES
+    assert outlet._refill  # it gave up buffering: the rest is read from the mailbox
+    assert outlet._pending == [] and outlet._pending_bytes == 0

@@ -26,7 +26,7 @@ PATH: Final = "/v1"
 # Sizes: a frame holds at most one message's envelopes (one per device) or one backlog batch.
 MAX_ENVELOPE: Final = 65536
 MAX_BATCH: Final = 64
-# A request frame: room for four of the largest envelopes. Small, because what a relay
+# A request frame: room for three of the largest envelopes. Small, because what a relay
 # holds for a connection it reads from is a few of these (docs/THREAT_MODEL.md).
 MAX_FRAME: Final = 256 * 1024
 # The relay closes a connection with 1009 for a message above this; between MAX_FRAME and
