@@ -71,9 +71,14 @@ class KeyedBuckets(Generic[K]):
 
     def can_take(self, wants: dict[K, float]) -> bool:
         """Whether every ``key: n`` in ``wants`` could be taken at once."""
-        if any(self.available(k) < n for k, n in wants.items()):
-            return False
-        new = sum(1 for k in wants if k not in self._buckets)
+        new = 0
+        for k, n in wants.items():
+            if k not in self._buckets:
+                new += 1
+                if n > self.burst:
+                    return False
+            elif self.available(k) < n:
+                return False
         return not (self.fail_closed and new and self.room() < new)
 
     def spend(self, key: K, n: float) -> None:
@@ -162,5 +167,6 @@ class ByteBudget:
 
     def release(self, n: int) -> None:
         self.used -= n
-        self._changed.set()
-        self._changed = trio.Event()
+        if self._changed.statistics().tasks_waiting:  # a fresh event only when it was used
+            self._changed.set()
+            self._changed = trio.Event()

@@ -33,7 +33,7 @@ EXPIRE_EVERY = 3600.0
 # Pending messages per connection inside trio-websocket before its reader stops reading;
 # above 1 so that pings and close frames are answered while a request is handled, small
 # because each may be a frame of up to WS_MAX_REQUEST bytes.
-WS_QUEUE = 2
+WS_QUEUE = 4
 
 
 @dataclass

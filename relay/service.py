@@ -533,8 +533,12 @@ class RelayService:
         assert peer.account_id is not None
         account = peer.account_id
         wants: dict[bytes, float] = {}
-        for device_id, _ in dict.fromkeys((e.device_id, e.eid) for e in req.envelopes):
-            wants[device_id] = wants.get(device_id, 0) + 1
+        envelopes = req.envelopes
+        if len(envelopes) == 1:
+            wants[envelopes[0].device_id] = 1
+        else:
+            for device_id, _ in {(e.device_id, e.eid): None for e in envelopes}:
+                wants[device_id] = wants.get(device_id, 0) + 1
         if wants and not self.sender_budget.can_take(account, wants):
             raise Refused(E.RECIPIENT_LIMITED, "you have sent this device too much lately; try it again later")
         for device_id, n in wants.items():
