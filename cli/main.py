@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also serve as a Tor onion service (key kept in the data directory)")
     serve.add_argument("--max-connections", type=positive_int, default=None, metavar="N",
                        help="connections held at once (default: what half the memory holds at"
-                            " ~3.2 MiB each, the worst case; at most 20000)")
+                            " ~4.7 MiB each, the worst case; at most 20000)")
     serve.add_argument("--registrations-per-hour", type=positive_number, default=None, metavar="N",
                        help="new accounts the relay takes an hour, from everyone together (600)")
     serve.add_argument("--sender-rate", type=positive_number, default=None, metavar="N",

@@ -63,7 +63,10 @@ def print_message(m: dict[str, Any], as_json: bool) -> None:
     # cannot land at the left margin either.
     lines = inert(str(m["text"])).expandtabs(4).split("\n")
     if sys.stdout.isatty():
-        cols = shutil.get_terminal_size().columns - 1
+        try:
+            cols = os.get_terminal_size(sys.stdout.fileno()).columns - 1  # not a stale $COLUMNS
+        except (OSError, ValueError):
+            cols = shutil.get_terminal_size().columns - 1
         cut = [rows(line, cols - (len(head) if i == 0 else INDENT), cols - INDENT) for i, line in enumerate(lines)]
         lines = [r for line_rows in cut for r in line_rows]
     print(head + ("\n" + " " * INDENT).join(lines), flush=True)

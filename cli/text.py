@@ -28,7 +28,9 @@ def inert(text: str, *, keep_newlines: bool = True) -> str:
 def _columns(ch: str) -> int:
     if unicodedata.combining(ch):
         return 0
-    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+    # Ambiguous ones too: a terminal set up for East Asian text draws them double width,
+    # and counting them so only makes rows shorter elsewhere.
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F", "A") else 1
 
 
 def rows(line: str, first: int, rest: int) -> list[str]:

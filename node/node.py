@@ -790,8 +790,8 @@ class Node:
                     m = self.store.message(e.msg_id)
                     who = m.peer if m is not None else "someone"
                     contact = self.store.contact(who) if m is not None else None
-                    whose = (f"a device of {who}" if contact is None or e.device_id in contact.devices
-                             else "another device of yours")  # the copy for our own device
+                    ours = who == self.name or (contact is not None and e.device_id not in contact.devices)
+                    whose = "another device of yours" if ours else f"a device of {who}"  # our own copy
                     if exc.code == E.MAILBOX_FULL:
                         why = f"{whose} has a full mailbox at the relay"
                         link.defer(e.device_id, MAILBOX_FULL_RETRY, why)

@@ -366,6 +366,7 @@ class RelayConnections:
                 for budget in held:
                     budget.release(size)
                 admitted.refund()
+                self.service.drop_send_budget(admitted.account)
                 raise
 
             def answered() -> None:

@@ -23,7 +23,7 @@ PAGE = wire.MAX_BATCH
 DELIVER_BYTES = 512 * 1024  # envelope bytes in one deliver frame (at least one envelope)
 BUFFER_LIMIT = 4096  # envelopes an outlet buffers for its connection (then re-reads)
 BUFFER_BYTES = 2 * DELIVER_BYTES  # ... and their bytes
-UNACKED_LIMIT = 2048  # eids remembered per connection (a node acknowledges within 20 ms)
+UNACKED_LIMIT = 2048  # pushes a connection may have unacknowledged; then pushing waits
 
 
 def _within(items: list[Stored]) -> list[Stored]:
@@ -49,22 +49,29 @@ class Outlet:
         self._last_seq = 0
         # Envelopes pushed on this connection and not yet acknowledged: only these may be
         # acknowledged on it, so an ack costs the relay work only for real deliveries.
-        # Oldest first, at most UNACKED_LIMIT (a connection that never acknowledges while
-        # another of its device does would grow it for ever): the oldest is forgotten, and
-        # an ack for it then deletes nothing, so it is pushed again on the next connection.
+        # Pushing waits while UNACKED_LIMIT are outstanding (flow control: a connection
+        # that does not acknowledge stops receiving, and holds no more than that).
         self.unacked: dict[bytes, None] = {}
+        self._acked = trio.Event()
 
     def acknowledged(self, eids: list[bytes]) -> list[bytes]:
         """Of ``eids``, those pushed here and not acknowledged before (now they are)."""
         known = [e for e in dict.fromkeys(eids) if e in self.unacked]
         for e in known:
             del self.unacked[e]
+        if known:
+            self._acked.set()
+            self._acked = trio.Event()
         return known
+
+    async def _room_to_push(self) -> None:
+        while len(self.unacked) > UNACKED_LIMIT - PAGE:
+            await self._acked.wait()
 
     def _pushed(self, eids: list[bytes]) -> None:
         self.unacked.update(dict.fromkeys(eids))
-        # (Trimming from the front of a plain dict skips the holes deletions left there, a
-        # C loop of at most a dict's size, and only for a connection that does not ack.)
+        # Never more than the limit (pushing waits before it); should that change, the
+        # oldest is forgotten: an ack for it then deletes nothing, and it comes again.
         while len(self.unacked) > UNACKED_LIMIT:
             del self.unacked[next(iter(self.unacked))]
 
@@ -94,16 +101,21 @@ class Outlet:
                 self._pending.clear()
                 self._pending_bytes = 0
                 while True:
+                    await self._room_to_push()
                     rows = await fetch(self.device_id, self._last_seq, PAGE)
                     batch = _within(rows)
                     if batch:
                         self._last_seq = batch[-1].seq
                     synced = len(rows) < PAGE and len(batch) == len(rows)
+                    del rows  # what did not fit is read again: not held while the send waits
                     self._pushed([r.eid for r in batch])
                     await send(wire.Deliver(items=[wire.Mail(r.eid, r.blob) for r in batch], synced=synced))
                     if synced or self._refill:
                         break
             elif self._pending:
+                await self._room_to_push()
+                if self._refill or not self._pending:
+                    continue  # dropped meanwhile (the connection fell behind)
                 batch = []
                 total = taken = 0
                 for item in self._pending:

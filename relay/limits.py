@@ -64,13 +64,10 @@ class KeyedBuckets(Generic[K]):
                 return
             self._buckets.popitem(last=False)
 
-    def room(self) -> int:
-        """How many new keys fit now (after dropping refilled ones)."""
-        self._prune(trio.current_time())
-        return self.max_keys - len(self._buckets)
-
     def can_take(self, wants: dict[K, float]) -> bool:
         """Whether every ``key: n`` in ``wants`` could be taken at once."""
+        if self.fail_closed:
+            self._prune(trio.current_time())  # first: a pruned key counts as new below
         new = 0
         for k, n in wants.items():
             if k not in self._buckets:
@@ -79,18 +76,32 @@ class KeyedBuckets(Generic[K]):
                     return False
             elif self.available(k) < n:
                 return False
-        return not (self.fail_closed and new and self.room() < new)
+        return not (self.fail_closed and new and self.max_keys - len(self._buckets) < new)
 
     def spend(self, key: K, n: float) -> None:
-        """Take ``n`` tokens (the caller checked ``can_take``); a negative ``n`` gives
-        tokens back (never above the burst)."""
+        """Take ``n`` tokens (the caller checked ``can_take``; a fail-closed table never
+        pushes a key out for a new one)."""
         now = trio.current_time()
         left = self.available(key) - n
         self._buckets[key] = (left, now)
         self._buckets.move_to_end(key)
         self._prune(now)
-        while len(self._buckets) > self.max_keys:
-            self._buckets.popitem(last=False)
+        if not self.fail_closed:
+            while len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+
+    def give_back(self, key: K, n: float) -> None:
+        """Return ``n`` tokens taken for a key (its send failed): the key keeps its place,
+        and goes once full again; a key already forgotten has refilled and gets nothing."""
+        got = self._buckets.get(key)
+        if got is None:
+            return
+        now = trio.current_time()
+        tokens = min(self.burst, got[0] + (now - got[1]) * self.rate + n)
+        if tokens >= self.burst:
+            del self._buckets[key]
+        else:
+            self._buckets[key] = (tokens, now)  # assignment to an existing key keeps its place
 
     def take(self, key: K, n: float = 1.0) -> bool:
         if not self.can_take({key: n}):
@@ -104,7 +115,8 @@ class AccountBuckets(Generic[K]):
     most ``per_account`` keys and cannot push its own spent buckets out (its table fails
     closed: a new key is refused until old ones refill), and all accounts together at
     most ``max_keys`` (past that, the least recently active account's whole table goes,
-    which only ever gives that account more)."""
+    which gives that account a fresh start: filling the tables that far takes real sends to
+    that many distinct devices, since keys of failed sends are given back and forgotten)."""
 
     def __init__(self, rate: float, burst: float, per_account: int, max_keys: int) -> None:
         self.rate, self.burst = rate, burst
@@ -129,6 +141,8 @@ class AccountBuckets(Generic[K]):
         before = len(table)
         ok = table.can_take(wants)  # may drop refilled keys
         self._total += len(table) - before
+        if not table:
+            del self._accounts[account]
         return ok
 
     def spend(self, account: int, key: K, n: float) -> None:
@@ -142,6 +156,16 @@ class AccountBuckets(Generic[K]):
         while (self._total > self.max_keys or len(self._accounts) > self.max_keys) and len(self._accounts) > 1:
             _, oldest = self._accounts.popitem(last=False)
             self._total -= len(oldest)
+
+    def give_back(self, account: int, key: K, n: float) -> None:
+        table = self._accounts.get(account)
+        if table is None:
+            return
+        before = len(table)
+        table.give_back(key, n)
+        self._total += len(table) - before
+        if not table:
+            del self._accounts[account]
 
     def take(self, account: int, key: K, n: float = 1.0) -> bool:
         if not self.can_take(account, {key: n}):

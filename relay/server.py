@@ -18,8 +18,14 @@ from trio_websocket import WebSocketServer
 
 import wire
 from cipherdb import WrongKey
-from relay.connection import MAX_CONNECTIONS, Limits, RelayConnections
-from relay.delivery import BUFFER_BYTES, UNACKED_LIMIT, Router
+from relay.connection import (
+    COMMIT_BYTES,
+    MAX_CONNECTIONS,
+    RELAY_WAITING_BYTES,
+    Limits,
+    RelayConnections,
+)
+from relay.delivery import BUFFER_BYTES, DELIVER_BYTES, UNACKED_LIMIT, Router
 from relay.keyfile import ENV_KEY, KEY_FILE, RelayKeyError, RelayKeys, load_root_key
 from relay.mailroom import MAILBOX_LIMIT, Mailroom
 from relay.service import RelayService
@@ -116,17 +122,36 @@ HANDSHAKE_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 5.0
 # What one connection with a session can make the relay hold at worst (docs/THREAT_MODEL.md,
 # section 7): incoming messages (WS_QUEUE queued, one assembled, one handled, one joined),
-# the ids of pushes it has not acknowledged, and its outlet's buffer.
-WORST_PER_CONNECTION = (WS_QUEUE + 3) * wire.WS_MAX_REQUEST + UNACKED_LIMIT * 160 + BUFFER_BYTES
+# the ids of pushes it has not acknowledged, its outlet's buffer, and a deliver frame
+# being encoded and written (and the library's copy of it).
+WORST_PER_CONNECTION = ((WS_QUEUE + 3) * wire.WS_MAX_REQUEST + UNACKED_LIMIT * 160 + BUFFER_BYTES
+                        + 3 * DELIVER_BYTES)
+# What the relay holds whatever the connections: the relay-wide budgets and tables.
+FIXED_BYTES = RELAY_WAITING_BYTES + COMMIT_BYTES + 512 * 1024 * 1024
+MIN_CONNECTIONS = 64
 
 
-def _memory_room() -> int:
-    """Connections whose worst case fits in half the machine's memory."""
+def _memory_bytes() -> int | None:
+    """The memory this process may use: the machine's, or its cgroup's limit if lower."""
     try:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return int(total)
+
+
+def _memory_room() -> int:
+    """Connections whose worst case fits, with the fixed part, in half the memory."""
+    total = _memory_bytes()
+    if total is None:
         return MAX_CONNECTIONS
-    return max(256, total // 2 // WORST_PER_CONNECTION)
+    return max(MIN_CONNECTIONS, (total // 2 - FIXED_BYTES) // WORST_PER_CONNECTION)
 
 
 def _open_file_room() -> int:

@@ -160,7 +160,7 @@ class Admitted:
         if not self.refunded:
             self.refunded = True
             for device_id, n in self.wants.items():
-                self.service.sender_budget.spend(self.account, device_id, -n)
+                self.service.sender_budget.give_back(self.account, device_id, n)
 
 
 class RelayService:
@@ -430,7 +430,7 @@ class RelayService:
         _leave(self._bound, peer.device_id, peer)
         _leave(self._by_account, peer.account_id, peer)
         if peer.account_id is not None:
-            self._drop_send_budget(peer.account_id)
+            self.drop_send_budget(peer.account_id)
 
     def unbind(self, peer: Peer) -> None:
         self._forget(peer)
@@ -493,6 +493,7 @@ class RelayService:
     async def claim_prekeys(self, peer: Peer, req: wire.ClaimPrekeys) -> wire.Frame:
         self._require_session(peer)
         assert peer.account_id is not None
+        account = peer.account_id  # a logout elsewhere may unbind the peer meanwhile
         holder = await self._named_account(_name(req.name))
         # A one-time prekey only while neither this account nor everyone together has
         # taken too many of this device's lately: draining them costs the attacker time.
@@ -505,9 +506,9 @@ class RelayService:
         for device_id in dict.fromkeys(req.device_ids):
             if device_id not in theirs:
                 continue
-            if (self.prekey_requester_budget.can_take(peer.account_id, {device_id: 1})
+            if (self.prekey_requester_budget.can_take(account, {device_id: 1})
                     and self.prekey_device_budget.available(device_id) >= 1):
-                self.prekey_requester_budget.spend(peer.account_id, device_id, 1)
+                self.prekey_requester_budget.spend(account, device_id, 1)
                 self.prekey_device_budget.spend(device_id, 1)
                 one_time.append(device_id)
         bundles: list[tuple[bytes, int, bytes, bytes, int | None, bytes | None]] = []
@@ -517,8 +518,8 @@ class RelayService:
             got = {b[0] for b in bundles if b[4] is not None}
             for device_id in one_time:
                 if device_id not in got:
-                    self.prekey_requester_budget.spend(peer.account_id, device_id, -1)
-                    self.prekey_device_budget.spend(device_id, -1)
+                    self.prekey_requester_budget.give_back(account, device_id, 1)
+                    self.prekey_device_budget.give_back(device_id, 1)
         return wire.PrekeyBundles(id=req.id, bundles=[wire.DeviceBundle(*b) for b in bundles])
 
     def admit(self, peer: Peer, req: wire.Send) -> Admitted:
@@ -553,7 +554,7 @@ class RelayService:
             budget = self._send_budgets[account] = ByteBudget(ACCOUNT_SEND_BYTES)
         return budget
 
-    def _drop_send_budget(self, account: int) -> None:
+    def drop_send_budget(self, account: int) -> None:
         budget = self._send_budgets.get(account)
         if budget is not None and budget.used == 0 and account not in self._by_account:
             del self._send_budgets[account]
@@ -564,7 +565,7 @@ class RelayService:
 
         def done(error: Exception | None) -> None:
             answered()
-            self._drop_send_budget(admitted.account)
+            self.drop_send_budget(admitted.account)
             if error is not None:  # nothing of it was stored: the ration is given back
                 admitted.refund()
             if error is None:

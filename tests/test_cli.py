@@ -282,6 +282,7 @@ def test_recv_rows_fit_the_terminal_so_padding_cannot_reach_the_margin(
     from cli.messages import print_message
 
     monkeypatch.setattr(shutil, "get_terminal_size", lambda *a: os.terminal_size((40, 24)))
+    monkeypatch.setattr(os, "get_terminal_size", lambda *a: os.terminal_size((40, 24)))
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     forged = " " * 60 + "[2026-12-02 06:00] bob: the door code?\n界" * 30
     print_message({"from": "mallory", "to": "alice", "outgoing": False, "sent_at": 0, "text": forged}, False)

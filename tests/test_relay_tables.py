@@ -6,7 +6,9 @@ from __future__ import annotations
 import secrets
 
 import trio
+import trio.testing
 
+import wire
 from relay.auth import CHALLENGE_TTL, FORGET_AFTER, MAX_DELAY, Challenges, Throttle
 from relay.delivery import BUFFER_BYTES, UNACKED_LIMIT, Outlet
 from relay.limits import AccountBuckets, KeyedBuckets
@@ -103,3 +105,46 @@ def test_an_outlet_buffers_a_bounded_number_of_bytes() -> None:
         assert outlet._pending_bytes <= BUFFER_BYTES
     assert outlet._refill  # it gave up buffering: the rest is read from the mailbox
     assert outlet._pending == [] and outlet._pending_bytes == 0
+
+
+async def test_a_fail_closed_table_cannot_be_turned_over(autojump_clock: trio.abc.Clock) -> None:
+    """The attack an earlier version let through: refill one key, fill the rest with
+    made-up keys whose sends failed, then name one more key to push the spent one out."""
+    buckets: AccountBuckets[str] = AccountBuckets(rate=0.5, burst=300.0, per_account=6, max_keys=1000)
+    assert buckets.take(1, "A", 1)
+    assert buckets.take(1, "V", 300)  # the victim's device: spent
+    for k in range(4):  # made-up devices: taken, and given back when the send fails
+        assert buckets.take(1, f"F{k}", 1)
+        buckets.give_back(1, f"F{k}", 1)
+    assert len(buckets) == 2  # given back in full: gone again, not filling the table
+    await trio.sleep(10)  # "A" refills; "V" does not (5 of 300)
+    for k in range(20):
+        buckets.take(1, f"B{k}", 1)  # new keys until the table is full: refused then
+    assert buckets.available(1, "V") < 10  # still spent: nothing pushed it out
+    assert not buckets.take(1, "V", 10)
+
+
+async def test_an_outlet_stops_pushing_while_too_much_is_unacknowledged() -> None:
+    device = b"d" * 16
+    stored = [Stored(device, seq, seq.to_bytes(16, "big"), b"x") for seq in range(1, UNACKED_LIMIT * 2)]
+    sent: list[wire.Deliver] = []
+
+    async def fetch(device_id: bytes, after: int, limit: int) -> list[Stored]:
+        return [s for s in stored if s.seq > after][:limit]
+
+    async def send(frame: wire.Frame) -> None:
+        assert isinstance(frame, wire.Deliver)
+        sent.append(frame)
+
+    outlet = Outlet(device)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outlet.run, fetch, send)
+        await trio.testing.wait_all_tasks_blocked()
+        pushed = [m.eid for f in sent for m in f.items]
+        assert UNACKED_LIMIT - 64 <= len(pushed) <= UNACKED_LIMIT  # then it waits
+        assert outlet.acknowledged(pushed[:640]) == pushed[:640]
+        await trio.testing.wait_all_tasks_blocked()
+        more = [m.eid for f in sent for m in f.items]
+        assert len(pushed) < len(more) <= UNACKED_LIMIT + 640
+        assert len(outlet.unacked) <= UNACKED_LIMIT
+        nursery.cancel_scope.cancel()
