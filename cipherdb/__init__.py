@@ -52,3 +52,10 @@ def open_encrypted(path: Path, key: bytes, *, wal: bool = True) -> sqlite_utils.
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA secure_delete = ON")
     return sqlite_utils.Database(conn)
+
+
+def rekey(conn: Any, key: bytes) -> None:
+    """Re-encrypt an open database under a new raw 256-bit key."""
+    if len(key) != 32:
+        raise ValueError("database key must be 32 bytes")
+    conn.execute(f"PRAGMA rekey = \"x'{key.hex()}'\"")

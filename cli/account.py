@@ -1,6 +1,6 @@
-"""The account and this device: register, login, logout; contacts, verify, trust, devices.
+"""The account and this device: register, login, logout; contacts, verify, trust.
 
-``--json`` on `contacts` and `devices` prints one JSON object per line, as `recv --json`
+``--json`` on `contacts` (and `devices`, in ``cli.security``) prints one JSON object per line, as `recv --json`
 does, so scripts read every command's output the same way.
 """
 
@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from cli.device import new_home, relay_address, unlock, username
 from cli.errors import CliError
 from cli.messages import warn
-from cli.passwords import TRIES, new_password, password_source, read_password
+from cli.passwords import TRIES, code_asker, new_password, password_source, read_password
 from keyvault.kdf import DEFAULT_KDF, TEST_KDF, KdfParams
 from keyvault.safety import format_safety_number
 from node.errors import LoginFailed, NameTaken
@@ -73,7 +73,8 @@ async def cmd_login(args: argparse.Namespace) -> None:
         for left in range(tries - 1, -1, -1):
             password = read_password(args)
             try:
-                node = await Node.login(home, name, password, relay, socks=args.socks, min_kdf=min_kdf)
+                node = await Node.login(home, name, password, relay, socks=args.socks, min_kdf=min_kdf,
+                                        code=code_asker(args))
                 break
             except LoginFailed as exc:
                 if not left:
@@ -194,24 +195,5 @@ async def cmd_trust(args: argparse.Namespace) -> None:
         with node.store.transaction():
             node.store.accept_key(contact.name)
         print(f"accepted {contact.name}'s current key (not verified: run `veil verify {contact.name}`)")
-    finally:
-        node.close()
-
-
-async def cmd_devices(args: argparse.Namespace) -> None:
-    node = unlock(args)
-    try:
-        async with node.connected() as link:
-            devices = await node.devices(link)
-        for d in devices:
-            if args.json:
-                print(json.dumps({
-                    "device": d.device_id.hex(),
-                    "added": _day(d.created_day),
-                    "this_device": d.device_id == node.device_id,
-                }))
-                continue
-            this = "  (this device)" if d.device_id == node.device_id else ""
-            print(f"{d.device_id.hex()[:8]}  added {_day(d.created_day)}{this}")
     finally:
         node.close()

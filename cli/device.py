@@ -14,7 +14,7 @@ from pathlib import Path
 
 import wire
 from cli.errors import CliError
-from cli.passwords import with_password
+from cli.passwords import code_asker, password_asker, with_password
 from node.errors import AlreadySetUp, NotSetUp, WrongPassword
 from node.home import Home
 from node.node import Node
@@ -95,4 +95,6 @@ def unlock(args: argparse.Namespace) -> Node:
         raise
     if args.socks:  # --socks / VEIL_SOCKS override the proxy remembered in the home
         node.socks = args.socks
+    node.ask_code = code_asker(args)
+    node.ask_password = password_asker(args)
     return node

@@ -82,6 +82,9 @@ def _device_options(p: argparse.ArgumentParser, default: Any) -> None:
     p.add_argument("--home", type=Path, default=default, help="this device's state directory (also VEIL_HOME)")
     p.add_argument("--password-file", default=default,
                    help="read the master password from this file (also VEIL_PASSWORD_FILE)")
+    p.add_argument("--code", default=default, metavar="CODE",
+                   help="a current code from your authenticator app, for an account with"
+                        " two-factor authentication (also VEIL_CODE; asked at a terminal otherwise)")
     p.add_argument("--socks", default=default, metavar="HOST:PORT",
                    help="reach the relay through this SOCKS5 proxy, e.g. tor's 127.0.0.1:9050 "
                         "(also VEIL_SOCKS; remembered by register and login)")
@@ -159,8 +162,47 @@ def build_parser() -> argparse.ArgumentParser:
     trust = command("trust", "cli.account:cmd_trust", "accept a contact's changed identity key")
     trust.add_argument("name")
 
-    devices = command("devices", "cli.account:cmd_devices", "list this account's devices")
+    devices = command("devices", "cli.security:cmd_devices",
+                      "list this account's devices; rename or revoke one")
     devices.add_argument("--json", action="store_true", help="one JSON object per device per line")
+    dsub = devices.add_subparsers(dest="devices_command", metavar="ACTION", parser_class=Parser)
+    rename = dsub.add_parser("rename", help="give a device a name (only the account's devices can read it)",
+                             parents=[later])
+    rename.add_argument("device", metavar="ID", help="the device's id, as `veil devices` shows it")
+    rename.add_argument("new_name", metavar="NAME")
+    revoke = dsub.add_parser("revoke", parents=[later],
+                             help="cut a device off the account at once (asks for the password, and a code with MFA)")
+    revoke.add_argument("device", metavar="ID", help="the device's id, as `veil devices` shows it")
+    revoke.add_argument("--last-device", action="store_true",
+                        help="revoke it even if it is the account's only device")
+
+    mfa = command("mfa", "cli.security:cmd_mfa", "two-factor authentication (TOTP) on or off")
+    msub = mfa.add_subparsers(dest="mfa_command", metavar="ACTION", parser_class=Parser)
+    msub.required = True
+    enable = msub.add_parser("enable", parents=[later],
+                             help="show a QR code for an authenticator app; on after its first code")
+    enable.add_argument("--no-qr", action="store_true", help="print only the otpauth:// address")
+    msub.add_parser("disable", parents=[later], help="turn it off (needs a current code)")
+
+    passwd = command("passwd", "cli.security:cmd_passwd",
+                     "change the master password (asks for the current one, then the new one twice)")
+    passwd.add_argument("--new-password-file", default=None, metavar="FILE",
+                        help="read the new password from this file")
+    passwd.add_argument("--end-sessions", action="store_true",
+                        help="also log out every other device of the account")
+    passwd.add_argument("--allow-weak-password", action="store_true",
+                        help="accept a new master password that is very easy to guess")
+
+    rec = command("recover", "cli.security:cmd_recover",
+                  "regain an account with its recovery code and set a new master password")
+    rec.add_argument("name")
+    rec.add_argument("--relay", required=True, help="ws://HOST:PORT")
+    rec.add_argument("--recovery-code-file", default=None, metavar="FILE",
+                     help="read the recovery code from this file (asked at the terminal otherwise)")
+    rec.add_argument("--keep-recovery-code", action="store_true",
+                     help="keep the old recovery code instead of printing a new one")
+    rec.add_argument("--allow-weak-password", action="store_true",
+                     help="accept a master password that is very easy to guess")
 
     logout = command("logout", "cli.account:cmd_logout",
                      "remove this device from the account and delete its keys and history here")

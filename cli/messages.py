@@ -26,7 +26,7 @@ from cli.errors import CliError
 from cli.text import inert, rows
 from node import control
 from node.control import message_json
-from node.errors import HomeInUse
+from node.errors import DeviceRevoked, HomeInUse
 from node.home import Home
 from node.node import Node
 from node.session import LiveSession
@@ -185,15 +185,30 @@ async def stay_online(node: Node, *, holder: str, on_status: Callable[[str], Non
     live.on.problem.append(warn)  # the node's warnings, and a refused login
     live.on.status.append(on_status)
     service = control.ControlService(node, live, holder)
+    revoked = trio.Event()
+
+    def gone(now: str) -> None:
+        if now == "revoked":
+            revoked.set()
+
+    live.on.status.append(gone)
+
+    async def end_when_revoked(scope: trio.CancelScope) -> None:
+        await revoked.wait()
+        scope.cancel()
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(live.run)
             await nursery.start(service.serve)
+            nursery.start_soon(end_when_revoked, nursery.cancel_scope)
             if consume is not None:
                 nursery.start_soon(consume, service)
             async for _ in signals:
                 nursery.cancel_scope.cancel()
                 break
+    if revoked.is_set():
+        raise DeviceRevoked()
 
 
 def _status_line(node: Node, ready: str) -> Callable[[str], None]:

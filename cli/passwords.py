@@ -124,11 +124,12 @@ def check_new_password(password: str, name: str, *, allow_weak: bool) -> str | N
     return None
 
 
-def new_password(args: argparse.Namespace, name: str) -> tuple[str, str | None]:
-    """A new master password (with its warning line, if any): from the file, or asked twice
-    at the terminal, again after a mismatch or a refused one, up to TRIES in all."""
+def new_password(args: argparse.Namespace, name: str, source: str | None = None) -> tuple[str, str | None]:
+    """A new master password (with its warning line, if any): from the file (``source``,
+    or else the password file), or asked twice at the terminal, again after a mismatch or
+    a refused one, up to TRIES in all."""
     allow_weak = bool(getattr(args, "allow_weak_password", False))
-    path = password_source(args)
+    path = source or password_source(args)
     if path:
         password = _read_file(path)
         return password, check_new_password(password, name, allow_weak=allow_weak)
@@ -149,3 +150,51 @@ def new_password(args: argparse.Namespace, name: str) -> tuple[str, str | None]:
             raise problem
         print(f"{problem}; try again", file=sys.stderr)
     raise AssertionError("unreachable")
+
+
+def code_asker(args: argparse.Namespace) -> Callable[[], str] | None:
+    """Where a code from the authenticator app comes from: ``--code`` (also VEIL_CODE), or
+    asked at the terminal when needed; None when neither can be had."""
+    given = getattr(args, "code", None) or os.environ.get("VEIL_CODE") or None
+    if given:
+        return lambda: given
+    if not sys.stdin.isatty():
+        return None
+
+    def ask() -> str:
+        try:
+            return input("code from your authenticator app: ")
+        except EOFError:
+            print(file=sys.stderr)
+            raise CliError("no code given") from None
+
+    return ask
+
+
+def password_asker(args: argparse.Namespace) -> Callable[[str], str] | None:
+    """Asks for the master password again at the terminal (when the one a device was
+    opened with is no longer the account's); None from a password file or without one."""
+    if password_source(args) or not sys.stdin.isatty():
+        return None
+    return _ask
+
+
+def read_secret_line(args: argparse.Namespace, path: str | None, prompt: str, what: str) -> str:
+    """A secret such as the recovery code: from a file, or asked (hidden) at the terminal."""
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise CliError(f"cannot read {what} file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise CliError(f"{what} file {path} is not UTF-8 text") from None
+        if not text:
+            raise CliError(f"{what} file {path} is empty")
+        return text
+    if not sys.stdin.isatty():
+        raise CliError(f"no terminal to ask for the {what}: give it in a file")
+    try:
+        return getpass.getpass(prompt)
+    except EOFError:
+        print(file=sys.stderr)
+        raise CliError(f"no {what} given") from None

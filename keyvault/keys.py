@@ -213,6 +213,50 @@ def verify_device(
     return ed25519_verifies(identity_public, signature, message)
 
 
+# Device names --------------------------------------------------------------------------
+
+LABEL_VERSION = 1
+LABEL_BYTES = 64  # a name is padded to this, so its length does not show
+
+
+def _label_key(keys: AccountKeys) -> bytes:
+    return derive(keys.identity_seed, labels.DEVICE_LABEL)
+
+
+def _label_aad(username: str, device_id: bytes) -> bytes:
+    return labels.DEVICE_LABEL + lp(username.encode("utf-8")) + lp(bytes(device_id))
+
+
+def seal_device_label(
+    keys: AccountKeys, username: str, device_id: bytes, name: str, *, nonce: bytes | None = None
+) -> bytes:
+    """Encrypt a device's name for the account's devices (the relay stores it unread).
+    ``name`` is at most LABEL_BYTES of UTF-8 with no NUL; ValueError otherwise."""
+    data = name.encode("utf-8")
+    if not data or len(data) > LABEL_BYTES or b"\0" in data:
+        raise ValueError(f"a device name is 1 to {LABEL_BYTES} bytes of text")
+    if nonce is None:
+        nonce = secrets.token_bytes(NONCE_LEN)
+    ct = AESGCM(_label_key(keys)).encrypt(
+        nonce, data.ljust(LABEL_BYTES, b"\0"), _label_aad(username, device_id)
+    )
+    return bytes([LABEL_VERSION]) + nonce + ct
+
+
+def open_device_label(keys: AccountKeys, username: str, device_id: bytes, blob: bytes) -> str | None:
+    """The name in a label sealed by ``seal_device_label`` for this device; None if it
+    does not open (made by someone without the account's keys, or for another device)."""
+    try:
+        if len(blob) != 1 + NONCE_LEN + LABEL_BYTES + TAG_LEN or blob[0] != LABEL_VERSION:
+            return None
+        plain = AESGCM(_label_key(keys)).decrypt(
+            blob[1 : 1 + NONCE_LEN], blob[1 + NONCE_LEN :], _label_aad(username, device_id)
+        )
+        return plain.rstrip(b"\0").decode("utf-8")
+    except (InvalidTag, UnicodeDecodeError, ValueError):
+        return None
+
+
 def _account_keys_message(username: str, enc: bytes, dh: bytes) -> bytes:
     return labels.ACCOUNT_KEYS_SIGNATURE + lp(username.encode("utf-8")) + lp(bytes(enc)) + lp(bytes(dh))
 

@@ -23,6 +23,10 @@ AUTH_CHALLENGE = b"veil/v1/auth-challenge"
 DEVICE_SIGNATURE = b"veil/v1/device"
 ENVELOPE_SIGNATURE = b"veil/v1/envelope"
 
+# A device's name, encrypted by the account's devices: HKDF info under the identity key's
+# seed, and the prefix of its AES-GCM associated data.
+DEVICE_LABEL = b"veil/v1/device-label"
+
 # AEAD associated-data prefixes.
 ENVELOPE_AAD = b"veil/v1/envelope-aad"
 BUNDLE_AAD = b"veil/v1/bundle"
@@ -57,6 +61,7 @@ ALL_LABELS: tuple[bytes, ...] = (
     RELAY_FAKE_SALT,
     AUTH_CHALLENGE,
     DEVICE_SIGNATURE,
+    DEVICE_LABEL,
     ENVELOPE_SIGNATURE,
     ENVELOPE_AAD,
     BUNDLE_AAD,

@@ -74,3 +74,11 @@ class RelayRefused(VeilError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"relay refused: {message} ({code})")
         self.code = code
+
+
+class DeviceRevoked(LoginFailed):
+    """This device was revoked by another device of the account: it can no longer connect (`veil logout --local` deletes its keys and history here)."""
+
+
+class CodeNeeded(LoginFailed):
+    """This account needs a code from its authenticator app: give --code, or run the command at a terminal."""

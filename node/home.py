@@ -40,6 +40,7 @@ class HomeConfig:
     kdf: dict[str, int]
     format: int = FORMAT
     socks: str | None = None  # HOST:PORT of the SOCKS5 proxy (Tor) the relay is reached through
+    store_salt_next: str | None = None  # hex: set only while the store is being re-keyed
 
     @property
     def kdf_params(self) -> KdfParams:

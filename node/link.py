@@ -52,6 +52,7 @@ class RelayLink:
         self._deliver_in, self.deliveries = trio.open_memory_channel[wire.Deliver](DELIVERY_QUEUE)
         self.closed = trio.Event()
         self.device_id: bytes | None = None
+        self.revoked = False  # the relay said, before closing, that this device was revoked
         self._acks: list[bytes] = []
         self._ack_wake = trio.Event()
         self._deferred: dict[bytes, tuple[float, str]] = {}  # device id -> (when to try again, why)
@@ -148,6 +149,9 @@ class RelayLink:
                     continue  # a newer relay's frame we do not know: ignore it
                 if isinstance(frame, wire.Deliver):
                     await self._deliver_in.send(frame)
+                    continue
+                if isinstance(frame, wire.Error) and frame.id == 0 and frame.code == wire.ErrorCode.DEVICE_REVOKED:
+                    self.revoked = True
                     continue
                 waiter = self._waiting.pop(frame.id, None)
                 if waiter is not None:

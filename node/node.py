@@ -40,6 +40,7 @@ from keyvault.keys import (
     new_recovery_code,
     parse_recovery_code,
     recovery_keys,
+    seal_device_label,
     sign_account_keys,
     sign_device,
     unwrap_bundle,
@@ -52,7 +53,9 @@ from keyvault.prekeys import OneTimePrekey, SignedPrekey, new_one_time_prekeys, 
 from keyvault.safety import safety_number
 from node.errors import (
     AlreadySetUp,
+    CodeNeeded,
     ConnectionLost,
+    DeviceRevoked,
     IdentityChanged,
     LoginFailed,
     MessageTooLarge,
@@ -121,10 +124,12 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _refused_as(exc: RelayRefused) -> VeilError:
-    """The person-facing error for a relay refusal."""
+def _refused_as(exc: RelayRefused, *, mfa: bool = False) -> VeilError:
+    """The person-facing error for a relay refusal (``mfa``: a code went with the proof)."""
     if exc.code == E.AUTH_FAILED:
-        return LoginFailed()
+        return LoginFailed("login failed: wrong password or code, or unknown user") if mfa else LoginFailed()
+    if exc.code == E.DEVICE_REVOKED:
+        return DeviceRevoked()
     if exc.code == E.UNKNOWN_USER:
         return UnknownUser()
     if exc.code == E.NAME_TAKEN:
@@ -161,6 +166,49 @@ async def _password_proof(
     return ch.challenge, sign_challenge(auth_seed, purpose, ch.relay_id, name, ch.challenge)
 
 
+async def _name_device(link: RelayLink, keys: AccountKeys, name: str, device_id: bytes) -> None:
+    """Give a new device its first name (the host's), encrypted for the account."""
+    label = seal_device_label(keys, name, device_id, default_device_name())
+    try:
+        await link.request(wire.RenameDevice, device_id=device_id, label=label)
+    except RelayRefused as exc:  # a name is a convenience: never a reason to fail
+        log.info("the relay did not take this device's name (%s)", exc.code)
+
+
+AskCode = Callable[[], str]  # asks the person for a code from their authenticator app
+
+
+def checked_code(code: str) -> str:
+    """A TOTP code as typed (spaces allowed), or a one-line error."""
+    digits = "".join(code.split())
+    if len(digits) != 6 or not digits.isascii() or not digits.isdigit():
+        raise VeilError("a code from the authenticator app is 6 digits")
+    return digits
+
+
+def ask_code(ask: AskCode | None) -> str:
+    if ask is None:
+        raise CodeNeeded()
+    return checked_code(ask())
+
+
+async def account_params(link: RelayLink, name: str, floor: KdfParams) -> tuple[wire.AuthParamsOk, KdfParams]:
+    """The account's salt, KDF parameters and MFA flag, refusing parameters below ``floor``."""
+    params = await link.request(wire.AuthParams, name=name)
+    kdf = KdfParams(params.kdf.t, params.kdf.m, params.kdf.p)
+    if kdf.time_cost < floor.time_cost or kdf.memory_kib < floor.memory_kib:
+        raise VeilError("the relay asks for weaker password hashing than this device accepts")
+    return params, kdf
+
+
+def default_device_name() -> str:
+    """What a new device is called until renamed: the host's name."""
+    import socket
+
+    name = " ".join(socket.gethostname().split())[:48]
+    return name or "a device"
+
+
 class Node:
     """One unlocked device."""
 
@@ -179,7 +227,12 @@ class Node:
         # dies before the acknowledgement cannot hide a stored message from the user.
         self.received_listeners: list[Callable[[Received], None]] = []
         self.sessions = Sessions(store, keys, self.name, self.device_id)
-        self._resume_password: str | None = None
+        # The master password this device was opened with, to prove it again when the
+        # session must be renewed, and where to ask for a code (MFA) or a newer password
+        # (changed on another device). Set by whoever opened the device.
+        self.password: str | None = None
+        self.ask_code: AskCode | None = None
+        self.ask_password: Callable[[str], str] | None = None
 
     def close(self) -> None:
         self.store.close()
@@ -210,7 +263,9 @@ class Node:
             store.put("next_prekey_id", (last_id + 1).to_bytes(8, "big"))
             store.put(RECV_CURSOR, (0).to_bytes(8, "big"))
         home.save(config)
-        return cls(home, config, store, keys)
+        node = cls(home, config, store, keys)
+        node.password = password
+        return node
 
     @staticmethod
     async def name_free(relay: str, name: str, *, socks: str | None = None) -> bool:
@@ -280,6 +335,7 @@ class Node:
                     device=wire.DeviceCert(device_id, sign_device(keys, name, device_id)),
                     prekeys=prekeys_pub,
                 )
+                await _name_device(link, keys, name, device_id)
             except RelayRefused as exc:
                 raise _refused_as(exc) from None
         try:
@@ -295,7 +351,7 @@ class Node:
     @classmethod
     async def login(
         cls, home: Home, name: str, password: str, relay: str, *, socks: str | None = None,
-        min_kdf: KdfParams = DEFAULT_KDF,
+        min_kdf: KdfParams = DEFAULT_KDF, code: AskCode | None = None,
     ) -> Node:
         """A new device for an existing account, with the master password alone.
 
@@ -305,7 +361,7 @@ class Node:
         took = not home.held  # a caller that held the home first keeps it on failure
         home.hold(HOLDER)
         try:
-            return await cls._login(home, name, password, relay, socks=socks, min_kdf=min_kdf)
+            return await cls._login(home, name, password, relay, socks=socks, min_kdf=min_kdf, code=code)
         except BaseException:
             if took:
                 home.release()
@@ -314,6 +370,7 @@ class Node:
     @classmethod
     async def _login(
         cls, home: Home, name: str, password: str, relay: str, *, socks: str | None, min_kdf: KdfParams,
+        code: AskCode | None,
     ) -> Node:
         if home.exists():
             raise AlreadySetUp()
@@ -321,15 +378,19 @@ class Node:
             name = wire.normalize_username(name)
         except ValueError:
             raise LoginFailed() from None
+        mfa = False
         async with open_link(relay, socks) as link:
             try:
-                params = await link.request(wire.AuthParams, name=name)
-                kdf = KdfParams(params.kdf.t, params.kdf.m, params.kdf.p)
-                if kdf.time_cost < min_kdf.time_cost or kdf.memory_kib < min_kdf.memory_kib:
-                    raise VeilError("the relay asks for weaker password hashing than this device accepts")
+                params, kdf = await account_params(link, name, min_kdf)
+                mfa = params.mfa
+                totp = ask_code(code) if mfa else None
                 pk = await trio.to_thread.run_sync(password_keys, password, params.salt, kdf)
                 challenge, sig = await _password_proof(link, name, "bundle", pk.auth_seed)
-                bundle = await link.request(wire.FetchBundle, name=name, challenge=challenge, signature=sig)
+                # The code proves itself once: the login that follows on this connection
+                # is covered by it (the relay accepts no code twice).
+                bundle = await link.request(
+                    wire.FetchBundle, name=name, challenge=challenge, signature=sig, totp=totp
+                )
                 try:
                     keys = await trio.to_thread.run_sync(unwrap_bundle, bundle.bundle, pk.wrap_key, name)
                 except BadPassword:
@@ -342,8 +403,9 @@ class Node:
                     device=wire.DeviceCert(device_id, sign_device(keys, name, device_id)),
                     prekeys=prekeys_pub,
                 )
+                await _name_device(link, keys, name, device_id)
             except RelayRefused as exc:
-                raise _refused_as(exc) from None
+                raise _refused_as(exc, mfa=mfa) from None
         try:
             return await trio.to_thread.run_sync(
                 cls._create_home, home, name, relay, password, kdf, keys, device_id, pk.auth_seed,
@@ -375,7 +437,17 @@ class Node:
         try:
             store = NodeStore(home.store_path, key)
         except WrongKey:
-            raise WrongPassword() from None
+            # A re-key (password change) that stopped midway: the store opens with the new salt.
+            if not config.store_salt_next:
+                raise WrongPassword() from None
+            try:
+                store = NodeStore(
+                    home.store_path, store_key(password, bytes.fromhex(config.store_salt_next), config.kdf_params)
+                )
+            except WrongKey:
+                raise WrongPassword() from None
+            config.store_salt, config.store_salt_next = config.store_salt_next, None
+            home.save(config)
         blob = store.get("account_keys")
         if blob is None:
             store.close()
@@ -385,10 +457,9 @@ class Node:
             # A home from before the cursor: what it holds was shown already.
             with store.transaction():
                 store.put(RECV_CURSOR, store.last_seq().to_bytes(8, "big"))
-        if store.get("logged_out") == LOGGED_OUT_KEPT:
-            # Logged out with the device kept: the next connection logs in again, proving
-            # the password afresh (the stored credentials went with the logout).
-            node._resume_password = password
+        # Kept to prove the password again if the session must be renewed (logged out
+        # with the device kept: the stored credentials went with the logout).
+        node.password = password
         return node
 
     # ---- the connection --------------------------------------------------------------
@@ -410,24 +481,24 @@ class Node:
 
     async def authenticate(self, link: RelayLink) -> None:
         state = self.store.get("logged_out")
-        if state == LOGGED_OUT_KEPT:
-            await self._log_in_again(link)
-            link.device_id = self.device_id
-            return
-        if state:
+        if state and state != LOGGED_OUT_KEPT:
             raise LoginFailed(
                 "this device was logged out and removed from its account: run `veil logout` to"
                 " clear it, then `veil login NAME --relay URL`"
             )
         token = self.store.get("token")
-        try:
-            if not token:
-                raise RelayRefused(E.AUTH_FAILED, "no session")
-            await link.request(wire.Resume, token=token)
-        except RelayRefused as exc:
-            if exc.code != E.AUTH_FAILED:
-                raise
-            await self._renew_session(link)
+        if state != LOGGED_OUT_KEPT and token:
+            try:
+                await link.request(wire.Resume, token=token)
+                link.device_id = self.device_id
+                return
+            except RelayRefused as exc:
+                if exc.code == E.DEVICE_REVOKED:
+                    raise DeviceRevoked() from None
+                if exc.code != E.AUTH_FAILED:
+                    raise
+        # No session (expired, or logged out with the device kept): a new one.
+        await self._log_in(link, fresh=state == LOGGED_OUT_KEPT)
         link.device_id = self.device_id
 
     async def maintain_prekeys(self, link: RelayLink, *, now: int | None = None) -> None:
@@ -441,47 +512,68 @@ class Node:
                 fresh = self.sessions.new_prekeys(signed=rotate, one_time=add, now=now)
             await link.request(wire.UploadPrekeys, prekeys=fresh)
 
-    async def _log_in_again(self, link: RelayLink) -> None:
-        """A device logged out with ``keep_device``: prove the password again (as a new
-        device does, but keeping this device's id), and store the new credentials."""
-        password = self._resume_password
-        if password is None:
-            raise LoginFailed("this device is logged out: unlock it with the master password to log in again")
+    async def _log_in(self, link: RelayLink, *, fresh: bool) -> None:
+        """Open a new session for this device, keeping its id: with the stored auth seed
+        or (logged out with the device kept: ``fresh``) the password it was opened with,
+        and a code if the account has MFA. If the relay refuses that, the password was
+        probably changed on another device: the new one is asked for (``ask_password``),
+        and this device's store is re-keyed to it."""
+        params, kdf = await account_params(link, self.name, self.config.kdf_params)
+        totp = ask_code(self.ask_code) if params.mfa else None
+        seed = None if fresh else self.store.get("auth_seed") or None
+        if seed is None:
+            if self.password is None:
+                raise LoginFailed("this device is logged out: unlock it with the master password to log in again")
+            seed = (await trio.to_thread.run_sync(password_keys, self.password, params.salt, kdf)).auth_seed
+        new_password: str | None = None
         try:
-            params = await link.request(wire.AuthParams, name=self.name)
-            kdf = KdfParams(params.kdf.t, params.kdf.m, params.kdf.p)
-            mine = self.config.kdf_params
-            if kdf.time_cost < mine.time_cost or kdf.memory_kib < mine.memory_kib:
-                raise VeilError("the relay asks for weaker password hashing than this device accepts")
-            pk = await trio.to_thread.run_sync(password_keys, password, params.salt, kdf)
-            challenge, sig = await _password_proof(link, self.name, "login", pk.auth_seed)
-            session = await link.request(
-                wire.Login, name=self.name, challenge=challenge, signature=sig,
-                device=wire.DeviceCert(self.device_id, sign_device(self.keys, self.name, self.device_id)),
-            )
+            session = await self._login_with(link, seed, totp)
         except RelayRefused as exc:
-            raise _refused_as(exc) from None
+            if exc.code != E.AUTH_FAILED:
+                raise _refused_as(exc) from None
+            if self.ask_password is None:
+                raise LoginFailed(
+                    "the relay no longer accepts this device's credentials"
+                    + (" (or the code was wrong)" if params.mfa else "")
+                    + ": if the master password was changed on another device, run a veil command"
+                    " at a terminal to enter the new one"
+                ) from None
+            new_password = self.ask_password(
+                "the relay no longer accepts this device's password (was it changed on another"
+                " device?); the current master password: "
+            )
+            seed = (await trio.to_thread.run_sync(password_keys, new_password, params.salt, kdf)).auth_seed
+            try:
+                # The code was not used up if the password was what failed.
+                session = await self._login_with(link, seed, totp)
+            except RelayRefused as again:
+                raise _refused_as(again, mfa=params.mfa) from None
         with self.store.transaction():
             self.store.put("token", session.token)
-            self.store.put("auth_seed", pk.auth_seed)
+            self.store.put("auth_seed", seed)
             self.store.delete("logged_out")
-        self._resume_password = None
+        if new_password is not None:
+            await trio.to_thread.run_sync(self.rekey, new_password)
 
-    async def _renew_session(self, link: RelayLink) -> None:
-        seed = self.store.get("auth_seed")
-        if not seed:
-            raise LoginFailed("this device has no credentials; log in again")
-        try:
-            challenge, sig = await _password_proof(link, self.name, "login", seed)
-            session = await link.request(
-                wire.Login, name=self.name, challenge=challenge, signature=sig,
-                device=wire.DeviceCert(self.device_id, sign_device(self.keys, self.name, self.device_id)),
-            )
-        except RelayRefused as exc:
-            if exc.code == E.AUTH_FAILED:
-                raise LoginFailed("the relay no longer accepts this device's credentials") from None
-            raise
-        self.store.put("token", session.token)
+    async def _login_with(self, link: RelayLink, seed: bytes, totp: str | None) -> wire.SessionOk:
+        challenge, sig = await _password_proof(link, self.name, "login", seed)
+        return await link.request(  # type: ignore[no-any-return]
+            wire.Login, name=self.name, challenge=challenge, signature=sig, totp=totp,
+            device=wire.DeviceCert(self.device_id, sign_device(self.keys, self.name, self.device_id)),
+        )
+
+    def rekey(self, password: str) -> None:
+        """Encrypt this device's store under ``password`` from now on (a new store salt).
+        The new salt is written down first, so a crash midway leaves a home that opens
+        with one of the two."""
+        config = self.config
+        salt = new_salt()
+        config.store_salt_next = salt.hex()
+        self.home.save(config)
+        self.store.rekey(store_key(password, salt, config.kdf_params))
+        config.store_salt, config.store_salt_next = salt.hex(), None
+        self.home.save(config)
+        self.password = password
 
     # ---- keys of others ----------------------------------------------------------------
     async def lookup(self, link: RelayLink, name: str) -> tuple[Contact, str | None]:

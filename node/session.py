@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import trio
 
 import wire
-from node.errors import ConnectionLost, LoginFailed, RelayRefused, RelayUnreachable
+from node.errors import ConnectionLost, DeviceRevoked, LoginFailed, RelayRefused, RelayUnreachable
 from node.link import RelayLink
 from node.node import Node, Received
 from node.store import StoredMessage
@@ -87,6 +87,11 @@ class LiveSession:
             try:
                 await self._online()
                 backoff = BACKOFF_FIRST
+            except DeviceRevoked:
+                # For good: trying again cannot help. Whoever shows the status says why.
+                self._set_status("revoked")
+                self.link = None
+                return
             except LoginFailed as exc:
                 self._problem(str(exc))
                 backoff = self.backoff_max
@@ -122,6 +127,8 @@ class LiveSession:
                 nursery.start_soon(self._maintain_prekeys, link)
                 await link.closed.wait()
                 nursery.cancel_scope.cancel()
+            if link.revoked:
+                raise DeviceRevoked()
             raise ConnectionLost()
 
     async def _receive(self, link: RelayLink) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
-from cipherdb import open_encrypted
+from cipherdb import open_encrypted, rekey
 
 migrations = Migrations("veil-node")
 
@@ -170,6 +170,10 @@ class NodeStore:
 
     def close(self) -> None:
         self.conn.close()
+
+    def rekey(self, key: bytes) -> None:
+        """Encrypt the whole file under a new key (SQLCipher re-writes every page)."""
+        rekey(self.conn, key)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

@@ -129,6 +129,11 @@ class Throttle:
                 return
             self._failures.popitem(last=False)
 
+    def failures(self, key: bytes) -> int:
+        """How many failures of ``key`` are remembered (0 once forgotten or lifted)."""
+        entry = self._failures.get(key)
+        return 0 if entry is None or entry.blocked_until + FORGET_AFTER < trio.current_time() else entry.count
+
     def blocked(self, key: bytes) -> bool:
         entry = self._failures.get(key)
         return entry is not None and entry.blocked_until > trio.current_time()

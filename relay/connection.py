@@ -45,11 +45,15 @@ MAX_UNAUTHENTICATED = 1_000  # connections without a session, relay-wide
 RATE = 500.0
 BURST = 1000.0
 MAX_VIOLATIONS = 100
+FINISH_TIMEOUT = 5.0  # a connection being ended (Peer.end) has this long to take its last frames
+_FINISH = -1  # in the sender's queue instead of a size: end the connection here
 
-# Requests that change who this connection is are handled one at a time, in order;
-# the rest run concurrently (bounded), so one slow commit does not stall the reader.
+# Requests that change who this connection is, or prove a password, are handled one at a
+# time, in order; the rest run concurrently (bounded), so one slow commit does not stall
+# the reader.
 _SERIAL = (wire.AuthParams, wire.Register, wire.Challenge, wire.FetchBundle, wire.Login,
-           wire.Resume, wire.Logout)
+           wire.Resume, wire.Logout, wire.Recover, wire.ChangePassword, wire.MfaEnable,
+           wire.MfaDisable, wire.RevokeDevice)
 
 
 @dataclass
@@ -194,15 +198,37 @@ class RelayConnections:
                 if peer.nursery is not None:
                     peer.nursery.cancel_scope.cancel()
 
+        reading = trio.CancelScope()
+
+        def finish(frame: wire.Frame) -> None:
+            # No more requests are read; the frame and then the end go behind what is
+            # queued (the sender ends the connection when it gets there), within
+            # FINISH_TIMEOUT. If they cannot be queued now, the connection ends at once.
+            reading.cancel()
+            nursery = peer.nursery
+            if nursery is None:
+                return
+            try:
+                send_in.send_nowait((wire.encode(frame), 0))
+                send_in.send_nowait((b"", _FINISH))
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                nursery.cancel_scope.cancel()
+                return
+            scope = nursery.cancel_scope
+            scope.deadline = min(scope.deadline, trio.current_time() + FINISH_TIMEOUT)
+
         peer.send = send
         peer.reply = reply
+        peer.finish = finish
         try:
             async with trio.open_nursery() as nursery:
                 peer.nursery = nursery
                 nursery.start_soon(self._sender, ws, send_out, budget, nursery.cancel_scope)
                 self._live[ws] = nursery.cancel_scope
-                await self._reader(ws, peer, nursery, counted)
-                nursery.cancel_scope.cancel()
+                with reading:
+                    await self._reader(ws, peer, nursery, counted)
+                if not reading.cancel_called:
+                    nursery.cancel_scope.cancel()
         finally:
             self._live.pop(ws, None)
             self.service.unbind(peer)
@@ -215,7 +241,7 @@ class RelayConnections:
             send_in.close()
             while True:
                 try:
-                    self.budget.release(send_out.receive_nowait()[1])
+                    self.budget.release(max(0, send_out.receive_nowait()[1]))
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
             send_out.close()
@@ -225,6 +251,9 @@ class RelayConnections:
         budget: ByteBudget, scope: trio.CancelScope,
     ) -> None:
         async for data, size in frames:
+            if size == _FINISH:
+                scope.cancel()
+                return
             done = False
             try:
                 with trio.move_on_after(SEND_TIMEOUT):
@@ -300,7 +329,7 @@ class RelayConnections:
     async def _reader(self, ws: WebSocketConnection, peer: Peer, nursery: trio.Nursery, counted: list[bool]) -> None:
         state = _ReaderState(Bucket(self.limits.rate, self.limits.burst), trio.Semaphore(MAX_INFLIGHT))
         deadline = trio.current_time() + self.limits.auth_deadline
-        while True:
+        while not peer.finished:
             # Until it has a session, a connection may send only small frames, and must
             # get its session within auth_deadline; then it may send frames of any size.
             with trio.move_on_at(deadline if peer.account_id is None else math.inf) as waiting:
@@ -402,5 +431,7 @@ class RelayConnections:
         except Exception as exc:
             log.error("request failed: %s", type(exc).__name__, exc_info=log.isEnabledFor(logging.DEBUG))
             answer = wire.Error(id=req.id, code=wire.ErrorCode.INTERNAL, message="internal error")
+        if peer.finished:  # the connection is ending (its last frame is queued already)
+            return
         await peer.send(answer)
 

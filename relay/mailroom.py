@@ -129,6 +129,17 @@ class Mailroom:
 
         await self.call(run)
 
+    async def revoke_device(self, account_id: int, device_id: bytes, allow_last: bool) -> None:
+        """RelayStore.revoke_device in the store's thread, forgetting what the commit
+        thread knows of the device (a send to it then fails as to an unknown device)."""
+
+        def run() -> None:
+            self._counts.pop(device_id, None)
+            self._known.discard(device_id)
+            self.store.revoke_device(account_id, device_id, allow_last)
+
+        await self.call(run)
+
     # ---- the commit loop -------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The group-commit loop. On cancellation the batch in flight still commits

@@ -8,10 +8,12 @@ becomes an ``Error`` frame. Nothing here logs a name, a token or a key.
 
 from __future__ import annotations
 
+import hmac
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import NoReturn, TypeVar
+from typing import Literal, NoReturn, TypeVar
 
 import trio
 
@@ -21,12 +23,25 @@ from keyvault.errors import BadKey
 from keyvault.kdf import DEFAULT_KDF
 from keyvault.keys import PublicKeys, verify_account_keys, verify_device
 from keyvault.prekeys import verify_signed_prekey
+from keyvault.totp import accept as totp_accept
 from relay.auth import CHALLENGE_TTL, Challenges, Throttle, name_mac, new_token, token_hash
 from relay.delivery import Outlet, Router
 from relay.keyfile import RelayKeys
 from relay.limits import AccountBuckets, Bucket, ByteBudget, KeyedBuckets
 from relay.mailroom import MailboxFull, Mailroom
-from relay.store import Account, NameTaken, NewAccount, Stored, UnknownDevice
+from relay.store import (
+    Account,
+    Credentials,
+    DeviceRevoked,
+    LastDevice,
+    NameTaken,
+    NewAccount,
+    NoSession,
+    PrekeyLimit,
+    Stored,
+    TooManyDevices,
+    UnknownDevice,
+)
 
 E = wire.ErrorCode
 K = TypeVar("K", int, bytes)
@@ -46,6 +61,14 @@ def auth_failed() -> Refused:
     every failed handler's frame (and so its connection) for the life of the process."""
     return Refused(E.AUTH_FAILED, "authentication failed")
 
+
+def not_authenticated() -> Refused:
+    return Refused(E.NOT_AUTHENTICATED, "log in first")
+
+
+REVOKED_HERE = "this device was revoked; it cannot log in again"
+REVOKED_ELSEWHERE = "this device was revoked by another device of the account"
+
 MAX_PER_DEVICE = 4  # connections with a session for one device
 MAX_PER_ACCOUNT = 32  # ... for all the devices of one account (16 devices, two each)
 ACCOUNT_SEND_BYTES = 32 * 1024 * 1024  # envelope bytes awaiting commit, per account
@@ -54,6 +77,12 @@ MAX_NAME_CHECKS = 10  # name_free per connection: enough for a person choosing a
 NAME_CHECK_RATE = 5.0  # name_free per second, relay-wide
 NAME_CHECK_BURST = 50.0
 DAY = 86400.0
+MFA_GRANT_SECONDS = 300.0  # a code accepted on a connection stands for later proofs there
+RECOVERY_GRANT_SECONDS = 600.0  # a recovery proof lets its connection recover this long
+
+# How a proof treats the account's second factor: a code or this connection's grant, a
+# code always, or no code (mfa_enable: the code it carries is for the new secret).
+SecondFactor = Literal["grant", "code", "none"]
 
 
 @dataclass
@@ -92,6 +121,11 @@ def _no_reply(frame: wire.Frame) -> None:
     pass
 
 
+def _granted(grant: tuple[int, float] | None, account_id: int, now: float, ttl: float) -> bool:
+    """Whether a grant (account id, when given) covers this account now."""
+    return grant is not None and grant[0] == account_id and 0.0 <= now - grant[1] <= ttl
+
+
 @dataclass(eq=False)
 class Peer:
     """The relay's view of one connection."""
@@ -103,11 +137,24 @@ class Peer:
     send: Callable[[wire.Frame], Awaitable[None]] = field(default=_no_send, repr=False)
     outlet_scope: trio.CancelScope | None = field(default=None, repr=False)
     reply: Callable[[wire.Frame], None] = field(default=_no_reply, repr=False)
+    # Send a last frame if it can go without waiting, then end the connection.
+    finish: Callable[[wire.Frame], None] = field(default=_no_reply, repr=False)
+    finished: bool = False  # ending: nothing more is answered
     failures: int = 0
     registrations: int = 0
     name_checks: int = 0
     challenges: deque[float] = field(default_factory=deque)  # when each one issued here expires
     nursery: trio.Nursery | None = field(default=None, repr=False)
+    # (account id, service clock time) of the last TOTP code accepted here, and of the
+    # last recovery proof made here.
+    mfa_grant: tuple[int, float] | None = None
+    recovery_grant: tuple[int, float] | None = None
+
+    def end(self, frame: wire.Frame) -> None:
+        """Send ``frame`` (after the frames queued already) if it can go without waiting,
+        then end the connection; it reads no more requests and answers none."""
+        self.finished = True
+        self.finish(frame)
 
     def close(self) -> None:
         """End this connection (from outside it: a logout elsewhere, a newer connection)."""
@@ -118,6 +165,7 @@ class Peer:
         """Forget the connection's tasks and closures (which refer back to this peer)."""
         self.send = _no_send
         self.reply = _no_reply
+        self.finish = _no_reply
         self.nursery = None
         self.outlet = None
         self.outlet_scope = None
@@ -192,6 +240,7 @@ class RelayService:
         self._send_budgets: dict[int, ByteBudget] = {}  # account id -> bytes awaiting commit
         self.max_per_device = MAX_PER_DEVICE
         self.max_per_account = MAX_PER_ACCOUNT
+        self.clock: Callable[[], float] = time.time  # for TOTP codes and the grants
 
     def mac(self, name: str) -> bytes:
         return name_mac(self.keys.name_mac_key, name)
@@ -224,8 +273,7 @@ class RelayService:
             case wire.Register():
                 return await self.register(peer, req)
             case wire.FetchBundle():
-                account = await self._prove(peer, req.name, "bundle", req.challenge, req.signature)
-                return wire.BundleOk(id=req.id, bundle=account.bundle)
+                return await self.fetch_bundle(peer, req)
             case wire.Login():
                 return await self.login(peer, req)
             case wire.Resume():
@@ -247,10 +295,27 @@ class RelayService:
                 return await self.claim_prekeys(peer, req)
             case wire.ListDevices():
                 self._require_session(peer)
-                devices = await self.mailroom.call(self.mailroom.store.devices, peer.account_id)
-                return wire.DevicesOk(
-                    id=req.id, devices=[wire.DeviceInfo(d, day) for d, _, day in devices]
-                )
+                rows = await self.mailroom.call(self.mailroom.store.device_list, peer.account_id)
+                return wire.DevicesOk(id=req.id, devices=[
+                    wire.DeviceInfo(r.device_id, r.created_day, r.sig, r.label, r.last_seen_day, r.active)
+                    for r in rows
+                ])
+            case wire.Recover():
+                return await self.recover(peer, req)
+            case wire.ChangePassword():
+                return await self.change_password(peer, req)
+            case wire.MfaEnable():
+                return await self.mfa_enable(peer, req)
+            case wire.MfaDisable():
+                return await self.mfa_disable(peer, req)
+            case wire.RenameDevice():
+                account_id, _, _ = self._session(peer)
+                store = self.mailroom.store
+                if not await self.mailroom.call(store.rename_device, account_id, req.device_id, req.label):
+                    raise Refused(E.UNKNOWN_DEVICE, "no such device in this account")
+                return wire.Ok(id=req.id)
+            case wire.RevokeDevice():
+                return await self.revoke_device(peer, req)
         raise Refused(E.UNKNOWN_FRAME, "unknown request")  # pragma: no cover
 
     # ---- accounts ------------------------------------------------------------------
@@ -265,7 +330,9 @@ class RelayService:
             d = DEFAULT_KDF
             return wire.AuthParamsOk(id=req.id, salt=salt, kdf=wire.Kdf(d.time_cost, d.memory_kib, d.parallelism))
         t, m, p = account.kdf
-        return wire.AuthParamsOk(id=req.id, salt=account.salt, kdf=wire.Kdf(t, m, p))
+        return wire.AuthParamsOk(
+            id=req.id, salt=account.salt, kdf=wire.Kdf(t, m, p), mfa=account.totp_secret is not None
+        )
 
     async def _account(self, name: str) -> Account | None:
         return await self.mailroom.call(self.mailroom.store.account, self.mac(name))
@@ -310,16 +377,21 @@ class RelayService:
             )
         except NameTaken:
             raise Refused(E.NAME_TAKEN, "that name is taken") from None
-        except UnknownDevice:
+        except (UnknownDevice, DeviceRevoked):
             raise Refused(E.UNKNOWN_DEVICE, "device id already in use") from None
         if req.prekeys is not None:
             await self._publish(req.id, req.device.device_id, req.identity_pub, req.prekeys)
         return await self._open_session(peer, req.id, account_id, req.device.device_id)
 
     async def _prove(
-        self, peer: Peer, raw_name: str, purpose: str, challenge: bytes, signature: bytes
+        self, peer: Peer, raw_name: str, purpose: str, challenge: bytes, signature: bytes,
+        totp: str | None = None, *, mfa: SecondFactor = "grant", session: Account | None = None,
     ) -> Account:
-        """Check a signed challenge; the account on success, ``auth_failed`` otherwise."""
+        """Check a signed challenge (with the recovery code's key for "recovery", the
+        password's otherwise) and, if the account has TOTP, a code never accepted before
+        (or, with ``mfa="grant"``, this connection's grant); the account on success,
+        ``auth_failed`` (throttled) otherwise. ``session``: the account of the
+        connection's session, which a session-bound proof must name."""
         name = _name(raw_name)
         mac = self.mac(name)
         redeemed = self.challenges.redeem(challenge, mac, purpose)
@@ -327,13 +399,37 @@ class RelayService:
         # attempts on one account cannot all pass before the first failure is recorded.
         if not self.throttle.attempt(mac) or not redeemed:
             await self._failed(peer, mac)
-        account = await self._account(name)
-        if account is None or not verify_challenge(
-            account.auth_pub, signature, purpose, self.relay_id, name, challenge
-        ):
+        if session is not None and not hmac.compare_digest(session.name_mac, mac):
             await self._failed(peer, mac)
+        account = await self._account(name)
+        if account is None:
+            await self._failed(peer, mac)
+        key = account.recovery_auth_pub if purpose == "recovery" else account.auth_pub
+        if not verify_challenge(key, signature, purpose, self.relay_id, name, challenge):
+            await self._failed(peer, mac)
+        if account.totp_secret is not None and mfa != "none":
+            await self._second_factor(peer, account, account.totp_secret, mac, totp, mfa == "grant")
         self.throttle.succeed(mac)
         return account
+
+    async def _second_factor(
+        self, peer: Peer, account: Account, secret: bytes, mac: bytes, code: str | None, grant: bool
+    ) -> None:
+        now = self.clock()
+        if grant and _granted(peer.mfa_grant, account.id, now, MFA_GRANT_SECONDS):
+            return
+        if code is None:
+            await self._failed(peer, mac)
+        try:
+            step = totp_accept(secret, code, now, account.totp_last_step)
+        except BadKey:
+            step = None
+        # The step is recorded only if no one recorded it (or a later one) since the
+        # account was read: two connections with one code cannot both pass.
+        store = self.mailroom.store
+        if step is None or not await self.mailroom.call(store.advance_totp, account.id, secret, step):
+            await self._failed(peer, mac)
+        peer.mfa_grant = (account.id, now)
 
     async def _failed(self, peer: Peer, mac: bytes) -> NoReturn:
         delay = self.throttle.fail(mac)
@@ -342,10 +438,18 @@ class RelayService:
         await trio.sleep(max(delay, min(0.2 * 2 ** (peer.failures - 1), 10.0)))
         raise auth_failed()
 
+    async def fetch_bundle(self, peer: Peer, req: wire.FetchBundle) -> wire.Frame:
+        if not req.recovery:
+            account = await self._prove(peer, req.name, "bundle", req.challenge, req.signature, req.totp)
+            return wire.BundleOk(id=req.id, bundle=account.bundle)
+        account = await self._prove(peer, req.name, "recovery", req.challenge, req.signature, req.totp)
+        peer.recovery_grant = (account.id, self.clock())
+        return wire.BundleOk(id=req.id, bundle=account.recovery_bundle)
+
     async def login(self, peer: Peer, req: wire.Login) -> wire.Frame:
         if peer.account_id is not None:
             raise Refused(E.ALREADY_AUTHENTICATED, "this connection already has a session")
-        account = await self._prove(peer, req.name, "login", req.challenge, req.signature)
+        account = await self._prove(peer, req.name, "login", req.challenge, req.signature, req.totp)
         name = _name(req.name)
         if not verify_device(account.identity_pub, name, req.device.device_id, req.device.sig):
             raise Refused(E.BAD_KEY, "device signature does not verify")
@@ -357,6 +461,8 @@ class RelayService:
             )
         except UnknownDevice:
             raise Refused(E.UNKNOWN_DEVICE, "device id belongs to another account") from None
+        except DeviceRevoked:
+            raise Refused(E.DEVICE_REVOKED, REVOKED_HERE) from None
         if not ok:
             raise Refused(E.TOO_MANY_DEVICES, f"an account has at most {wire.MAX_DEVICES} devices")
         if req.prekeys is not None:
@@ -381,7 +487,12 @@ class RelayService:
     async def _open_session(self, peer: Peer, rid: int, account_id: int, device_id: bytes) -> wire.Frame:
         token = new_token()
         th = token_hash(token)
-        expires = await self.mailroom.call(self.mailroom.store.create_session, th, account_id, device_id)
+        try:
+            expires = await self.mailroom.call(self.mailroom.store.create_session, th, account_id, device_id)
+        except DeviceRevoked:  # meanwhile
+            raise Refused(E.DEVICE_REVOKED, REVOKED_HERE) from None
+        except UnknownDevice:
+            raise Refused(E.UNKNOWN_DEVICE, "the device was removed meanwhile") from None
         self._bind(peer, account_id, device_id, th)
         return wire.SessionOk(id=rid, token=token, device_id=device_id, expires_day=expires)
 
@@ -389,10 +500,14 @@ class RelayService:
         if peer.account_id is not None:
             raise Refused(E.ALREADY_AUTHENTICATED, "this connection already has a session")
         th = token_hash(req.token)
-        session = await self.mailroom.call(self.mailroom.store.session, th)
+        store = self.mailroom.store
+        session = await self.mailroom.call(store.session, th)
         if session is None:
+            revoked = await self.mailroom.call(store.token_revoked, th)
             peer.failures += 1
             await trio.sleep(min(0.2 * 2 ** (peer.failures - 1), 10.0))
+            if revoked:
+                raise Refused(E.DEVICE_REVOKED, REVOKED_ELSEWHERE)
             raise auth_failed()
         self._bind(peer, session.account_id, session.device_id, th)
         return wire.ResumeOk(id=req.id, device_id=session.device_id)
@@ -460,10 +575,164 @@ class RelayService:
                 other.close()
         return wire.Ok(id=req.id)
 
+    def _close_others(self, account_id: int, peer: Peer, keep: bytes | None = None) -> None:
+        """Unbind and close the account's connections but ``peer`` (and those with the
+        session ``keep``): their sessions have ended."""
+        for other in list(self._by_account.get(account_id, {})):
+            if other is not peer and (keep is None or other.token_hash != keep):
+                self.unbind(other)
+                other.close()
+
+    # ---- account security ------------------------------------------------------------
+    def _session(self, peer: Peer) -> tuple[int, bytes, bytes]:
+        """(account id, device id, token hash) of the connection's session."""
+        if peer.account_id is None or peer.device_id is None or peer.token_hash is None:
+            raise not_authenticated()
+        return peer.account_id, peer.device_id, peer.token_hash
+
+    async def _session_account(self, peer: Peer) -> tuple[Account, bytes, bytes]:
+        account_id, device_id, th = self._session(peer)
+        account = await self.mailroom.call(self.mailroom.store.account_by_id, account_id)
+        if account is None:  # pragma: no cover (accounts are never deleted)
+            raise not_authenticated()
+        return account, device_id, th
+
+    @staticmethod
+    def _still(peer: Peer, th: bytes) -> None:
+        """After an await: the connection still has the session it started with."""
+        if peer.token_hash != th:
+            raise Refused(E.NOT_AUTHENTICATED, "this session ended meanwhile; log in again")
+
+    async def recover(self, peer: Peer, req: wire.Recover) -> wire.Frame:
+        if peer.account_id is not None:
+            raise Refused(E.ALREADY_AUTHENTICATED, "this connection already has a session")
+        if (req.recovery_auth_pub is None) != (req.recovery_bundle is None):
+            raise Refused(E.BAD_FRAME, "recovery_auth_pub and recovery_bundle go together (both or neither)")
+        name = _name(req.name)
+        account = await self._account(name)
+        if account is None or not _granted(peer.recovery_grant, account.id, self.clock(), RECOVERY_GRANT_SECONDS):
+            raise Refused(E.NO_RECOVERY, "prove the recovery code first (fetch_bundle with recovery)")
+        device = req.device
+        if not verify_device(account.identity_pub, name, device.device_id, device.sig):
+            raise Refused(E.BAD_KEY, "device signature does not verify")
+        _check_prekeys(account.identity_pub, req.prekeys)
+        recovery = None
+        if req.recovery_auth_pub is not None and req.recovery_bundle is not None:
+            recovery = (req.recovery_auth_pub, req.recovery_bundle)
+        creds = Credentials(req.salt, (req.kdf.t, req.kdf.m, req.kdf.p), req.auth_pub, req.bundle, recovery)
+        prekeys = None
+        if req.prekeys is not None:
+            sp = req.prekeys.signed
+            prekeys = (None if sp is None else (sp.key_id, sp.public, sp.sig),
+                       [(k.key_id, k.public) for k in req.prekeys.one_time])
+        token = new_token()
+        th = token_hash(token)
+        try:
+            expires = await self.mailroom.call(
+                self.mailroom.store.recover, account.id, creds, (device.device_id, device.sig),
+                wire.MAX_DEVICES, prekeys, wire.MAX_ONE_TIME_PREKEYS, th,
+            )
+        except DeviceRevoked:
+            raise Refused(E.DEVICE_REVOKED, REVOKED_HERE) from None
+        except UnknownDevice:
+            raise Refused(E.UNKNOWN_DEVICE, "device id belongs to another account") from None
+        except TooManyDevices:
+            raise Refused(E.TOO_MANY_DEVICES, f"an account has at most {wire.MAX_DEVICES} devices") from None
+        except PrekeyLimit:
+            raise Refused(
+                E.PREKEY_LIMIT, f"a device holds at most {wire.MAX_ONE_TIME_PREKEYS} one-time prekeys"
+            ) from None
+        peer.recovery_grant = None
+        self.throttle.succeed(account.name_mac)
+        # Every session of the account ended with the old password: so do their connections.
+        self._close_others(account.id, peer)
+        self._bind(peer, account.id, device.device_id, th)
+        return wire.SessionOk(id=req.id, token=token, device_id=device.device_id, expires_day=expires)
+
+    async def change_password(self, peer: Peer, req: wire.ChangePassword) -> wire.Frame:
+        account, _, th = await self._session_account(peer)
+        await self._prove(peer, req.name, "passwd", req.challenge, req.signature, req.totp, session=account)
+        self._still(peer, th)
+        creds = Credentials(req.salt, (req.kdf.t, req.kdf.m, req.kdf.p), req.auth_pub, req.bundle)
+        try:
+            await self.mailroom.call(self.mailroom.store.change_password, account.id, creds, th, req.end_sessions)
+        except NoSession:
+            raise Refused(E.NOT_AUTHENTICATED, "this session ended meanwhile; log in again") from None
+        if req.end_sessions:
+            self._close_others(account.id, peer, keep=th)
+        return wire.Ok(id=req.id)
+
+    async def mfa_enable(self, peer: Peer, req: wire.MfaEnable) -> wire.Frame:
+        account, _, th = await self._session_account(peer)
+        if account.totp_secret is not None:
+            raise Refused(E.MFA_ENABLED, "two-factor authentication is on already")
+        # The password alone: the code this carries is for the new secret.
+        await self._prove(peer, req.name, "mfa", req.challenge, req.signature, mfa="none", session=account)
+        now = self.clock()
+        try:
+            step = totp_accept(req.secret, req.totp, now, None)
+        except BadKey:
+            step = None
+        if step is None:
+            await self._failed(peer, account.name_mac)
+        self._still(peer, th)
+        if not await self.mailroom.call(self.mailroom.store.enable_totp, account.id, req.secret, step):
+            raise Refused(E.MFA_ENABLED, "two-factor authentication is on already")
+        peer.mfa_grant = (account.id, now)
+        return wire.Ok(id=req.id)
+
+    async def mfa_disable(self, peer: Peer, req: wire.MfaDisable) -> wire.Frame:
+        account, _, th = await self._session_account(peer)
+        if account.totp_secret is None:
+            raise Refused(E.MFA_NOT_ENABLED, "two-factor authentication is not on")
+        # A fresh code, whatever this connection proved before.
+        proved = await self._prove(
+            peer, req.name, "mfa", req.challenge, req.signature, req.totp, mfa="code", session=account
+        )
+        self._still(peer, th)
+        secret = proved.totp_secret
+        if secret is None or not await self.mailroom.call(self.mailroom.store.disable_totp, account.id, secret):
+            raise Refused(E.MFA_NOT_ENABLED, "two-factor authentication is not on")
+        peer.mfa_grant = None
+        return wire.Ok(id=req.id)
+
+    async def revoke_device(self, peer: Peer, req: wire.RevokeDevice) -> wire.Frame:
+        account, own, th = await self._session_account(peer)
+        store = self.mailroom.store
+        # Refusals that need no proof come first: they use up nothing.
+        await self._revocation(self.mailroom.call(store.check_revocable, account.id, req.device_id, req.last))
+        await self._prove(peer, req.name, "revoke", req.challenge, req.signature, req.totp, session=account)
+        self._still(peer, th)
+        await self._revocation(self.mailroom.revoke_device(account.id, req.device_id, req.last))
+        for other in list(self._bound.get(req.device_id, {})):
+            if other is not peer:
+                self.unbind(other)
+                other.end(wire.Error(id=0, code=E.DEVICE_REVOKED, message=REVOKED_ELSEWHERE))
+        ok = wire.Ok(id=req.id)
+        if own == req.device_id:  # this very device: the answer, then the connection ends
+            self.unbind(peer)
+            peer.end(ok)
+        return ok
+
+    @staticmethod
+    async def _revocation(step: Awaitable[None]) -> None:
+        try:
+            await step
+        except DeviceRevoked:
+            raise Refused(E.DEVICE_REVOKED, "that device was revoked already") from None
+        except UnknownDevice:
+            raise Refused(E.UNKNOWN_DEVICE, "no such device in this account") from None
+        except LastDevice:
+            raise Refused(
+                E.LAST_DEVICE,
+                "that is the account's only device: revoking it leaves the account with none"
+                " (pass last to do it anyway)",
+            ) from None
+
     # ---- keys and mail ---------------------------------------------------------------
     def _require_session(self, peer: Peer) -> None:
         if peer.account_id is None:
-            raise Refused(E.NOT_AUTHENTICATED, "log in first")
+            raise not_authenticated()
 
     async def _named_account(self, name: str) -> Account:
         """The account a logged-in peer names, or ``unknown_user``. Not rationed: a node

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlite_utils import Database
@@ -109,6 +109,39 @@ def _m0002(db: Database) -> None:
     )
 
 
+@migrations(name="0003_accounts")
+def _m0003(db: Database) -> None:
+    db.execute("ALTER TABLE devices ADD COLUMN label BLOB")  # encrypted by the devices
+    db.execute("ALTER TABLE devices ADD COLUMN last_seen_day INTEGER")
+    db.execute(
+        "UPDATE devices SET last_seen_day ="
+        " (SELECT max(idle_day) FROM sessions WHERE sessions.device_id = devices.device_id)"
+    )
+    # Revoked device ids, at most MAX_REVOKED per account (the oldest go): such an id is
+    # refused (device_revoked) instead of being registered again.
+    db.execute(
+        """
+        CREATE TABLE revoked_devices (
+            device_id BLOB PRIMARY KEY,
+            account_id INTEGER NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+            day INTEGER NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX revoked_devices_account ON revoked_devices(account_id)")
+    # The sessions a revocation ended, until they would have ended anyway: a resume with
+    # one is told why it fails.
+    db.execute(
+        """
+        CREATE TABLE revoked_tokens (
+            token_hash BLOB PRIMARY KEY,
+            expires_day INTEGER NOT NULL
+        )"""
+    )
+
+
+MAX_REVOKED = 64  # revoked device ids remembered per account
+
+
 def today() -> int:
     """Days since the epoch (UTC): the only clock granularity the relay stores."""
     return int(time.time() // 86400)
@@ -122,9 +155,30 @@ class UnknownDevice(Exception):
     pass
 
 
+class DeviceRevoked(Exception):
+    """The device id was revoked (it may not come back)."""
+
+
+class TooManyDevices(Exception):
+    pass
+
+
+class PrekeyLimit(Exception):
+    pass
+
+
+class LastDevice(Exception):
+    """Revoking this device would leave its account with none."""
+
+
+class NoSession(Exception):
+    """The session the request came with has ended meanwhile."""
+
+
 @dataclass(frozen=True)
 class Account:
     id: int
+    name_mac: bytes
     salt: bytes
     kdf: tuple[int, int, int]
     auth_pub: bytes
@@ -135,6 +189,8 @@ class Account:
     bundle: bytes
     recovery_auth_pub: bytes
     recovery_bundle: bytes
+    totp_secret: bytes | None = field(default=None, repr=False)
+    totp_last_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +215,30 @@ class Session:
 
 
 @dataclass(frozen=True)
+class DeviceRow:
+    """One device as its account's devices see it."""
+
+    device_id: bytes
+    sig: bytes
+    created_day: int
+    label: bytes | None
+    last_seen_day: int | None
+    active: bool  # it has a session still valid today
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a password (or recovery code) change replaces: the salt and KDF parameters,
+    the auth key and the wrapped bundle; and the recovery pair, if given."""
+
+    salt: bytes
+    kdf: tuple[int, int, int]
+    auth_pub: bytes
+    bundle: bytes
+    recovery: tuple[bytes, bytes] | None = None  # (recovery_auth_pub, recovery_bundle)
+
+
+@dataclass(frozen=True)
 class Stored:
     """An envelope newly committed to a mailbox."""
 
@@ -170,7 +250,7 @@ class Stored:
 
 _ACCOUNT_COLS = (
     "id, salt, kdf_t, kdf_m, kdf_p, auth_pub, enc_pub, identity_pub, dh_pub, keys_sig, bundle,"
-    " recovery_auth_pub, recovery_bundle"
+    " recovery_auth_pub, recovery_bundle, name_mac, totp_secret, totp_last_step"
 )
 
 
@@ -188,6 +268,9 @@ def _account(row: Sequence[object]) -> Account:
         bundle=r[10],  # type: ignore[arg-type]
         recovery_auth_pub=r[11],  # type: ignore[arg-type]
         recovery_bundle=r[12],  # type: ignore[arg-type]
+        name_mac=bytes(r[13]),  # type: ignore[call-overload]
+        totp_secret=None if r[14] is None else bytes(r[14]),  # type: ignore[call-overload]
+        totp_last_step=None if r[15] is None else int(r[15]),  # type: ignore[call-overload]
     )
 
 
@@ -241,11 +324,19 @@ class RelayStore:
         ).fetchone()
         return None if row is None else _account(row)
 
+    def account_by_id(self, account_id: int) -> Account | None:
+        row = self.conn.execute(
+            f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE id = ?", (account_id,)
+        ).fetchone()
+        return None if row is None else _account(row)
+
     def identity_of(self, account_id: int) -> bytes:
         (ident,) = self.conn.execute("SELECT identity_pub FROM accounts WHERE id = ?", (account_id,)).fetchone()
         return bytes(ident)
 
     def _insert_device(self, account_id: int, device_id: bytes, sig: bytes) -> None:
+        if self._revoked(device_id):
+            raise DeviceRevoked()
         try:
             self.conn.execute(
                 "INSERT INTO devices (device_id, account_id, sig, created_day) VALUES (?,?,?,?)",
@@ -254,22 +345,35 @@ class RelayStore:
         except IntegrityError:
             raise UnknownDevice() from None  # the id belongs to another account
 
+    def _revoked(self, device_id: bytes) -> bool:
+        row = self.conn.execute("SELECT 1 FROM revoked_devices WHERE device_id = ?", (device_id,)).fetchone()
+        return row is not None
+
+    def _ensure_device(self, account_id: int, device_id: bytes, sig: bytes, limit: int) -> None:
+        """Register ``device_id`` for the account unless it is known; raises
+        DeviceRevoked, UnknownDevice (another account's) or TooManyDevices."""
+        if self._revoked(device_id):
+            raise DeviceRevoked()
+        row = self.conn.execute("SELECT account_id FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        if row is not None:
+            if row[0] != account_id:
+                raise UnknownDevice()
+            return
+        (count,) = self.conn.execute(
+            "SELECT count(*) FROM devices WHERE account_id = ?", (account_id,)
+        ).fetchone()
+        if count >= limit:
+            raise TooManyDevices()
+        self._insert_device(account_id, device_id, sig)
+
     def ensure_device(self, account_id: int, device_id: bytes, sig: bytes, limit: int) -> bool:
-        """Register ``device_id`` for the account unless it is known; False if over limit."""
+        """Register ``device_id`` for the account unless it is known; False if over limit
+        (UnknownDevice for another account's id, DeviceRevoked for a revoked one)."""
         with self.db.atomic():
-            row = self.conn.execute(
-                "SELECT account_id FROM devices WHERE device_id = ?", (device_id,)
-            ).fetchone()
-            if row is not None:
-                if row[0] != account_id:
-                    raise UnknownDevice()
-                return True
-            (count,) = self.conn.execute(
-                "SELECT count(*) FROM devices WHERE account_id = ?", (account_id,)
-            ).fetchone()
-            if count >= limit:
+            try:
+                self._ensure_device(account_id, device_id, sig, limit)
+            except TooManyDevices:
                 return False
-            self._insert_device(account_id, device_id, sig)
             return True
 
     def devices(self, account_id: int) -> list[tuple[bytes, bytes, int]]:
@@ -283,20 +387,178 @@ class RelayStore:
             )
         ]
 
+    def device_list(self, account_id: int) -> list[DeviceRow]:
+        """Each device of the account as its devices see it, oldest first."""
+        day = today()
+        return [
+            DeviceRow(
+                device_id=bytes(r[0]), sig=bytes(r[1]), created_day=int(r[2]),
+                label=None if r[3] is None else bytes(r[3]),
+                last_seen_day=None if r[4] is None else int(r[4]), active=bool(r[5]),
+            )
+            for r in self.conn.execute(
+                "SELECT d.device_id, d.sig, d.created_day, d.label, d.last_seen_day, EXISTS ("
+                " SELECT 1 FROM sessions s WHERE s.device_id = d.device_id"
+                " AND s.idle_day + ? >= ? AND s.expires_day >= ?)"
+                " FROM devices d WHERE d.account_id = ? ORDER BY d.created_day, d.rowid",
+                (SESSION_IDLE_DAYS, day, day, account_id),
+            )
+        ]
+
+    def rename_device(self, account_id: int, device_id: bytes, label: bytes) -> bool:
+        """Store a device's (encrypted) name; False if it is not one of the account's."""
+        cur = self.conn.execute(
+            "UPDATE devices SET label = ? WHERE device_id = ? AND account_id = ?",
+            (label, device_id, account_id),
+        )
+        return int(cur.rowcount) == 1
+
     def remove_device(self, device_id: bytes) -> None:
         """Forget a device, its sessions and its mailbox."""
         with self.db.atomic():
             self.conn.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
 
+    def _revocable(self, account_id: int, device_id: bytes, allow_last: bool) -> None:
+        row = self.conn.execute(
+            "SELECT 1 FROM revoked_devices WHERE device_id = ? AND account_id = ?", (device_id, account_id)
+        ).fetchone()
+        if row is not None:
+            raise DeviceRevoked()
+        row = self.conn.execute(
+            "SELECT 1 FROM devices WHERE device_id = ? AND account_id = ?", (device_id, account_id)
+        ).fetchone()
+        if row is None:
+            raise UnknownDevice()
+        (count,) = self.conn.execute(
+            "SELECT count(*) FROM devices WHERE account_id = ?", (account_id,)
+        ).fetchone()
+        if count <= 1 and not allow_last:
+            raise LastDevice()
+
+    def check_revocable(self, account_id: int, device_id: bytes, allow_last: bool) -> None:
+        """Raise DeviceRevoked, UnknownDevice or LastDevice if ``revoke_device`` would."""
+        self._revocable(account_id, device_id, allow_last)
+
+    def revoke_device(self, account_id: int, device_id: bytes, allow_last: bool) -> None:
+        """Revoke one of the account's devices, in one transaction: remember its id (at
+        most MAX_REVOKED per account, the oldest go) and its sessions' token hashes (until
+        the sessions would have ended), and delete it (its sessions, mailbox and prekeys
+        go with it). Raises as ``check_revocable`` does, changing nothing."""
+        day = today()
+        with self.db.atomic():
+            self._revocable(account_id, device_id, allow_last)
+            self.conn.execute(
+                "INSERT OR REPLACE INTO revoked_devices (device_id, account_id, day) VALUES (?,?,?)",
+                (device_id, account_id, day),
+            )
+            self.conn.execute(
+                "INSERT OR IGNORE INTO revoked_tokens (token_hash, expires_day)"
+                " SELECT token_hash, min(expires_day, idle_day + ?) FROM sessions"
+                " WHERE device_id = ? AND min(expires_day, idle_day + ?) >= ?",
+                (SESSION_IDLE_DAYS, device_id, SESSION_IDLE_DAYS, day),
+            )
+            self.conn.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
+            self.conn.execute(
+                "DELETE FROM revoked_devices WHERE account_id = ? AND rowid NOT IN"
+                " (SELECT rowid FROM revoked_devices WHERE account_id = ?"
+                " ORDER BY day DESC, rowid DESC LIMIT ?)",
+                (account_id, account_id, MAX_REVOKED),
+            )
+
+    # ---- credentials and the second factor ----------------------------------------
+    def _set_credentials(self, account_id: int, creds: Credentials) -> None:
+        self.conn.execute(
+            "UPDATE accounts SET salt = ?, kdf_t = ?, kdf_m = ?, kdf_p = ?, auth_pub = ?, bundle = ?"
+            " WHERE id = ?",
+            (creds.salt, *creds.kdf, creds.auth_pub, creds.bundle, account_id),
+        )
+        if creds.recovery is not None:
+            self.conn.execute(
+                "UPDATE accounts SET recovery_auth_pub = ?, recovery_bundle = ? WHERE id = ?",
+                (*creds.recovery, account_id),
+            )
+
+    def change_password(self, account_id: int, creds: Credentials, token_hash: bytes, end_sessions: bool) -> None:
+        """Replace the password's credentials, in one transaction with, if
+        ``end_sessions``, the end of every session of the account but ``token_hash``'s.
+        NoSession (nothing changed) if that session has ended meanwhile."""
+        with self.db.atomic():
+            row = self.conn.execute(
+                "SELECT 1 FROM sessions WHERE token_hash = ? AND account_id = ?", (token_hash, account_id)
+            ).fetchone()
+            if row is None:
+                raise NoSession()
+            self._set_credentials(account_id, creds)
+            if end_sessions:
+                self.conn.execute(
+                    "DELETE FROM sessions WHERE account_id = ? AND token_hash != ?", (account_id, token_hash)
+                )
+
+    def recover(
+        self,
+        account_id: int,
+        creds: Credentials,
+        device: tuple[bytes, bytes],
+        device_limit: int,
+        prekeys: tuple[tuple[int, bytes, bytes] | None, Sequence[tuple[int, bytes]]] | None,
+        prekey_limit: int,
+        token_hash: bytes,
+    ) -> int:
+        """A recovery, in one transaction: the new credentials, the end of every session
+        of the account, ``device`` (id, certificate) registered unless known, its prekeys
+        stored, and a session for it (its expiry day is returned). Raises DeviceRevoked,
+        UnknownDevice, TooManyDevices or PrekeyLimit, and then nothing has changed."""
+        with self.db.atomic():
+            self._set_credentials(account_id, creds)
+            self.conn.execute("DELETE FROM sessions WHERE account_id = ?", (account_id,))
+            device_id, sig = device
+            self._ensure_device(account_id, device_id, sig, device_limit)
+            if prekeys is not None and self.publish_prekeys(device_id, *prekeys, prekey_limit) is None:
+                raise PrekeyLimit()
+            return self.create_session(token_hash, account_id, device_id)
+
+    def advance_totp(self, account_id: int, secret: bytes, step: int) -> bool:
+        """Record ``step`` as the last accepted TOTP step of the account, if it is later
+        than the one recorded and the secret is still ``secret`` (compare-and-set: a code
+        is accepted once, whoever presents it). False if not."""
+        cur = self.conn.execute(
+            "UPDATE accounts SET totp_last_step = ? WHERE id = ? AND totp_secret IS NOT NULL"
+            " AND totp_secret = ? AND (totp_last_step IS NULL OR totp_last_step < ?)",
+            (step, account_id, secret, step),
+        )
+        return int(cur.rowcount) == 1
+
+    def enable_totp(self, account_id: int, secret: bytes, step: int) -> bool:
+        """Turn TOTP on with the step of the code that proved the secret; False if it is
+        on already."""
+        cur = self.conn.execute(
+            "UPDATE accounts SET totp_secret = ?, totp_last_step = ? WHERE id = ? AND totp_secret IS NULL",
+            (secret, step, account_id),
+        )
+        return int(cur.rowcount) == 1
+
+    def disable_totp(self, account_id: int, secret: bytes) -> bool:
+        """Turn TOTP off; False if it is not on with ``secret`` (off, or changed)."""
+        cur = self.conn.execute(
+            "UPDATE accounts SET totp_secret = NULL, totp_last_step = NULL WHERE id = ? AND totp_secret = ?",
+            (account_id, secret),
+        )
+        return int(cur.rowcount) == 1
+
     # ---- sessions -----------------------------------------------------------------
     def create_session(self, token_hash: bytes, account_id: int, device_id: bytes) -> int:
         day = today()
         expires = day + SESSION_MAX_DAYS
-        self.conn.execute(
-            "INSERT INTO sessions (token_hash, account_id, device_id, idle_day, expires_day)"
-            " VALUES (?,?,?,?,?)",
-            (token_hash, account_id, device_id, day, expires),
-        )
+        with self.db.atomic():
+            try:
+                self.conn.execute(
+                    "INSERT INTO sessions (token_hash, account_id, device_id, idle_day, expires_day)"
+                    " VALUES (?,?,?,?,?)",
+                    (token_hash, account_id, device_id, day, expires),
+                )
+            except IntegrityError:  # the device went (removed or revoked) since it was checked
+                raise DeviceRevoked() if self._revoked(device_id) else UnknownDevice() from None
+            self.conn.execute("UPDATE devices SET last_seen_day = ? WHERE device_id = ?", (day, device_id))
         return expires
 
     def session(self, token_hash: bytes) -> Session | None:
@@ -313,13 +575,20 @@ class RelayStore:
             self.conn.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
             return None
         if row[2] != day:
-            self.conn.execute(
-                "UPDATE sessions SET idle_day = ? WHERE token_hash = ?", (day, token_hash)
-            )
+            with self.db.atomic():
+                self.conn.execute(
+                    "UPDATE sessions SET idle_day = ? WHERE token_hash = ?", (day, token_hash)
+                )
+                self.conn.execute("UPDATE devices SET last_seen_day = ? WHERE device_id = ?", (day, row[1]))
         return Session(account_id=int(row[0]), device_id=bytes(row[1]))
 
     def delete_session(self, token_hash: bytes) -> None:
         self.conn.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
+
+    def token_revoked(self, token_hash: bytes) -> bool:
+        """Whether the token's session was ended by a revocation of its device."""
+        row = self.conn.execute("SELECT 1 FROM revoked_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
+        return row is not None
 
     # ---- mailboxes ----------------------------------------------------------------
     # These run inside the caller's transaction (relay.mailroom's group commit).
@@ -467,7 +736,8 @@ class RelayStore:
         return out
 
     def expire(self) -> int:
-        """Drop undelivered mail past its expiry day and dead sessions."""
+        """Drop undelivered mail past its expiry day, dead sessions, and the revoked
+        tokens of sessions that would have died by now."""
         day = today()
         with self.db.atomic():
             n = self.conn.execute("DELETE FROM mailbox WHERE expires_day < ?", (day,)).rowcount
@@ -475,4 +745,5 @@ class RelayStore:
                 "DELETE FROM sessions WHERE expires_day < ? OR idle_day + ? < ?",
                 (day, SESSION_IDLE_DAYS, day),
             )
+            self.conn.execute("DELETE FROM revoked_tokens WHERE expires_day < ?", (day,))
         return int(n)

@@ -49,7 +49,14 @@ BundleBlob = Annotated[bytes, Meta(min_length=16, max_length=16384)]
 Token = Annotated[bytes, Meta(min_length=32, max_length=32)]
 ReqId = Annotated[int, Meta(ge=1, le=2**53)]
 Salt = Annotated[bytes, Meta(min_length=16, max_length=16)]
-Purpose = Literal["login", "bundle"]
+# What a signed challenge is for (section 4.4 of PROTOCOL.md). "recovery" is signed with
+# the recovery code's auth key; every other purpose with the password's.
+Purpose = Literal["login", "bundle", "recovery", "passwd", "mfa", "revoke"]
+# A TOTP code as typed: six digits (RFC 6238). Malformed ones are refused as bad_frame.
+Code = Annotated[str, Meta(pattern=r"^[0-9]{6}\Z")]  # \Z: "$" would let "123456\n" through
+TotpSecret = Annotated[bytes, Meta(min_length=20, max_length=64)]
+# A device's name, encrypted by the account's devices (the relay cannot read it).
+DeviceLabel = Annotated[bytes, Meta(min_length=29, max_length=256)]
 
 
 def normalize_username(name: str) -> str:
@@ -151,12 +158,16 @@ class Challenge(Frame, tag="challenge", frozen=True):
 
 
 class FetchBundle(Frame, tag="fetch_bundle", frozen=True):
-    """Prove the password (signed challenge) and receive the wrapped key bundle."""
+    """Prove the password (signed challenge) and receive the wrapped key bundle; with
+    ``recovery``, prove the recovery code instead and receive the recovery copy (this
+    connection may then ``recover``). ``totp``: a current code, if the account has MFA."""
 
     id: ReqId
     name: Name
     challenge: Key32
     signature: Sig
+    totp: Code | None = None
+    recovery: bool = False
 
 
 class Login(Frame, tag="login", frozen=True):
@@ -168,6 +179,85 @@ class Login(Frame, tag="login", frozen=True):
     signature: Sig
     device: DeviceCert
     prekeys: PrekeySet | None = None
+    totp: Code | None = None
+
+
+class Recover(Frame, tag="recover", frozen=True):
+    """After ``fetch_bundle`` with ``recovery`` on this connection: replace the password
+    (new salt, KDF, auth key and wrapped bundle) and, if given, the recovery code; end
+    every session of the account; and open a session for ``device``. One atomic step."""
+
+    id: ReqId
+    name: Name
+    salt: Salt
+    kdf: Kdf
+    auth_pub: Key32
+    bundle: BundleBlob
+    device: DeviceCert
+    recovery_auth_pub: Key32 | None = None
+    recovery_bundle: BundleBlob | None = None
+    prekeys: PrekeySet | None = None
+
+
+class ChangePassword(Frame, tag="change_password", frozen=True):
+    """Replace the password of this session's account (proved with the current one,
+    purpose "passwd"): new salt, KDF, auth key and wrapped bundle, in one step. With
+    ``end_sessions``, every other session of the account ends too."""
+
+    id: ReqId
+    name: Name
+    challenge: Key32
+    signature: Sig
+    salt: Salt
+    kdf: Kdf
+    auth_pub: Key32
+    bundle: BundleBlob
+    totp: Code | None = None
+    end_sessions: bool = False
+
+
+class MfaEnable(Frame, tag="mfa_enable", frozen=True):
+    """Turn on TOTP for this session's account (password proof, purpose "mfa"); ``totp``
+    is a current code of ``secret``, which the relay checks before storing it."""
+
+    id: ReqId
+    name: Name
+    challenge: Key32
+    signature: Sig
+    secret: TotpSecret
+    totp: Code
+
+
+class MfaDisable(Frame, tag="mfa_disable", frozen=True):
+    """Turn TOTP off (password proof, purpose "mfa", and a current code)."""
+
+    id: ReqId
+    name: Name
+    challenge: Key32
+    signature: Sig
+    totp: Code
+
+
+class RenameDevice(Frame, tag="rename_device", frozen=True):
+    """Set the (encrypted) name of one of this account's devices."""
+
+    id: ReqId
+    device_id: Id16
+    label: DeviceLabel
+
+
+class RevokeDevice(Frame, tag="revoke_device", frozen=True):
+    """Revoke one of this account's devices (password proof, purpose "revoke"): its
+    sessions end, its connections close, its prekeys and mailbox go, lookups stop listing
+    it, and it can never log in again. ``last`` must be true to revoke the only device."""
+
+    id: ReqId
+    name: Name
+    challenge: Key32
+    signature: Sig
+    device_id: Id16
+    totp: Code | None = None
+    last: bool = False
 
 
 class Resume(Frame, tag="resume", frozen=True):
@@ -268,6 +358,12 @@ Request = (
     | PrekeyStatus
     | ClaimPrekeys
     | Ping
+    | Recover
+    | ChangePassword
+    | MfaEnable
+    | MfaDisable
+    | RenameDevice
+    | RevokeDevice
 )
 
 # ---- answers and pushes (relay -> node) --------------------------------------------
@@ -280,9 +376,13 @@ class Ok(Frame, tag="ok", frozen=True):
 
 
 class AuthParamsOk(Frame, tag="auth_params_ok", frozen=True):
+    """``mfa``: the account needs a TOTP code with each password proof (false for a name
+    with no account)."""
+
     id: int
     salt: bytes
     kdf: Kdf
+    mfa: bool = False
 
 
 class NameFreeOk(Frame, tag="name_free_ok", frozen=True):
@@ -326,8 +426,15 @@ class KeysOk(Frame, tag="keys_ok", frozen=True):
 
 
 class DeviceInfo(Struct, frozen=True):
+    """One device of the account: its certificate, its encrypted name (None until named),
+    the days it was added and last authenticated, and whether it has a live session."""
+
     device_id: bytes
     created_day: int
+    sig: bytes = b""
+    label: bytes | None = None
+    last_seen_day: int | None = None
+    active: bool = False
 
 
 class DevicesOk(Frame, tag="devices_ok", frozen=True):
@@ -415,6 +522,11 @@ class ErrorCode:
     MAILBOX_FULL = "mailbox_full"
     RECIPIENT_LIMITED = "recipient_limited"  # this account sent that device too much lately
     BAD_KEY = "bad_key"
+    DEVICE_REVOKED = "device_revoked"  # this device (or the one named) was revoked
+    LAST_DEVICE = "last_device"  # revoking the account's only device needs ``last``
+    MFA_ENABLED = "mfa_enabled"  # MFA is on already
+    MFA_NOT_ENABLED = "mfa_not_enabled"
+    NO_RECOVERY = "no_recovery"  # recover without a recovery proof on this connection
     INTERNAL = "internal"
 
 

@@ -177,6 +177,11 @@ class _ScreenLog(logging.Handler):
 def run(args: argparse.Namespace, unlock: Callable[[argparse.Namespace], Node]) -> None:
     """Unlock with the master password, then run the REPL until /quit."""
     node = unlock(args)
+    # Nothing may read the terminal behind the chat's back: a code or a newer password
+    # is asked for by a `veil` command at the terminal (the chat says so).
+    if not getattr(args, "code", None):
+        node.ask_code = None
+    node.ask_password = None
     chat = Chat(node)
     root = logging.getLogger()
     handler = _ScreenLog(chat)

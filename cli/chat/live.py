@@ -25,7 +25,7 @@ from cli.chat.screen import Screen
 from cli.text import inert
 from keyvault.errors import KeyvaultError
 from node.control import ControlService
-from node.errors import VeilError
+from node.errors import DeviceRevoked, VeilError
 from node.node import Node, Received
 from node.session import LiveSession
 from node.store import StoredMessage
@@ -362,6 +362,8 @@ class Chat:
                       else f"online: connected to {self.node.relay}")
             self.ever_online = True
             self.offline_said = False
+        elif status == "revoked":
+            self.note(f"{DeviceRevoked()} Quit with /quit.")
         elif status == "offline":
             nxt = self.session.next_retry
             self.retry_at = None if nxt is None else time.monotonic() + max(0.0, nxt - trio.current_time())
