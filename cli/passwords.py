@@ -153,11 +153,20 @@ def new_password(args: argparse.Namespace, name: str, source: str | None = None)
 
 
 def code_asker(args: argparse.Namespace) -> Callable[[], str] | None:
-    """Where a code from the authenticator app comes from: ``--code`` (also VEIL_CODE), or
-    asked at the terminal when needed; None when neither can be had."""
+    """Where a code from the authenticator app comes from: ``--code`` (also VEIL_CODE),
+    used once, or asked at the terminal when needed; None when neither can be had."""
     given = getattr(args, "code", None) or os.environ.get("VEIL_CODE") or None
     if given:
-        return lambda: given
+        # Once: a code is good for one proof, and a long-running command (a daemon, the
+        # chat) that reconnected with it again and again would only pile up failures.
+        left = [given]
+
+        def once() -> str:
+            if not left:
+                raise CliError("the code given with --code (or VEIL_CODE) was used already")
+            return left.pop()
+
+        return once
     if not sys.stdin.isatty():
         return None
 

@@ -542,12 +542,24 @@ class Node:
                 "the relay no longer accepts this device's password (was it changed on another"
                 " device?); the current master password: "
             )
-            seed = (await trio.to_thread.run_sync(password_keys, new_password, params.salt, kdf)).auth_seed
+            pk = await trio.to_thread.run_sync(password_keys, new_password, params.salt, kdf)
+            seed = pk.auth_seed
             try:
                 # The code was not used up if the password was what failed.
                 session = await self._login_with(link, seed, totp)
+                # Before this device's store is re-keyed to it: the password must open
+                # the account's key bundle (a relay that accepted anything cannot make
+                # the store depend on a typo). The code above covers this proof too.
+                challenge, sig = await _password_proof(link, self.name, "bundle", seed)
+                got = await link.request(wire.FetchBundle, name=self.name, challenge=challenge, signature=sig)
             except RelayRefused as again:
                 raise _refused_as(again, mfa=params.mfa) from None
+            try:
+                opened = await trio.to_thread.run_sync(unwrap_bundle, got.bundle, pk.wrap_key, self.name)
+            except BadPassword:
+                raise LoginFailed("that password does not open this account's keys at the relay") from None
+            if opened.public() != self.keys.public():
+                raise LoginFailed("the relay holds other keys for this account than this device has") from None
         with self.store.transaction():
             self.store.put("token", session.token)
             self.store.put("auth_seed", seed)

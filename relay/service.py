@@ -32,6 +32,7 @@ from relay.mailroom import MailboxFull, Mailroom
 from relay.store import (
     Account,
     Credentials,
+    CredentialsChanged,
     DeviceRevoked,
     LastDevice,
     NameTaken,
@@ -121,9 +122,20 @@ def _no_reply(frame: wire.Frame) -> None:
     pass
 
 
-def _granted(grant: tuple[int, float] | None, account_id: int, now: float, ttl: float) -> bool:
-    """Whether a grant (account id, when given) covers this account now."""
-    return grant is not None and grant[0] == account_id and 0.0 <= now - grant[1] <= ttl
+Grant = tuple[int, float, bytes | None]  # account id, when given, what it was proved against
+
+
+def _recovery_bound(account: Account) -> bytes:
+    """What a recovery grant was proved against: the recovery auth key and the TOTP
+    secret (a newer recovery code, or MFA turned on or changed, ends the grant)."""
+    return account.recovery_auth_pub + (account.totp_secret or b"")
+
+
+def _granted(grant: Grant | None, account_id: int, now: float, ttl: float, bound: bytes | None) -> bool:
+    """Whether a grant (account id, when given, the key or secret it was proved against)
+    covers this account now: the same account, in time, and ``bound`` unchanged since."""
+    return (grant is not None and grant[0] == account_id and 0.0 <= now - grant[1] <= ttl
+            and grant[2] == bound)
 
 
 @dataclass(eq=False)
@@ -147,8 +159,8 @@ class Peer:
     nursery: trio.Nursery | None = field(default=None, repr=False)
     # (account id, service clock time) of the last TOTP code accepted here, and of the
     # last recovery proof made here.
-    mfa_grant: tuple[int, float] | None = None
-    recovery_grant: tuple[int, float] | None = None
+    mfa_grant: Grant | None = None  # bound to the TOTP secret the code was of
+    recovery_grant: Grant | None = None  # bound to the recovery auth key it proved
 
     def end(self, frame: wire.Frame) -> None:
         """Send ``frame`` (after the frames queued already) if it can go without waiting,
@@ -416,20 +428,22 @@ class RelayService:
         self, peer: Peer, account: Account, secret: bytes, mac: bytes, code: str | None, grant: bool
     ) -> None:
         now = self.clock()
-        if grant and _granted(peer.mfa_grant, account.id, now, MFA_GRANT_SECONDS):
+        if grant and _granted(peer.mfa_grant, account.id, now, MFA_GRANT_SECONDS, secret):
             return
-        if code is None:
-            await self._failed(peer, mac)
-        try:
-            step = totp_accept(secret, code, now, account.totp_last_step)
-        except BadKey:
-            step = None
+        step = None
+        if code is not None:
+            try:
+                step = totp_accept(secret, code, now, account.totp_last_step)
+            except BadKey:
+                step = None
         # The step is recorded only if no one recorded it (or a later one) since the
-        # account was read: two connections with one code cannot both pass.
+        # account was read: two connections with one code cannot both pass. A wrong (or
+        # missing) code after a right password is counted, and after MAX_CODE_FAILURES
+        # in a day no code passes until the next: guessing codes online stays hopeless.
         store = self.mailroom.store
-        if step is None or not await self.mailroom.call(store.advance_totp, account.id, secret, step):
+        if not await self.mailroom.call(store.advance_totp, account.id, secret, step):
             await self._failed(peer, mac)
-        peer.mfa_grant = (account.id, now)
+        peer.mfa_grant = (account.id, now, secret)
 
     async def _failed(self, peer: Peer, mac: bytes) -> NoReturn:
         delay = self.throttle.fail(mac)
@@ -443,7 +457,7 @@ class RelayService:
             account = await self._prove(peer, req.name, "bundle", req.challenge, req.signature, req.totp)
             return wire.BundleOk(id=req.id, bundle=account.bundle)
         account = await self._prove(peer, req.name, "recovery", req.challenge, req.signature, req.totp)
-        peer.recovery_grant = (account.id, self.clock())
+        peer.recovery_grant = (account.id, self.clock(), _recovery_bound(account))
         return wire.BundleOk(id=req.id, bundle=account.recovery_bundle)
 
     async def login(self, peer: Peer, req: wire.Login) -> wire.Frame:
@@ -467,7 +481,7 @@ class RelayService:
             raise Refused(E.TOO_MANY_DEVICES, f"an account has at most {wire.MAX_DEVICES} devices")
         if req.prekeys is not None:
             await self._publish(req.id, req.device.device_id, account.identity_pub, req.prekeys)
-        return await self._open_session(peer, req.id, account.id, req.device.device_id)
+        return await self._open_session(peer, req.id, account.id, req.device.device_id, account.auth_pub)
 
     async def _publish(
         self, rid: int, device_id: bytes, identity: bytes, prekeys: wire.PrekeySet
@@ -484,11 +498,18 @@ class RelayService:
             raise Refused(E.PREKEY_LIMIT, f"a device holds at most {wire.MAX_ONE_TIME_PREKEYS} one-time prekeys")
         return wire.PrekeyStatusOk(id=rid, signed_id=status[0], one_time_left=status[1])
 
-    async def _open_session(self, peer: Peer, rid: int, account_id: int, device_id: bytes) -> wire.Frame:
+    async def _open_session(
+        self, peer: Peer, rid: int, account_id: int, device_id: bytes, auth_pub: bytes | None = None
+    ) -> wire.Frame:
+        """``auth_pub``: the key a login was proved with, which must still be the account's."""
         token = new_token()
         th = token_hash(token)
         try:
-            expires = await self.mailroom.call(self.mailroom.store.create_session, th, account_id, device_id)
+            expires = await self.mailroom.call(
+                self.mailroom.store.create_session, th, account_id, device_id, auth_pub
+            )
+        except CredentialsChanged:  # a password change or a recovery came in between
+            raise auth_failed() from None
         except DeviceRevoked:  # meanwhile
             raise Refused(E.DEVICE_REVOKED, REVOKED_HERE) from None
         except UnknownDevice:
@@ -610,7 +631,8 @@ class RelayService:
             raise Refused(E.BAD_FRAME, "recovery_auth_pub and recovery_bundle go together (both or neither)")
         name = _name(req.name)
         account = await self._account(name)
-        if account is None or not _granted(peer.recovery_grant, account.id, self.clock(), RECOVERY_GRANT_SECONDS):
+        if account is None or not _granted(peer.recovery_grant, account.id, self.clock(), RECOVERY_GRANT_SECONDS,
+                                           _recovery_bound(account)):
             raise Refused(E.NO_RECOVERY, "prove the recovery code first (fetch_bundle with recovery)")
         device = req.device
         if not verify_device(account.identity_pub, name, device.device_id, device.sig):
@@ -631,7 +653,10 @@ class RelayService:
             expires = await self.mailroom.call(
                 self.mailroom.store.recover, account.id, creds, (device.device_id, device.sig),
                 wire.MAX_DEVICES, prekeys, wire.MAX_ONE_TIME_PREKEYS, th,
+                (account.recovery_auth_pub, account.totp_secret),
             )
+        except CredentialsChanged:
+            raise Refused(E.NO_RECOVERY, "the recovery code or two-factor setting changed: prove it again") from None
         except DeviceRevoked:
             raise Refused(E.DEVICE_REVOKED, REVOKED_HERE) from None
         except UnknownDevice:
@@ -678,7 +703,7 @@ class RelayService:
         self._still(peer, th)
         if not await self.mailroom.call(self.mailroom.store.enable_totp, account.id, req.secret, step):
             raise Refused(E.MFA_ENABLED, "two-factor authentication is on already")
-        peer.mfa_grant = (account.id, now)
+        peer.mfa_grant = (account.id, now, req.secret)
         return wire.Ok(id=req.id)
 
     async def mfa_disable(self, peer: Peer, req: wire.MfaDisable) -> wire.Frame:

@@ -139,7 +139,17 @@ def _m0003(db: Database) -> None:
     )
 
 
+@migrations(name="0004_code_failures")
+def _m0004(db: Database) -> None:
+    # Wrong TOTP codes that came with a right password (or recovery code), per day: past
+    # MAX_CODE_FAILURES in one day, no code is accepted until the next (online guessing
+    # of a code by someone who has the password is then about 30 guesses a day at most).
+    db.execute("ALTER TABLE accounts ADD COLUMN code_fail_day INTEGER")
+    db.execute("ALTER TABLE accounts ADD COLUMN code_failures INTEGER NOT NULL DEFAULT 0")
+
+
 MAX_REVOKED = 64  # revoked device ids remembered per account
+MAX_CODE_FAILURES = 10  # wrong codes a day after a right password, per account
 
 
 def today() -> int:
@@ -169,6 +179,10 @@ class PrekeyLimit(Exception):
 
 class LastDevice(Exception):
     """Revoking this device would leave its account with none."""
+
+
+class CredentialsChanged(Exception):
+    """The credentials a proof was checked against were replaced meanwhile."""
 
 
 class NoSession(Exception):
@@ -503,12 +517,23 @@ class RelayStore:
         prekeys: tuple[tuple[int, bytes, bytes] | None, Sequence[tuple[int, bytes]]] | None,
         prekey_limit: int,
         token_hash: bytes,
+        proved: tuple[bytes, bytes | None] | None = None,
     ) -> int:
         """A recovery, in one transaction: the new credentials, the end of every session
         of the account, ``device`` (id, certificate) registered unless known, its prekeys
         stored, and a session for it (its expiry day is returned). Raises DeviceRevoked,
-        UnknownDevice, TooManyDevices or PrekeyLimit, and then nothing has changed."""
+        UnknownDevice, TooManyDevices or PrekeyLimit, and then nothing has changed.
+        ``proved``: the recovery auth key and TOTP secret the recovery proof was checked
+        against; CredentialsChanged if either is not the account's now (a newer recovery
+        code, or MFA turned on or changed, since)."""
         with self.db.atomic():
+            if proved is not None:
+                row = self.conn.execute(
+                    "SELECT recovery_auth_pub, totp_secret FROM accounts WHERE id = ?", (account_id,)
+                ).fetchone()
+                now = None if row is None else (bytes(row[0]), None if row[1] is None else bytes(row[1]))
+                if now != proved:
+                    raise CredentialsChanged()
             self._set_credentials(account_id, creds)
             self.conn.execute("DELETE FROM sessions WHERE account_id = ?", (account_id,))
             device_id, sig = device
@@ -517,16 +542,32 @@ class RelayStore:
                 raise PrekeyLimit()
             return self.create_session(token_hash, account_id, device_id)
 
-    def advance_totp(self, account_id: int, secret: bytes, step: int) -> bool:
+    def advance_totp(self, account_id: int, secret: bytes, step: int | None) -> bool:
         """Record ``step`` as the last accepted TOTP step of the account, if it is later
         than the one recorded and the secret is still ``secret`` (compare-and-set: a code
-        is accepted once, whoever presents it). False if not."""
-        cur = self.conn.execute(
-            "UPDATE accounts SET totp_last_step = ? WHERE id = ? AND totp_secret IS NOT NULL"
-            " AND totp_secret = ? AND (totp_last_step IS NULL OR totp_last_step < ?)",
-            (step, account_id, secret, step),
-        )
-        return int(cur.rowcount) == 1
+        is accepted once, whoever presents it), and the account has not had
+        MAX_CODE_FAILURES wrong codes today. False if not (``step`` None: the code was
+        wrong), and then a wrong code is counted. One transaction."""
+        day = today()
+        with self.db.atomic():
+            row = self.conn.execute(
+                "SELECT code_fail_day, code_failures FROM accounts WHERE id = ?", (account_id,)
+            ).fetchone()
+            locked = row is not None and row[0] == day and row[1] >= MAX_CODE_FAILURES
+            if step is not None and not locked:
+                cur = self.conn.execute(
+                    "UPDATE accounts SET totp_last_step = ? WHERE id = ? AND totp_secret IS NOT NULL"
+                    " AND totp_secret = ? AND (totp_last_step IS NULL OR totp_last_step < ?)",
+                    (step, account_id, secret, step),
+                )
+                if int(cur.rowcount) == 1:
+                    return True
+            self.conn.execute(
+                "UPDATE accounts SET code_failures = CASE WHEN code_fail_day = ? THEN code_failures + 1"
+                " ELSE 1 END, code_fail_day = ? WHERE id = ?",
+                (day, day, account_id),
+            )
+            return False
 
     def enable_totp(self, account_id: int, secret: bytes, step: int) -> bool:
         """Turn TOTP on with the step of the code that proved the secret; False if it is
@@ -546,10 +587,19 @@ class RelayStore:
         return int(cur.rowcount) == 1
 
     # ---- sessions -----------------------------------------------------------------
-    def create_session(self, token_hash: bytes, account_id: int, device_id: bytes) -> int:
+    def create_session(
+        self, token_hash: bytes, account_id: int, device_id: bytes, auth_pub: bytes | None = None
+    ) -> int:
+        """Open a session; with ``auth_pub``, only if that is still the account's auth key
+        (the one the login was proved with: CredentialsChanged if a password change or a
+        recovery replaced it meanwhile, since that ended every session it meant to)."""
         day = today()
         expires = day + SESSION_MAX_DAYS
         with self.db.atomic():
+            if auth_pub is not None:
+                row = self.conn.execute("SELECT auth_pub FROM accounts WHERE id = ?", (account_id,)).fetchone()
+                if row is None or bytes(row[0]) != auth_pub:
+                    raise CredentialsChanged()
             try:
                 self.conn.execute(
                     "INSERT INTO sessions (token_hash, account_id, device_id, idle_day, expires_day)"

@@ -40,6 +40,7 @@ from keyvault.prekeys import new_one_time_prekeys, new_signed_prekey
 from keyvault.totp import code_at, new_secret, step_at
 from relay.service import MFA_GRANT_SECONDS, RECOVERY_GRANT_SECONDS, RelayService
 from relay.store import (
+    MAX_CODE_FAILURES,
     MAX_REVOKED,
     SESSION_IDLE_DAYS,
     SESSION_MAX_DAYS,
@@ -341,6 +342,7 @@ async def test_mfa_proofs_without_a_fresh_code_fail_like_a_wrong_password(env: E
         assert alice.secret is not None
         attempts: dict[str, Callable[..., Awaitable[wire.Frame]]] = {"fetch_bundle": fetch, "login": login}
         for kind, attempt in attempts.items():
+            await sql(env.relay, "UPDATE accounts SET code_failures = 0")
             step = env.clock.step()
             bad = {
                 "no code": None,
@@ -355,6 +357,9 @@ async def test_mfa_proofs_without_a_fresh_code_fail_like_a_wrong_password(env: E
                     assert isinstance(ans, wire.Error) and (ans.code, ans.message) == (E.AUTH_FAILED, FAILED), (
                         kind, what, ans)
                     env.forgive(alice.name)  # counted as one failure, like a wrong password
+            # Each wrong code counted against the day's allowance (see the next test).
+            assert await sql(env.relay, "SELECT code_failures FROM accounts") == [(len(bad),)]
+            await sql(env.relay, "UPDATE accounts SET code_failures = 0")
             async with raw_client(env.url) as c:
                 # The password is right, but not the code: the same answer as a wrong password.
                 ans = await attempt(c, alice, code := alice.code(step))
@@ -374,6 +379,37 @@ async def test_mfa_proofs_without_a_fresh_code_fail_like_a_wrong_password(env: E
                 ans = await attempt(c, alice, alice.code(env.clock.step()))
                 assert not isinstance(ans, wire.Error), (kind, ans)
             env.clock.next_step()
+
+
+async def test_after_ten_wrong_codes_in_a_day_no_code_passes_until_the_next(env: Env) -> None:
+    """Someone who has the password guesses codes: each guess is throttled like a wrong
+    password, and after MAX_CODE_FAILURES in one day even the right code fails (with the
+    same answer) until the day is over. A wrong password does not count: only the
+    password's owner (or thief) can use up the allowance."""
+    with trio.fail_after(DEADLINE):
+        async with raw_client(env.url) as c:
+            alice = await register(env, c, "alice")
+            await enable_mfa(env, c, alice)
+        assert alice.secret is not None
+        wrong = password_keys("not the password", alice.salt, TEST_KDF).auth_seed
+        async with raw_client(env.url) as c:
+            ans = await login(c, alice, wrong_code(alice.secret, env.clock.step()), seed=wrong)
+            assert isinstance(ans, wire.Error) and ans.code == E.AUTH_FAILED
+            env.forgive(alice.name)
+        assert await sql(env.relay, "SELECT code_failures FROM accounts") == [(0,)]
+        for _ in range(MAX_CODE_FAILURES):
+            async with raw_client(env.url) as c:
+                ans = await login(c, alice, wrong_code(alice.secret, env.clock.step()))
+                assert isinstance(ans, wire.Error) and (ans.code, ans.message) == (E.AUTH_FAILED, FAILED)
+                env.forgive(alice.name)
+        async with raw_client(env.url) as c:
+            ans = await login(c, alice, alice.code(env.clock.step()))
+            assert isinstance(ans, wire.Error) and (ans.code, ans.message) == (E.AUTH_FAILED, FAILED)
+            env.forgive(alice.name)
+        # The next day the right code works again (and a used one stays used: none was).
+        await sql(env.relay, "UPDATE accounts SET code_fail_day = code_fail_day - 1")
+        async with raw_client(env.url) as c:
+            assert isinstance(await login(c, alice, alice.code(env.clock.step())), wire.SessionOk)
 
 
 async def test_an_accepted_code_covers_the_rest_of_its_connection_only(env: Env) -> None:
@@ -1051,3 +1087,78 @@ def test_migration_0003_keeps_existing_devices_and_when_they_were_seen(tmp_path:
         (b"\x0a", today() - 2, None, True), (b"\x0b", None, None, False),
     ]
     store.close()
+
+
+async def test_a_login_in_flight_does_not_survive_a_recovery(env: Env) -> None:
+    """Someone with the old password has a login under way while the owner recovers: the
+    session it would open is refused, because the auth key it was proved with is not
+    the account's any more (found by a review: it used to outlive "every session ended")."""
+    with trio.fail_after(DEADLINE):
+        svc = env.service
+        real_open = svc._open_session
+        gate, reached = trio.Event(), trio.Event()
+
+        async def slow_open(*args: Any) -> wire.Frame:
+            reached.set()
+            await gate.wait()  # stands for the mailroom queue between the proof and the session
+            return await real_open(*args)
+
+        async with raw_client(env.url) as o:
+            alice = await register(env, o, "alice")
+        svc._open_session = slow_open  # type: ignore[method-assign]
+        result: dict[str, wire.Frame] = {}
+        async with raw_client(env.url) as thief, raw_client(env.url) as owner:
+            async def steal() -> None:
+                result["ans"] = await login(thief, alice)  # the old password
+
+            async with trio.open_nursery() as n:
+                n.start_soon(steal)
+                await reached.wait()
+                svc._open_session = real_open  # type: ignore[method-assign]
+                ans = await fetch(owner, alice, recovery=True)
+                assert isinstance(ans, wire.BundleOk)
+                keys = unwrap_bundle(ans.bundle, alice.rk.wrap_key, alice.name)
+                _, _, fields = credentials(keys, alice.name)
+                assert isinstance(await owner.ok(recover_frame(owner, alice, alice.cert(secrets.token_bytes(16)),
+                                                               fields)), wire.SessionOk)
+                gate.set()
+        ans = result["ans"]
+        assert isinstance(ans, wire.Error) and ans.code == E.AUTH_FAILED, ans
+        assert await sql(env.relay, "SELECT count(*) FROM sessions") == [(1,)]  # the owner's
+
+
+async def test_a_recovery_grant_ends_with_the_recovery_code_it_proved(env: Env) -> None:
+    """A thief of the recovery code holds a grant; the owner recovers with a new code: the
+    thief's grant no longer recovers (found by a review)."""
+    with trio.fail_after(DEADLINE):
+        async with raw_client(env.url) as o:
+            alice = await register(env, o, "alice")
+        async with raw_client(env.url) as thief, raw_client(env.url) as owner:
+            assert isinstance(await fetch(thief, alice, recovery=True), wire.BundleOk)
+            ans = await fetch(owner, alice, recovery=True)
+            assert isinstance(ans, wire.BundleOk)
+            keys = unwrap_bundle(ans.bundle, alice.rk.wrap_key, alice.name)
+            _, _, fields = credentials(keys, alice.name)
+            rk2 = recovery_keys(parse_recovery_code(new_recovery_code()))
+            await owner.ok(recover_frame(owner, alice, alice.cert(secrets.token_bytes(16)), fields,
+                                         recovery_auth_pub=auth_public_key(rk2.auth_seed),
+                                         recovery_bundle=wrap_bundle(keys, rk2.wrap_key, alice.name)))
+            before = await snapshot(env, alice)
+            _, _, again = credentials(keys, alice.name)
+            await thief.refused(recover_frame(thief, alice, alice.cert(secrets.token_bytes(16)), again),
+                                E.NO_RECOVERY)
+            assert await snapshot(env, alice) == before
+            await assert_session(owner)
+
+
+async def test_a_recovery_grant_from_before_mfa_was_turned_on_recovers_nothing(env: Env) -> None:
+    with trio.fail_after(DEADLINE):
+        async with raw_client(env.url) as o, raw_client(env.url) as thief:
+            alice = await register(env, o, "alice")
+            assert isinstance(await fetch(thief, alice, recovery=True), wire.BundleOk)
+            await enable_mfa(env, o, alice)
+            keys = alice.keys
+            _, _, fields = credentials(keys, alice.name)
+            await thief.refused(recover_frame(thief, alice, alice.cert(secrets.token_bytes(16)), fields),
+                                E.NO_RECOVERY)
+            await assert_session(o)
