@@ -32,6 +32,7 @@ from node.account import (
     rename_device,
     revoke_device,
 )
+from node.errors import VeilError
 from node.home import Home
 
 
@@ -81,23 +82,36 @@ async def cmd_mfa(args: argparse.Namespace) -> None:
             if not args.no_qr:
                 print(_qr(uri), end="")
             print(uri, flush=True)
-            given = args.code
-            if not given:
-                if sys.stdin.isatty():
-                    try:
-                        given = input("the code the app shows now: ")
-                    except EOFError:
-                        raise CliError("no code given: two-factor authentication stays off") from None
-                else:
-                    given = sys.stdin.readline().strip()  # a script answers on standard input
-                    if not given:
-                        raise CliError("no code given: two-factor authentication stays off")
-            code = check_first_code(secret, given, time.time())
+            code = _first_code(args, secret)
             await enable_mfa(node, link, secret, code)
         print("two-factor authentication is on: logging in on a new device, recovery, a new"
               " password and revoking a device now need a code from the app as well")
     finally:
         node.close()
+
+
+def _first_code(args: argparse.Namespace, secret: bytes) -> str:
+    """The first code of the new secret: from --code, a line of standard input (a script),
+    or typed at the terminal, where a typo is asked again (up to three times)."""
+    if args.code:
+        return check_first_code(secret, args.code, time.time())
+    if not sys.stdin.isatty():
+        given = sys.stdin.readline().strip()  # a script answers on standard input
+        if not given:
+            raise CliError("no code given: two-factor authentication stays off")
+        return check_first_code(secret, given, time.time())
+    for left in (2, 1, 0):
+        try:
+            given = input("the code the app shows now: ")
+        except EOFError:
+            raise CliError("no code given: two-factor authentication stays off") from None
+        try:
+            return check_first_code(secret, given, time.time())
+        except VeilError as exc:
+            if not left:
+                raise
+            print(f"{str(exc).rstrip('.')}; try again", file=sys.stderr)
+    raise AssertionError("unreachable")
 
 
 # ---- veil passwd ---------------------------------------------------------------------------

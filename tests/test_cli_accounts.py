@@ -384,3 +384,23 @@ def test_a_device_that_is_online_learns_at_once_that_it_was_revoked(
     errors = [ln for ln in err.splitlines() if ln.startswith("veil: error:")]
     assert len(errors) == 1 and "revoked" in errors[0], err
     assert "Traceback" not in err
+
+
+def test_enrolment_at_a_terminal_asks_again_after_a_typo(relay_proc: RelayProcess, tmp_path: Path) -> None:
+    (alice,) = users(tmp_path, relay_proc, "alice")
+    p = pty(alice.home, "mfa", "enable")
+    p.expect("master password: ")
+    p.sendline("pw for tests")
+    p.expect(r"otpauth://\S+")
+    app = Authenticator(p.after.strip())
+    p.expect("the code the app shows now: ")
+    now = int(time.time()) // 30
+    valid = {app.at(s) for s in range(now - 3, now + 4)}
+    p.sendline(next(f"{n:06d}" for n in range(10**6) if f"{n:06d}" not in valid))
+    p.expect("does not match")
+    p.expect("the code the app shows now: ")
+    p.sendline(app.next())
+    out, status = finish(p)
+    assert status == 0 and "two-factor authentication is on" in out, out
+    phone = device(tmp_path, alice, "phone")
+    assert login(phone, "alice", relay_proc, "--code", app.next()).returncode == 0
