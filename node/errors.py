@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def _inert(text: str, limit: int) -> str:
+    """Text from elsewhere, fit for one line of a terminal: controls escaped, cut short."""
+    out = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
+                  for c in text[:limit])
+    return out + ("…" if len(text) > limit else "")
+
+
 class VeilError(Exception):
     """Something went wrong."""
 
@@ -72,7 +79,9 @@ class RelayRefused(VeilError):
     """The relay refused the request."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"relay refused: {message} ({code})")
+        # The relay's words: shown to a person, so made inert (no line breaks, no terminal
+        # controls) and kept short; the code is the relay's stable one.
+        super().__init__(f"relay refused: {_inert(message, 200)} ({_inert(code, 40)})")
         self.code = code
 
 

@@ -129,14 +129,15 @@ class Mailroom:
 
         await self.call(run)
 
-    async def revoke_device(self, account_id: int, device_id: bytes, allow_last: bool) -> None:
+    async def revoke_device(self, account_id: int, device_id: bytes, allow_last: bool,
+                            token_hash: bytes | None = None, auth_pub: bytes | None = None) -> None:
         """RelayStore.revoke_device in the store's thread, forgetting what the commit
         thread knows of the device (a send to it then fails as to an unknown device)."""
 
         def run() -> None:
             self._counts.pop(device_id, None)
             self._known.discard(device_id)
-            self.store.revoke_device(account_id, device_id, allow_last)
+            self.store.revoke_device(account_id, device_id, allow_last, token_hash, auth_pub)
 
         await self.call(run)
 

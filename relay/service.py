@@ -125,6 +125,12 @@ def _no_reply(frame: wire.Frame) -> None:
 Grant = tuple[int, float, bytes | None]  # account id, when given, what it was proved against
 
 
+def _changed_meanwhile() -> Refused:
+    """A change asked on a session that a recovery or a password change (committed
+    first) ended, or with a password that is no longer the account's."""
+    return Refused(E.NOT_AUTHENTICATED, "this session ended meanwhile (or the password changed); log in again")
+
+
 def _recovery_bound(account: Account) -> bytes:
     """What a recovery grant was proved against: the recovery auth key and the TOTP
     secret (a newer recovery code, or MFA turned on or changed, ends the grant)."""
@@ -418,14 +424,20 @@ class RelayService:
             await self._failed(peer, mac)
         key = account.recovery_auth_pub if purpose == "recovery" else account.auth_pub
         if not verify_challenge(key, signature, purpose, self.relay_id, name, challenge):
+            if account.totp_secret is not None and mfa != "none":
+                # The same store round trip a wrong code makes: the time must not tell a
+                # right password with a wrong code from a wrong password.
+                await self.mailroom.call(self.mailroom.store.touch_account, account.id)
             await self._failed(peer, mac)
         if account.totp_secret is not None and mfa != "none":
-            await self._second_factor(peer, account, account.totp_secret, mac, totp, mfa == "grant")
+            counter = "session" if session is not None else "recovery" if purpose == "recovery" else "password"
+            await self._second_factor(peer, account, account.totp_secret, mac, totp, mfa == "grant", counter)
         self.throttle.succeed(mac)
         return account
 
     async def _second_factor(
-        self, peer: Peer, account: Account, secret: bytes, mac: bytes, code: str | None, grant: bool
+        self, peer: Peer, account: Account, secret: bytes, mac: bytes, code: str | None, grant: bool,
+        counter: str,
     ) -> None:
         now = self.clock()
         if grant and _granted(peer.mfa_grant, account.id, now, MFA_GRANT_SECONDS, secret):
@@ -440,8 +452,10 @@ class RelayService:
         # account was read: two connections with one code cannot both pass. A wrong (or
         # missing) code after a right password is counted, and after MAX_CODE_FAILURES
         # in a day no code passes until the next: guessing codes online stays hopeless.
+        # Counted apart for proofs without a session, with the recovery code, and per
+        # session, so that a thief of the password alone cannot use up the owner's.
         store = self.mailroom.store
-        if not await self.mailroom.call(store.advance_totp, account.id, secret, step):
+        if not await self.mailroom.call(store.advance_totp, account.id, secret, step, counter, peer.token_hash):
             await self._failed(peer, mac)
         peer.mfa_grant = (account.id, now, secret)
 
@@ -676,13 +690,14 @@ class RelayService:
 
     async def change_password(self, peer: Peer, req: wire.ChangePassword) -> wire.Frame:
         account, _, th = await self._session_account(peer)
-        await self._prove(peer, req.name, "passwd", req.challenge, req.signature, req.totp, session=account)
+        proved = await self._prove(peer, req.name, "passwd", req.challenge, req.signature, req.totp, session=account)
         self._still(peer, th)
         creds = Credentials(req.salt, (req.kdf.t, req.kdf.m, req.kdf.p), req.auth_pub, req.bundle)
         try:
-            await self.mailroom.call(self.mailroom.store.change_password, account.id, creds, th, req.end_sessions)
-        except NoSession:
-            raise Refused(E.NOT_AUTHENTICATED, "this session ended meanwhile; log in again") from None
+            await self.mailroom.call(self.mailroom.store.change_password, account.id, creds, th, req.end_sessions,
+                                     proved.auth_pub)
+        except (NoSession, CredentialsChanged):
+            raise _changed_meanwhile() from None
         if req.end_sessions:
             self._close_others(account.id, peer, keep=th)
         return wire.Ok(id=req.id)
@@ -692,7 +707,7 @@ class RelayService:
         if account.totp_secret is not None:
             raise Refused(E.MFA_ENABLED, "two-factor authentication is on already")
         # The password alone: the code this carries is for the new secret.
-        await self._prove(peer, req.name, "mfa", req.challenge, req.signature, mfa="none", session=account)
+        proved = await self._prove(peer, req.name, "mfa", req.challenge, req.signature, mfa="none", session=account)
         now = self.clock()
         try:
             step = totp_accept(req.secret, req.totp, now, None)
@@ -701,7 +716,12 @@ class RelayService:
         if step is None:
             await self._failed(peer, account.name_mac)
         self._still(peer, th)
-        if not await self.mailroom.call(self.mailroom.store.enable_totp, account.id, req.secret, step):
+        try:
+            enabled = await self.mailroom.call(self.mailroom.store.enable_totp, account.id, req.secret, step, th,
+                                               proved.auth_pub)
+        except (NoSession, CredentialsChanged):
+            raise _changed_meanwhile() from None
+        if not enabled:
             raise Refused(E.MFA_ENABLED, "two-factor authentication is on already")
         peer.mfa_grant = (account.id, now, req.secret)
         return wire.Ok(id=req.id)
@@ -716,7 +736,12 @@ class RelayService:
         )
         self._still(peer, th)
         secret = proved.totp_secret
-        if secret is None or not await self.mailroom.call(self.mailroom.store.disable_totp, account.id, secret):
+        try:
+            disabled = secret is not None and await self.mailroom.call(
+                self.mailroom.store.disable_totp, account.id, secret, th, proved.auth_pub)
+        except (NoSession, CredentialsChanged):
+            raise _changed_meanwhile() from None
+        if not disabled:
             raise Refused(E.MFA_NOT_ENABLED, "two-factor authentication is not on")
         peer.mfa_grant = None
         return wire.Ok(id=req.id)
@@ -726,9 +751,9 @@ class RelayService:
         store = self.mailroom.store
         # Refusals that need no proof come first: they use up nothing.
         await self._revocation(self.mailroom.call(store.check_revocable, account.id, req.device_id, req.last))
-        await self._prove(peer, req.name, "revoke", req.challenge, req.signature, req.totp, session=account)
+        proved = await self._prove(peer, req.name, "revoke", req.challenge, req.signature, req.totp, session=account)
         self._still(peer, th)
-        await self._revocation(self.mailroom.revoke_device(account.id, req.device_id, req.last))
+        await self._revocation(self.mailroom.revoke_device(account.id, req.device_id, req.last, th, proved.auth_pub))
         for other in list(self._bound.get(req.device_id, {})):
             if other is not peer:
                 self.unbind(other)
@@ -753,6 +778,8 @@ class RelayService:
                 "that is the account's only device: revoking it leaves the account with none"
                 " (pass last to do it anyway)",
             ) from None
+        except (NoSession, CredentialsChanged):
+            raise _changed_meanwhile() from None
 
     # ---- keys and mail ---------------------------------------------------------------
     def _require_session(self, peer: Peer) -> None:

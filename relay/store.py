@@ -148,6 +148,18 @@ def _m0004(db: Database) -> None:
     db.execute("ALTER TABLE accounts ADD COLUMN code_failures INTEGER NOT NULL DEFAULT 0")
 
 
+@migrations(name="0005_code_failures_apart")
+def _m0005(db: Database) -> None:
+    # Wrong codes counted apart by who can make them: with the password and no session
+    # (accounts.code_*), with the recovery code (accounts.recovery_*), and on a session
+    # (sessions.code_*), so that a thief of the password alone cannot use up the
+    # allowance the owner needs to change the password or recover.
+    db.execute("ALTER TABLE accounts ADD COLUMN recovery_fail_day INTEGER")
+    db.execute("ALTER TABLE accounts ADD COLUMN recovery_failures INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE sessions ADD COLUMN code_fail_day INTEGER")
+    db.execute("ALTER TABLE sessions ADD COLUMN code_failures INTEGER NOT NULL DEFAULT 0")
+
+
 MAX_REVOKED = 64  # revoked device ids remembered per account
 MAX_CODE_FAILURES = 10  # wrong codes a day after a right password, per account
 
@@ -453,13 +465,15 @@ class RelayStore:
         """Raise DeviceRevoked, UnknownDevice or LastDevice if ``revoke_device`` would."""
         self._revocable(account_id, device_id, allow_last)
 
-    def revoke_device(self, account_id: int, device_id: bytes, allow_last: bool) -> None:
+    def revoke_device(self, account_id: int, device_id: bytes, allow_last: bool,
+                      token_hash: bytes | None = None, auth_pub: bytes | None = None) -> None:
         """Revoke one of the account's devices, in one transaction: remember its id (at
         most MAX_REVOKED per account, the oldest go) and its sessions' token hashes (until
         the sessions would have ended), and delete it (its sessions, mailbox and prekeys
         go with it). Raises as ``check_revocable`` does, changing nothing."""
         day = today()
         with self.db.atomic():
+            self._check_proved(account_id, token_hash, auth_pub)
             self._revocable(account_id, device_id, allow_last)
             self.conn.execute(
                 "INSERT OR REPLACE INTO revoked_devices (device_id, account_id, day) VALUES (?,?,?)",
@@ -482,8 +496,9 @@ class RelayStore:
     # ---- credentials and the second factor ----------------------------------------
     def _set_credentials(self, account_id: int, creds: Credentials) -> None:
         self.conn.execute(
-            "UPDATE accounts SET salt = ?, kdf_t = ?, kdf_m = ?, kdf_p = ?, auth_pub = ?, bundle = ?"
-            " WHERE id = ?",
+            # A new password: the wrong codes counted against the old one are forgotten.
+            "UPDATE accounts SET salt = ?, kdf_t = ?, kdf_m = ?, kdf_p = ?, auth_pub = ?, bundle = ?,"
+            " code_failures = 0 WHERE id = ?",
             (creds.salt, *creds.kdf, creds.auth_pub, creds.bundle, account_id),
         )
         if creds.recovery is not None:
@@ -492,7 +507,8 @@ class RelayStore:
                 (*creds.recovery, account_id),
             )
 
-    def change_password(self, account_id: int, creds: Credentials, token_hash: bytes, end_sessions: bool) -> None:
+    def change_password(self, account_id: int, creds: Credentials, token_hash: bytes, end_sessions: bool,
+                        auth_pub: bytes | None = None) -> None:
         """Replace the password's credentials, in one transaction with, if
         ``end_sessions``, the end of every session of the account but ``token_hash``'s.
         NoSession (nothing changed) if that session has ended meanwhile."""
@@ -502,6 +518,7 @@ class RelayStore:
             ).fetchone()
             if row is None:
                 raise NoSession()
+            self._check_proved(account_id, None, auth_pub)
             self._set_credentials(account_id, creds)
             if end_sessions:
                 self.conn.execute(
@@ -542,18 +559,29 @@ class RelayStore:
                 raise PrekeyLimit()
             return self.create_session(token_hash, account_id, device_id)
 
-    def advance_totp(self, account_id: int, secret: bytes, step: int | None) -> bool:
+    def advance_totp(
+        self, account_id: int, secret: bytes, step: int | None, counter: str = "password",
+        token_hash: bytes | None = None,
+    ) -> bool:
         """Record ``step`` as the last accepted TOTP step of the account, if it is later
         than the one recorded and the secret is still ``secret`` (compare-and-set: a code
-        is accepted once, whoever presents it), and the account has not had
+        is accepted once, whoever presents it), and the ``counter`` has not had
         MAX_CODE_FAILURES wrong codes today. False if not (``step`` None: the code was
-        wrong), and then a wrong code is counted. One transaction."""
+        wrong), and then a wrong code is counted. One transaction. ``counter``:
+        "password" (a proof without a session), "recovery", or "session" (the session
+        ``token_hash``'s own count)."""
         day = today()
+        key: object
+        if counter == "session":
+            table, cols, key = "sessions", ("code_fail_day", "code_failures"), token_hash
+            where = "token_hash = ?"
+        else:
+            table, key, where = "accounts", account_id, "id = ?"
+            cols = ("recovery_fail_day", "recovery_failures") if counter == "recovery" else (
+                "code_fail_day", "code_failures")
         with self.db.atomic():
-            row = self.conn.execute(
-                "SELECT code_fail_day, code_failures FROM accounts WHERE id = ?", (account_id,)
-            ).fetchone()
-            locked = row is not None and row[0] == day and row[1] >= MAX_CODE_FAILURES
+            row = self.conn.execute(f"SELECT {cols[0]}, {cols[1]} FROM {table} WHERE {where}", (key,)).fetchone()
+            locked = row is None or (row[0] == day and row[1] >= MAX_CODE_FAILURES)
             if step is not None and not locked:
                 cur = self.conn.execute(
                     "UPDATE accounts SET totp_last_step = ? WHERE id = ? AND totp_secret IS NOT NULL"
@@ -563,28 +591,54 @@ class RelayStore:
                 if int(cur.rowcount) == 1:
                     return True
             self.conn.execute(
-                "UPDATE accounts SET code_failures = CASE WHEN code_fail_day = ? THEN code_failures + 1"
-                " ELSE 1 END, code_fail_day = ? WHERE id = ?",
-                (day, day, account_id),
+                f"UPDATE {table} SET {cols[1]} = CASE WHEN {cols[0]} = ? THEN {cols[1]} + 1"
+                f" ELSE 1 END, {cols[0]} = ? WHERE {where}",
+                (day, day, key),
             )
             return False
 
-    def enable_totp(self, account_id: int, secret: bytes, step: int) -> bool:
-        """Turn TOTP on with the step of the code that proved the secret; False if it is
-        on already."""
-        cur = self.conn.execute(
-            "UPDATE accounts SET totp_secret = ?, totp_last_step = ? WHERE id = ? AND totp_secret IS NULL",
-            (secret, step, account_id),
-        )
-        return int(cur.rowcount) == 1
+    def touch_account(self, account_id: int) -> None:
+        """A write of nothing, in a transaction: what a failed password proof does for an
+        account with MFA, so that it takes as long as a right password with a wrong code
+        (which writes its count), and the time does not tell the two apart."""
+        with self.db.atomic():
+            self.conn.execute("UPDATE accounts SET code_failures = code_failures WHERE id = ?", (account_id,))
 
-    def disable_totp(self, account_id: int, secret: bytes) -> bool:
+    def _check_proved(self, account_id: int, token_hash: bytes | None, auth_pub: bytes | None) -> None:
+        """Inside a transaction: the session a change was asked on still exists
+        (NoSession), and the auth key it was proved with is still the account's
+        (CredentialsChanged): a recovery or password change that came first wins."""
+        if token_hash is not None and self.conn.execute(
+            "SELECT 1 FROM sessions WHERE token_hash = ? AND account_id = ?", (token_hash, account_id)
+        ).fetchone() is None:
+            raise NoSession()
+        if auth_pub is not None:
+            row = self.conn.execute("SELECT auth_pub FROM accounts WHERE id = ?", (account_id,)).fetchone()
+            if row is None or bytes(row[0]) != auth_pub:
+                raise CredentialsChanged()
+
+    def enable_totp(self, account_id: int, secret: bytes, step: int, token_hash: bytes | None = None,
+                    auth_pub: bytes | None = None) -> bool:
+        """Turn TOTP on with the step of the code that proved the secret; False if it is
+        on already. (``token_hash``, ``auth_pub``: as ``_check_proved``.)"""
+        with self.db.atomic():
+            self._check_proved(account_id, token_hash, auth_pub)
+            cur = self.conn.execute(
+                "UPDATE accounts SET totp_secret = ?, totp_last_step = ? WHERE id = ? AND totp_secret IS NULL",
+                (secret, step, account_id),
+            )
+            return int(cur.rowcount) == 1
+
+    def disable_totp(self, account_id: int, secret: bytes, token_hash: bytes | None = None,
+                     auth_pub: bytes | None = None) -> bool:
         """Turn TOTP off; False if it is not on with ``secret`` (off, or changed)."""
-        cur = self.conn.execute(
-            "UPDATE accounts SET totp_secret = NULL, totp_last_step = NULL WHERE id = ? AND totp_secret = ?",
-            (account_id, secret),
-        )
-        return int(cur.rowcount) == 1
+        with self.db.atomic():
+            self._check_proved(account_id, token_hash, auth_pub)
+            cur = self.conn.execute(
+                "UPDATE accounts SET totp_secret = NULL, totp_last_step = NULL WHERE id = ? AND totp_secret = ?",
+                (account_id, secret),
+            )
+            return int(cur.rowcount) == 1
 
     # ---- sessions -----------------------------------------------------------------
     def create_session(

@@ -44,8 +44,11 @@ from relay.store import (
     MAX_REVOKED,
     SESSION_IDLE_DAYS,
     SESSION_MAX_DAYS,
+    Credentials,
+    CredentialsChanged,
     DeviceRevoked,
     NewAccount,
+    NoSession,
     RelayStore,
     _m0001,
     _m0002,
@@ -1162,3 +1165,74 @@ async def test_a_recovery_grant_from_before_mfa_was_turned_on_recovers_nothing(e
             await thief.refused(recover_frame(thief, alice, alice.cert(secrets.token_bytes(16)), fields),
                                 E.NO_RECOVERY)
             await assert_session(o)
+
+
+async def test_a_thief_of_the_password_alone_cannot_use_up_the_owners_codes(env: Env) -> None:
+    """Ten wrong codes with the password (no session) lock out new logins for the day,
+    but not the owner's own session, nor a recovery (found by a second review: one
+    count for everything let a password thief stop the owner changing the password)."""
+    with trio.fail_after(DEADLINE):
+        async with raw_client(env.url) as owner:
+            alice = await register(env, owner, "alice")
+            await enable_mfa(env, owner, alice)
+            assert alice.secret is not None
+            for _ in range(MAX_CODE_FAILURES + 2):
+                async with raw_client(env.url) as thief:
+                    ans = await login(thief, alice, wrong_code(alice.secret, env.clock.step()))
+                    assert isinstance(ans, wire.Error) and ans.code == E.AUTH_FAILED
+                    env.forgive(alice.name)
+            # The owner, on the session, with a right code: the password changes.
+            ch, sig = await proof(owner, alice, "passwd")
+            _, pk, fields = credentials(alice.keys, alice.name)
+            await owner.ok(wire.ChangePassword(id=owner.next_id(), name=alice.name, challenge=ch, signature=sig,
+                                               totp=alice.code(env.clock.step()), **fields))
+            alice.pk = pk
+            # And the new password's count starts afresh: a new device logs in.
+            env.clock.next_step()
+            async with raw_client(env.url) as c:
+                assert isinstance(await login(c, alice, alice.code(env.clock.step())), wire.SessionOk)
+        # A session's own wrong codes count for that session only (a new connection: no grant).
+        for _ in range(MAX_CODE_FAILURES):  # a connection each: its own delays stay short
+            async with raw_client(env.url) as s:
+                await s.ok(wire.Resume(id=s.next_id(), token=alice.token))
+                ch, sig = await proof(s, alice, "revoke")
+                await s.refused(wire.RevokeDevice(id=s.next_id(), name=alice.name, challenge=ch, signature=sig,
+                                                  device_id=alice.device_id, last=True,
+                                                  totp=wrong_code(alice.secret, env.clock.step())),
+                                E.AUTH_FAILED)
+                env.forgive(alice.name)
+        assert await sql(env.relay, "SELECT code_failures FROM sessions WHERE token_hash = ?",
+                         hashlib.sha256(alice.token).digest()) == [(MAX_CODE_FAILURES,)]
+        env.clock.next_step()
+        if True:
+            async with raw_client(env.url) as c:
+                ans = await fetch(c, alice, alice.code(env.clock.step()), recovery=True)
+                assert isinstance(ans, wire.BundleOk)
+
+
+def test_changes_check_their_session_and_password_inside_the_transaction(tmp_path: Path) -> None:
+    """What a recovery (or a password change) committed first ends: a change asked on a
+    session it deleted, or proved with the password it replaced, changes nothing (found
+    by a second review: an mfa_enable queued behind a recovery still turned MFA on)."""
+    store, account_id, first = new_store(tmp_path / "relay.db")
+    (auth_pub,) = store.conn.execute("SELECT auth_pub FROM accounts WHERE id = ?", (account_id,)).fetchone()
+    auth_pub = bytes(auth_pub)
+    live, gone = secrets.token_bytes(32), secrets.token_bytes(32)
+    store.create_session(live, account_id, first)
+    secret = new_secret()
+    with pytest.raises(NoSession):
+        store.enable_totp(account_id, secret, 1, gone, auth_pub)
+    with pytest.raises(CredentialsChanged):
+        store.enable_totp(account_id, secret, 1, live, secrets.token_bytes(32))
+    assert store.conn.execute("SELECT totp_secret FROM accounts").fetchone() == (None,)
+    assert store.enable_totp(account_id, secret, 1, live, auth_pub)
+    with pytest.raises(CredentialsChanged):
+        store.disable_totp(account_id, secret, live, secrets.token_bytes(32))
+    creds = Credentials(bytes(16), (1, 8192, 1), secrets.token_bytes(32), secrets.token_bytes(32))
+    with pytest.raises(CredentialsChanged):
+        store.change_password(account_id, creds, live, False, secrets.token_bytes(32))
+    with pytest.raises(NoSession):
+        store.revoke_device(account_id, first, True, gone, auth_pub)
+    assert store.conn.execute("SELECT auth_pub FROM accounts").fetchone() == (auth_pub,)
+    assert store.conn.execute("SELECT count(*) FROM devices").fetchone() == (1,)
+    store.close()

@@ -201,8 +201,8 @@ async def test_schema_keeps_no_sender_and_no_fine_time(accounts: Accounts) -> No
                 if col.endswith("_day"):
                     # (a day only set once something happened: empty until then)
                     values = [r[0] for r in await sql(relay, f"SELECT {col} FROM {table}")
-                              if not (r[0] is None and col == "code_fail_day")]
-                    assert values or table in {"revoked_devices", "revoked_tokens"} or col == "code_fail_day", (
+                              if not (r[0] is None and col in ("code_fail_day", "recovery_fail_day"))]
+                    assert values or table in {"revoked_devices", "revoked_tokens"} or col in ("code_fail_day", "recovery_fail_day"), (
                         f"{table}.{col} is empty")
                     assert all(isinstance(v, int) and today() - 1 <= v <= today() + 200 for v in values), (
                         f"{table}.{col}: {values}"
