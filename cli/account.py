@@ -10,12 +10,11 @@ import argparse
 import json
 import os
 import sys
-from datetime import UTC, datetime
 
 from cli.device import new_home, relay_address, unlock, username
 from cli.errors import CliError
 from cli.messages import warn
-from cli.passwords import TRIES, code_asker, new_password, password_source, read_password
+from cli.passwords import TRIES, code_asker, confirm, new_password, password_source, read_password
 from keyvault.kdf import DEFAULT_KDF, TEST_KDF, KdfParams
 from keyvault.safety import format_safety_number
 from node.errors import LoginFailed, NameTaken
@@ -32,10 +31,6 @@ def kdf_profile() -> KdfParams:
     if profile != "default":
         raise CliError("VEIL_KDF_PROFILE is 'default' or 'test'")
     return DEFAULT_KDF
-
-
-def _day(day: int) -> str:
-    return f"{datetime.fromtimestamp(day * 86400, tz=UTC):%Y-%m-%d}"
 
 
 async def cmd_register(args: argparse.Namespace) -> None:
@@ -98,7 +93,7 @@ async def cmd_logout(args: argparse.Namespace) -> None:
     try:
         if args.local:
             # For a relay that is gone, or no longer knows this account: nothing to tell it.
-            if sys.stdin.isatty() and not _confirm(
+            if sys.stdin.isatty() and not confirm(
                 f"delete this device's keys and history from {args.home} without telling the relay"
                 " (it stays listed among the account's devices)? [y/N] "
             ):
@@ -152,16 +147,6 @@ async def cmd_contacts(args: argparse.Namespace) -> None:
         node.close()
 
 
-def _confirm(question: str) -> bool:
-    """Ask yes or no at the terminal; end of input (Ctrl-D) means no."""
-    try:
-        answer = input(question)
-    except EOFError:
-        print(file=sys.stderr)
-        return False
-    return answer.strip().lower() in ("y", "yes")
-
-
 async def cmd_verify(args: argparse.Namespace) -> None:
     name = username(args.name)
     node = unlock(args)
@@ -176,7 +161,7 @@ async def cmd_verify(args: argparse.Namespace) -> None:
             print(f"note: {contact.name}'s identity key changed since it was first seen")
         mark = args.mark
         if not mark and sys.stdin.isatty():
-            mark = _confirm(f"does {contact.name} see the same number? mark verified [y/N] ")
+            mark = confirm(f"does {contact.name} see the same number? mark verified [y/N] ")
         if mark:
             with node.store.transaction():
                 node.store.set_verified(contact.name, True)

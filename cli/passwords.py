@@ -37,17 +37,17 @@ def password_source(args: argparse.Namespace) -> str | None:
     return args.password_file or os.environ.get("VEIL_PASSWORD_FILE") or None
 
 
-def _read_file(path: str) -> str:
+def _read_file(path: str, what: str = "password") -> str:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise CliError(f"cannot read password file {path}: {exc.strerror}") from None
+        raise CliError(f"cannot read {what} file {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise CliError(f"password file {path} is not UTF-8 text") from None
-    password = text.rstrip("\r\n")
-    if not password:
-        raise CliError(f"password file {path} is empty")
-    return password
+        raise CliError(f"{what} file {path} is not UTF-8 text") from None
+    secret = text.rstrip("\r\n")
+    if not secret:
+        raise CliError(f"{what} file {path} is empty")
+    return secret
 
 
 def _ask(prompt: str) -> str:
@@ -191,15 +191,7 @@ def password_asker(args: argparse.Namespace) -> Callable[[str], str] | None:
 def read_secret_line(args: argparse.Namespace, path: str | None, prompt: str, what: str) -> str:
     """A secret such as the recovery code: from a file, or asked (hidden) at the terminal."""
     if path:
-        try:
-            text = Path(path).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise CliError(f"cannot read {what} file {path}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise CliError(f"{what} file {path} is not UTF-8 text") from None
-        if not text:
-            raise CliError(f"{what} file {path} is empty")
-        return text
+        return _read_file(path, what).strip()
     if not sys.stdin.isatty():
         raise CliError(f"no terminal to ask for the {what}: give it in a file")
     try:
@@ -207,3 +199,16 @@ def read_secret_line(args: argparse.Namespace, path: str | None, prompt: str, wh
     except EOFError:
         print(file=sys.stderr)
         raise CliError(f"no {what} given") from None
+
+
+def confirm(question: str, *, default: bool = False) -> bool:
+    """Ask yes or no at a terminal (end of input means no); without one, yes: the
+    command line said what to do."""
+    if not sys.stdin.isatty():
+        return True
+    try:
+        answer = input(question).strip().lower()
+    except EOFError:
+        print(file=sys.stderr)
+        return False
+    return default if not answer else answer in ("y", "yes")

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from cli.device import new_home, relay_address, unlock, username
 from cli.errors import CliError
 from cli.messages import warn
-from cli.passwords import code_asker, new_password, read_secret_line
+from cli.passwords import code_asker, confirm, new_password, read_secret_line
 from cli.text import inert
 from node.account import (
     Device,
@@ -38,19 +38,6 @@ from node.home import Home
 
 def _day(day: int | None) -> str:
     return "never" if day is None else f"{datetime.fromtimestamp(day * 86400, tz=UTC):%Y-%m-%d}"
-
-
-def _confirm(question: str, *, default: bool = False) -> bool:
-    """Ask yes or no at a terminal (end of input means no); without one, yes: the
-    command line said what to do."""
-    if not sys.stdin.isatty():
-        return True
-    try:
-        answer = input(question).strip().lower()
-    except EOFError:
-        print(file=sys.stderr)
-        return False
-    return default if not answer else answer in ("y", "yes")
 
 
 def _qr(uri: str) -> str:
@@ -158,7 +145,7 @@ async def cmd_recover(args: argparse.Namespace) -> None:
     reuse = home.exists()
     if reuse:
         home.hold(f"veil {args.command}")
-        if not _confirm(f"{args.home} holds a device already: set it up again as a new device, revoking"
+        if not confirm(f"{args.home} holds a device already: set it up again as a new device, revoking"
                         " the old one (its history here opens only with the lost password, and is"
                         " deleted)? [y/N] "):
             home.release()
@@ -172,7 +159,7 @@ async def cmd_recover(args: argparse.Namespace) -> None:
             warn(weak)
         keep = args.keep_recovery_code
         if not keep and sys.stdin.isatty():
-            keep = not _confirm("print a new recovery code, so that the old one stops working? [Y/n] ", default=True)
+            keep = not confirm("print a new recovery code, so that the old one stops working? [Y/n] ", default=True)
         node, fresh = await recover(
             home, name, code, password, relay, kdf=kdf, min_kdf=kdf,
             socks=args.socks, new_code=not keep, code=code_asker(args),
@@ -210,7 +197,7 @@ async def cmd_devices(args: argparse.Namespace) -> None:
                 return
             if action == "revoke":
                 target = pick_device(devices, args.device)
-                if target.this and not _confirm("revoke this very device (it leaves the account)? [y/N] "):
+                if target.this and not confirm("revoke this very device (it leaves the account)? [y/N] "):
                     raise CliError("nothing changed")
                 await revoke_device(node, link, target.device_id, last=args.last_device)
                 print(f"device {_label(target)} is revoked: its sessions ended, its connections closed,"

@@ -250,14 +250,10 @@ async def _recover(
             raise _refused_as(exc) from None
     if old_device is not None:
         home.discard()  # its store opens only with the lost password
-    try:
-        node = await trio.to_thread.run_sync(
-            Node._create_home, home, name, relay, new_password, kdf, keys, device_id, pk.auth_seed,
-            session.token, socks, prekeys,
-        )
-    except BaseException:
-        home.discard()
-        raise
+    node = await trio.to_thread.run_sync(
+        Node._create_home, home, name, relay, new_password, kdf, keys, device_id, pk.auth_seed,
+        session.token, socks, prekeys,
+    )
     return node, fresh_code
 
 

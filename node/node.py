@@ -245,25 +245,31 @@ class Node:
         device_id: bytes, auth_seed: bytes, token: bytes, socks: str | None,
         prekeys: tuple[SignedPrekey, list[OneTimePrekey]],
     ) -> Node:
-        store_salt = new_salt()
-        config = HomeConfig(
-            username=name, relay=relay, device_id=device_id.hex(), store_salt=store_salt.hex(),
-            kdf=kdf.to_dict(), socks=socks,
-        )
-        home.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        store = NodeStore(home.store_path, store_key(password, store_salt, kdf))
-        with store.transaction():
-            store.put("account_keys", keys.to_bytes())
-            store.put("auth_seed", auth_seed)
-            store.put("token", token)
-            spk, opks = prekeys
-            store.add_signed_prekey(spk.key_id, spk.to_bytes(), spk.created_at)
-            store.add_one_time_prekeys([(k.key_id, k.to_bytes()) for k in opks])
-            last_id = max([spk.key_id, *(k.key_id for k in opks)])
-            store.put("next_prekey_id", (last_id + 1).to_bytes(8, "big"))
-            store.put(RECV_CURSOR, (0).to_bytes(8, "big"))
-        home.save(config)
-        node = cls(home, config, store, keys)
+        """Set up the home of a device that has just got its first session (in a worker
+        thread); a home left half-made by a failure is removed."""
+        try:
+            store_salt = new_salt()
+            config = HomeConfig(
+                username=name, relay=relay, device_id=device_id.hex(), store_salt=store_salt.hex(),
+                kdf=kdf.to_dict(), socks=socks,
+            )
+            home.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            store = NodeStore(home.store_path, store_key(password, store_salt, kdf))
+            with store.transaction():
+                store.put("account_keys", keys.to_bytes())
+                store.put("auth_seed", auth_seed)
+                store.put("token", token)
+                spk, opks = prekeys
+                store.add_signed_prekey(spk.key_id, spk.to_bytes(), spk.created_at)
+                store.add_one_time_prekeys([(k.key_id, k.to_bytes()) for k in opks])
+                last_id = max([spk.key_id, *(k.key_id for k in opks)])
+                store.put("next_prekey_id", (last_id + 1).to_bytes(8, "big"))
+                store.put(RECV_CURSOR, (0).to_bytes(8, "big"))
+            home.save(config)
+            node = cls(home, config, store, keys)
+        except BaseException:
+            home.discard()
+            raise
         node.password = password
         return node
 
@@ -338,14 +344,10 @@ class Node:
                 await _name_device(link, keys, name, device_id)
             except RelayRefused as exc:
                 raise _refused_as(exc) from None
-        try:
-            node = await trio.to_thread.run_sync(
-                cls._create_home, home, name, relay, password, kdf, keys, device_id, pk.auth_seed,
-                session.token, socks, prekeys,
-            )
-        except BaseException:
-            home.discard()
-            raise
+        node = await trio.to_thread.run_sync(
+            cls._create_home, home, name, relay, password, kdf, keys, device_id, pk.auth_seed,
+            session.token, socks, prekeys,
+        )
         return node, code
 
     @classmethod
@@ -406,14 +408,10 @@ class Node:
                 await _name_device(link, keys, name, device_id)
             except RelayRefused as exc:
                 raise _refused_as(exc, mfa=mfa) from None
-        try:
-            return await trio.to_thread.run_sync(
-                cls._create_home, home, name, relay, password, kdf, keys, device_id, pk.auth_seed,
-                session.token, socks, prekeys,
-            )
-        except BaseException:
-            home.discard()
-            raise
+        return await trio.to_thread.run_sync(
+            cls._create_home, home, name, relay, password, kdf, keys, device_id, pk.auth_seed,
+            session.token, socks, prekeys,
+        )
 
     @classmethod
     def unlock(cls, home: Home, password: str) -> Node:

@@ -511,14 +511,9 @@ class RelayStore:
                         auth_pub: bytes | None = None) -> None:
         """Replace the password's credentials, in one transaction with, if
         ``end_sessions``, the end of every session of the account but ``token_hash``'s.
-        NoSession (nothing changed) if that session has ended meanwhile."""
+        NoSession or CredentialsChanged (nothing changed) as ``_check_proved``."""
         with self.db.atomic():
-            row = self.conn.execute(
-                "SELECT 1 FROM sessions WHERE token_hash = ? AND account_id = ?", (token_hash, account_id)
-            ).fetchone()
-            if row is None:
-                raise NoSession()
-            self._check_proved(account_id, None, auth_pub)
+            self._check_proved(account_id, token_hash, auth_pub)
             self._set_credentials(account_id, creds)
             if end_sessions:
                 self.conn.execute(
@@ -650,10 +645,7 @@ class RelayStore:
         day = today()
         expires = day + SESSION_MAX_DAYS
         with self.db.atomic():
-            if auth_pub is not None:
-                row = self.conn.execute("SELECT auth_pub FROM accounts WHERE id = ?", (account_id,)).fetchone()
-                if row is None or bytes(row[0]) != auth_pub:
-                    raise CredentialsChanged()
+            self._check_proved(account_id, None, auth_pub)
             try:
                 self.conn.execute(
                     "INSERT INTO sessions (token_hash, account_id, device_id, idle_day, expires_day)"

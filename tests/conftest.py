@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import trio
@@ -20,6 +21,9 @@ from node.node import Node
 from relay.connection import Limits
 from relay.mailroom import MAILBOX_LIMIT
 from relay.server import RelayConfig, RelayInfo, RelayState, serve
+
+if TYPE_CHECKING:
+    from tests.test_cli import RelayProcess
 
 KEY_POOL_SIZE = 8
 PASSWORD = "correct horse battery staple"
@@ -118,3 +122,13 @@ def accounts(key_pool: list[AccountKeys], tmp_path: Path, relay: RelayRunner) ->
     acc = Accounts(key_pool, tmp_path, relay)
     yield acc
     acc.close()
+
+
+@pytest.fixture
+def relay_proc(tmp_path: Path) -> Iterator[RelayProcess]:
+    """A real `veil relay serve` process on a free port of 127.0.0.1 (tests/test_cli.py)."""
+    from tests.test_cli import start_relay, stop_relay
+
+    rp = start_relay(tmp_path)
+    yield rp
+    stop_relay(rp)

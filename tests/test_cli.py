@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import unicodedata
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,13 +77,6 @@ def stop_relay(rp: RelayProcess) -> None:
     for f in (rp.proc.stdout, rp.proc.stderr):
         if f:
             f.close()
-
-
-@pytest.fixture
-def relay_proc(tmp_path: Path) -> Iterator[RelayProcess]:
-    rp = start_relay(tmp_path)
-    yield rp
-    stop_relay(rp)
 
 
 class User:

@@ -14,7 +14,6 @@ import base64
 import json
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -30,19 +29,10 @@ from tests.test_cli import (
     User,
     assert_one_line_error,
     env_for,
-    start_relay,
-    stop_relay,
 )
 from tests.test_cli_first_hour import finish, pty
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def relay_proc(tmp_path: Path) -> Iterator[RelayProcess]:
-    rp = start_relay(tmp_path)
-    yield rp
-    stop_relay(rp)
 
 
 class Authenticator:

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
@@ -30,13 +29,6 @@ from tests.test_cli import (
 )
 
 PROMPT_TIMEOUT = 30
-
-
-@pytest.fixture
-def relay_proc(tmp_path: Path) -> Iterator[RelayProcess]:
-    rp = start_relay(tmp_path)
-    yield rp
-    stop_relay(rp)
 
 
 def pty(user_or_home: User | Path, *args: str) -> pexpect.spawn:

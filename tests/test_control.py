@@ -10,7 +10,6 @@ import socket
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,13 +27,6 @@ from tests.test_cli import (
     start_relay,
     stop_relay,
 )
-
-
-@pytest.fixture
-def relay_proc(tmp_path: Path) -> Iterator[RelayProcess]:
-    rp = start_relay(tmp_path)
-    yield rp
-    stop_relay(rp)
 
 
 class Holder:
