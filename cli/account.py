@@ -18,6 +18,7 @@ from cli.passwords import TRIES, code_asker, confirm, new_password, password_sou
 from keyvault.kdf import DEFAULT_KDF, TEST_KDF, KdfParams
 from keyvault.safety import format_safety_number
 from node.errors import LoginFailed, NameTaken
+from node.link import shown_address
 from node.node import Node
 
 PROG = "veil"
@@ -35,22 +36,23 @@ def kdf_profile() -> KdfParams:
 
 async def cmd_register(args: argparse.Namespace) -> None:
     name = username(args.name)
-    relay = relay_address(args.relay)
+    relay = relay_address(args.relay, args.insecure_no_tls)
     kdf = kdf_profile()
     home = new_home(args)
     try:
         # Before the password and the slow work: is the relay there, is the name free?
-        if not await Node.name_free(relay, name, socks=args.socks):
-            raise NameTaken(f"the name {name} is taken on {relay}: choose another")
+        if not await Node.name_free(relay, name, socks=args.socks, insecure=args.insecure_no_tls):
+            raise NameTaken(f"the name {name} is taken on {shown_address(relay)}: choose another")
         password, weak = new_password(args, name)
         if weak:
             warn(weak)
-        node, code = await Node.register(home, name, password, relay, kdf=kdf, socks=args.socks)
+        node, code = await Node.register(home, name, password, relay, kdf=kdf, socks=args.socks,
+                                         insecure=args.insecure_no_tls)
     except BaseException:
         home.release()
         raise
     try:
-        print(f"registered {node.name} on {node.relay}; this device is {node.device_id.hex()[:8]}")
+        print(f"registered {node.name} on {node.relay_shown}; this device is {node.device_id.hex()[:8]}")
         print(f"recovery code: {code}")
         print("write the recovery code down and keep it safe: it is shown only this once")
     finally:
@@ -59,7 +61,7 @@ async def cmd_register(args: argparse.Namespace) -> None:
 
 async def cmd_login(args: argparse.Namespace) -> None:
     name = username(args.name)
-    relay = relay_address(args.relay)
+    relay = relay_address(args.relay, args.insecure_no_tls)
     min_kdf = kdf_profile()
     home = new_home(args)
     try:
@@ -68,7 +70,8 @@ async def cmd_login(args: argparse.Namespace) -> None:
         for left in range(tries - 1, -1, -1):
             password = read_password(args)
             try:
-                node = await Node.login(home, name, password, relay, socks=args.socks, min_kdf=min_kdf,
+                node = await Node.login(home, name, password, relay, socks=args.socks,
+                                        insecure=args.insecure_no_tls, min_kdf=min_kdf,
                                         code=code_asker(args))
                 break
             except LoginFailed as exc:

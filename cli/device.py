@@ -42,26 +42,16 @@ def username(raw: str) -> str:
         raise CliError(f"{raw!r} is not a valid name: {exc}") from None
 
 
-def relay_address(raw: str) -> str:
-    """A relay address as the node dials it, or a one-line error naming the expected form."""
-    from urllib.parse import urlsplit
+def relay_address(raw: str, insecure: bool = False) -> str:
+    """A relay address as the node keeps it (wire.address's grammar, canonical form), or a
+    one-line error: a malformed address, or plain ws:// off loopback without the flag."""
+    from node.errors import VeilError
+    from node.link import check_address
 
-    text = raw.strip()
     try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError:
-        parts, port = None, None
-    if parts is None or parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise CliError(f"{raw!r} is not a relay address: use ws://HOST:PORT (as `veil relay serve` prints it)")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise CliError(
-            f"{raw!r} is not a relay address: give only ws://HOST:PORT, without a path"
-            f" (the protocol path {wire.PATH} is added by veil)"
-        )
-    if port is None and not parts.hostname.endswith(".onion"):
-        raise CliError(f"{raw!r} has no port: use ws://HOST:PORT")
-    return text.rstrip("/")
+        return str(check_address(raw, insecure=insecure))
+    except VeilError as exc:
+        raise CliError(str(exc)) from None
 
 
 def new_home(args: argparse.Namespace) -> Home:

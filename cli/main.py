@@ -76,6 +76,11 @@ class Parser(argparse.ArgumentParser):
         fail(message, EXIT_USAGE)
 
 
+RELAY_HELP = ("the relay's address as `veil relay serve` prints it: wss://HOST:PORT#PIN (its own key,"
+              " pinned), wss://HOST (a public certificate), ws://HOST:PORT (loopback or onion only)")
+INSECURE_HELP = "accept a plain ws:// address off loopback (anyone on the path can read the traffic)"
+
+
 def _device_options(p: argparse.ArgumentParser, default: Any) -> None:
     """--home, --password-file and --socks: before the command, or after it (where the
     default is SUPPRESS, so that an option given before is not reset)."""
@@ -107,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     relay = sub.add_parser("relay", help="run a relay")
     rsub = relay.add_subparsers(dest="relay_command", metavar="COMMAND", parser_class=Parser)
     rsub.required = True
+    rinvite = rsub.add_parser("invite", help="print the relay's address (with its key pin) for people to register")
+    rinvite.set_defaults(target="cli.invites:cmd_relay_invite")
+    rinvite.add_argument("--data-dir", default="veil-relay", help="the relay's data directory")
+    rinvite.add_argument("--host", default=None, metavar="NAME",
+                         help="the name or address people reach the relay by (default: what it listens on)")
+    rinvite.add_argument("--qr", action="store_true", help="also draw each address as a QR code")
+    rinvite.add_argument("--json", action="store_true", help="one JSON object: {\"addresses\": [...]}")
     serve = rsub.add_parser("serve", help="serve until Ctrl-C or SIGTERM")
     serve.set_defaults(target="cli.relay_serve:cmd_relay_serve")
     serve.add_argument("--host", default=None, help="address to listen on (127.0.0.1)")
@@ -114,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", default="veil-relay", help="database and key file directory")
     serve.add_argument("--onion", action="store_true",
                        help="also serve as a Tor onion service (key kept in the data directory)")
+    serve.add_argument("--tls-cert", default=None, metavar="FILE",
+                       help="a certificate (chain, PEM) from a public authority, e.g. Let's Encrypt's"
+                            " fullchain.pem; with --tls-key. Default: the relay's own key, pinned by"
+                            " its address. SIGHUP reads both files again")
+    serve.add_argument("--tls-key", default=None, metavar="FILE", help="the private key (PEM) of --tls-cert")
+    serve.add_argument("--insecure-no-tls", action="store_true",
+                       help="plain ws:// without TLS (behind a TLS front end of your own; an --onion"
+                            " relay needs no TLS and has none)")
     serve.add_argument("--max-connections", type=positive_int, default=None, metavar="N",
                        help="connections held at once (default: what half the memory holds at"
                             " ~4.7 MiB each, the worst case; at most 20000)")
@@ -132,13 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     reg = command("register", "cli.account:cmd_register", "create an account; this becomes its first device")
     reg.add_argument("name")
-    reg.add_argument("--relay", required=True, help="ws://HOST:PORT")
+    reg.add_argument("--relay", required=True, help=RELAY_HELP)
+    reg.add_argument("--insecure-no-tls", action="store_true", help=INSECURE_HELP)
     reg.add_argument("--allow-weak-password", action="store_true",
                      help="accept a master password that is very easy to guess")
 
     login = command("login", "cli.account:cmd_login", "add this device to an account, with the master password")
     login.add_argument("name")
-    login.add_argument("--relay", required=True, help="ws://HOST:PORT")
+    login.add_argument("--relay", required=True, help=RELAY_HELP)
+    login.add_argument("--insecure-no-tls", action="store_true", help=INSECURE_HELP)
 
     send = command("send", "cli.messages:cmd_send",
                    "send a message (the words after NAME; a lone '-' reads standard input)")
@@ -151,6 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="wait up to this long for a message when none is queued")
     recv.add_argument("--follow", "-f", action="store_true",
                       help="stay online and print messages as they arrive, until interrupted")
+
+    invite = command("invite", "cli.invites:cmd_invite",
+                     "print this account's invite link (relay, name and identity key fingerprint)")
+    invite.add_argument("--qr", action="store_true", help="also draw it as a QR code")
+
+    contact = command("contact", "cli.invites:cmd_contact", "add a contact from an invite link")
+    csub = contact.add_subparsers(dest="contact_command", metavar="ACTION", parser_class=Parser)
+    csub.required = True
+    cadd = csub.add_parser("add", parents=[later],
+                           help="pin the identity key an invite link names; the contact starts out verified")
+    cadd.add_argument("link", metavar="LINK", help="veil:contact?... as `veil invite` prints it (quote it)")
+    cadd.add_argument("--replace-key", action="store_true",
+                      help="the link's key replaces another key pinned (or verified) for that contact here")
 
     contacts = command("contacts", "cli.account:cmd_contacts", "list contacts")
     contacts.add_argument("--json", action="store_true", help="one JSON object per contact per line")
@@ -196,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec = command("recover", "cli.security:cmd_recover",
                   "regain an account with its recovery code and set a new master password")
     rec.add_argument("name")
-    rec.add_argument("--relay", required=True, help="ws://HOST:PORT")
+    rec.add_argument("--relay", required=True, help=RELAY_HELP)
+    rec.add_argument("--insecure-no-tls", action="store_true", help=INSECURE_HELP)
     rec.add_argument("--recovery-code-file", default=None, metavar="FILE",
                      help="read the recovery code from this file (asked at the terminal otherwise)")
     rec.add_argument("--keep-recovery-code", action="store_true",

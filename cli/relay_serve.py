@@ -1,7 +1,9 @@
 """`veil relay serve`: run a relay in the foreground until Ctrl-C or SIGTERM.
 
-Prints `relay listening on ws://HOST:PORT` on standard output once it accepts connections
-(and `relay onion address ...` with --onion); everything else goes to standard error.
+Prints `relay listening on wss://HOST:PORT#PIN` on standard output once it accepts
+connections (`wss://HOST:PORT` with --tls-cert, `ws://HOST:PORT` with --insecure-no-tls or
+--onion, and then `relay onion address ...`); everything else goes to standard error.
+SIGHUP reads the TLS certificate and key again.
 """
 
 from __future__ import annotations
@@ -12,11 +14,16 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from cli.errors import CliError
+from cli.invites import write_relay_addresses
 from node.link import collapse_groups
+
+if TYPE_CHECKING:
+    from relay.server import RelayInfo
 
 
 async def cmd_relay_serve(args: argparse.Namespace) -> None:
@@ -37,6 +44,10 @@ async def _relay_serve(args: argparse.Namespace) -> None:
     control = args.tor_control or os.environ.get("TOR_CONTROL") or onion.DEFAULT_CONTROL
     if not args.onion and (args.tor_control or args.launch_tor or args.torrc):
         raise CliError("--tor-control, --launch-tor and --torrc go with --onion")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CliError("--tls-cert and --tls-key go together")
+    if args.tls_cert and (args.insecure_no_tls or args.onion):
+        raise CliError("--tls-cert goes with a relay that speaks TLS: not with --insecure-no-tls or --onion")
     if args.onion:
         if args.host not in (None, "127.0.0.1"):
             raise CliError("an onion relay listens on 127.0.0.1 only: drop --host")
@@ -46,7 +57,14 @@ async def _relay_serve(args: argparse.Namespace) -> None:
         if not args.launch_tor:
             onion.control_target(control)
     logging.basicConfig(level=logging.DEBUG if os.environ.get("VEIL_DEBUG") else logging.INFO, format="%(asctime)s relay %(levelname)s %(message)s", stream=sys.stderr)
-    config = RelayConfig(data_dir=Path(args.data_dir), host=args.host or "127.0.0.1", port=args.port)
+    # An onion relay is reached through tor, which authenticates it by its address and
+    # encrypts: it listens on 127.0.0.1 only, in plain ws://.
+    config = RelayConfig(
+        data_dir=Path(args.data_dir), host=args.host or "127.0.0.1", port=args.port,
+        tls=not (args.insecure_no_tls or args.onion),
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+    )
     if args.max_connections is not None:
         config.limits.max_connections = args.max_connections
     rations = config.limits.rations
@@ -57,9 +75,13 @@ async def _relay_serve(args: argparse.Namespace) -> None:
         rations.sender_rate = args.sender_rate
         rations.sender_burst = max(rations.sender_burst, 300 * args.sender_rate)
 
+    started: list[RelayInfo] = []
+
     async def run_relay() -> None:
         async with trio.open_nursery() as inner:
             info = await inner.start(serve, config)
+            started.append(info)
+            write_relay_addresses(config.data_dir, [info.url])
             print(f"relay listening on {info.url}", flush=True)
 
     async def run_onion_relay() -> None:
@@ -69,14 +91,33 @@ async def _relay_serve(args: argparse.Namespace) -> None:
         ) as tor:
             async with trio.open_nursery() as inner:
                 info = await inner.start(serve, config)
+                started.append(info)
                 print(f"relay listening on {info.url}", flush=True)
                 service = await tor.publish(config.data_dir / onion.KEY_FILE, info.port)
+                write_relay_addresses(config.data_dir, [service.url])
                 print(f"relay onion address {service.url}", flush=True)
 
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_onion_relay if args.onion else run_relay)
-            async for _ in signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    _reload(started[0] if started else None)
+                    continue
                 print("relay stopping", file=sys.stderr, flush=True)
                 nursery.cancel_scope.cancel()
                 break
+
+
+def _reload(info: RelayInfo | None) -> None:
+    """SIGHUP: the TLS certificate and key again (a renewed certificate, without a restart)."""
+    from relay.tls import TlsError
+
+    if info is None or info.tls_state is None:
+        return
+    try:
+        info.tls_state.reload()
+    except TlsError as exc:
+        print(f"relay: TLS reload failed, keeping the old certificate: {exc}", file=sys.stderr, flush=True)
+        return
+    print("relay: TLS certificate reloaded", file=sys.stderr, flush=True)

@@ -16,7 +16,7 @@ from cli.device import new_home, relay_address, unlock, username
 from cli.errors import CliError
 from cli.messages import warn
 from cli.passwords import code_asker, confirm, new_password, read_secret_line
-from cli.text import inert
+from cli.text import inert, qr_code
 from node.account import (
     Device,
     change_password,
@@ -40,16 +40,6 @@ def _day(day: int | None) -> str:
     return "never" if day is None else f"{datetime.fromtimestamp(day * 86400, tz=UTC):%Y-%m-%d}"
 
 
-def _qr(uri: str) -> str:
-    import io
-
-    import segno
-
-    out = io.StringIO()
-    segno.make(uri, error="m").terminal(out=out, compact=True)
-    return out.getvalue()
-
-
 # ---- veil mfa ------------------------------------------------------------------------------
 
 
@@ -67,7 +57,7 @@ async def cmd_mfa(args: argparse.Namespace) -> None:
             uri = mfa_uri(node, secret)
             print("add this account to your authenticator app: scan the code, or enter the address by hand")
             if not args.no_qr:
-                print(_qr(uri), end="")
+                print(qr_code(uri), end="")
             print(uri, flush=True)
             code = _first_code(args, secret)
             await enable_mfa(node, link, secret, code)
@@ -137,7 +127,7 @@ def _label(d: Device) -> str:
 
 async def cmd_recover(args: argparse.Namespace) -> None:
     name = username(args.name)
-    relay = relay_address(args.relay)
+    relay = relay_address(args.relay, args.insecure_no_tls)
     from cli.account import kdf_profile
 
     kdf = kdf_profile()
@@ -162,13 +152,13 @@ async def cmd_recover(args: argparse.Namespace) -> None:
             keep = not confirm("print a new recovery code, so that the old one stops working? [Y/n] ", default=True)
         node, fresh = await recover(
             home, name, code, password, relay, kdf=kdf, min_kdf=kdf,
-            socks=args.socks, new_code=not keep, code=code_asker(args),
+            socks=args.socks, insecure=args.insecure_no_tls, new_code=not keep, code=code_asker(args),
         )
     except BaseException:
         home.release()
         raise
     try:
-        print(f"recovered {node.name} on {node.relay} with a new master password; this device is"
+        print(f"recovered {node.name} on {node.relay_shown} with a new master password; this device is"
               f" {node.device_id.hex()[:8]}; every other session of the account has ended")
         if reuse:
             print("the device this home held before is revoked: this is a new device in its place")

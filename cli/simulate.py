@@ -38,6 +38,7 @@ from typing import Any
 import trio
 
 from cli.errors import CliError
+from wire.address import parse_address
 
 PASSWORD = "simulated nodes use this password"
 SECOND_DEVICE_EVERY = 5
@@ -298,7 +299,7 @@ class RelayProcess:
             raise CliError(f"the simulation's relay did not listen within {RELAY_START_TIMEOUT:g} s (log: {log_path})")
         line = buf.split(b"\n", 1)[0].decode()
         self.url = line.rsplit(" ", 1)[1]
-        self.port = int(self.url.rsplit(":", 1)[1])
+        self.port = parse_address(self.url).port
         return self.url
 
     async def stop(self, sig: int = signal.SIGTERM) -> None:

@@ -48,3 +48,14 @@ def rows(line: str, first: int, rest: int) -> list[str]:
         used += w
     out.append("".join(row))
     return out
+
+
+def qr_code(text: str) -> str:
+    """``text`` as a QR code drawn with block characters, for a terminal (segno)."""
+    import io
+
+    import segno
+
+    out = io.StringIO()
+    segno.make(text, error="m").terminal(out=out, compact=True)
+    return out.getvalue()

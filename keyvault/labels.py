@@ -33,6 +33,8 @@ BUNDLE_AAD = b"veil/v1/bundle"
 
 # Hash prefix for the numeric safety-number fingerprint.
 SAFETY_NUMBER = b"veil/v1/safety-number"
+# Hash prefix for the identity-key fingerprint that invite links carry.
+IDENTITY_FINGERPRINT = b"veil/v1/identity-fingerprint"
 # The identity key signs the account's other public keys, so the safety number (of the
 # identity key) vouches for the RSA key that envelopes are sealed to.
 ACCOUNT_KEYS_SIGNATURE = b"veil/v1/account-keys"
@@ -66,6 +68,7 @@ ALL_LABELS: tuple[bytes, ...] = (
     ENVELOPE_AAD,
     BUNDLE_AAD,
     SAFETY_NUMBER,
+    IDENTITY_FINGERPRINT,
     ACCOUNT_KEYS_SIGNATURE,
     PREKEY_SIGNATURE,
     X3DH_SK,

@@ -30,6 +30,14 @@ def safety_number(name_a: str, identity_a: bytes, name_b: str, identity_b: bytes
     return halves[0] + halves[1]
 
 
+def identity_fingerprint(identity: bytes) -> bytes:
+    """The 32-byte fingerprint of an identity key that invite links carry:
+    SHA-256(label || key). Unlike the safety number it names one account, not a pair."""
+    if len(identity) != 32:
+        raise BadKey("The identity key must be 32 bytes.")
+    return hashlib.sha256(labels.IDENTITY_FINGERPRINT + bytes(identity)).digest()
+
+
 def format_safety_number(digits: str) -> str:
     """Format 60 digits as 3 lines of 4 groups of 5 digits, for reading aloud."""
     if len(digits) != DIGITS or not digits.isascii() or not digits.isdigit():

@@ -91,3 +91,15 @@ class DeviceRevoked(LoginFailed):
 
 class CodeNeeded(LoginFailed):
     """This account needs a code from its authenticator app: give --code, or run the command at a terminal."""
+
+
+class RelayKeyMismatch(RelayUnreachable):
+    """The relay presented a key other than the one its address pins: nothing was sent to it."""
+
+
+class PlainRefused(VeilError):
+    """A plain ws:// address off loopback and not an onion: refused, since anyone on the path could read it."""
+
+
+class KeyDiffers(VeilError):
+    """An invite link names a key other than the one pinned for that contact here."""

@@ -41,6 +41,7 @@ class HomeConfig:
     format: int = FORMAT
     socks: str | None = None  # HOST:PORT of the SOCKS5 proxy (Tor) the relay is reached through
     store_salt_next: str | None = None  # hex: set only while the store is being re-keyed
+    insecure: bool = False  # plain ws:// to a relay off loopback was asked for (--insecure-no-tls)
 
     @property
     def kdf_params(self) -> KdfParams:

@@ -9,9 +9,9 @@ Deliveries pushed by the relay arrive on ``link.deliveries``.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import ssl
-import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
@@ -23,12 +23,20 @@ from trio_websocket import (
     ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
-    connect_websocket_url,
     wrap_client_stream,
 )
 
 import wire
-from node.errors import ConnectionLost, RelayRefused, RelayUnreachable
+from keyvault.pins import certificate_pin
+from node.errors import (
+    ConnectionLost,
+    PlainRefused,
+    RelayKeyMismatch,
+    RelayRefused,
+    RelayUnreachable,
+    VeilError,
+)
+from wire.address import AddressError, RelayAddress, parse_address
 
 CONNECT_TIMEOUT = 15.0
 HANDSHAKE_TIMEOUT = 30.0  # the WebSocket handshake over a SOCKS stream (Tor is slower)
@@ -190,34 +198,115 @@ def collapse_groups() -> Iterator[None]:
         raise single from single.__cause__
 
 
-def is_onion(url: str) -> bool:
-    """True if the relay address is a Tor onion service (checked without any lookup)."""
+def shown_address(url: str) -> str:
+    """A relay address as shown to people: with its pin, never with a client key."""
     try:
-        host = urllib.parse.urlsplit(url.strip()).hostname or ""
+        return str(parse_address(url).public)
+    except AddressError:
+        return url
+
+
+def check_address(url: str, *, insecure: bool = False) -> RelayAddress:
+    """The parsed relay address, if this node may use it: plain ws:// only for loopback,
+    an onion address, or when the user said --insecure-no-tls (one-line errors)."""
+    try:
+        address = parse_address(url)
+    except AddressError as exc:
+        raise RelayUnreachable(str(exc)) from None
+    if not address.secure and not address.plain_allowed and not insecure:
+        raise PlainRefused(
+            f"{address.url} is plain ws:// to a host that is neither loopback nor an onion address:"
+            " anyone on the path could read and change the traffic; use the relay's wss:// address"
+            " (with its #pin), or --insecure-no-tls if you really mean it"
+        )
+    return address
+
+
+def _client_context(address: RelayAddress) -> ssl.SSLContext:
+    """A pinned address: the certificate's name, dates and issuer are not checked (the
+    relay's own certificate is self-signed); its key is, against the pin, after the
+    handshake and before anything is sent. Otherwise the system's CA store and the host
+    name, as a browser does."""
+    if address.pin is None:
+        ctx = ssl.create_default_context()
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+async def _secure(stream: trio.SocketStream, address: RelayAddress) -> trio.SSLStream[trio.SocketStream]:
+    """TLS over ``stream``; with a pin, the relay's key checked before returning."""
+    server_hostname = None if address.pin is not None and _is_ip(address.host) else address.host
+    tls = trio.SSLStream(stream, _client_context(address), server_hostname=server_hostname, https_compatible=True)
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as exc:
+        reason = exc.__cause__
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            raise RelayUnreachable(
+                f"the relay at {address.url} has a certificate this system does not trust"
+                f" ({reason.verify_message}); if it uses its own key, ask for its address with the #pin"
+            ) from None
+        raise RelayUnreachable(f"cannot reach the relay at {address.url}: the TLS handshake failed") from None
+    if address.pin is not None:
+        der = tls.getpeercert(binary_form=True)
+        try:
+            got = certificate_pin(der) if der else None
+        except ValueError:
+            got = None
+        if got != address.pin:
+            await trio.aclose_forcefully(tls)
+            raise RelayKeyMismatch(
+                f"the relay at {address.url} presented a key that does not match the pin in its"
+                " address: refused, nothing was sent (someone may be impersonating it, or it has a new"
+                " key: check the address with its operator)"
+            )
+    return tls
+
+
+def _loopback_proxy(socks: str) -> bool:
+    from node.socks import parse_proxy
+
+    try:
+        host, _ = parse_proxy(socks)
+    except VeilError:
+        return False
+    return host == "localhost" or (_is_ip(host) and ipaddress.ip_address(host).is_loopback)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
     except ValueError:
         return False
-    return host.rstrip(".").endswith(".onion")
+    return True
 
 
-async def _connect_socks(nursery: trio.Nursery, target: str, socks: str) -> WebSocketConnection:
-    """The WebSocket handshake over a stream from the SOCKS5 proxy (which resolves the name)."""
-    from node.socks import open_socks_stream
+async def _connect(nursery: trio.Nursery, address: RelayAddress, socks: str | None) -> WebSocketConnection:
+    """A TCP stream (direct, or from the SOCKS5 proxy, which then resolves the name), TLS
+    if the address says wss://, and the WebSocket handshake over it."""
+    tcp: trio.SocketStream
+    if socks is not None:
+        from node.socks import open_socks_stream
 
-    parts = urllib.parse.urlsplit(target)
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise ValueError("not a ws:// or wss:// URL")
-    host, secure = parts.hostname, parts.scheme == "wss"
-    port = parts.port or (443 if secure else 80)
-    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
-    stream = await open_socks_stream(socks, host, port)
-    if secure:
-        stream = trio.SSLStream(stream, ssl.create_default_context(), server_hostname=host, https_compatible=True)
-    name = f"[{host}]" if ":" in host else host
-    resource = parts.path + (f"?{parts.query}" if parts.query else "")
+        tcp = await open_socks_stream(socks, address.host, address.port)
+    else:
+        # "localhost" is dialled as 127.0.0.1, not looked up: a resolver that answers for it
+        # with another address would carry plain ws:// off the machine.
+        host = "127.0.0.1" if address.host == "localhost" else address.host
+        with trio.fail_after(CONNECT_TIMEOUT):
+            tcp = await trio.open_tcp_stream(host, address.port)
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = tcp
     try:
-        with trio.fail_after(HANDSHAKE_TIMEOUT):
+        with trio.fail_after(HANDSHAKE_TIMEOUT if socks is not None else CONNECT_TIMEOUT):
+            if address.secure:
+                stream = await _secure(tcp, address)
             return await wrap_client_stream(
-                nursery, stream, name if port in (80, 443) else f"{name}:{port}", resource,
+                nursery, stream, address.hostport, wire.PATH,
                 max_message_size=wire.WS_MAX_MESSAGE, message_queue_size=16,
             )
     except BaseException:
@@ -226,46 +315,44 @@ async def _connect_socks(nursery: trio.Nursery, target: str, socks: str) -> WebS
 
 
 @asynccontextmanager
-async def open_link(url: str, socks: str | None = None) -> AsyncIterator[RelayLink]:
-    """Connect to the relay at ``url`` (ws://host:port), through the SOCKS5 proxy
-    ``socks`` (HOST:PORT) if given, and close when done. A ``.onion`` relay without a
-    proxy is refused before any lookup or connection."""
-    target = url.rstrip("/") + wire.PATH
-    if socks is None and is_onion(url):
+async def open_link(url: str, socks: str | None = None, *, insecure: bool = False) -> AsyncIterator[RelayLink]:
+    """Connect to the relay at ``url`` (an address of wire.address's grammar), through the
+    SOCKS5 proxy ``socks`` (HOST:PORT) if given, and close when done. A ``.onion`` relay
+    without a proxy is refused before any lookup or connection; so is plain ws:// off
+    loopback (unless ``insecure``); a pinned relay with another key, before anything is sent."""
+    address = check_address(url, insecure=insecure)
+    if socks is not None and not address.secure and not address.onion and not insecure and not _loopback_proxy(socks):
+        raise PlainRefused(
+            f"{address.url} is plain ws://, and the SOCKS proxy {socks} is not on this machine: the traffic"
+            " would cross the network in the clear; use the relay's wss:// address, or --insecure-no-tls"
+        )
+    if socks is None and address.onion:
         raise RelayUnreachable(
-            f"{url} is an onion address: reach it through Tor with --socks HOST:PORT (or "
+            f"{address.url} is an onion address: reach it through Tor with --socks HOST:PORT (or "
             "VEIL_SOCKS), e.g. --socks 127.0.0.1:9050; it is never resolved or dialled directly"
         )
     try:
         with collapse_groups():
-            async with _open_link(url, target, socks) as link:
+            async with _open_link(address, socks) as link:
                 yield link
     except ConnectionRejected as exc:
         # The HTTP upgrade was refused (raised from trio-websocket's reader task, so it
-        # crosses the nursery): most often a URL with a path, or not a Veil relay at all.
+        # crosses the nursery): most often not a Veil relay at all.
         raise RelayUnreachable(
-            f"the server at {url} refused the WebSocket connection (HTTP {exc.status_code}):"
-            " is it a Veil relay? give its address as ws://HOST:PORT, without a path"
+            f"the server at {address.url} refused the WebSocket connection (HTTP {exc.status_code}):"
+            " is it a Veil relay?"
         ) from None
 
 
 @asynccontextmanager
-async def _open_link(url: str, target: str, socks: str | None) -> AsyncIterator[RelayLink]:
+async def _open_link(address: RelayAddress, socks: str | None) -> AsyncIterator[RelayLink]:
     with collapse_groups():
         async with trio.open_nursery() as nursery:
             try:
-                if socks is not None:
-                    ws = await _connect_socks(nursery, target, socks)
-                else:
-                    with trio.fail_after(CONNECT_TIMEOUT):
-                        ws = await connect_websocket_url(
-                            nursery, target, max_message_size=wire.WS_MAX_MESSAGE, message_queue_size=16
-                        )
-            except (OSError, HandshakeError, trio.TooSlowError, ConnectionClosed) as exc:
-                raise RelayUnreachable(f"cannot reach the relay at {url}") from exc
-            except ValueError as exc:
-                raise RelayUnreachable(f"bad relay address {url!r}: use ws://HOST:PORT") from exc
-            link = RelayLink(ws, url)
+                ws = await _connect(nursery, address, socks)
+            except (OSError, HandshakeError, trio.TooSlowError, ConnectionClosed, trio.BrokenResourceError) as exc:
+                raise RelayUnreachable(f"cannot reach the relay at {address.url}") from exc
+            link = RelayLink(ws, str(address.public))
             nursery.start_soon(link.reader)
             nursery.start_soon(link.acker)
             try:

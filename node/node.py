@@ -12,6 +12,7 @@ stores the message, and only then acknowledges it so the relay deletes its copy.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import secrets
 import time
@@ -50,17 +51,19 @@ from keyvault.keys import (
 )
 from keyvault.letter import Letter, decode_letter, encode_letter, max_body_bytes
 from keyvault.prekeys import OneTimePrekey, SignedPrekey, new_one_time_prekeys, new_signed_prekey
-from keyvault.safety import safety_number
+from keyvault.safety import identity_fingerprint, safety_number
 from node.errors import (
     AlreadySetUp,
     CodeNeeded,
     ConnectionLost,
     DeviceRevoked,
     IdentityChanged,
+    KeyDiffers,
     LoginFailed,
     MessageTooLarge,
     NameTaken,
     NotSetUp,
+    RelayKeyMismatch,
     RelayRefused,
     RelayUnreachable,
     UnknownUser,
@@ -68,9 +71,11 @@ from node.errors import (
     WrongPassword,
 )
 from node.home import Home, HomeConfig
-from node.link import RelayLink, open_link
+from node.link import RelayLink, open_link, shown_address
 from node.sessions import ONE_TIME_STOCK, Peer, Sessions
 from node.store import Contact, NodeStore, OutboxEntry, StoredMessage
+from wire.address import parse_address
+from wire.invite import ContactLink
 
 log = logging.getLogger("veil.node")
 E = wire.ErrorCode
@@ -122,6 +127,11 @@ def _frames(messages: list[list[OutboxEntry]]) -> list[list[OutboxEntry]]:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _plain_allowed(relay: str) -> bool:
+    address = parse_address(relay)
+    return address.secure or address.plain_allowed
 
 
 def _refused_as(exc: RelayRefused, *, mfa: bool = False) -> VeilError:
@@ -221,6 +231,7 @@ class Node:
         self.device_id = bytes.fromhex(config.device_id)
         self.relay = config.relay
         self.socks = config.socks  # None: connect directly (refused for a .onion relay)
+        self.insecure = config.insecure  # plain ws:// off loopback was asked for
         self.events: list[Callable[[str], None]] = []  # listeners for warnings
         self.sent_listeners: list[Callable[[bytes], None]] = []  # a message is now held by the relay
         # A message was stored: called at once, before the relay is told, so a link that
@@ -234,6 +245,11 @@ class Node:
         self.ask_code: AskCode | None = None
         self.ask_password: Callable[[str], str] | None = None
 
+    @property
+    def relay_shown(self) -> str:
+        """The relay's address as shown to people: with its pin, never with a client key."""
+        return shown_address(self.relay)
+
     def close(self) -> None:
         self.store.close()
         self.home.release()
@@ -243,7 +259,7 @@ class Node:
     def _create_home(
         cls, home: Home, name: str, relay: str, password: str, kdf: KdfParams, keys: AccountKeys,
         device_id: bytes, auth_seed: bytes, token: bytes, socks: str | None,
-        prekeys: tuple[SignedPrekey, list[OneTimePrekey]],
+        prekeys: tuple[SignedPrekey, list[OneTimePrekey]], insecure: bool = False,
     ) -> Node:
         """Set up the home of a device that has just got its first session (in a worker
         thread); a home left half-made by a failure is removed."""
@@ -252,6 +268,9 @@ class Node:
             config = HomeConfig(
                 username=name, relay=relay, device_id=device_id.hex(), store_salt=store_salt.hex(),
                 kdf=kdf.to_dict(), socks=socks,
+                # Remembered only where it is needed: a later change of the address (a new
+                # pin written into device.json) must not quietly allow plain ws://.
+                insecure=insecure and not _plain_allowed(relay),
             )
             home.path.mkdir(parents=True, exist_ok=True, mode=0o700)
             store = NodeStore(home.store_path, store_key(password, store_salt, kdf))
@@ -274,13 +293,13 @@ class Node:
         return node
 
     @staticmethod
-    async def name_free(relay: str, name: str, *, socks: str | None = None) -> bool:
+    async def name_free(relay: str, name: str, *, socks: str | None = None, insecure: bool = False) -> bool:
         """Whether no account has ``name`` at the relay now (a check before registering)."""
         try:
             name = wire.normalize_username(name)
         except ValueError as exc:
             raise VeilError(str(exc)) from None
-        async with open_link(relay, socks) as link:
+        async with open_link(relay, socks, insecure=insecure) as link:
             try:
                 ans = await link.request(wire.NameFree, name=name)
             except RelayRefused as exc:
@@ -290,14 +309,15 @@ class Node:
     @classmethod
     async def register(
         cls, home: Home, name: str, password: str, relay: str, *, kdf: KdfParams = DEFAULT_KDF,
-        keys: AccountKeys | None = None, socks: str | None = None,
+        keys: AccountKeys | None = None, socks: str | None = None, insecure: bool = False,
     ) -> tuple[Node, str]:
         """Create an account and this, its first device. Returns the node and the
         recovery code (shown once)."""
         took = not home.held  # a caller that held the home first keeps it on failure
         home.hold(HOLDER)
         try:
-            return await cls._register(home, name, password, relay, kdf=kdf, keys=keys, socks=socks)
+            return await cls._register(home, name, password, relay, kdf=kdf, keys=keys, socks=socks,
+                                       insecure=insecure)
         except BaseException:
             if took:
                 home.release()
@@ -306,7 +326,7 @@ class Node:
     @classmethod
     async def _register(
         cls, home: Home, name: str, password: str, relay: str, *, kdf: KdfParams,
-        keys: AccountKeys | None, socks: str | None,
+        keys: AccountKeys | None, socks: str | None, insecure: bool,
     ) -> tuple[Node, str]:
         if home.exists():
             raise AlreadySetUp()
@@ -323,7 +343,7 @@ class Node:
         device_id = secrets.token_bytes(16)
         pub = keys.public()
         prekeys, prekeys_pub = _first_prekeys(keys)
-        async with open_link(relay, socks) as link:
+        async with open_link(relay, socks, insecure=insecure) as link:
             try:
                 session = await link.request(
                     wire.Register,
@@ -346,13 +366,13 @@ class Node:
                 raise _refused_as(exc) from None
         node = await trio.to_thread.run_sync(
             cls._create_home, home, name, relay, password, kdf, keys, device_id, pk.auth_seed,
-            session.token, socks, prekeys,
+            session.token, socks, prekeys, insecure,
         )
         return node, code
 
     @classmethod
     async def login(
-        cls, home: Home, name: str, password: str, relay: str, *, socks: str | None = None,
+        cls, home: Home, name: str, password: str, relay: str, *, socks: str | None = None, insecure: bool = False,
         min_kdf: KdfParams = DEFAULT_KDF, code: AskCode | None = None,
     ) -> Node:
         """A new device for an existing account, with the master password alone.
@@ -363,7 +383,8 @@ class Node:
         took = not home.held  # a caller that held the home first keeps it on failure
         home.hold(HOLDER)
         try:
-            return await cls._login(home, name, password, relay, socks=socks, min_kdf=min_kdf, code=code)
+            return await cls._login(home, name, password, relay, socks=socks, min_kdf=min_kdf, code=code,
+                                    insecure=insecure)
         except BaseException:
             if took:
                 home.release()
@@ -372,6 +393,7 @@ class Node:
     @classmethod
     async def _login(
         cls, home: Home, name: str, password: str, relay: str, *, socks: str | None, min_kdf: KdfParams,
+        insecure: bool,
         code: AskCode | None,
     ) -> Node:
         if home.exists():
@@ -381,7 +403,7 @@ class Node:
         except ValueError:
             raise LoginFailed() from None
         mfa = False
-        async with open_link(relay, socks) as link:
+        async with open_link(relay, socks, insecure=insecure) as link:
             try:
                 params, kdf = await account_params(link, name, min_kdf)
                 mfa = params.mfa
@@ -410,7 +432,7 @@ class Node:
                 raise _refused_as(exc, mfa=mfa) from None
         return await trio.to_thread.run_sync(
             cls._create_home, home, name, relay, password, kdf, keys, device_id, pk.auth_seed,
-            session.token, socks, prekeys,
+            session.token, socks, prekeys, insecure,
         )
 
     @classmethod
@@ -465,7 +487,7 @@ class Node:
     async def connected(self) -> AsyncIterator[RelayLink]:
         """A link with this device's session (resumed, or renewed with the stored auth
         key), the outbox already flushed."""
-        async with open_link(self.relay, self.socks) as link:
+        async with open_link(self.relay, self.socks, insecure=self.insecure) as link:
             await self.authenticate(link)
             await self.maintain_prekeys(link)
             for msg_id, exc in await self.seal_pending(link):
@@ -590,21 +612,7 @@ class Node:
         """Fetch an account's keys and devices; pin on first use, flag a change.
 
         Returns the contact and a warning line if its identity key changed."""
-        try:
-            name = wire.normalize_username(name)
-            ans = await link.request(wire.LookupKeys, name=name)
-        except ValueError:
-            raise UnknownUser() from None
-        except RelayRefused as exc:
-            raise _refused_as(exc) from None
-        if ans.name != name:
-            # The keys are signed for the name they belong to: a relay answering with
-            # another account's keys would otherwise pass every signature check.
-            raise VeilError(f"the relay answered a lookup of {name} with another account's keys")
-        PublicKeys(enc=ans.enc_pub, identity=ans.identity_pub, dh=ans.dh_pub).validate()
-        if not verify_account_keys(ans.identity_pub, name, ans.enc_pub, ans.dh_pub, ans.keys_sig):
-            raise VeilError(f"the relay served keys for {name} that {name}'s identity key does not vouch for")
-        devices = [d.device_id for d in ans.devices if verify_device(ans.identity_pub, name, d.device_id, d.sig)]
+        name, ans, devices = await self._fetch_keys(link, name)
         warning = None
         with self.store.transaction():
             pinned = self.store.contact(name)
@@ -620,6 +628,73 @@ class Node:
         if warning:
             self._warn(warning)
         return contact, warning
+
+    async def add_from_link(
+        self, invite: ContactLink, link: RelayLink | None = None, *, replace: bool = False,
+    ) -> tuple[Contact, bool]:
+        """Add (or re-pin) the contact an invite link names, verified: the keys the relay
+        hands out must match the link's fingerprint, or nothing is stored. Returns the
+        contact and whether it was new. A link for another relay is refused, and so is one
+        whose key differs from the one pinned here, unless ``replace`` (the person chose
+        the link over the earlier key). (``link``: an open connection to use.)"""
+        if not invite.relay.same_relay(parse_address(self.relay)):
+            raise VeilError(
+                f"that link is for {invite.name} on another relay ({invite.relay.url}); this account is on"
+                f" {parse_address(self.relay).url}, and Veil does not reach across relays yet"
+            )
+        if invite.name == self.name:
+            raise VeilError("that is this account's own link: give it to someone else")
+        if link is not None:
+            name, ans, devices = await self._fetch_keys(link, invite.name)
+        else:
+            async with self.connected() as fresh:
+                name, ans, devices = await self._fetch_keys(fresh, invite.name)
+        if not hmac.compare_digest(identity_fingerprint(ans.identity_pub), invite.fingerprint):
+            raise VeilError(
+                f"the relay's keys for {name} do not match the link's: {name} was not added (the link may"
+                f" be mistyped or old, or the relay is handing out other keys: check with {name})"
+            )
+        with self.store.transaction():
+            pinned = self.store.contact(name)
+            if pinned is None:
+                self.store.pin(name, ans.enc_pub, ans.identity_pub, ans.dh_pub)
+            elif pinned.key_changed or pinned.identity_pub != ans.identity_pub or pinned.enc_pub != ans.enc_pub:
+                # (A change seen at an earlier lookup and not accepted counts too: the key
+                # pinned first, or verified, is not the link's.)
+                if not replace:
+                    state = "verified" if pinned.verified else "pinned"
+                    raise KeyDiffers(
+                        f"{name}'s key in the link (which the relay has now) is not the one {state} on this"
+                        f" device: nothing changed; check with {name}, and if the link is right, add it again"
+                        " replacing the old key"
+                    )
+                self.store.replace_keys(name, ans.enc_pub, ans.identity_pub, ans.dh_pub)
+            self.store.set_verified(name, True)  # the link vouches for the key (and clears a change)
+            self.store.set_devices(name, devices)
+            self.store.forget_sessions(name, devices)
+        contact = self.store.contact(name)
+        assert contact is not None
+        return contact, pinned is None
+
+    async def _fetch_keys(self, link: RelayLink, name: str) -> tuple[str, wire.KeysOk, list[bytes]]:
+        """An account's keys, checked against its identity key, and its devices whose
+        certificates verify (nothing stored)."""
+        try:
+            name = wire.normalize_username(name)
+            ans = await link.request(wire.LookupKeys, name=name)
+        except ValueError:
+            raise UnknownUser() from None
+        except RelayRefused as exc:
+            raise _refused_as(exc) from None
+        if ans.name != name:
+            # The keys are signed for the name they belong to: a relay answering with
+            # another account's keys would otherwise pass every signature check.
+            raise VeilError(f"the relay answered a lookup of {name} with another account's keys")
+        PublicKeys(enc=ans.enc_pub, identity=ans.identity_pub, dh=ans.dh_pub).validate()
+        if not verify_account_keys(ans.identity_pub, name, ans.enc_pub, ans.dh_pub, ans.keys_sig):
+            raise VeilError(f"the relay served keys for {name} that {name}'s identity key does not vouch for")
+        devices = [d.device_id for d in ans.devices if verify_device(ans.identity_pub, name, d.device_id, d.sig)]
+        return name, ans, devices
 
     def _warn(self, text: str) -> None:
         for listener in self.events:
@@ -709,8 +784,9 @@ class Node:
                     reason = f"the relay did not take it now ({exc})"
                 deferred = next((w for e in self.store.outbox() if e.msg_id == composed.msg_id
                                  if (w := link.why_deferred(e.device_id))), None)
-        except (RelayUnreachable, ConnectionLost):
-            reason = f"the relay at {self.relay} cannot be reached now"
+        except (RelayUnreachable, ConnectionLost) as exc:
+            reason = (str(exc).rstrip(".") if isinstance(exc, RelayKeyMismatch)
+                      else f"the relay at {self.relay_shown} cannot be reached now")
             if composed is None:
                 composed = self.compose(peer, text)
         assert composed is not None

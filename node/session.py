@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 import trio
 
 import wire
-from node.errors import ConnectionLost, DeviceRevoked, LoginFailed, RelayRefused, RelayUnreachable
+from node.errors import (
+    ConnectionLost,
+    DeviceRevoked,
+    LoginFailed,
+    RelayKeyMismatch,
+    RelayRefused,
+    RelayUnreachable,
+)
 from node.link import RelayLink
 from node.node import Node, Received
 from node.store import StoredMessage
@@ -92,7 +99,8 @@ class LiveSession:
                 self._set_status("revoked")
                 self.link = None
                 return
-            except LoginFailed as exc:
+            except (LoginFailed, RelayKeyMismatch) as exc:
+                # Said every time: an impostor (or a relay with a new key) is not "offline".
                 self._problem(str(exc))
                 backoff = self.backoff_max
             except _TRANSIENT as exc:

@@ -30,6 +30,7 @@ from relay.keyfile import ENV_KEY, KEY_FILE, RelayKeyError, RelayKeys, load_root
 from relay.mailroom import MAILBOX_LIMIT, Mailroom
 from relay.service import RelayService
 from relay.store import RelayStore
+from relay.tls import RelayTls, TlsError
 
 log = logging.getLogger("veil.relay")
 
@@ -49,20 +50,30 @@ class RelayConfig:
     port: int = 0
     mailbox_limit: int = MAILBOX_LIMIT
     limits: Limits = field(default_factory=Limits)
+    tls: bool = True  # False: plain ws:// (--insecure-no-tls, or an onion relay behind tor)
+    tls_cert: Path | None = None  # a certificate (chain) from a public authority, with tls_key
+    tls_key: Path | None = None
 
 
 @dataclass(frozen=True)
 class RelayInfo:
-    """What a started relay reports: where it listens."""
+    """What a started relay reports: where it listens, and the pin of its own key."""
 
     host: str
     port: int
     relay_id: bytes
+    tls: bool = False
+    pin: str | None = None  # None with a public certificate (or without TLS)
+    tls_state: RelayTls | None = field(default=None, compare=False, repr=False)  # to reload
 
     @property
     def url(self) -> str:
+        """The relay's address for nodes (wire.address): wss://HOST:PORT#PIN with its own
+        key, wss://HOST:PORT with a public certificate, ws://HOST:PORT without TLS."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"ws://{host}:{self.port}"
+        if not self.tls:
+            return f"ws://{host}:{self.port}"
+        return f"wss://{host}:{self.port}" + (f"#{self.pin}" if self.pin else "")
 
 
 class RelayStartError(Exception):
@@ -75,14 +86,31 @@ class RelayState:
     def __init__(self, config: RelayConfig) -> None:
         try:
             config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._lock = _lock_data_dir(config.data_dir)
+            mode = config.data_dir.stat().st_mode
+        except OSError as exc:
+            raise RelayStartError(f"cannot use data directory {config.data_dir}: {exc.strerror}") from None
+        if mode & 0o022:
+            # Whoever can write in it could swap the keys or plant files the relay writes through.
+            raise RelayStartError(
+                f"data directory {config.data_dir} is writable by other users (mode {mode & 0o777:o}): chmod 700 it"
+            )
+        self._lock = _lock_data_dir(config.data_dir)
+        try:
+            self._open(config)
+        except BaseException:
+            os.close(self._lock)
+            raise
+
+    def _open(self, config: RelayConfig) -> None:
+        try:
             self.keys = RelayKeys.from_root(load_root_key(config.data_dir))
+            self.tls = RelayTls(config.data_dir, config.tls_cert, config.tls_key) if config.tls else None
             self.store = RelayStore(config.data_dir / DB_FILE, self.keys.db_key)
         except WrongKey:
             raise RelayStartError(
                 f"the relay key does not open {config.data_dir / DB_FILE} (wrong {ENV_KEY} or {KEY_FILE}?)"
             ) from None
-        except RelayKeyError as exc:
+        except (RelayKeyError, TlsError) as exc:
             raise RelayStartError(str(exc)) from None
         except OSError as exc:
             raise RelayStartError(f"cannot use data directory {config.data_dir}: {exc.strerror}") from None
@@ -100,7 +128,10 @@ class RelayState:
 def _lock_data_dir(data_dir: Path) -> int:
     """Hold an exclusive lock on the data directory for the life of the process: two
     relays on one database would each miss the other's deliveries."""
-    fd = os.open(data_dir / "relay.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(data_dir / "relay.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise RelayStartError(f"cannot use data directory {data_dir}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -235,9 +266,13 @@ async def serve(
             nursery.start_soon(_expire_loop, state.mailroom)
             await nursery.start(state.connections.heartbeat)
             await nursery.start(state.connections.collector)
+            served: list[trio.SocketListener | trio.SSLListener[trio.SocketStream]] = list(listeners)
+            if state.tls is not None:
+                # The TLS handshake runs inside the WebSocket handshake, under its timeout.
+                served = [trio.SSLListener(lst, state.tls.context, https_compatible=True) for lst in listeners]
             server = WebSocketServer(
                 state.connections.handle,
-                listeners,
+                served,
                 message_queue_size=WS_QUEUE,
                 max_message_size=wire.WS_MAX_REQUEST,
                 # A socket that never completes the handshake, or never finishes closing,
@@ -246,7 +281,8 @@ async def serve(
                 disconnect_timeout=CLOSE_TIMEOUT,
             )
             await nursery.start(server.run)
-            info = RelayInfo(config.host, server.port, state.relay_id)
+            tls = state.tls
+            info = RelayInfo(config.host, server.port, state.relay_id, tls is not None, tls.pin if tls else None, tls)
             log.info("relay listening on port %d (pid %d)", server.port, os.getpid())
             task_status.started(info)
     finally:

@@ -36,7 +36,11 @@ class TlsError(Exception):
 
 def _write_private(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        tmp.unlink()  # a leftover of a crash (or a planted file or link): never written through
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
@@ -95,8 +99,17 @@ def _pin_of_pem(pem: bytes, path: Path) -> str:
     return certificate_pin(cert.public_bytes(serialization.Encoding.DER))
 
 
+def _no_passphrase() -> bytes:
+    raise TlsError("encrypted")
+
+
 class RelayTls:
-    """The server side of the relay's TLS: one SSLContext, its certificate reloadable."""
+    """The server side of the relay's TLS, its certificate reloadable.
+
+    ``context`` is what the listeners hold; each handshake is moved (in its SNI callback,
+    which OpenSSL calls with or without SNI) to the context of the certificate loaded
+    last. A reload builds and checks a whole new context first, so one whose files do not
+    fit together changes nothing."""
 
     def __init__(self, data_dir: Path, cert: Path | None = None, key: Path | None = None) -> None:
         if (cert is None) != (key is None):
@@ -105,25 +118,36 @@ class RelayTls:
         if cert is None or key is None:
             cert, key = ensure_own_certificate(data_dir)
         self.cert, self.key = cert, key
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
-        self.context.set_alpn_protocols(["http/1.1"])
         self.pin: str | None = None
-        self.reload()
+        self._current = self._load()
+        self.context = self._load()
+        self.context.sni_callback = self._choose
 
-    def reload(self) -> None:
-        """Read the certificate and key again (new connections get them; open ones keep
-        theirs). TlsError, and the old ones stay in use, if the files are not usable."""
+    def _choose(self, sslobj: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+        sslobj.context = self._current
+
+    def _load(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(["http/1.1"])
         try:
             pem = self.cert.read_bytes()
-            self.context.load_cert_chain(self.cert, self.key)
+            context.load_cert_chain(self.cert, self.key, password=_no_passphrase)
         except FileNotFoundError as exc:
             raise TlsError(f"cannot read {exc.filename}: no such file") from None
         except PermissionError as exc:
             raise TlsError(f"cannot read {exc.filename}: permission denied") from None
+        except TlsError:
+            raise TlsError(f"{self.key} is encrypted: give the relay an unencrypted key (mode 0600)") from None
         except ssl.SSLError:
             raise TlsError(
-                f"{self.cert} and {self.key} are not a PEM certificate (chain) and its private key"
+                f"{self.cert} and {self.key} are not a PEM certificate (chain) and the private key that goes with it"
             ) from None
         pin = _pin_of_pem(pem, self.cert)
         self.pin = pin if self.own else None
+        return context
+
+    def reload(self) -> None:
+        """Read the certificate and key again: new connections get them, open ones keep
+        theirs. TlsError, and the old ones stay in use, if the files are not usable."""
+        self._current = self._load()

@@ -2,8 +2,9 @@
 
     scripts/bench [--pairs 50] [--size 300] [--seconds 8] [--conns 10000] [--json-only]
 
-Three processes: the server under test (the bare forwarder or a real relay with durable
-storage), and one load generator driving it. The load generator opens ``pairs`` sender
+Three processes: the server under test (the bare forwarder, a real relay with durable
+storage and TLS as it runs by default, or the same relay with --insecure-no-tls), and one
+load generator driving it. The load generator opens ``pairs`` sender
 connections and ``pairs`` receiver connections; each sender sends messages of ``size``
 bytes to its receiver. Measured, for both servers with the same generator:
 
@@ -12,7 +13,9 @@ bytes to its receiver. Measured, for both servers with the same generator:
 3. (relay only) how many authenticated, idle nodes one relay process holds, and its
    memory per connection (RSS growth / connections).
 
-The last line printed is one JSON object; ``ratio`` is relay msgs/s / forwarder msgs/s.
+The last line printed is one JSON object; ``ratio`` is relay msgs/s / forwarder msgs/s
+(the forwarder is plain ws://: the ratio includes what TLS costs), ``tls_ratio`` the relay
+with TLS / the relay without.
 Loops are bounded in time and count; all traffic stays on 127.0.0.1.
 """
 
@@ -26,6 +29,7 @@ import resource
 import secrets
 import selectors
 import signal
+import ssl
 import statistics
 import struct
 import subprocess
@@ -149,9 +153,19 @@ class Pacer:
 # bottleneck for either server. Both servers are driven by exactly this code.
 
 
+def _tls_context() -> ssl.SSLContext:
+    # The bench's own relay on loopback, with its self-signed key: what TLS costs is the
+    # handshake and the record layer, the same whether or not the pin is checked.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
 async def ws_connect(url: str) -> Any:
     return await websockets.connect(url, max_size=wire.WS_MAX_MESSAGE, compression=None,
-                                    ping_interval=None, open_timeout=30)
+                                    ping_interval=None, open_timeout=30,
+                                    ssl=_tls_context() if url.startswith("wss://") else None)
 
 
 async def bare_pair(url: str, i: int, size: int, rate: float | None, stats: Stats,
@@ -416,10 +430,10 @@ def orchestrate(args: argparse.Namespace) -> None:
         # The relay's flood limits are lifted: one bench account sends one device thousands
         # of envelopes a second, and the capacity run registers and connects thousands of
         # accounts (more than the default cap, which is sized for the worst case).
-        def relay_cmd(data_dir: str) -> list[str]:
+        def relay_cmd(data_dir: str, *extra: str) -> list[str]:
             return [sys.executable, "-m", "cli.main", "relay", "serve", "--port", "0", "--data-dir",
                     str(Path(tmp) / data_dir), "--sender-rate", "1e9", "--registrations-per-hour", "1e9",
-                    "--max-connections", "20000"]
+                    "--max-connections", "20000", *extra]
 
         rel, rel_url = start_server(relay_cmd("relay"), "relay listening on")
         try:
@@ -427,6 +441,15 @@ def orchestrate(args: argparse.Namespace) -> None:
             results["relay_max"] = run_loadgen("relay", rel_url, *common)
             say(f"relay: latency at {half:.0f} msgs/s ...")
             results["relay_half"] = run_loadgen("relay", rel_url, *common, "--rate", str(half))
+        finally:
+            stop_server(rel)
+        # The same relay without TLS (--insecure-no-tls), for what TLS costs.
+        rel, rel_url = start_server(relay_cmd("relay-plain", "--insecure-no-tls"), "relay listening on")
+        try:
+            say("relay without TLS: maximum throughput ...")
+            results["plain_max"] = run_loadgen("relay", rel_url, *common)
+            say(f"relay without TLS: latency at {half:.0f} msgs/s ...")
+            results["plain_half"] = run_loadgen("relay", rel_url, *common, "--rate", str(half))
         finally:
             stop_server(rel)
         if args.conns:
@@ -440,16 +463,19 @@ def orchestrate(args: argparse.Namespace) -> None:
     fmax, rmax = results["forwarder_max"], results["relay_max"]
     fh, rh = results["forwarder_half"], results["relay_half"]
     ratio = round(float(rmax["msgs_per_s"]) / float(fmax["msgs_per_s"]), 3)  # type: ignore[arg-type]
-    print(f"{'':28}{'forwarder':>12}{'relay':>12}")
-    print(f"{'max msgs/s':28}{fmax['msgs_per_s']:>12}{rmax['msgs_per_s']:>12}")
+    pmax, ph = results["plain_max"], results["plain_half"]
+    tls_ratio = round(float(rmax["msgs_per_s"]) / float(pmax["msgs_per_s"]), 3)  # type: ignore[arg-type]
+    print(f"{'':28}{'forwarder':>12}{'relay':>12}{'relay no TLS':>14}")
+    print(f"{'max msgs/s':28}{fmax['msgs_per_s']:>12}{rmax['msgs_per_s']:>12}{pmax['msgs_per_s']:>14}")
     for key in ("p50_ms", "p95_ms", "p99_ms"):
-        print(f"{key + f' at {half:.0f}/s':28}{fh[key]:>12}{rh[key]:>12}")
+        print(f"{key + f' at {half:.0f}/s':28}{fh[key]:>12}{rh[key]:>12}{ph[key]:>14}")
     if "capacity" in results:
         cap = results["capacity"]
         print(f"connected nodes: {cap['connections']}, {cap['kib_per_connection']} KiB each "
               f"(relay RSS {cap['relay_rss_mib']} MiB)")
     print(f"ratio (relay / forwarder max msgs/s): {ratio}")
-    summary = {"ratio": ratio, "pairs": args.pairs, "size": args.size, "seconds": args.seconds,
+    print(f"ratio (relay with TLS / without, max msgs/s): {tls_ratio}")
+    summary = {"ratio": ratio, "tls_ratio": tls_ratio, "pairs": args.pairs, "size": args.size, "seconds": args.seconds,
                "half_rate": round(half, 1), **{k: v for k, v in results.items()}}
     print(json.dumps(summary))
 
@@ -478,6 +504,7 @@ def main() -> None:
         trio.run(forwarder, args.port)
     elif args.cmd == "loadgen":
         raise_fd_limit()
+        args.url = args.url.split("#", 1)[0]  # the relay's key pin: not part of what is dialled
         if args.kind == "capacity":
             res = asyncio.run(capacity(args.url, args.conns, args.server_pid))
         else:

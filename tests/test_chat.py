@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pexpect
 import pyte
@@ -120,7 +121,7 @@ class World:
 
     def start_relay(self) -> RelayProcess:
         self.relay = start_relay(self.tmp, self.port)  # the same port and data dir each time
-        self.port = int(self.relay.url.rsplit(":", 1)[1])
+        self.port = urlsplit(self.relay.url).port
         return self.relay
 
     def stop_relay(self) -> None:
@@ -163,8 +164,8 @@ def safety_digits(repl: Repl) -> str:
 def test_two_repls_talk_through_the_relay(world: World) -> None:
     alice, bob, mallory = world.user("alice"), world.user("bob"), world.user("mallory")
     a, b = world.chat(alice), world.chat(bob)
-    a.expect("online: connected to ws://")
-    b.expect("online: connected to ws://")
+    a.expect("online: connected to wss://")
+    b.expect("online: connected to wss://")
 
     # No peer and nobody has written to alice yet: a plain line is not sent, it stays in
     # the input with a hint; here it becomes an @NAME line.
@@ -304,7 +305,7 @@ def test_input_history_is_kept_encrypted_and_commands_only(world: World) -> None
     a = world.chat(alice)
     a.expect("-- removed chat-history, the plaintext input history of an earlier version;"
              " its 2 command(s) are now kept in the encrypted store")
-    a.expect("-- online: connected to ws://")
+    a.expect("-- online: connected to wss://")
     assert not old.exists()
     a.line("/to bob")
     a.expect("-- talking to bob")
@@ -327,7 +328,7 @@ def test_input_history_is_kept_encrypted_and_commands_only(world: World) -> None
 
     # The up arrow brings back the commands of earlier runs, newest first; never messages.
     a = world.chat(alice)
-    a.expect("-- online: connected to ws://")
+    a.expect("-- online: connected to wss://")
     assert "removed chat-history" not in a.log.getvalue()  # said once
     for line in ("/quit", "/status", "/to bob", "/inbox", "/history bob 5"):
         a.type("\x1b[A")  # up arrow
@@ -344,7 +345,7 @@ def test_unread_counts_and_the_bell_setting_survive_a_restart(world: World) -> N
     assert world.relay is not None
     phone.veil("login", "bob", "--relay", world.relay.url)
     b = world.chat(bob)
-    b.expect("-- online: connected to ws://")
+    b.expect("-- online: connected to wss://")
     b.line("/to carol")
     b.expect("-- talking to carol")
     alice.veil("send", "bob", "one")
@@ -363,7 +364,7 @@ def test_unread_counts_and_the_bell_setting_survive_a_restart(world: World) -> N
 
     # The count comes back from the store, in the prompt and in /inbox; so does the bell.
     b = world.chat(bob)
-    b.expect("-- online: connected to ws://")
+    b.expect("-- online: connected to wss://")
     b.expect_re(typed("[2 unread] >"))
     b.line("/bell")
     b.expect("-- bell off:")
@@ -379,7 +380,7 @@ def test_unread_counts_and_the_bell_setting_survive_a_restart(world: World) -> N
     assert b.exit_code() == 0
 
     b = world.chat(bob, env={"VEIL_CHAT_BELL": "1"})  # for this run only
-    b.expect("-- online: connected to ws://")
+    b.expect("-- online: connected to wss://")
     b.line("/inbox")
     b.expect_re(r"alice\s+no unread")
     b.line("/bell")
@@ -396,7 +397,7 @@ def test_offline_typing_is_delivered_when_the_relay_comes_back(world: World) -> 
 
     # Started while the relay is down: it says so and keeps trying.
     a = world.chat(alice)
-    a.expect("cannot reach the relay at ws://")
+    a.expect("cannot reach the relay at wss://")
     a.expect_re(typed("[offline"))
     a.line("/to bob")
     a.expect("-- offline: bob is not checked yet; messages to bob are queued")
@@ -410,13 +411,13 @@ def test_offline_typing_is_delivered_when_the_relay_comes_back(world: World) -> 
 
     world.start_relay()
     # The outbox is flushed as the connection is made; the pending line turns to sent.
-    a.expect("-- online: connected to ws://")
+    a.expect("-- online: connected to wss://")
     a.expect("] alice -> bob: written while offline (sent)")
     a.expect_re(typed("@bob>"))
     [row] = a.rows_with("written while offline")
     assert row.endswith("] alice -> bob: written while offline (sent)")
     b = world.chat(bob)
-    b.expect("-- online: connected to ws://")
+    b.expect("-- online: connected to wss://")
     b.expect("] alice: written while offline")  # no peer chosen yet: shown in full
     b.line("/to alice")
     b.expect("-- talking to alice")
@@ -474,7 +475,7 @@ def test_changed_key_of_a_verified_contact_holds_sending(world: World) -> None:
         node.close()
 
     a = world.chat(alice)
-    a.expect("-- online: connected to ws://")
+    a.expect("-- online: connected to wss://")
     a.line("/to bob")
     a.expect("! WARNING: bob's identity key has changed (check: /verify bob)."
              " Sending to bob is held until you /trust bob.")
@@ -493,6 +494,28 @@ def test_changed_key_of_a_verified_contact_holds_sending(world: World) -> None:
     assert "alice: first" in out and "alice: held back" in out
 
 
+def test_add_a_contact_from_an_invite_link_in_the_chat(world: World) -> None:
+    alice, bob = world.user("alice"), world.user("bob")
+    link = alice.veil("invite").stdout.strip()
+    b = world.chat(bob)
+    b.expect("-- online: connected to wss://")
+    b.line("/add veil:contact?v=1&name=alice")
+    b.expect("! that Veil contact link is incomplete")
+    b.line("/add " + link)
+    b.expect("-- added alice as a verified contact (the relay's keys match the link); safety number ")
+    b.line("/contacts")
+    b.expect_re(r"alice\s+verified")
+    b.line("/invite")
+    b.expect("-- your invite link")
+    b.expect("veil:contact?v=1&name=bob&id=")
+    b.line("/to alice")
+    b.line("by link")
+    b.expect("] bob -> alice: by link (sent)")
+    b.line("/quit")
+    assert b.exit_code() == 0
+    assert "bob: by link" in alice.veil("recv").stdout
+
+
 def test_wrapping_and_times() -> None:
     rows = wrap("[12:00] bob: " + "word " * 30, 40, 13)
     assert all(len(r) <= 40 for r in rows) and len(rows) > 3
@@ -508,7 +531,7 @@ def test_send_and_recv_from_another_terminal_go_through_the_chat(world: World) -
     alice, bob = world.user("alice"), world.user("bob")
     world.user("carol")
     b = world.chat(bob)
-    b.expect("-- online: connected to ws://")
+    b.expect("-- online: connected to wss://")
     b.line("/to carol")
     b.expect("-- talking to carol")
     alice.veil("send", "bob", "for the chat and the script")

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import unicodedata
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -22,21 +26,47 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
 
 
-def read_line_until(proc: subprocess.Popen[str], prefix: str, deadline: float) -> str:
-    """Read the process's stdout until a line starts with ``prefix`` (or fail at the deadline)."""
-    assert proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
+_PUMPS: weakref.WeakKeyDictionary[IO[str], queue.Queue[str | None]] = weakref.WeakKeyDictionary()
+
+
+def _lines_of(stream: IO[str]) -> queue.Queue[str | None]:
+    """The lines of ``stream``, read by a thread of their own into a queue (None at the
+    end): a select() on the pipe would miss lines already read into the file's buffer."""
+    q = _PUMPS.get(stream)
+    if q is None:
+        q = _PUMPS[stream] = queue.Queue()
+
+        def pump(q: queue.Queue[str | None] = q) -> None:
+            try:
+                for line in stream:
+                    q.put(line)
+            except (ValueError, OSError):  # closed by the test while we read
+                pass
+            q.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+    return q
+
+
+def read_line_until(proc: subprocess.Popen[str], prefix: str, deadline: float, *, stderr: bool = False) -> str:
+    """Read the process's stdout (or stderr) until a line starts with ``prefix`` (or fail at
+    the deadline)."""
+    stream = proc.stderr if stderr else proc.stdout
+    assert stream is not None
+    lines = _lines_of(stream)
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             raise AssertionError(f"no line starting with {prefix!r} in time")
-        if sel.select(timeout=left):
-            line = proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"process ended before printing {prefix!r}")
-            if line.startswith(prefix):
-                return line.strip()
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            continue
+        if line is None:
+            lines.put(None)  # the end, for any later reader too
+            raise AssertionError(f"process ended before printing {prefix!r}")
+        if line.startswith(prefix):
+            return line.strip()
 
 
 @dataclass
@@ -55,10 +85,10 @@ def env_for(tmp: Path) -> dict[str, str]:
     return env
 
 
-def start_relay(tmp: Path, port: int = 0) -> RelayProcess:
-    data = tmp / "relay"
+def start_relay(tmp: Path, port: int = 0, *extra: str, data: Path | None = None) -> RelayProcess:
+    data = data or tmp / "relay"
     proc = subprocess.Popen(
-        [*VEIL, "relay", "serve", "--port", str(port), "--data-dir", str(data)],
+        [*VEIL, "relay", "serve", "--port", str(port), "--data-dir", str(data), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_for(tmp), cwd=ROOT,
     )
     line = read_line_until(proc, "relay listening on ", time.monotonic() + TIMEOUT)
@@ -235,7 +265,7 @@ def test_relay_stops_on_sigterm_and_keeps_mail(tmp_path: Path) -> None:
     assert rp.proc.returncode == 0, stderr
     assert "Traceback" not in stderr
     assert "alice" not in stderr and "bob" not in stderr  # the relay logs no usernames
-    port = int(rp.url.rsplit(":", 1)[1])
+    port = urlsplit(rp.url).port
     rp2 = start_relay(tmp_path, port)
     try:
         assert "survives a restart" in bob.veil("recv").stdout

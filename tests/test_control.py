@@ -11,6 +11,7 @@ import stat
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -243,7 +244,7 @@ def test_another_user_is_refused_even_where_the_socket_is_reachable(
 
 def test_a_daemon_without_its_relay_queues_sends_and_delivers_them_later(tmp_path: Path) -> None:
     rp = start_relay(tmp_path)
-    port = int(rp.url.rsplit(":", 1)[1])
+    port = urlsplit(rp.url).port
     alice, bob = registered(tmp_path, rp, "alice", "bob")
     daemon = Holder(bob, "daemon")
     try:

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import keyvault
 from keyvault import labels
+from keyvault.safety import identity_fingerprint
 
 VECTORS = Path(__file__).parent / "vectors" / "keyvault_vectors.json"
 HKDF_IKM = bytes(range(32))
@@ -118,6 +119,8 @@ def generate(account: keyvault.AccountKeys | None = None) -> dict[str, Any]:
             "number": keyvault.safety_number(
                 SAFETY[0][0], SAFETY[0][1], SAFETY[1][0], SAFETY[1][1]
             ),
+            # What an invite link's id is (docs/PROTOCOL.md, section 1.2), of the first key.
+            "identity_fingerprint": identity_fingerprint(SAFETY[0][1]).hex(),
         },
         "account": {
             "keys": account.to_bytes().hex(),
@@ -256,6 +259,8 @@ def test_safety(v: dict[str, Any]) -> None:
     assert keyvault.safety_number(na, ka, nb, kb) == s["number"]
     assert keyvault.safety_number(nb, kb, na, ka) == s["number"]
     assert "".join(sorted([_safety_half(na, ka), _safety_half(nb, kb)])) == s["number"]
+    assert identity_fingerprint(ka).hex() == s["identity_fingerprint"]
+    assert hashlib.sha256(b"veil/v1/identity-fingerprint" + ka).hexdigest() == s["identity_fingerprint"]
 
 
 def test_account_and_bundle(v: dict[str, Any], account: keyvault.AccountKeys) -> None:

@@ -34,7 +34,9 @@ from tests.test_relay_support import (
     RawClient,
     envelope,
     handshake_status,
+    insecure_context,
     mailbox_eids,
+    plain_url,
     raw_client,
     sql,
 )
@@ -48,8 +50,9 @@ async def slow_reader(url: str) -> AsyncIterator[RawClient]:
     backpressure reaches the relay)."""
     ws: WebSocketConnection | None = None
     try:
-        async with open_websocket_url(url + wire.PATH, max_message_size=wire.WS_MAX_MESSAGE,
-                                      message_queue_size=1) as ws:
+        ctx = insecure_context() if url.startswith("wss://") else None
+        async with open_websocket_url(plain_url(url) + wire.PATH, ssl_context=ctx,
+                                      max_message_size=wire.WS_MAX_MESSAGE, message_queue_size=1) as ws:
             yield RawClient(ws)
     finally:
         if ws is not None:

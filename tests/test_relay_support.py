@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -187,12 +188,27 @@ class RawClient:
         )
 
 
+def insecure_context() -> ssl.SSLContext:
+    """A client context that accepts the relay's self-signed certificate (these helpers talk
+    to the test's own relay on loopback; the node's pin check is tested in test_tls.py)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def plain_url(url: str) -> str:
+    """The relay address without its #pin: what a WebSocket library dials."""
+    return url.split("#", 1)[0]
+
+
 @asynccontextmanager
 async def raw_client(url: str, path: str = wire.PATH) -> AsyncIterator[RawClient]:
     ws: WebSocketConnection | None = None
+    ctx = insecure_context() if url.startswith("wss://") else None
     try:
         async with open_websocket_url(
-            url + path, max_message_size=wire.WS_MAX_MESSAGE, message_queue_size=256
+            plain_url(url) + path, ssl_context=ctx, max_message_size=wire.WS_MAX_MESSAGE, message_queue_size=256
         ) as ws:
             yield RawClient(ws)
     finally:
@@ -213,7 +229,9 @@ async def handshake_status(url: str, path: str) -> int:
         f"GET {path} HTTP/1.1\r\nHost: {parts.hostname}:{parts.port}\r\nUpgrade: websocket\r\n"
         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
-    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    stream: trio.abc.Stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    if parts.scheme == "wss":
+        stream = trio.SSLStream(stream, insecure_context(), server_hostname=None, https_compatible=True)
     async with stream:
         await stream.send_all(request.encode())
         head = b""

@@ -344,8 +344,8 @@ async def test_link_through_socks_with_retries(
     fake = FakeSocks(port, [0xF0, 0xF0])  # descriptor "not published yet", twice
     await nursery.start(fake.serve)
     proxy = f"127.0.0.1:{fake.port}"
-    # The WebSocket handshake (a round trip) through the proxy to the real relay.
-    async with open_link(f"ws://relay.invalid:{port}", socks=proxy) as link:
+    # TLS, the pin checked, and the WebSocket handshake through the proxy to the real relay.
+    async with open_link(f"wss://relay.invalid:{port}#{relay.info.pin}", socks=proxy) as link:
         assert not link.closed.is_set()
     # The name went to the proxy as a name (address type 3): never resolved here.
     assert fake.asked == [(3, "relay.invalid", port)] * 3

@@ -101,15 +101,28 @@ class RelayAddress:
         return self.url
 
     def same_relay(self, other: RelayAddress) -> bool:
-        """The same service: scheme, host and port, and the same pin if both have one."""
-        if (self.scheme, self.host, self.port) != (other.scheme, other.host, other.port):
-            return False
-        return self.pin is None or other.pin is None or self.pin == other.pin
+        """The same service: the same key if both addresses pin one (whatever name or port
+        each reaches it by), else the same scheme, host and port."""
+        if self.pin is not None and other.pin is not None:
+            return self.pin == other.pin
+        return (self.scheme, self.host, self.port) == (other.scheme, other.host, other.port)
 
 
 def parse_address(text: str) -> RelayAddress:
-    """Parse a relay address; AddressError (one line, saying what is wrong) if it is not one."""
-    text = text.strip()
+    """Parse a relay address; AddressError (one line, saying what is wrong) if it is not one.
+    An error never repeats a client key the text carries."""
+    try:
+        return _parse(text.strip())
+    except AddressError as exc:
+        shown = text.strip()
+        head, sep, fragment = shown.partition("#")
+        if sep and fragment.lower().startswith(CLIENT_PREFIX):
+            message = str(exc).replace(shown, f"{head}#{CLIENT_PREFIX}...").replace(repr(shown), repr(f"{head}#{CLIENT_PREFIX}..."))
+            raise AddressError(message) from None
+        raise
+
+
+def _parse(text: str) -> RelayAddress:
     if not text:
         raise AddressError("the relay address is empty")
     if "://" not in text:
@@ -127,6 +140,8 @@ def parse_address(text: str) -> RelayAddress:
     if parts.path not in ("", "/", "/v1", "/v1/") or parts.query:
         raise AddressError(f"bad relay address {text!r}: give it without a path or query (wss://HOST:PORT)")
     host = (parts.hostname or "").lower()
+    if host.endswith(".") and ":" not in host:
+        host = host[:-1]  # the root label: the same name (and classified as such)
     if not host:
         raise AddressError(f"bad relay address {text!r}: no host")
     if ":" in host:
@@ -160,4 +175,4 @@ def parse_address(text: str) -> RelayAddress:
                 raise AddressError(
                     f"bad relay address {text!r}: the key pin after # is {PIN_LENGTH} base32 letters (a-z, 2-7)"
                 )
-    return RelayAddress(scheme, host.rstrip("."), port, pin, client_key)
+    return RelayAddress(scheme, host, port, pin, client_key)

@@ -36,6 +36,8 @@ HELP = [
     ("/contacts", "contacts: verified or not, devices, key changes"),
     ("/verify [NAME] [yes]", "show the safety number; 'yes' marks NAME verified"),
     ("/trust NAME", "accept NAME's changed identity key (releases held messages)"),
+    ("/add LINK [replace]", "add a verified contact from their invite link (veil:contact?...)"),
+    ("/invite", "your own invite link, to give to someone"),
     ("/devices", "this account's devices (needs the relay)"),
     ("/status", "relay, connection, outbox"),
     ("/reconnect", "try the relay now instead of waiting for the backoff"),
@@ -272,6 +274,37 @@ async def cmd_trust(chat: Chat, rest: str) -> None:
               f" ({name} is not verified any more: /verify {name})")
 
 
+async def cmd_add(chat: Chat, rest: str) -> None:
+    from cli.errors import CliError
+    from cli.invites import add_contact
+
+    assert chat.session is not None
+    words = rest.split()
+    replace = len(words) > 1 and words[-1].lower() == "replace"
+    if replace:
+        rest = " ".join(words[:-1])
+    if not rest:
+        raise VeilError("write /add LINK, with the link `veil invite` (or /invite) printed for them")
+    link = chat.session.link
+    if link is None:
+        raise VeilError("offline: /add needs the relay (to check the link against the keys it has); try again when online")
+    try:
+        with trio.fail_after(LINK_TIMEOUT):
+            said = await add_contact(chat.node, rest, link, replace=replace, how="/add LINK replace")
+    except CliError as exc:
+        raise VeilError(str(exc)) from None
+    chat.check_keys()
+    chat.session.retry_held()
+    chat.note(said)
+
+
+async def cmd_invite(chat: Chat, rest: str) -> None:
+    from cli.invites import contact_link
+
+    chat.note("your invite link (give it over a channel you trust; whoever adds it pins your key):")
+    chat.say(str(contact_link(chat.node)), 0)
+
+
 async def cmd_devices(chat: Chat, rest: str) -> None:
     assert chat.session is not None
     link = chat.session.link
@@ -300,7 +333,7 @@ async def cmd_status(chat: Chat, rest: str) -> None:
         left = "" if chat.retry_at is None else f", next try in {max(0, math.ceil(chat.retry_at - time.monotonic()))}s"
         conn = f"not connected (attempt {s.attempts}{left}; /reconnect tries now)"
     chat.say(f"account {chat.node.name}, this device {chat.node.device_id.hex()[:8]}")
-    chat.say(f"relay {chat.node.relay}: {conn}")
+    chat.say(f"relay {chat.node.relay_shown}: {conn}")
     chat.say(f"outbox: {chat.node.store.pending_count()} pending")
     chat.say(f"talking to: {chat.conv.peer or 'nobody (/to NAME)'}")
 
@@ -338,5 +371,5 @@ async def cmd_help(chat: Chat, rest: str) -> None:
 HANDLERS: dict[str, Callable[[Chat, str], Awaitable[None]]] = {
     "to": cmd_to, "history": cmd_history, "inbox": cmd_inbox, "contacts": cmd_contacts,
     "verify": cmd_verify, "trust": cmd_trust, "devices": cmd_devices, "status": cmd_status,
-    "reconnect": cmd_reconnect, "bell": cmd_bell, "help": cmd_help,
+    "reconnect": cmd_reconnect, "bell": cmd_bell, "help": cmd_help, "add": cmd_add, "invite": cmd_invite,
 }
