@@ -2,6 +2,10 @@
 
 Prints `relay listening on ws://HOST:PORT` on standard output once it accepts connections
 (and `relay onion address ...` with --onion); everything else goes to standard error.
+
+With --onion --private the onion service admits only the clients in DATA_DIR/onion_clients
+(`veil relay invite --new-client`); on SIGHUP the relay re-reads them and, if they changed,
+re-publishes and prints `relay onion clients N` on standard output.
 """
 
 from __future__ import annotations
@@ -21,23 +25,27 @@ from node.link import collapse_groups
 
 async def cmd_relay_serve(args: argparse.Namespace) -> None:
     from relay.onion import OnionError
+    from relay.onion_clients import ClientError
     from relay.server import RelayStartError
 
     try:
         with collapse_groups():
             await _relay_serve(args)
-    except (OnionError, RelayStartError) as exc:
+    except (OnionError, RelayStartError, ClientError) as exc:
         raise CliError(str(exc)) from None
 
 
 async def _relay_serve(args: argparse.Namespace) -> None:
-    from relay import onion
-    from relay.server import RelayConfig, serve
+    from relay import onion, onion_clients
+    from relay.server import RelayConfig, RelayInfo, serve
 
     control = args.tor_control or os.environ.get("TOR_CONTROL") or onion.DEFAULT_CONTROL
     if not args.onion and (args.tor_control or args.launch_tor or args.torrc):
         raise CliError("--tor-control, --launch-tor and --torrc go with --onion")
+    if args.private and not args.onion:
+        raise CliError("--private goes with --onion")
     if args.onion:
+        onion_clients.require_private(Path(args.data_dir), args.private)
         if args.host not in (None, "127.0.0.1"):
             raise CliError("an onion relay listens on 127.0.0.1 only: drop --host")
         if args.torrc and not args.launch_tor:
@@ -62,21 +70,37 @@ async def _relay_serve(args: argparse.Namespace) -> None:
             info = await inner.start(serve, config)
             print(f"relay listening on {info.url}", flush=True)
 
+    running: dict[str, object] = {}  # what a SIGHUP reloads: "tor", "info"
+
     async def run_onion_relay() -> None:
         async with onion.open_tor(
             control=None if args.launch_tor else control, launch=args.launch_tor,
             data_dir=config.data_dir, torrc=Path(args.torrc) if args.torrc else None,
         ) as tor:
+            running["tor"] = tor
             async with trio.open_nursery() as inner:
                 info = await inner.start(serve, config)
+                running["info"] = info
                 print(f"relay listening on {info.url}", flush=True)
-                service = await tor.publish(config.data_dir / onion.KEY_FILE, info.port)
+                if args.private:
+                    onion_clients.ensure_dir(config.data_dir)
+                service = await tor.publish(config.data_dir / onion.KEY_FILE, info.port,
+                                            config.data_dir if args.private else None)
                 print(f"relay onion address {service.url}", flush=True)
 
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    async def reload_onion(tor: onion.Tor, info: RelayInfo) -> None:
+        if await onion.reload_onion_clients(tor, info.connections.end_all if info.connections else lambda: 0):
+            print(f"relay onion clients {len(tor.clients or ())}", flush=True)
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_onion_relay if args.onion else run_relay)
-            async for _ in signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:  # reload what can be reloaded; keep serving
+                    tor, info = running.get("tor"), running.get("info")
+                    if isinstance(tor, onion.Tor) and isinstance(info, RelayInfo):
+                        nursery.start_soon(reload_onion, tor, info)
+                    continue
                 print("relay stopping", file=sys.stderr, flush=True)
                 nursery.cancel_scope.cancel()
                 break

@@ -34,6 +34,7 @@ from relay.store import RelayStore
 log = logging.getLogger("veil.relay")
 
 DB_FILE = "relay.db"
+LOCK_FILE = "relay.lock"  # flock held while the relay runs; holds its process id
 SWITCH_INTERVAL = 0.0005
 EXPIRE_EVERY = 3600.0
 # Pending messages per connection inside trio-websocket before its reader stops reading;
@@ -58,6 +59,8 @@ class RelayInfo:
     host: str
     port: int
     relay_id: bytes
+    # The running relay's connections (to end them all after an onion client is revoked).
+    connections: RelayConnections | None = field(default=None, compare=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -99,13 +102,16 @@ class RelayState:
 
 def _lock_data_dir(data_dir: Path) -> int:
     """Hold an exclusive lock on the data directory for the life of the process: two
-    relays on one database would each miss the other's deliveries."""
-    fd = os.open(data_dir / "relay.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    relays on one database would each miss the other's deliveries. The lock file holds
+    this process's id, for commands that signal the relay (``veil relay invite``)."""
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise RelayStartError(f"another relay is running on {data_dir}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 
@@ -246,7 +252,7 @@ async def serve(
                 disconnect_timeout=CLOSE_TIMEOUT,
             )
             await nursery.start(server.run)
-            info = RelayInfo(config.host, server.port, state.relay_id)
+            info = RelayInfo(config.host, server.port, state.relay_id, state.connections)
             log.info("relay listening on port %d (pid %d)", server.port, os.getpid())
             task_status.started(info)
     finally:
