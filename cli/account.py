@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from cli.device import new_home, relay_address, unlock, username
+from cli.device import new_home, relay_address, tor_control, unlock, username
 from cli.errors import CliError
 from cli.messages import warn
 from cli.passwords import TRIES, code_asker, confirm, new_password, password_source, read_password
@@ -19,6 +19,7 @@ from keyvault.kdf import DEFAULT_KDF, TEST_KDF, KdfParams
 from keyvault.safety import format_safety_number
 from node.errors import LoginFailed, NameTaken
 from node.node import Node
+from node.onion_auth import without_client_key
 
 PROG = "veil"
 
@@ -36,16 +37,18 @@ def kdf_profile() -> KdfParams:
 async def cmd_register(args: argparse.Namespace) -> None:
     name = username(args.name)
     relay = relay_address(args.relay)
+    control = tor_control(args)
     kdf = kdf_profile()
     home = new_home(args)
     try:
         # Before the password and the slow work: is the relay there, is the name free?
-        if not await Node.name_free(relay, name, socks=args.socks):
-            raise NameTaken(f"the name {name} is taken on {relay}: choose another")
+        if not await Node.name_free(relay, name, socks=args.socks, tor_control=control):
+            raise NameTaken(f"the name {name} is taken on {without_client_key(relay)}: choose another")
         password, weak = new_password(args, name)
         if weak:
             warn(weak)
-        node, code = await Node.register(home, name, password, relay, kdf=kdf, socks=args.socks)
+        node, code = await Node.register(home, name, password, relay, kdf=kdf, socks=args.socks,
+                                         tor_control=control)
     except BaseException:
         home.release()
         raise
@@ -60,6 +63,7 @@ async def cmd_register(args: argparse.Namespace) -> None:
 async def cmd_login(args: argparse.Namespace) -> None:
     name = username(args.name)
     relay = relay_address(args.relay)
+    control = tor_control(args)
     min_kdf = kdf_profile()
     home = new_home(args)
     try:
@@ -69,7 +73,7 @@ async def cmd_login(args: argparse.Namespace) -> None:
             password = read_password(args)
             try:
                 node = await Node.login(home, name, password, relay, socks=args.socks, min_kdf=min_kdf,
-                                        code=code_asker(args))
+                                        code=code_asker(args), tor_control=control)
                 break
             except LoginFailed as exc:
                 if not left:

@@ -43,10 +43,20 @@ def username(raw: str) -> str:
 
 
 def relay_address(raw: str) -> str:
-    """A relay address as the node dials it, or a one-line error naming the expected form."""
+    """A relay address as the node dials it, or a one-line error naming the expected form.
+    A private onion relay's address keeps its client key (``#client=KEY``)."""
     from urllib.parse import urlsplit
 
     text = raw.strip()
+    body, sep, fragment = text.partition("#")
+    if sep and fragment.lower().startswith("client="):
+        from wire.address import AddressError, parse_address
+
+        try:
+            address = parse_address(text)
+        except AddressError as exc:
+            raise CliError(str(exc)) from None
+        return f"{relay_address(body)}#client={address.client_key}"
     try:
         parts = urlsplit(text)
         port = parts.port
@@ -62,6 +72,14 @@ def relay_address(raw: str) -> str:
     if port is None and not parts.hostname.endswith(".onion"):
         raise CliError(f"{raw!r} has no port: use ws://HOST:PORT")
     return text.rstrip("/")
+
+
+def tor_control(args: argparse.Namespace) -> str | None:
+    """tor's control port for a private onion relay's client key: --tor-control or VEIL_TOR_CONTROL."""
+    from node.onion_auth import ENV_CONTROL, check_control
+
+    raw = getattr(args, "tor_control", None) or os.environ.get(ENV_CONTROL)
+    return check_control(raw) if raw else None
 
 
 def new_home(args: argparse.Namespace) -> Home:
@@ -95,6 +113,9 @@ def unlock(args: argparse.Namespace) -> Node:
         raise
     if args.socks:  # --socks / VEIL_SOCKS override the proxy remembered in the home
         node.socks = args.socks
+    control = tor_control(args)  # and VEIL_TOR_CONTROL the remembered control port
+    if control:
+        node.tor_control = control
     node.ask_code = code_asker(args)
     node.ask_password = password_asker(args)
     return node

@@ -12,7 +12,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from cli.device import new_home, relay_address, unlock, username
+from cli.device import new_home, relay_address, tor_control, unlock, username
 from cli.errors import CliError
 from cli.messages import warn
 from cli.passwords import code_asker, confirm, new_password, read_secret_line
@@ -138,6 +138,7 @@ def _label(d: Device) -> str:
 async def cmd_recover(args: argparse.Namespace) -> None:
     name = username(args.name)
     relay = relay_address(args.relay)
+    control = tor_control(args)
     from cli.account import kdf_profile
 
     kdf = kdf_profile()
@@ -162,7 +163,7 @@ async def cmd_recover(args: argparse.Namespace) -> None:
             keep = not confirm("print a new recovery code, so that the old one stops working? [Y/n] ", default=True)
         node, fresh = await recover(
             home, name, code, password, relay, kdf=kdf, min_kdf=kdf,
-            socks=args.socks, new_code=not keep, code=code_asker(args),
+            socks=args.socks, new_code=not keep, code=code_asker(args), tor_control=control,
         )
     except BaseException:
         home.release()

@@ -164,7 +164,7 @@ async def change_password(node: Node, link: RelayLink, new_password: str, *, end
 async def recover(
     home: Home, name: str, recovery_code: str, new_password: str, relay: str, *,
     kdf: KdfParams = DEFAULT_KDF, min_kdf: KdfParams = DEFAULT_KDF, socks: str | None = None,
-    new_code: bool = True, code: AskCode | None = None,
+    new_code: bool = True, code: AskCode | None = None, tor_control: str | None = None,
 ) -> tuple[Node, str | None]:
     """Regain an account with its recovery code: prove the code, unwrap the recovery copy
     of the key bundle, and in one step at the relay set a new password (and, with
@@ -177,7 +177,7 @@ async def recover(
     home.hold(HOLDER)
     try:
         return await _recover(home, name, recovery_code, new_password, relay, kdf=kdf, min_kdf=min_kdf,
-                              socks=socks, new_code=new_code, code=code)
+                              socks=socks, new_code=new_code, code=code, tor_control=tor_control)
     except BaseException:
         if took:
             home.release()
@@ -187,6 +187,7 @@ async def recover(
 async def _recover(
     home: Home, name: str, recovery_code: str, new_password: str, relay: str, *,
     kdf: KdfParams, min_kdf: KdfParams, socks: str | None, new_code: bool, code: AskCode | None,
+    tor_control: str | None,
 ) -> tuple[Node, str | None]:
     try:
         name = wire.normalize_username(name)
@@ -203,7 +204,7 @@ async def _recover(
     pk = await trio.to_thread.run_sync(password_keys, new_password, salt, kdf)
     fresh_code = new_recovery_code() if new_code else None
     mfa = False
-    async with open_link(relay, socks) as link:
+    async with open_link(relay, socks, tor_control) as link:
         try:
             params, _ = await account_params(link, name, min_kdf)
             mfa = params.mfa
@@ -252,7 +253,7 @@ async def _recover(
         home.discard()  # its store opens only with the lost password
     node = await trio.to_thread.run_sync(
         Node._create_home, home, name, relay, new_password, kdf, keys, device_id, pk.auth_seed,
-        session.token, socks, prekeys,
+        session.token, socks, prekeys, tor_control,
     )
     return node, fresh_code
 

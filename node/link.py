@@ -29,6 +29,7 @@ from trio_websocket import (
 
 import wire
 from node.errors import ConnectionLost, RelayRefused, RelayUnreachable
+from node.onion_auth import OnionAuthRefused, add_client_auth, refused
 
 CONNECT_TIMEOUT = 15.0
 HANDSHAKE_TIMEOUT = 30.0  # the WebSocket handshake over a SOCKS stream (Tor is slower)
@@ -166,6 +167,9 @@ class RelayLink:
     async def aclose(self) -> None:
         with trio.move_on_after(2):
             await self.ws.aclose()
+        # trio-websocket 0.12 leaves the client's socket open when the relay closed the
+        # connection first (a relay ending its connections, say): close it here.
+        await trio.aclose_forcefully(self.ws._stream)
 
 
 def _single(exc: BaseException) -> BaseException | None:
@@ -225,11 +229,26 @@ async def _connect_socks(nursery: trio.Nursery, target: str, socks: str) -> WebS
         raise
 
 
+def _split_client_key(url: str) -> tuple[str, str | None]:
+    """The address without a private onion relay's ``#client=KEY``, and the key."""
+    if "#" not in url:
+        return url, None
+    from wire.address import AddressError, parse_address
+
+    try:
+        address = parse_address(url)
+    except AddressError as exc:
+        raise RelayUnreachable(str(exc)) from None
+    return address.url, address.client_key
+
+
 @asynccontextmanager
-async def open_link(url: str, socks: str | None = None) -> AsyncIterator[RelayLink]:
+async def open_link(url: str, socks: str | None = None, tor_control: str | None = None) -> AsyncIterator[RelayLink]:
     """Connect to the relay at ``url`` (ws://host:port), through the SOCKS5 proxy
     ``socks`` (HOST:PORT) if given, and close when done. A ``.onion`` relay without a
-    proxy is refused before any lookup or connection."""
+    proxy is refused before any lookup or connection. A private onion relay's client
+    key (``#client=KEY``) goes to the tor at ``tor_control`` first (node/onion_auth.py)."""
+    url, client_key = _split_client_key(url)
     target = url.rstrip("/") + wire.PATH
     if socks is None and is_onion(url):
         raise RelayUnreachable(
@@ -238,7 +257,7 @@ async def open_link(url: str, socks: str | None = None) -> AsyncIterator[RelayLi
         )
     try:
         with collapse_groups():
-            async with _open_link(url, target, socks) as link:
+            async with _open_link(url, target, socks, tor_control, client_key) as link:
                 yield link
     except ConnectionRejected as exc:
         # The HTTP upgrade was refused (raised from trio-websocket's reader task, so it
@@ -250,17 +269,23 @@ async def open_link(url: str, socks: str | None = None) -> AsyncIterator[RelayLi
 
 
 @asynccontextmanager
-async def _open_link(url: str, target: str, socks: str | None) -> AsyncIterator[RelayLink]:
+async def _open_link(
+    url: str, target: str, socks: str | None, tor_control: str | None, client_key: str | None,
+) -> AsyncIterator[RelayLink]:
     with collapse_groups():
         async with trio.open_nursery() as nursery:
             try:
                 if socks is not None:
+                    if client_key is not None and tor_control is not None:
+                        await add_client_auth(tor_control, urllib.parse.urlsplit(url).hostname or "", client_key)
                     ws = await _connect_socks(nursery, target, socks)
                 else:
                     with trio.fail_after(CONNECT_TIMEOUT):
                         ws = await connect_websocket_url(
                             nursery, target, max_message_size=wire.WS_MAX_MESSAGE, message_queue_size=16
                         )
+            except OnionAuthRefused as exc:
+                raise refused(exc.code, exc.host, has_key=client_key is not None, control=tor_control) from None
             except (OSError, HandshakeError, trio.TooSlowError, ConnectionClosed) as exc:
                 raise RelayUnreachable(f"cannot reach the relay at {url}") from exc
             except ValueError as exc:

@@ -69,6 +69,7 @@ from node.errors import (
 )
 from node.home import Home, HomeConfig
 from node.link import RelayLink, open_link
+from node.onion_auth import without_client_key
 from node.sessions import ONE_TIME_STOCK, Peer, Sessions
 from node.store import Contact, NodeStore, OutboxEntry, StoredMessage
 
@@ -219,8 +220,9 @@ class Node:
         self.keys = keys
         self.name = config.username
         self.device_id = bytes.fromhex(config.device_id)
-        self.relay = config.relay
+        self.relay = without_client_key(config.relay)  # to show; config.relay to connect
         self.socks = config.socks  # None: connect directly (refused for a .onion relay)
+        self.tor_control = config.tor_control  # a private onion relay's key goes to this tor
         self.events: list[Callable[[str], None]] = []  # listeners for warnings
         self.sent_listeners: list[Callable[[bytes], None]] = []  # a message is now held by the relay
         # A message was stored: called at once, before the relay is told, so a link that
@@ -243,7 +245,7 @@ class Node:
     def _create_home(
         cls, home: Home, name: str, relay: str, password: str, kdf: KdfParams, keys: AccountKeys,
         device_id: bytes, auth_seed: bytes, token: bytes, socks: str | None,
-        prekeys: tuple[SignedPrekey, list[OneTimePrekey]],
+        prekeys: tuple[SignedPrekey, list[OneTimePrekey]], tor_control: str | None = None,
     ) -> Node:
         """Set up the home of a device that has just got its first session (in a worker
         thread); a home left half-made by a failure is removed."""
@@ -251,7 +253,7 @@ class Node:
             store_salt = new_salt()
             config = HomeConfig(
                 username=name, relay=relay, device_id=device_id.hex(), store_salt=store_salt.hex(),
-                kdf=kdf.to_dict(), socks=socks,
+                kdf=kdf.to_dict(), socks=socks, tor_control=tor_control,
             )
             home.path.mkdir(parents=True, exist_ok=True, mode=0o700)
             store = NodeStore(home.store_path, store_key(password, store_salt, kdf))
@@ -274,13 +276,13 @@ class Node:
         return node
 
     @staticmethod
-    async def name_free(relay: str, name: str, *, socks: str | None = None) -> bool:
+    async def name_free(relay: str, name: str, *, socks: str | None = None, tor_control: str | None = None) -> bool:
         """Whether no account has ``name`` at the relay now (a check before registering)."""
         try:
             name = wire.normalize_username(name)
         except ValueError as exc:
             raise VeilError(str(exc)) from None
-        async with open_link(relay, socks) as link:
+        async with open_link(relay, socks, tor_control) as link:
             try:
                 ans = await link.request(wire.NameFree, name=name)
             except RelayRefused as exc:
@@ -290,14 +292,15 @@ class Node:
     @classmethod
     async def register(
         cls, home: Home, name: str, password: str, relay: str, *, kdf: KdfParams = DEFAULT_KDF,
-        keys: AccountKeys | None = None, socks: str | None = None,
+        keys: AccountKeys | None = None, socks: str | None = None, tor_control: str | None = None,
     ) -> tuple[Node, str]:
         """Create an account and this, its first device. Returns the node and the
         recovery code (shown once)."""
         took = not home.held  # a caller that held the home first keeps it on failure
         home.hold(HOLDER)
         try:
-            return await cls._register(home, name, password, relay, kdf=kdf, keys=keys, socks=socks)
+            return await cls._register(home, name, password, relay, kdf=kdf, keys=keys, socks=socks,
+                                       tor_control=tor_control)
         except BaseException:
             if took:
                 home.release()
@@ -306,7 +309,7 @@ class Node:
     @classmethod
     async def _register(
         cls, home: Home, name: str, password: str, relay: str, *, kdf: KdfParams,
-        keys: AccountKeys | None, socks: str | None,
+        keys: AccountKeys | None, socks: str | None, tor_control: str | None,
     ) -> tuple[Node, str]:
         if home.exists():
             raise AlreadySetUp()
@@ -323,7 +326,7 @@ class Node:
         device_id = secrets.token_bytes(16)
         pub = keys.public()
         prekeys, prekeys_pub = _first_prekeys(keys)
-        async with open_link(relay, socks) as link:
+        async with open_link(relay, socks, tor_control) as link:
             try:
                 session = await link.request(
                     wire.Register,
@@ -346,14 +349,14 @@ class Node:
                 raise _refused_as(exc) from None
         node = await trio.to_thread.run_sync(
             cls._create_home, home, name, relay, password, kdf, keys, device_id, pk.auth_seed,
-            session.token, socks, prekeys,
+            session.token, socks, prekeys, tor_control,
         )
         return node, code
 
     @classmethod
     async def login(
         cls, home: Home, name: str, password: str, relay: str, *, socks: str | None = None,
-        min_kdf: KdfParams = DEFAULT_KDF, code: AskCode | None = None,
+        min_kdf: KdfParams = DEFAULT_KDF, code: AskCode | None = None, tor_control: str | None = None,
     ) -> Node:
         """A new device for an existing account, with the master password alone.
 
@@ -363,7 +366,8 @@ class Node:
         took = not home.held  # a caller that held the home first keeps it on failure
         home.hold(HOLDER)
         try:
-            return await cls._login(home, name, password, relay, socks=socks, min_kdf=min_kdf, code=code)
+            return await cls._login(home, name, password, relay, socks=socks, min_kdf=min_kdf, code=code,
+                                    tor_control=tor_control)
         except BaseException:
             if took:
                 home.release()
@@ -372,7 +376,7 @@ class Node:
     @classmethod
     async def _login(
         cls, home: Home, name: str, password: str, relay: str, *, socks: str | None, min_kdf: KdfParams,
-        code: AskCode | None,
+        code: AskCode | None, tor_control: str | None,
     ) -> Node:
         if home.exists():
             raise AlreadySetUp()
@@ -381,7 +385,7 @@ class Node:
         except ValueError:
             raise LoginFailed() from None
         mfa = False
-        async with open_link(relay, socks) as link:
+        async with open_link(relay, socks, tor_control) as link:
             try:
                 params, kdf = await account_params(link, name, min_kdf)
                 mfa = params.mfa
@@ -410,7 +414,7 @@ class Node:
                 raise _refused_as(exc, mfa=mfa) from None
         return await trio.to_thread.run_sync(
             cls._create_home, home, name, relay, password, kdf, keys, device_id, pk.auth_seed,
-            session.token, socks, prekeys,
+            session.token, socks, prekeys, tor_control,
         )
 
     @classmethod
@@ -465,7 +469,7 @@ class Node:
     async def connected(self) -> AsyncIterator[RelayLink]:
         """A link with this device's session (resumed, or renewed with the stored auth
         key), the outbox already flushed."""
-        async with open_link(self.relay, self.socks) as link:
+        async with open_link(self.config.relay, self.socks, self.tor_control) as link:
             await self.authenticate(link)
             await self.maintain_prekeys(link)
             for msg_id, exc in await self.seal_pending(link):
