@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from cli.device import new_home, relay_address, unlock, username
+from cli.device import new_home, relay_address, tor_control, unlock, username
 from cli.errors import CliError
 from cli.messages import warn
 from cli.passwords import TRIES, code_asker, confirm, new_password, password_source, read_password
@@ -37,17 +37,19 @@ def kdf_profile() -> KdfParams:
 async def cmd_register(args: argparse.Namespace) -> None:
     name = username(args.name)
     relay = relay_address(args.relay, args.insecure_no_tls)
+    control = tor_control(args)
     kdf = kdf_profile()
     home = new_home(args)
     try:
         # Before the password and the slow work: is the relay there, is the name free?
-        if not await Node.name_free(relay, name, socks=args.socks, insecure=args.insecure_no_tls):
+        if not await Node.name_free(relay, name, socks=args.socks, insecure=args.insecure_no_tls,
+                                    tor_control=control):
             raise NameTaken(f"the name {name} is taken on {shown_address(relay)}: choose another")
         password, weak = new_password(args, name)
         if weak:
             warn(weak)
         node, code = await Node.register(home, name, password, relay, kdf=kdf, socks=args.socks,
-                                         insecure=args.insecure_no_tls)
+                                         insecure=args.insecure_no_tls, tor_control=control)
     except BaseException:
         home.release()
         raise
@@ -62,6 +64,7 @@ async def cmd_register(args: argparse.Namespace) -> None:
 async def cmd_login(args: argparse.Namespace) -> None:
     name = username(args.name)
     relay = relay_address(args.relay, args.insecure_no_tls)
+    control = tor_control(args)
     min_kdf = kdf_profile()
     home = new_home(args)
     try:
@@ -72,7 +75,7 @@ async def cmd_login(args: argparse.Namespace) -> None:
             try:
                 node = await Node.login(home, name, password, relay, socks=args.socks,
                                         insecure=args.insecure_no_tls, min_kdf=min_kdf,
-                                        code=code_asker(args))
+                                        code=code_asker(args), tor_control=control)
                 break
             except LoginFailed as exc:
                 if not left:

@@ -54,6 +54,14 @@ def relay_address(raw: str, insecure: bool = False) -> str:
         raise CliError(str(exc)) from None
 
 
+def tor_control(args: argparse.Namespace) -> str | None:
+    """tor's control port for a private onion relay's client key: --tor-control or VEIL_TOR_CONTROL."""
+    from node.onion_auth import ENV_CONTROL, check_control
+
+    raw = getattr(args, "tor_control", None) or os.environ.get(ENV_CONTROL)
+    return check_control(raw) if raw else None
+
+
 def new_home(args: argparse.Namespace) -> Home:
     """The home for a new account or device: empty, and held for this process."""
     home = Home(args.home)
@@ -85,6 +93,9 @@ def unlock(args: argparse.Namespace) -> Node:
         raise
     if args.socks:  # --socks / VEIL_SOCKS override the proxy remembered in the home
         node.socks = args.socks
+    control = tor_control(args)  # and VEIL_TOR_CONTROL the remembered control port
+    if control:
+        node.tor_control = control
     node.ask_code = code_asker(args)
     node.ask_password = password_asker(args)
     return node

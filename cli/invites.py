@@ -90,6 +90,18 @@ def write_relay_addresses(data_dir: Path, addresses: list[str]) -> None:
 
 
 async def cmd_relay_invite(args: argparse.Namespace) -> None:
+    if args.new_client:
+        from cli.relay_admin import new_client_invite
+
+        new_client_invite(args)
+        return
+    if args.name or args.expires:
+        raise CliError("--name and --expires go with --new-client")
+    from relay.onion_clients import CLIENTS_DIR
+
+    if (Path(args.data_dir) / CLIENTS_DIR).is_dir():
+        raise CliError("this is a private onion relay: its address alone reaches nothing; make each person"
+                       " an address with a key of their own, `veil relay invite --new-client`")
     addresses = relay_addresses(Path(args.data_dir))
     if args.host:
         addresses = [_with_host(a, args.host) for a in addresses]

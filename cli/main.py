@@ -95,6 +95,13 @@ def _device_options(p: argparse.ArgumentParser, default: Any) -> None:
                         "(also VEIL_SOCKS; remembered by register and login)")
 
 
+def _tor_control_option(p: argparse.ArgumentParser) -> None:
+    """For the commands that set up a device (remembered in its home)."""
+    p.add_argument("--tor-control", default=None, metavar="HOST:PORT",
+                   help="tor's control port (or its socket's path), to hand it a private onion relay's"
+                        " client key (an address ending in #client=...); also VEIL_TOR_CONTROL")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog=PROG, description="Veil: end-to-end encrypted chat.")
     p.add_argument("--version", action="version", version=f"{PROG} {version()}")
@@ -119,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the name or address people reach the relay by (default: what it listens on)")
     rinvite.add_argument("--qr", action="store_true", help="also draw each address as a QR code")
     rinvite.add_argument("--json", action="store_true", help="one JSON object: {\"addresses\": [...]}")
+    rinvite.add_argument("--new-client", action="store_true",
+                         help="a private onion relay: make a client key and print the address that carries it")
+    rinvite.add_argument("--name", default=None, metavar="LABEL",
+                         help="with --new-client: the client's label, for `veil relay clients`")
+    rinvite.add_argument("--expires", type=positive_int, default=None, metavar="DAYS",
+                         help="with --new-client: the key stops working after this many days (UTC)")
     serve = rsub.add_parser("serve", help="serve until Ctrl-C or SIGTERM")
     serve.set_defaults(target="cli.relay_serve:cmd_relay_serve")
     serve.add_argument("--host", default=None, help="address to listen on (127.0.0.1)")
@@ -134,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--insecure-no-tls", action="store_true",
                        help="plain ws:// without TLS (behind a TLS front end of your own; an --onion"
                             " relay needs no TLS and has none)")
+    serve.add_argument("--private", action="store_true",
+                       help="with --onion: only clients with a key (`veil relay invite --new-client`)"
+                            " can reach the onion service (Tor v3 client authorization)")
     serve.add_argument("--max-connections", type=positive_int, default=None, metavar="N",
                        help="connections held at once (default: what half the memory holds at"
                             " ~4.7 MiB each, the worst case; at most 20000)")
@@ -150,10 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--torrc", default=None, metavar="FILE",
                        help="more torrc lines for the tor that --launch-tor starts")
 
+    clients = rsub.add_parser("clients", help="a private onion relay's clients: list, or revoke one")
+    clients.set_defaults(target="cli.relay_admin:cmd_relay_clients")
+    clients.add_argument("--json", action="store_true", help="one JSON object per client per line")
+    clients.add_argument("--data-dir", default="veil-relay", help="the relay's data directory")
+    csub = clients.add_subparsers(dest="clients_command", metavar="ACTION", parser_class=Parser)
+    crevoke = csub.add_parser("revoke", help="remove a client's key; the running relay locks it out")
+    crevoke.add_argument("id", metavar="ID", help="the client's id, as `veil relay clients` shows it")
+    crevoke.add_argument("--data-dir", default=argparse.SUPPRESS, help="the relay's data directory")
+
     reg = command("register", "cli.account:cmd_register", "create an account; this becomes its first device")
     reg.add_argument("name")
     reg.add_argument("--relay", required=True, help=RELAY_HELP)
     reg.add_argument("--insecure-no-tls", action="store_true", help=INSECURE_HELP)
+    _tor_control_option(reg)
     reg.add_argument("--allow-weak-password", action="store_true",
                      help="accept a master password that is very easy to guess")
 
@@ -161,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     login.add_argument("name")
     login.add_argument("--relay", required=True, help=RELAY_HELP)
     login.add_argument("--insecure-no-tls", action="store_true", help=INSECURE_HELP)
+    _tor_control_option(login)
 
     send = command("send", "cli.messages:cmd_send",
                    "send a message (the words after NAME; a lone '-' reads standard input)")
@@ -233,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("name")
     rec.add_argument("--relay", required=True, help=RELAY_HELP)
     rec.add_argument("--insecure-no-tls", action="store_true", help=INSECURE_HELP)
+    _tor_control_option(rec)
     rec.add_argument("--recovery-code-file", default=None, metavar="FILE",
                      help="read the recovery code from this file (asked at the terminal otherwise)")
     rec.add_argument("--keep-recovery-code", action="store_true",

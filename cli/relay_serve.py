@@ -4,6 +4,10 @@ Prints `relay listening on wss://HOST:PORT#PIN` on standard output once it accep
 connections (`wss://HOST:PORT` with --tls-cert, `ws://HOST:PORT` with --insecure-no-tls or
 --onion, and then `relay onion address ...`); everything else goes to standard error.
 SIGHUP reads the TLS certificate and key again.
+
+With --onion --private the onion service admits only the clients in DATA_DIR/onion_clients
+(`veil relay invite --new-client`); on SIGHUP the relay re-reads them and, if they changed,
+re-publishes and prints `relay onion clients N` on standard output.
 """
 
 from __future__ import annotations
@@ -22,23 +26,26 @@ from cli.errors import CliError
 from cli.invites import write_relay_addresses
 from node.link import collapse_groups
 
+EXPIRY_CHECK = 3600.0  # seconds between checks for expired onion client keys
+
 if TYPE_CHECKING:
     from relay.server import RelayInfo
 
 
 async def cmd_relay_serve(args: argparse.Namespace) -> None:
     from relay.onion import OnionError
+    from relay.onion_clients import ClientError
     from relay.server import RelayStartError
 
     try:
         with collapse_groups():
             await _relay_serve(args)
-    except (OnionError, RelayStartError) as exc:
+    except (OnionError, RelayStartError, ClientError) as exc:
         raise CliError(str(exc)) from None
 
 
 async def _relay_serve(args: argparse.Namespace) -> None:
-    from relay import onion
+    from relay import onion, onion_clients
     from relay.server import RelayConfig, serve
 
     control = args.tor_control or os.environ.get("TOR_CONTROL") or onion.DEFAULT_CONTROL
@@ -48,7 +55,10 @@ async def _relay_serve(args: argparse.Namespace) -> None:
         raise CliError("--tls-cert and --tls-key go together")
     if args.tls_cert and (args.insecure_no_tls or args.onion):
         raise CliError("--tls-cert goes with a relay that speaks TLS: not with --insecure-no-tls or --onion")
+    if args.private and not args.onion:
+        raise CliError("--private goes with --onion")
     if args.onion:
+        onion_clients.require_private(Path(args.data_dir), args.private)
         if args.host not in (None, "127.0.0.1"):
             raise CliError("an onion relay listens on 127.0.0.1 only: drop --host")
         if args.torrc and not args.launch_tor:
@@ -84,25 +94,50 @@ async def _relay_serve(args: argparse.Namespace) -> None:
             write_relay_addresses(config.data_dir, [info.url])
             print(f"relay listening on {info.url}", flush=True)
 
+    running: dict[str, object] = {}  # what a SIGHUP reloads: "tor", "info"
+
     async def run_onion_relay() -> None:
         async with onion.open_tor(
             control=None if args.launch_tor else control, launch=args.launch_tor,
             data_dir=config.data_dir, torrc=Path(args.torrc) if args.torrc else None,
         ) as tor:
+            running["tor"] = tor
             async with trio.open_nursery() as inner:
                 info = await inner.start(serve, config)
                 started.append(info)
                 print(f"relay listening on {info.url}", flush=True)
-                service = await tor.publish(config.data_dir / onion.KEY_FILE, info.port)
+                if args.private:
+                    onion_clients.ensure_dir(config.data_dir)
+                service = await tor.publish(config.data_dir / onion.KEY_FILE, info.port,
+                                            config.data_dir if args.private else None)
                 write_relay_addresses(config.data_dir, [service.url])
                 print(f"relay onion address {service.url}", flush=True)
+
+    async def reload_onion(tor: onion.Tor, info: RelayInfo, periodic: bool = False) -> None:
+        ended = info.connections.end_all if info.connections else lambda: 0
+        if await onion.reload_onion_clients(tor, ended, periodic=periodic):
+            print(f"relay onion clients {len(tor.clients or ())}", flush=True)
+
+    async def expire_onion_clients() -> None:
+        # A client key with an expiry stops working on its day: checked every hour, as a
+        # SIGHUP would (the service is published again without it).
+        while True:
+            await trio.sleep(EXPIRY_CHECK)
+            tor = running.get("tor")
+            if isinstance(tor, onion.Tor) and started:
+                await reload_onion(tor, started[0], periodic=True)
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_onion_relay if args.onion else run_relay)
+            if args.onion and args.private:
+                nursery.start_soon(expire_onion_clients)
             async for signum in signals:
-                if signum == signal.SIGHUP:
+                if signum == signal.SIGHUP:  # reload what can be reloaded; keep serving
                     _reload(started[0] if started else None)
+                    tor = running.get("tor")
+                    if isinstance(tor, onion.Tor) and started:
+                        nursery.start_soon(reload_onion, tor, started[0])
                     continue
                 print("relay stopping", file=sys.stderr, flush=True)
                 nursery.cancel_scope.cancel()

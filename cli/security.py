@@ -12,7 +12,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from cli.device import new_home, relay_address, unlock, username
+from cli.device import new_home, relay_address, tor_control, unlock, username
 from cli.errors import CliError
 from cli.messages import warn
 from cli.passwords import code_asker, confirm, new_password, read_secret_line
@@ -128,6 +128,7 @@ def _label(d: Device) -> str:
 async def cmd_recover(args: argparse.Namespace) -> None:
     name = username(args.name)
     relay = relay_address(args.relay, args.insecure_no_tls)
+    control = tor_control(args)
     from cli.account import kdf_profile
 
     kdf = kdf_profile()
@@ -153,6 +154,7 @@ async def cmd_recover(args: argparse.Namespace) -> None:
         node, fresh = await recover(
             home, name, code, password, relay, kdf=kdf, min_kdf=kdf,
             socks=args.socks, insecure=args.insecure_no_tls, new_code=not keep, code=code_asker(args),
+            tor_control=control,
         )
     except BaseException:
         home.release()

@@ -165,7 +165,7 @@ async def recover(
     home: Home, name: str, recovery_code: str, new_password: str, relay: str, *,
     kdf: KdfParams = DEFAULT_KDF, min_kdf: KdfParams = DEFAULT_KDF, socks: str | None = None,
     insecure: bool = False,
-    new_code: bool = True, code: AskCode | None = None,
+    new_code: bool = True, code: AskCode | None = None, tor_control: str | None = None,
 ) -> tuple[Node, str | None]:
     """Regain an account with its recovery code: prove the code, unwrap the recovery copy
     of the key bundle, and in one step at the relay set a new password (and, with
@@ -178,7 +178,8 @@ async def recover(
     home.hold(HOLDER)
     try:
         return await _recover(home, name, recovery_code, new_password, relay, kdf=kdf, min_kdf=min_kdf,
-                              socks=socks, new_code=new_code, code=code, insecure=insecure)
+                              socks=socks, new_code=new_code, code=code, insecure=insecure,
+                              tor_control=tor_control)
     except BaseException:
         if took:
             home.release()
@@ -189,6 +190,7 @@ async def _recover(
     home: Home, name: str, recovery_code: str, new_password: str, relay: str, *,
     kdf: KdfParams, min_kdf: KdfParams, socks: str | None, new_code: bool, code: AskCode | None,
     insecure: bool,
+    tor_control: str | None,
 ) -> tuple[Node, str | None]:
     try:
         name = wire.normalize_username(name)
@@ -205,7 +207,7 @@ async def _recover(
     pk = await trio.to_thread.run_sync(password_keys, new_password, salt, kdf)
     fresh_code = new_recovery_code() if new_code else None
     mfa = False
-    async with open_link(relay, socks, insecure=insecure) as link:
+    async with open_link(relay, socks, insecure=insecure, tor_control=tor_control) as link:
         try:
             params, _ = await account_params(link, name, min_kdf)
             mfa = params.mfa
@@ -254,7 +256,7 @@ async def _recover(
         home.discard()  # its store opens only with the lost password
     node = await trio.to_thread.run_sync(
         Node._create_home, home, name, relay, new_password, kdf, keys, device_id, pk.auth_seed,
-        session.token, socks, prekeys, insecure,
+        session.token, socks, prekeys, insecure, tor_control,
     )
     return node, fresh_code
 

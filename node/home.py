@@ -2,7 +2,9 @@
 and ``lock``.
 
 ``device.json`` holds what is needed before the store can be opened: the account name,
-the relay address (and the SOCKS proxy it is reached through, if any), this device's id,
+the relay address (and the SOCKS proxy it is reached through, if any; for a private onion
+relay the address carries its client key, ``#client=...``, and tor's control port to hand
+it to, if any: the file is 0600), this device's id,
 and the salt and Argon2id parameters from which the store key is derived with the master
 password.
 
@@ -40,6 +42,9 @@ class HomeConfig:
     kdf: dict[str, int]
     format: int = FORMAT
     socks: str | None = None  # HOST:PORT of the SOCKS5 proxy (Tor) the relay is reached through
+    # tor's control port (HOST:PORT or a socket path), to hand it a private onion relay's
+    # client key (the relay address ends in #client=KEY; node/onion_auth.py)
+    tor_control: str | None = None
     store_salt_next: str | None = None  # hex: set only while the store is being re-keyed
     insecure: bool = False  # plain ws:// to a relay off loopback was asked for (--insecure-no-tls)
 

@@ -36,6 +36,7 @@ from node.errors import (
     RelayUnreachable,
     VeilError,
 )
+from node.onion_auth import OnionAuthRefused, add_client_auth, refused
 from wire.address import AddressError, RelayAddress, parse_address
 
 CONNECT_TIMEOUT = 15.0
@@ -174,6 +175,9 @@ class RelayLink:
     async def aclose(self) -> None:
         with trio.move_on_after(2):
             await self.ws.aclose()
+        # trio-websocket 0.12 leaves the client's socket open when the relay closed the
+        # connection first (a relay ending its connections, say): close it here.
+        await trio.aclose_forcefully(self.ws._stream)
 
 
 def _single(exc: BaseException) -> BaseException | None:
@@ -315,11 +319,15 @@ async def _connect(nursery: trio.Nursery, address: RelayAddress, socks: str | No
 
 
 @asynccontextmanager
-async def open_link(url: str, socks: str | None = None, *, insecure: bool = False) -> AsyncIterator[RelayLink]:
+async def open_link(
+    url: str, socks: str | None = None, *, insecure: bool = False, tor_control: str | None = None,
+) -> AsyncIterator[RelayLink]:
     """Connect to the relay at ``url`` (an address of wire.address's grammar), through the
     SOCKS5 proxy ``socks`` (HOST:PORT) if given, and close when done. A ``.onion`` relay
     without a proxy is refused before any lookup or connection; so is plain ws:// off
-    loopback (unless ``insecure``); a pinned relay with another key, before anything is sent."""
+    loopback (unless ``insecure``); a pinned relay with another key, before anything is sent.
+    A private onion relay's client key (``#client=KEY``) goes to the tor at ``tor_control``
+    first (node/onion_auth.py)."""
     address = check_address(url, insecure=insecure)
     if socks is not None and not address.secure and not address.onion and not insecure and not _loopback_proxy(socks):
         raise PlainRefused(
@@ -333,7 +341,7 @@ async def open_link(url: str, socks: str | None = None, *, insecure: bool = Fals
         )
     try:
         with collapse_groups():
-            async with _open_link(address, socks) as link:
+            async with _open_link(address, socks, tor_control) as link:
                 yield link
     except ConnectionRejected as exc:
         # The HTTP upgrade was refused (raised from trio-websocket's reader task, so it
@@ -345,11 +353,15 @@ async def open_link(url: str, socks: str | None = None, *, insecure: bool = Fals
 
 
 @asynccontextmanager
-async def _open_link(address: RelayAddress, socks: str | None) -> AsyncIterator[RelayLink]:
+async def _open_link(address: RelayAddress, socks: str | None, tor_control: str | None) -> AsyncIterator[RelayLink]:
     with collapse_groups():
         async with trio.open_nursery() as nursery:
             try:
+                if socks is not None and address.client_key is not None and tor_control is not None:
+                    await add_client_auth(tor_control, address.host, address.client_key)
                 ws = await _connect(nursery, address, socks)
+            except OnionAuthRefused as exc:
+                raise refused(exc.code, exc.host, has_key=address.client_key is not None, control=tor_control) from None
             except (OSError, HandshakeError, trio.TooSlowError, ConnectionClosed, trio.BrokenResourceError) as exc:
                 raise RelayUnreachable(f"cannot reach the relay at {address.url}") from exc
             link = RelayLink(ws, str(address.public))

@@ -229,9 +229,10 @@ class Node:
         self.keys = keys
         self.name = config.username
         self.device_id = bytes.fromhex(config.device_id)
-        self.relay = config.relay
+        self.relay = shown_address(config.relay)  # to show (no client key); config.relay to connect
         self.socks = config.socks  # None: connect directly (refused for a .onion relay)
         self.insecure = config.insecure  # plain ws:// off loopback was asked for
+        self.tor_control = config.tor_control  # a private onion relay's key goes to this tor
         self.events: list[Callable[[str], None]] = []  # listeners for warnings
         self.sent_listeners: list[Callable[[bytes], None]] = []  # a message is now held by the relay
         # A message was stored: called at once, before the relay is told, so a link that
@@ -248,7 +249,7 @@ class Node:
     @property
     def relay_shown(self) -> str:
         """The relay's address as shown to people: with its pin, never with a client key."""
-        return shown_address(self.relay)
+        return self.relay
 
     def close(self) -> None:
         self.store.close()
@@ -260,6 +261,7 @@ class Node:
         cls, home: Home, name: str, relay: str, password: str, kdf: KdfParams, keys: AccountKeys,
         device_id: bytes, auth_seed: bytes, token: bytes, socks: str | None,
         prekeys: tuple[SignedPrekey, list[OneTimePrekey]], insecure: bool = False,
+        tor_control: str | None = None,
     ) -> Node:
         """Set up the home of a device that has just got its first session (in a worker
         thread); a home left half-made by a failure is removed."""
@@ -267,7 +269,7 @@ class Node:
             store_salt = new_salt()
             config = HomeConfig(
                 username=name, relay=relay, device_id=device_id.hex(), store_salt=store_salt.hex(),
-                kdf=kdf.to_dict(), socks=socks,
+                kdf=kdf.to_dict(), socks=socks, tor_control=tor_control,
                 # Remembered only where it is needed: a later change of the address (a new
                 # pin written into device.json) must not quietly allow plain ws://.
                 insecure=insecure and not _plain_allowed(relay),
@@ -293,13 +295,15 @@ class Node:
         return node
 
     @staticmethod
-    async def name_free(relay: str, name: str, *, socks: str | None = None, insecure: bool = False) -> bool:
+    async def name_free(
+        relay: str, name: str, *, socks: str | None = None, insecure: bool = False, tor_control: str | None = None,
+    ) -> bool:
         """Whether no account has ``name`` at the relay now (a check before registering)."""
         try:
             name = wire.normalize_username(name)
         except ValueError as exc:
             raise VeilError(str(exc)) from None
-        async with open_link(relay, socks, insecure=insecure) as link:
+        async with open_link(relay, socks, insecure=insecure, tor_control=tor_control) as link:
             try:
                 ans = await link.request(wire.NameFree, name=name)
             except RelayRefused as exc:
@@ -310,6 +314,7 @@ class Node:
     async def register(
         cls, home: Home, name: str, password: str, relay: str, *, kdf: KdfParams = DEFAULT_KDF,
         keys: AccountKeys | None = None, socks: str | None = None, insecure: bool = False,
+        tor_control: str | None = None,
     ) -> tuple[Node, str]:
         """Create an account and this, its first device. Returns the node and the
         recovery code (shown once)."""
@@ -317,7 +322,7 @@ class Node:
         home.hold(HOLDER)
         try:
             return await cls._register(home, name, password, relay, kdf=kdf, keys=keys, socks=socks,
-                                       insecure=insecure)
+                                       insecure=insecure, tor_control=tor_control)
         except BaseException:
             if took:
                 home.release()
@@ -326,7 +331,7 @@ class Node:
     @classmethod
     async def _register(
         cls, home: Home, name: str, password: str, relay: str, *, kdf: KdfParams,
-        keys: AccountKeys | None, socks: str | None, insecure: bool,
+        keys: AccountKeys | None, socks: str | None, insecure: bool, tor_control: str | None,
     ) -> tuple[Node, str]:
         if home.exists():
             raise AlreadySetUp()
@@ -343,7 +348,7 @@ class Node:
         device_id = secrets.token_bytes(16)
         pub = keys.public()
         prekeys, prekeys_pub = _first_prekeys(keys)
-        async with open_link(relay, socks, insecure=insecure) as link:
+        async with open_link(relay, socks, insecure=insecure, tor_control=tor_control) as link:
             try:
                 session = await link.request(
                     wire.Register,
@@ -366,14 +371,14 @@ class Node:
                 raise _refused_as(exc) from None
         node = await trio.to_thread.run_sync(
             cls._create_home, home, name, relay, password, kdf, keys, device_id, pk.auth_seed,
-            session.token, socks, prekeys, insecure,
+            session.token, socks, prekeys, insecure, tor_control,
         )
         return node, code
 
     @classmethod
     async def login(
         cls, home: Home, name: str, password: str, relay: str, *, socks: str | None = None, insecure: bool = False,
-        min_kdf: KdfParams = DEFAULT_KDF, code: AskCode | None = None,
+        min_kdf: KdfParams = DEFAULT_KDF, code: AskCode | None = None, tor_control: str | None = None,
     ) -> Node:
         """A new device for an existing account, with the master password alone.
 
@@ -384,7 +389,7 @@ class Node:
         home.hold(HOLDER)
         try:
             return await cls._login(home, name, password, relay, socks=socks, min_kdf=min_kdf, code=code,
-                                    insecure=insecure)
+                                    insecure=insecure, tor_control=tor_control)
         except BaseException:
             if took:
                 home.release()
@@ -394,7 +399,7 @@ class Node:
     async def _login(
         cls, home: Home, name: str, password: str, relay: str, *, socks: str | None, min_kdf: KdfParams,
         insecure: bool,
-        code: AskCode | None,
+        code: AskCode | None, tor_control: str | None,
     ) -> Node:
         if home.exists():
             raise AlreadySetUp()
@@ -403,7 +408,7 @@ class Node:
         except ValueError:
             raise LoginFailed() from None
         mfa = False
-        async with open_link(relay, socks, insecure=insecure) as link:
+        async with open_link(relay, socks, insecure=insecure, tor_control=tor_control) as link:
             try:
                 params, kdf = await account_params(link, name, min_kdf)
                 mfa = params.mfa
@@ -432,7 +437,7 @@ class Node:
                 raise _refused_as(exc, mfa=mfa) from None
         return await trio.to_thread.run_sync(
             cls._create_home, home, name, relay, password, kdf, keys, device_id, pk.auth_seed,
-            session.token, socks, prekeys, insecure,
+            session.token, socks, prekeys, insecure, tor_control,
         )
 
     @classmethod
@@ -487,7 +492,7 @@ class Node:
     async def connected(self) -> AsyncIterator[RelayLink]:
         """A link with this device's session (resumed, or renewed with the stored auth
         key), the outbox already flushed."""
-        async with open_link(self.relay, self.socks, insecure=self.insecure) as link:
+        async with open_link(self.config.relay, self.socks, insecure=self.insecure, tor_control=self.tor_control) as link:
             await self.authenticate(link)
             await self.maintain_prekeys(link)
             for msg_id, exc in await self.seal_pending(link):

@@ -5,6 +5,8 @@ The proxy resolves the relay's name (``rdns=True``): a name given here, and abov
 onion service whose descriptor it cannot find (yet) with SOCKS error 0xF0, and a failed
 introduction or rendezvous with 0xF2/0xF3/0xF7 (or 0x04/0x06 when the SocksPort lacks
 ``ExtendedErrors``): those are retried with a bounded backoff, the rest fail at once.
+A private onion service's refusals (0xF4 no client key, 0xF5 a key it does not accept)
+raise ``OnionAuthRefused`` (node/onion_auth.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import trio
 
 from node.errors import RelayUnreachable, VeilError
+from node.onion_auth import MISSING, WRONG, OnionAuthRefused
 
 CONNECT_TIMEOUT = 120.0  # all attempts together
 ATTEMPT_TIMEOUT = 60.0  # one attempt: tor builds the circuits within this
@@ -36,8 +39,8 @@ REPLIES = {
     0xF1: "onion service descriptor is invalid",
     0xF2: "introduction to the onion service failed",
     0xF3: "rendezvous with the onion service failed",
-    0xF4: "the onion service wants client authorization",
-    0xF5: "the onion service rejected our client authorization",
+    0xF4: "the onion service is private and this tor has no client key for it",
+    0xF5: "the onion service is private and refused this tor's client key (wrong, or revoked)",
     0xF6: "invalid onion address",
     0xF7: "introduction to the onion service timed out",
 }
@@ -109,6 +112,8 @@ async def open_socks_stream(
             last = "timed out"
         except ProxyError as exc:
             code = reply_code(exc)
+            if code in (MISSING, WRONG):  # a private onion service: worded by the caller, who knows the key
+                raise OnionAuthRefused(f"cannot reach {host}: {describe(code)}", code, host) from None
             if code not in RETRY_CODES:
                 raise RelayUnreachable(f"cannot reach {host} through the SOCKS proxy at {proxy}: {describe(code)}") from None
             last = describe(code)

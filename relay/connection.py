@@ -276,6 +276,15 @@ class RelayConnections:
             if not done:
                 return
 
+    def end_all(self) -> int:
+        """End every live connection (their nodes reconnect on their own); how many. For a
+        private onion relay after a client was revoked: the relay cannot tell which
+        connection came through which client key (all arrive from tor on 127.0.0.1)."""
+        scopes = list(self._live.values())
+        for scope in scopes:
+            scope.cancel()
+        return len(scopes)
+
     async def heartbeat(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Ping every connection every HEARTBEAT_INTERVAL; drop those that do not answer.
 

@@ -20,6 +20,18 @@ UPLOADED). The ED25519-V3 key is kept in ``DATA_DIR/onion.key`` (mode 0600), so 
 relay keeps its onion address across restarts. The service is not detached: it ends
 with the control connection, and ``aclose`` removes it explicitly first.
 
+A private relay (``--private``) passes the set of its clients' x25519 public keys
+(``relay/onion_clients.py``): the service is then always created with ``Flags=V3Auth`` and
+one ``ClientAuthV3`` per client, never without; with no clients yet, with one throwaway
+key whose private half nobody has. ``reload_onion_clients`` (on SIGHUP) re-reads the
+client directory and, if it changed, re-publishes: DEL_ONION, then ADD_ONION with the same
+ED25519 key and the new clients. tor closes the service's introduction and rendezvous
+circuits at DEL_ONION, so every onion connection ends there, and the new descriptor lists
+new introduction points: a revoked client's cached descriptor leads nowhere, and the
+descriptor it fetches next does not open with its key. After a revocation the relay also
+ends every live WebSocket connection itself (it cannot tell which came from whom: all
+arrive from tor on 127.0.0.1); nodes reconnect on their own.
+
 Errors are ``OnionError`` with one line written for the operator.
 """
 
@@ -31,13 +43,15 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
+
+from relay.onion_clients import ClientError, live, public_keys, read_clients, throwaway_public_key
 
 log = logging.getLogger("veil.relay")
 
@@ -97,6 +111,7 @@ def _stem() -> Any:
         import stem.connection  # type: ignore[import-untyped]
         import stem.control  # type: ignore[import-untyped]
         import stem.process  # type: ignore[import-untyped]
+        import stem.response  # type: ignore[import-untyped]
     except ImportError:
         raise OnionError(
             "the onion service needs stem, which is not installed: pip install 'veil[tor]'"
@@ -187,6 +202,11 @@ class Tor:
         self.where = where
         self.service: OnionService | None = None
         self.uploaded = 0  # directories that accepted the descriptor
+        self.key_file: Path | None = None  # set once publish runs
+        self.target_port = 0
+        self.private_dir: Path | None = None  # a private relay's data directory (its clients)
+        self.clients: frozenset[str] | None = None  # None: public; else the published client keys
+        self.publishing = trio.Lock()  # one publication (or re-publication) at a time
         self._closing = threading.Event()
 
     # ---- connecting --------------------------------------------------------------------
@@ -254,15 +274,80 @@ class Tor:
         return cls(controller, process, where="the tor launched by this relay")
 
     # ---- the onion service -------------------------------------------------------------
-    async def publish(self, key_file: Path, target_port: int, timeout: float = PUBLISH_TIMEOUT) -> OnionService:
+    async def publish(
+        self, key_file: Path, target_port: int, private_dir: Path | None = None,
+        timeout: float = PUBLISH_TIMEOUT,
+    ) -> OnionService:
         """Create (or restore from ``key_file``) the onion service for 127.0.0.1:``target_port``
-        and wait until its descriptor is uploaded."""
+        and wait until its descriptor is uploaded. ``private_dir``: a private relay's data
+        directory, whose clients alone may reach the service (read here, under the lock
+        that a reload takes too, so no SIGHUP falls between reading and publishing)."""
+        async with self.publishing:
+            self.key_file, self.target_port, self.private_dir = key_file, target_port, private_dir
+            return await self._publish(_client_keys(private_dir), timeout)
+
+    async def _publish(self, clients: frozenset[str] | None, timeout: float) -> OnionService:
+        assert self.key_file is not None
         service_id = await trio.to_thread.run_sync(
-            self._publish_sync, key_file, target_port, timeout, abandon_on_cancel=True
+            self._publish_sync, self.key_file, self.target_port, clients, timeout, abandon_on_cancel=True
         )
         return OnionService(service_id)
 
-    def _publish_sync(self, key_file: Path, target_port: int, timeout: float) -> str:
+    async def republish(
+        self, clients: frozenset[str], *, revoked: bool, timeout: float = PUBLISH_TIMEOUT
+    ) -> OnionService:
+        """Publish the service again for another set of clients (same key, same address);
+        after a revocation (``revoked``), with every rendezvous circuit of the old one
+        closed first. The caller holds ``publishing``."""
+        old = self.service
+        if old is not None:
+            await trio.to_thread.run_sync(self._remove_sync, old.service_id, revoked, abandon_on_cancel=True)
+        return await self._publish(clients, timeout)
+
+    def _remove_sync(self, service_id: str, close_rendezvous: bool) -> None:
+        stem = _stem()
+        try:
+            self.controller.remove_ephemeral_hidden_service(service_id)
+        except stem.ControllerError as exc:
+            raise OnionError(f"{self.where} refused to remove the onion service: {exc}") from None
+        self.service = None
+        if close_rendezvous:
+            self._close_rendezvous_sync(service_id)
+
+    def _close_rendezvous_sync(self, service_id: str) -> None:
+        """Close the service's rendezvous circuits. DEL_ONION closes only the introduction
+        circuits, and leaves the rendezvous circuits open "for existing connections to
+        finish"; a client's tor opens new streams on such a circuit, and the service that
+        ADD_ONION makes with the same key takes them: a revoked client would keep its way in
+        for as long as its circuit lives."""
+        stem = _stem()
+        try:
+            circuits = self.controller.get_circuits()
+        except stem.ControllerError as exc:
+            raise OnionError(f"{self.where} did not list its circuits: {exc}") from None
+        closed = 0
+        for circuit in circuits:
+            if circuit.purpose == "HS_SERVICE_REND" and circuit.rend_query == service_id:
+                with suppress(stem.ControllerError):  # closed meanwhile
+                    self.controller.close_circuit(circuit.id)
+                    closed += 1
+        log.info("closed %d rendezvous circuit(s) of the onion service", closed)
+
+    def _add_onion(self, key: str | None, target_port: int, clients: frozenset[str] | None) -> Any:
+        """ADD_ONION; for a private service always with V3Auth and at least one client key."""
+        stem = _stem()
+        request = f"ADD_ONION {KEY_TYPE}:{key}" if key else f"ADD_ONION NEW:{KEY_TYPE}"
+        if clients is not None:
+            request += " Flags=V3Auth"
+        request += f" Port={VIRTUAL_PORT},127.0.0.1:{target_port}"
+        if clients is not None:
+            for client in sorted(clients) or [throwaway_public_key()]:
+                request += f" ClientAuthV3={client}"
+        response = self.controller.msg(request)
+        stem.response.convert("ADD_ONION", response)
+        return response
+
+    def _publish_sync(self, key_file: Path, target_port: int, clients: frozenset[str] | None, timeout: float) -> str:
         stem = _stem()
         deadline = time.monotonic() + timeout
         events: queue.Queue[Any] = queue.Queue()
@@ -270,13 +355,7 @@ class Tor:
         try:
             key = load_key(key_file)
             try:
-                response = self.controller.create_ephemeral_hidden_service(
-                    {VIRTUAL_PORT: f"127.0.0.1:{target_port}"},
-                    key_type=KEY_TYPE if key else "NEW",
-                    key_content=key or KEY_TYPE,
-                    detached=False,
-                    await_publication=False,
-                )
+                response = self._add_onion(key, target_port, clients)
             except stem.ControllerError as exc:
                 raise OnionError(f"{self.where} refused to create the onion service: {exc}") from None
             service_id = response.service_id
@@ -284,6 +363,8 @@ class Tor:
                 save_key(key_file, response.private_key)
                 log.info("new onion key stored in %s", key_file)
             self.service = OnionService(service_id)
+            self.clients = clients
+            self.uploaded = 0
             self._await_upload(service_id, events, deadline)
             if self._closing.is_set():
                 raise OnionError("stopped before the onion service was published")
@@ -347,6 +428,15 @@ class Tor:
             self.controller.close()
         if self.process is not None:
             _stop_process(self.process)
+
+
+def _client_keys(private_dir: Path | None) -> frozenset[str] | None:
+    if private_dir is None:
+        return None
+    try:
+        return public_keys(live(read_clients(private_dir)))
+    except ClientError as exc:
+        raise OnionError(str(exc)) from None
 
 
 def control_target(address: str) -> tuple[str, int] | str:
@@ -443,3 +533,42 @@ async def open_tor(
     finally:
         with trio.CancelScope(shield=True):
             await tor.aclose()
+
+
+async def reload_onion_clients(tor: Tor, end_connections: Callable[[], int], *, periodic: bool = False) -> bool:
+    """On SIGHUP: re-read a private relay's client directory and, if it changed, publish
+    the service again for the new set of clients; after a revocation, end every live
+    connection too (``end_connections``; see the module's docstring). Problems are logged,
+    never raised: the relay keeps running, and another SIGHUP tries again. True if it
+    re-published. ``periodic``: the hourly check for keys that expired (quiet when
+    nothing changed)."""
+    async with tor.publishing:
+        if tor.key_file is None:
+            return False  # not published yet: publish reads the clients itself
+        if tor.private_dir is None:
+            if periodic:
+                return False
+            log.warning("SIGHUP: this relay's onion service is public (started without --private); "
+                        "client keys take effect only with --private")
+            return False
+        try:
+            clients = public_keys(live(read_clients(tor.private_dir)))
+        except ClientError as exc:
+            log.error("SIGHUP: onion clients not reloaded: %s", exc)
+            return False
+        if clients == tor.clients and tor.service is not None:
+            if not periodic:
+                log.info("SIGHUP: onion clients unchanged (%d)", len(clients))
+            return False
+        revoked = (tor.clients or frozenset()) - clients
+        try:
+            await tor.republish(clients, revoked=bool(revoked))
+            log.info("onion service re-published for %d client(s)", len(clients))
+            return True
+        except OnionError as exc:
+            log.error("the onion service could not be re-published (%s); send SIGHUP again to retry", exc)
+            return False
+        finally:
+            if revoked:
+                ended = end_connections()
+                log.info("a client was revoked: ended %d live connection(s); the others reconnect", ended)

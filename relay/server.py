@@ -35,6 +35,7 @@ from relay.tls import RelayTls, TlsError
 log = logging.getLogger("veil.relay")
 
 DB_FILE = "relay.db"
+LOCK_FILE = "relay.lock"  # flock held while the relay runs; holds its process id
 SWITCH_INTERVAL = 0.0005
 EXPIRE_EVERY = 3600.0
 # Pending messages per connection inside trio-websocket before its reader stops reading;
@@ -65,6 +66,8 @@ class RelayInfo:
     tls: bool = False
     pin: str | None = None  # None with a public certificate (or without TLS)
     tls_state: RelayTls | None = field(default=None, compare=False, repr=False)  # to reload
+    # The running relay's connections (to end them all after an onion client is revoked).
+    connections: RelayConnections | None = field(default=None, compare=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -127,9 +130,10 @@ class RelayState:
 
 def _lock_data_dir(data_dir: Path) -> int:
     """Hold an exclusive lock on the data directory for the life of the process: two
-    relays on one database would each miss the other's deliveries."""
+    relays on one database would each miss the other's deliveries. The lock file holds
+    this process's id, for commands that signal the relay (``veil relay invite``)."""
     try:
-        fd = os.open(data_dir / "relay.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise RelayStartError(f"cannot use data directory {data_dir}: {exc.strerror}") from None
     try:
@@ -137,6 +141,8 @@ def _lock_data_dir(data_dir: Path) -> int:
     except BlockingIOError:
         os.close(fd)
         raise RelayStartError(f"another relay is running on {data_dir}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 
@@ -282,7 +288,8 @@ async def serve(
             )
             await nursery.start(server.run)
             tls = state.tls
-            info = RelayInfo(config.host, server.port, state.relay_id, tls is not None, tls.pin if tls else None, tls)
+            info = RelayInfo(config.host, server.port, state.relay_id, tls is not None, tls.pin if tls else None, tls,
+                             state.connections)
             log.info("relay listening on port %d (pid %d)", server.port, os.getpid())
             task_status.started(info)
     finally:

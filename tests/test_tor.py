@@ -8,6 +8,7 @@ The other tests need no tor: a fake SOCKS5 proxy stands in for it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -356,6 +357,20 @@ async def test_link_through_socks_with_retries(
             pass
     assert fake.asked[-1] == (3, FAKE_ONION.removeprefix("ws://"), 80)
 
+    # A private onion service's refusals: not retried; one line that says what is missing.
+    key = "b" * 52
+    for replies, url, said in (
+        ([0xF4], FAKE_ONION, "this node needs a client key"),
+        ([0xF4], f"{FAKE_ONION}#client={key}", "give --tor-control"),
+        ([0xF5], f"{FAKE_ONION}#client={key}", "wrong, expired, or was revoked"),
+    ):
+        fake.replies = replies
+        with pytest.raises(RelayUnreachable, match=said) as exc:
+            async with open_link(url, socks=proxy):
+                pass
+        assert key not in str(exc.value) and not fake.replies
+    assert fake.asked[-1] == (3, FAKE_ONION.removeprefix("ws://"), 80)  # the key never goes to the proxy
+
     monkeypatch.setattr(node.socks, "MAX_ATTEMPTS", 3)
     fake.replies = [0xF0] * 10
     with pytest.raises(RelayUnreachable, match=r"gave up .*descriptor not found"):
@@ -373,3 +388,164 @@ def test_proxy_addresses_and_reply_codes() -> None:
             parse_proxy(bad)
     assert reply_code(Exception("Invalid reply code: 0XF0")) == 0xF0
     assert "descriptor not found" in describe(0xF0)
+
+
+# ---- a private onion relay (Tor v3 client authorization) ---------------------------------
+
+
+class ErrLines:
+    """A process's standard error, read line by line without blocking past a deadline."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        self.fd = proc.stderr.fileno()
+        os.set_blocking(self.fd, False)
+        self.buf = b""
+        self.seen: list[str] = []
+
+    def wait_for(self, fragment: str, deadline: float) -> str:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.fd, selectors.EVENT_READ)
+        while True:
+            while b"\n" in self.buf:
+                line, self.buf = self.buf.split(b"\n", 1)
+                text = line.decode(errors="replace")
+                self.seen.append(text)
+                if fragment in text:
+                    return text
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {fragment!r} in time; stderr so far: {self.seen}")
+            if sel.select(timeout=left):
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    raise AssertionError(f"process ended before {fragment!r}; stderr: {self.seen}")
+                self.buf += chunk
+
+
+def new_client(tmp: Path, data: Path, relay: OnionRelay | None, label: str) -> str:
+    """`veil relay invite --new-client`: the link; waits for a running relay to re-publish."""
+    res = veil(tmp, "relay", "invite", "--new-client", "--name", label, "--data-dir", str(data))
+    link = res.stdout.strip()
+    assert len(res.stdout.splitlines()) == 1 and link.startswith("ws://") and "#client=" in link, res.stdout
+    assert link.split("#client=")[1] not in res.stderr
+    if relay is not None:
+        assert "told the running relay" in res.stderr, res.stderr
+        read_line_until(relay.proc, "relay onion clients ", time.monotonic() + PUBLISH)
+    return link
+
+
+@pytest.mark.slow
+def test_private_onion_relay_invite_connect_refuse_revoke(
+    tornet: TorNet, tmp_path: Path, relays: list[OnionRelay]
+) -> None:
+    from relay.onion import load_key
+    from relay.onion_clients import service_id_of_key
+
+    started = time.monotonic()
+    data = tmp_path / "relay"
+    # Published at once, for a throwaway client key (nobody has one yet).
+    relay = start_onion_relay(tmp_path, data, relays, "--private", "--tor-control", tornet.control)
+    assert ONION_URL.match(relay.onion_url)
+    key = load_key(data / "onion.key")
+    assert key is not None and f"ws://{service_id_of_key(key)}.onion" == relay.onion_url  # tor's own address
+    assert stat.S_IMODE((data / "onion_clients").stat().st_mode) == 0o700
+
+    link_a = new_client(tmp_path, data, relay, "alice")
+    link_b = new_client(tmp_path, data, relay, "bob")
+    for link in (link_a, link_b):
+        assert link.startswith(relay.onion_url + "#client=")
+    secrets_in_files = [p for p in data.rglob("*") if p.is_file()
+                        and any(lk.split("=")[1].encode() in p.read_bytes().lower() for lk in (link_a, link_b))]
+    assert not secrets_in_files, "the relay stored a client's private key"
+    for f in (data / "onion_clients").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600
+
+    # Two authorized nodes, through the client tor, which gets each key from veil.
+    alice, bob = Person(tmp_path, "alice"), Person(tmp_path, "bob")
+    out = alice.veil("--socks", tornet.socks, "register", "alice", "--relay", link_a,
+                     "--tor-control", tornet.client_control)
+    assert link_a.split("#client=")[1] not in out
+    bob.veil("register", "bob", "--relay", link_b,
+             env=veil_env(tmp_path, VEIL_SOCKS=tornet.socks, VEIL_TOR_CONTROL=tornet.client_control))
+    assert f'"tor_control": "{tornet.client_control}"' in (bob.home / "device.json").read_text()
+    alice.veil("send", "bob", "hello, privately")
+    assert "alice: hello, privately" in bob.veil("recv")
+    print(f"two authorized nodes chatted after {time.monotonic() - started:.1f}s", file=sys.stderr)
+
+    # Another tor, which never had a key for this relay.
+    other = tornet.add_client("client2")
+    socks2, control2 = f"127.0.0.1:{other.socks_port}", f"127.0.0.1:{other.control_port}"
+    eve = Person(tmp_path, "eve")
+    res = veil(tmp_path, "--home", str(eve.home), "--password-file", str(eve.pw), "--socks", socks2,
+               "register", "eve", "--relay", relay.onion_url, check=False)
+    assert_one_line_error(res, "is a private onion relay: this node needs a client key")
+    # A client key the relay never issued.
+    from relay.onion_clients import ClientKeyPair
+
+    made_up_key = ClientKeyPair.generate().private_link
+    made_up = relay.onion_url + "#client=" + made_up_key
+    res = veil(tmp_path, "--home", str(eve.home), "--password-file", str(eve.pw), "--socks", socks2,
+               "register", "eve", "--relay", made_up, "--tor-control", control2, check=False)
+    assert_one_line_error(res, "does not accept this node's client key")
+    assert made_up_key not in res.stderr.lower() and not (eve.home / "device.json").exists()
+
+    # Carol's key, but no control port to hand it to tor: one line that says how.
+    link_c = new_client(tmp_path, data, relay, "carol")
+    carol = Person(tmp_path, "carol")
+    tor3 = tornet.add_client("client3")
+    socks3, control3 = f"127.0.0.1:{tor3.socks_port}", f"127.0.0.1:{tor3.control_port}"
+    res = veil(tmp_path, "--home", str(carol.home), "--password-file", str(carol.pw), "--socks", socks3,
+               "register", "carol", "--relay", link_c, check=False)
+    assert_one_line_error(res, "give --tor-control")
+    assert "auth_private" in res.stderr and link_c.split("#client=")[1] not in res.stderr.lower()
+    carol.veil("--socks", socks3, "register", "carol", "--relay", link_c, "--tor-control", control3)
+    carol.veil("send", "alice", "carol here")
+    assert "carol: carol here" in alice.veil("recv")
+
+    # Carol stays online; then the operator revokes her key.
+    listed = [json.loads(ln) for ln in veil(tmp_path, "relay", "clients", "--json", "--data-dir", str(data))
+              .stdout.splitlines()]
+    assert sorted(c["label"] for c in listed) == ["alice", "bob", "carol"]
+    carol_id = next(c["id"] for c in listed if c["label"] == "carol")
+    follow = subprocess.Popen(
+        [*VEIL, "--home", str(carol.home), "--password-file", str(carol.pw), "recv", "--follow"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=veil_env(tmp_path), cwd=ROOT,
+    )
+    try:
+        err = ErrLines(follow)
+        err.wait_for("veil: online", time.monotonic() + PUBLISH)
+        res = veil(tmp_path, "relay", "clients", "revoke", carol_id, "--data-dir", str(data))
+        assert f"revoked client {carol_id} (carol)" in res.stdout
+        read_line_until(relay.proc, "relay onion clients 2", time.monotonic() + PUBLISH)
+        revoked_at = time.monotonic()
+        err.wait_for("veil: offline", time.monotonic() + TIMEOUT)  # her live connection ended
+        print(f"the revoked node's live connection ended {time.monotonic() - revoked_at:.1f}s after "
+              "the re-publication", file=sys.stderr)
+    finally:
+        follow.send_signal(signal.SIGTERM)
+        follow.wait(timeout=TIMEOUT)
+        assert follow.stderr is not None
+        follow.stderr.close()
+    # A new connection with her key: refused, in one line (her tor has the key, the relay not).
+    # (Her tor may first try the old descriptor's introduction points, for up to two minutes.)
+    res = veil(tmp_path, "--home", str(carol.home), "--password-file", str(carol.pw), "recv", check=False,
+               timeout=200)
+    assert_one_line_error(res, "wrong, expired, or was revoked")
+    # The others go on (their tor fetches the new descriptor once the old one leads nowhere).
+    alice.veil("send", "bob", "after the revocation")
+    assert "alice: after the revocation" in bob.veil("recv")
+    assert carol_id not in veil(tmp_path, "relay", "clients", "--data-dir", str(data)).stdout
+    log = relay.log.read_text()
+    for link in (link_a, link_b, link_c):
+        assert link.split("#client=")[1] not in log.lower()
+    assert relay.stop() == 0
+
+    # Private once, private at every start: without --private the relay refuses to start.
+    res = veil(tmp_path, "relay", "serve", "--onion", "--tor-control", tornet.control, "--port", "0",
+               "--data-dir", str(data), check=False)
+    assert_one_line_error(res, "start it with --private")
+    print(f"private onion relay test took {time.monotonic() - started:.1f}s", file=sys.stderr)

@@ -375,6 +375,30 @@ class TorNet:
     def control(self) -> str:
         return f"{LOCALHOST}:{self.node('hs').control_port}"
 
+    @property
+    def client_control(self) -> str:
+        """The client tor's control port (to hand it a private onion service's client key)."""
+        return f"{LOCALHOST}:{self.node('client').control_port}"
+
+    def add_client(self, name: str, timeout: float = START_TIMEOUT) -> TorNode:
+        """Another client tor in the running network, bootstrapped: its own SOCKS and control
+        ports, and its own descriptor cache and client keys."""
+        bins = tor_binaries()
+        if bins is None:
+            raise TorNetError("tor and tor-gencert are needed (apt-get install tor)")
+        deadline = time.monotonic() + timeout
+        d = self.base / name
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(mode=0o700)
+        control_port, socks_port = free_ports(2)
+        n = TorNode(name, "client", d, control_port=control_port, socks_port=socks_port)
+        self.nodes.append(n)
+        n.torrc.write_text("\n".join(common_lines(n, [a for a in self.nodes if a.kind == "authority"])) + "\n")
+        self._launch(bins[0], n)
+        self._wait_bootstrapped(name, deadline)
+        return n
+
     # ---- starting ----------------------------------------------------------------------
     def start(self, timeout: float = START_TIMEOUT) -> None:
         bins = tor_binaries()
@@ -495,24 +519,24 @@ class TorNet:
 
     def _wait_ready(self, deadline: float) -> None:
         for name in ("hs", "client"):
-            ctl = self._control(name, deadline)
-            try:
-                bootstrapped = False
-                for _ in range(int(max(0.0, deadline - time.monotonic()) / CHECK_EVERY) + 2):
-                    self._check_alive()  # between waits: a tor that died fails at once
-                    try:
-                        ctl.wait_bootstrapped(min(deadline, time.monotonic() + CHECK_EVERY))
-                        bootstrapped = True
-                        break
-                    except TimeoutError:
-                        if time.monotonic() >= deadline:
-                            break
-                if not bootstrapped:
-                    raise TorNetError(f"tor {name} did not bootstrap in time")
-            finally:
-                ctl.close()
+            self._wait_bootstrapped(name, deadline)
             self.timings[f"{name} bootstrapped"] = time.monotonic() - self.started_at
         self.probe(deadline)
+
+    def _wait_bootstrapped(self, name: str, deadline: float) -> None:
+        ctl = self._control(name, deadline)
+        try:
+            for _ in range(int(max(0.0, deadline - time.monotonic()) / CHECK_EVERY) + 2):
+                self._check_alive()  # between waits: a tor that died fails at once
+                try:
+                    ctl.wait_bootstrapped(min(deadline, time.monotonic() + CHECK_EVERY))
+                    return
+                except TimeoutError:
+                    if time.monotonic() >= deadline:
+                        break
+            raise TorNetError(f"tor {name} did not bootstrap in time")
+        finally:
+            ctl.close()
 
     def _control(self, name: str, deadline: float) -> Control:
         """A control connection to ``name``, once its control port is open."""
