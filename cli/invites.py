@@ -126,3 +126,29 @@ def _with_host(address: str, host: str) -> str:
     except ValueError as exc:
         raise CliError(f"--host: {exc}") from None
     return str(hosted)
+
+
+async def cmd_relay_address(args: argparse.Namespace) -> None:
+    """`veil relay-address ADDRESS`: this device reaches its relay at another address."""
+    import sys
+
+    from cli.device import relay_address
+    from cli.passwords import confirm
+    from node.errors import VeilError
+
+    new = relay_address(args.address, args.insecure_no_tls)  # before the password: one line if malformed
+    node = unlock(args)
+    try:
+        print(f"this device reaches its relay at {node.relay}; the new address: {parse_address(new).public}",
+              flush=True)
+        if sys.stdin.isatty() and not args.yes and not confirm(
+            "did you check the new address (its #pin) with the relay's operator? use it [y/N] "
+        ):
+            raise CliError("nothing changed")
+        try:
+            shown = await node.move_relay(new, insecure=args.insecure_no_tls)
+        except VeilError as exc:
+            raise CliError(f"{exc} (nothing changed)") from None
+        print(f"this device now reaches its relay at {shown}")
+    finally:
+        node.close()

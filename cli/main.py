@@ -214,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     cadd.add_argument("--replace-key", action="store_true",
                       help="the link's key replaces another key pinned (or verified) for that contact here")
 
+    moved = command("relay-address", "cli.invites:cmd_relay_address",
+                    "reach this device's relay at another address (its new #pin, or a new name)")
+    moved.add_argument("address", metavar="ADDRESS", help=RELAY_HELP)
+    moved.add_argument("--insecure-no-tls", action="store_true", help=INSECURE_HELP)
+    moved.add_argument("--yes", action="store_true", help="do not ask at a terminal")
+
     contacts = command("contacts", "cli.account:cmd_contacts", "list contacts")
     contacts.add_argument("--json", action="store_true", help="one JSON object per contact per line")
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
-import io
 import json
 import os
 import signal
@@ -23,7 +22,7 @@ import sys
 from pathlib import Path
 
 from cli.errors import CliError
-from cli.text import inert
+from cli.text import inert, qr_code
 from wire.address import parse_address
 
 DEFAULT_LABEL = "client"
@@ -81,14 +80,6 @@ def _told(data_dir: Path, pid: int | None) -> str:
             " keeps its service public and only logs a warning)")
 
 
-def _qr(text: str) -> str:
-    import segno
-
-    out = io.StringIO()
-    segno.make(text, error="m").terminal(out=out, compact=True)
-    return out.getvalue()
-
-
 def new_client_invite(args: argparse.Namespace) -> None:
     """A new client key for this private onion relay: the public half stored, the relay
     told, and the relay's address carrying the private half printed (once, on stdout;
@@ -125,7 +116,7 @@ def new_client_invite(args: argparse.Namespace) -> None:
     print(f"client {client.id} ({inert(client.label, keep_newlines=False)}) added{until}; {_told(data_dir, pid)}",
           file=sys.stderr, flush=True)
     if args.qr:
-        print(_qr(link), end="")
+        print(qr_code(link), end="")
     print(link, flush=True)
 
 

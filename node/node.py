@@ -18,7 +18,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 
@@ -71,7 +71,7 @@ from node.errors import (
     WrongPassword,
 )
 from node.home import Home, HomeConfig
-from node.link import RelayLink, open_link, shown_address
+from node.link import RelayLink, check_address, open_link, shown_address
 from node.sessions import ONE_TIME_STOCK, Peer, Sessions
 from node.store import Contact, NodeStore, OutboxEntry, StoredMessage
 from wire.address import parse_address
@@ -503,6 +503,36 @@ class Node:
                 # What stays in the outbox must never keep this device from receiving.
                 self._warn(f"the outbox could not be sent now ({exc}); it is tried again later")
             yield link
+
+    async def move_relay(self, new: str, *, insecure: bool = False) -> str:
+        """Reach this device's relay at another address from now on (its new pin after it
+        got a new key, or a new name): the relay there must take this device's session (or
+        its proof of the password) first; saved only then. Returns the address shown."""
+        address = check_address(new, insecure=insecure)
+        old = parse_address(self.config.relay)
+        if address.client_key is None and old.client_key is not None and address.host == old.host:
+            address = replace(address, client_key=old.client_key)  # the same private onion relay
+        async with open_link(str(address), self.socks, insecure=insecure, tor_control=self.tor_control) as link:
+            # Not the moment to ask for a newer password: a relay that refuses this device's
+            # proof is most likely not its relay.
+            ask, self.ask_password = self.ask_password, None
+            try:
+                await self.authenticate(link)
+            except LoginFailed as exc:
+                if isinstance(exc, DeviceRevoked):
+                    raise
+                raise LoginFailed(
+                    f"the relay at {address.url} does not know this device or its account: is it this"
+                    " device's relay?"
+                ) from None
+            finally:
+                self.ask_password = ask
+        self.config.relay = str(address)
+        self.config.insecure = insecure and not _plain_allowed(self.config.relay)
+        self.insecure = self.config.insecure
+        self.home.save(self.config)
+        self.relay = shown_address(self.config.relay)
+        return self.relay
 
     async def authenticate(self, link: RelayLink) -> None:
         state = self.store.get("logged_out")

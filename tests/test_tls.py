@@ -246,3 +246,38 @@ def test_a_data_directory_others_can_write_in_is_refused(tmp_path: Path) -> None
     res = User(tmp_path, "op").veil("relay", "serve", "--port", "0", "--data-dir", str(data), check=False)
     assert_one_line_error(res, "is writable by other users (mode 777): chmod 700 it")
     assert not (data / "tls.key").exists()
+
+
+def test_a_device_follows_its_relay_to_a_new_key_only_when_told(tmp_path: Path) -> None:
+    rp = start_relay(tmp_path)
+    alice, bob = User(tmp_path, "alice"), User(tmp_path, "bob")
+    try:
+        for u in (alice, bob):
+            u.veil("register", u.name, "--relay", rp.url)
+        port = port_of(rp)
+    finally:
+        stop_relay(rp)
+    # The relay loses its TLS key (a new machine, say) and makes a new one: a new pin.
+    (rp.data_dir / "tls.key").unlink()
+    (rp.data_dir / "tls.crt").unlink()
+    moved = start_relay(tmp_path, port)
+    elsewhere = start_relay(tmp_path / "other", 0)
+    try:
+        assert moved.url != rp.url
+        assert_one_line_error(alice.veil("devices", check=False), "does not match the pin")
+        # Another relay (which does not know this device) is not taken for it.
+        res = alice.veil("relay-address", elsewhere.url, check=False)
+        assert_one_line_error(res, "(nothing changed)")
+        assert_one_line_error(res, "does not know this device or its account")
+        assert_one_line_error(alice.veil("devices", check=False), "does not match the pin")
+        for u in (alice, bob):
+            out = u.veil("relay-address", moved.url).stdout
+            assert out.splitlines()[-1] == f"this device now reaches its relay at {moved.url}"
+        chat(alice, bob, "after the relay's new key")
+        from wire.invite import parse_link
+
+        assert str(parse_link(alice.veil("invite").stdout.strip()).relay) == moved.url  # links follow
+    finally:
+        stop_relay(moved)
+        stop_relay(elsewhere)
+
