@@ -29,8 +29,13 @@ class WrongKey(Exception):
     """The database key does not open this file."""
 
 
-def open_encrypted(path: Path, key: bytes, *, wal: bool = True) -> sqlite_utils.Database:
-    """Open (or create, mode 0600) an encrypted database; WrongKey if the key is wrong."""
+def open_encrypted(path: Path, key: bytes, *, wal: bool = True, durable: bool = True) -> sqlite_utils.Database:
+    """Open (or create, mode 0600) an encrypted database; WrongKey if the key is wrong.
+
+    ``durable`` (the default): ``synchronous = FULL``, so that every commit is on disk
+    (WAL fsynced) before it returns, and survives a power loss or an operating-system crash;
+    ``False``: ``NORMAL``, which survives a crash of the process only (the last commits
+    before a power loss may be lost), for less fsync."""
     if len(key) != 32:
         raise ValueError("database key must be 32 bytes")
     if not path.exists():
@@ -48,7 +53,7 @@ def open_encrypted(path: Path, key: bytes, *, wal: bool = True) -> sqlite_utils.
         raise WrongKey(str(path)) from None
     if wal:
         conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA secure_delete = ON")
     return sqlite_utils.Database(conn)

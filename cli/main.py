@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--private", action="store_true",
                        help="with --onion: only clients with a key (`veil relay invite --new-client`)"
                             " can reach the onion service (Tor v3 client authorization)")
+    serve.add_argument("--relaxed-durability", action="store_true",
+                       help="commit without waiting for the disk (SQLite synchronous=NORMAL): an answered"
+                            " send survives a crash of the relay but not a power loss; faster")
     serve.add_argument("--max-connections", type=positive_int, default=None, metavar="N",
                        help="connections held at once (default: what half the memory holds at"
                             " ~4.7 MiB each, the worst case; at most 20000)")

@@ -74,6 +74,7 @@ async def _relay_serve(args: argparse.Namespace) -> None:
         tls=not (args.insecure_no_tls or args.onion),
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
+        durable=not args.relaxed_durability,
     )
     if args.max_connections is not None:
         config.limits.max_connections = args.max_connections

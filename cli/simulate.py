@@ -285,7 +285,16 @@ class RelayProcess:
         log_path = self.data_dir.parent / "relay.log"
         with open(log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=log)
-        assert self.proc.stdout is not None
+        try:
+            return await self._listening(log_path)
+        except BaseException:
+            # Not left running behind a simulation that gave up (or crashed) while it started.
+            with trio.CancelScope(shield=True):
+                await self.stop(signal.SIGKILL)
+            raise
+
+    async def _listening(self, log_path: Path) -> str:
+        assert self.proc is not None and self.proc.stdout is not None
         buf = b""
         with trio.move_on_after(RELAY_START_TIMEOUT) as waited:
             while b"\n" not in buf:

@@ -5,9 +5,10 @@ thread touches the SQLite connection at a time. Mailbox writes (envelopes in, ac
 not committed one by one: they queue up while the previous transaction runs, then the
 whole queue is committed as one transaction, with one multi-row INSERT for all the
 envelopes in it. A ``Send`` is answered only after its commit (its ``on_done`` callback
-runs on the trio thread once the transaction is in the WAL: it survives a crash or kill of
-the relay process; with ``synchronous=NORMAL`` an operating-system crash or power loss may
-lose the last commits, see docs/OPERATIONS.md).
+runs on the trio thread once the transaction is in the WAL and, with ``synchronous=FULL``
+(the default), fsynced: it survives a crash or kill of the relay process, and a power loss;
+with --relaxed-durability (``NORMAL``) a power loss or operating-system crash may lose the
+last commits, see docs/OPERATIONS.md). One fsync serves a whole group commit.
 
 A send is all-or-nothing: if any of its devices does not exist, or its mailbox is full,
 none of its envelopes is stored and it fails alone; the rest of the batch commits.

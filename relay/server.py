@@ -54,6 +54,9 @@ class RelayConfig:
     tls: bool = True  # False: plain ws:// (--insecure-no-tls, or an onion relay behind tor)
     tls_cert: Path | None = None  # a certificate (chain) from a public authority, with tls_key
     tls_key: Path | None = None
+    # Every answered send on disk before its answer (SQLite synchronous=FULL); False: it
+    # survives a crash of the relay, not a power loss (--relaxed-durability).
+    durable: bool = True
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ class RelayState:
         try:
             self.keys = RelayKeys.from_root(load_root_key(config.data_dir))
             self.tls = RelayTls(config.data_dir, config.tls_cert, config.tls_key) if config.tls else None
-            self.store = RelayStore(config.data_dir / DB_FILE, self.keys.db_key)
+            self.store = RelayStore(config.data_dir / DB_FILE, self.keys.db_key, durable=config.durable)
         except WrongKey:
             raise RelayStartError(
                 f"the relay key does not open {config.data_dir / DB_FILE} (wrong {ENV_KEY} or {KEY_FILE}?)"

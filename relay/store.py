@@ -303,8 +303,8 @@ def _account(row: Sequence[object]) -> Account:
 class RelayStore:
     """Synchronous relay storage on one SQLCipher connection."""
 
-    def __init__(self, path: Path, key: bytes) -> None:
-        self.db = open_encrypted(path, key)
+    def __init__(self, path: Path, key: bytes, *, durable: bool = True) -> None:
+        self.db = open_encrypted(path, key, durable=durable)
         self.conn = self.db.conn
         migrations.apply(self.db)
 

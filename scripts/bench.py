@@ -15,7 +15,8 @@ bytes to its receiver. Measured, for both servers with the same generator:
 
 The last line printed is one JSON object; ``ratio`` is relay msgs/s / forwarder msgs/s
 (the forwarder is plain ws://: the ratio includes what TLS costs), ``tls_ratio`` the relay
-with TLS / the relay without.
+with TLS / the relay without, ``durable_ratio`` the relay as it runs by default (every
+answered send fsynced) / the same relay with --relaxed-durability.
 Loops are bounded in time and count; all traffic stays on 127.0.0.1.
 """
 
@@ -443,6 +444,16 @@ def orchestrate(args: argparse.Namespace) -> None:
             results["relay_half"] = run_loadgen("relay", rel_url, *common, "--rate", str(half))
         finally:
             stop_server(rel)
+        # The same relay committing without waiting for the disk (--relaxed-durability), for
+        # what durability (synchronous=FULL, the default) costs.
+        rel, rel_url = start_server(relay_cmd("relay-relaxed", "--relaxed-durability"), "relay listening on")
+        try:
+            say("relay with relaxed durability: maximum throughput ...")
+            results["relaxed_max"] = run_loadgen("relay", rel_url, *common)
+            say(f"relay with relaxed durability: latency at {half:.0f} msgs/s ...")
+            results["relaxed_half"] = run_loadgen("relay", rel_url, *common, "--rate", str(half))
+        finally:
+            stop_server(rel)
         # The same relay without TLS (--insecure-no-tls), for what TLS costs.
         rel, rel_url = start_server(relay_cmd("relay-plain", "--insecure-no-tls"), "relay listening on")
         try:
@@ -464,18 +475,22 @@ def orchestrate(args: argparse.Namespace) -> None:
     fh, rh = results["forwarder_half"], results["relay_half"]
     ratio = round(float(rmax["msgs_per_s"]) / float(fmax["msgs_per_s"]), 3)  # type: ignore[arg-type]
     pmax, ph = results["plain_max"], results["plain_half"]
+    xmax, xh = results["relaxed_max"], results["relaxed_half"]
     tls_ratio = round(float(rmax["msgs_per_s"]) / float(pmax["msgs_per_s"]), 3)  # type: ignore[arg-type]
-    print(f"{'':28}{'forwarder':>12}{'relay':>12}{'relay no TLS':>14}")
-    print(f"{'max msgs/s':28}{fmax['msgs_per_s']:>12}{rmax['msgs_per_s']:>12}{pmax['msgs_per_s']:>14}")
+    durable_ratio = round(float(rmax["msgs_per_s"]) / float(xmax["msgs_per_s"]), 3)  # type: ignore[arg-type]
+    print(f"{'':28}{'forwarder':>12}{'relay':>12}{'relay no TLS':>14}{'relay relaxed':>15}")
+    print(f"{'max msgs/s':28}{fmax['msgs_per_s']:>12}{rmax['msgs_per_s']:>12}{pmax['msgs_per_s']:>14}"
+          f"{xmax['msgs_per_s']:>15}")
     for key in ("p50_ms", "p95_ms", "p99_ms"):
-        print(f"{key + f' at {half:.0f}/s':28}{fh[key]:>12}{rh[key]:>12}{ph[key]:>14}")
+        print(f"{key + f' at {half:.0f}/s':28}{fh[key]:>12}{rh[key]:>12}{ph[key]:>14}{xh[key]:>15}")
     if "capacity" in results:
         cap = results["capacity"]
         print(f"connected nodes: {cap['connections']}, {cap['kib_per_connection']} KiB each "
               f"(relay RSS {cap['relay_rss_mib']} MiB)")
     print(f"ratio (relay / forwarder max msgs/s): {ratio}")
     print(f"ratio (relay with TLS / without, max msgs/s): {tls_ratio}")
-    summary = {"ratio": ratio, "tls_ratio": tls_ratio, "pairs": args.pairs, "size": args.size, "seconds": args.seconds,
+    print(f"ratio (relay durable / relaxed durability, max msgs/s): {durable_ratio}")
+    summary = {"ratio": ratio, "tls_ratio": tls_ratio, "durable_ratio": durable_ratio, "pairs": args.pairs, "size": args.size, "seconds": args.seconds,
                "half_rate": round(half, 1), **{k: v for k, v in results.items()}}
     print(json.dumps(summary))
 

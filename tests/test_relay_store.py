@@ -4,6 +4,7 @@ does not need (no sender, no fine-grained time, no token), and nothing lost on r
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 import stat
 from pathlib import Path
@@ -234,3 +235,20 @@ async def test_session_token_is_stored_only_as_its_hash(accounts: Accounts) -> N
             await c.refused(wire.Resume(id=1, token=hashlib.sha256(token).digest()), E.AUTH_FAILED)
         async with raw_client(relay.url) as c:
             await c.ok(wire.Resume(id=1, token=token))
+
+
+async def test_an_answered_send_waits_for_the_disk_unless_told_not_to(accounts: Accounts, tmp_path: Path) -> None:
+    """synchronous=FULL (2) by default, in the relay's store and a device's: a commit is
+    fsynced before the send it carries is answered (or a message is acknowledged); only
+    --relaxed-durability (RelayConfig.durable=False) makes it NORMAL (1)."""
+    node = await accounts.register("alice")
+    assert await sql(accounts.relay, "PRAGMA synchronous") == [(2,)]
+    assert node.store.conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    from relay.server import RelayConfig, RelayState
+
+    relaxed = RelayState(RelayConfig(data_dir=tmp_path / "relaxed", durable=False))
+    try:
+        assert relaxed.store.conn.execute("PRAGMA synchronous").fetchone()[0] == 1
+    finally:
+        relaxed.store.close()
+        os.close(relaxed._lock)
