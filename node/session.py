@@ -29,6 +29,7 @@ from node.errors import (
 )
 from node.link import RelayLink
 from node.node import Node, Received
+from node.onion_auth import OnionAuthRefused, TorControlError
 from node.store import StoredMessage
 
 log = logging.getLogger("veil.node")
@@ -99,8 +100,10 @@ class LiveSession:
                 self._set_status("revoked")
                 self.link = None
                 return
-            except (LoginFailed, RelayKeyMismatch) as exc:
-                # Said every time: an impostor (or a relay with a new key) is not "offline".
+            except (LoginFailed, RelayKeyMismatch, OnionAuthRefused, TorControlError) as exc:
+                # Said every time: an impostor (or a relay with a new key), a private relay's
+                # client key that is refused, or a control port that will not take it, is not
+                # just "offline".
                 self._problem(str(exc))
                 backoff = self.backoff_max
             except _TRANSIENT as exc:
