@@ -54,7 +54,7 @@ async def cmd_register(args: argparse.Namespace) -> None:
         home.release()
         raise
     try:
-        print(f"registered {node.name} on {node.relay_shown}; this device is {node.device_id.hex()[:8]}")
+        print(f"registered {node.name} on {node.relay}; this device is {node.device_id.hex()[:8]}")
         print(f"recovery code: {code}")
         print("write the recovery code down and keep it safe: it is shown only this once")
     finally:

@@ -97,9 +97,9 @@ async def cmd_relay_invite(args: argparse.Namespace) -> None:
         return
     if args.name or args.expires:
         raise CliError("--name and --expires go with --new-client")
-    from relay.onion_clients import CLIENTS_DIR
+    from relay.onion_clients import is_private
 
-    if (Path(args.data_dir) / CLIENTS_DIR).is_dir():
+    if is_private(Path(args.data_dir)):
         raise CliError("this is a private onion relay: its address alone reaches nothing; make each person"
                        " an address with a key of their own, `veil relay invite --new-client`")
     addresses = relay_addresses(Path(args.data_dir))

@@ -214,7 +214,7 @@ async def stay_online(node: Node, *, holder: str, on_status: Callable[[str], Non
 def _status_line(node: Node, ready: str) -> Callable[[str], None]:
     def status(now: str) -> None:
         if now == "offline":
-            print(f"{PROG}: offline: cannot reach the relay at {node.relay_shown}; trying again",
+            print(f"{PROG}: offline: cannot reach the relay at {node.relay}; trying again",
                   file=sys.stderr, flush=True)
         elif now == "online":
             print(f"{PROG}: online; {ready}", file=sys.stderr, flush=True)

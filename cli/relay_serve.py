@@ -86,7 +86,8 @@ async def _relay_serve(args: argparse.Namespace) -> None:
         rations.sender_rate = args.sender_rate
         rations.sender_burst = max(rations.sender_burst, 300 * args.sender_rate)
 
-    started: list[RelayInfo] = []
+    started: list[RelayInfo] = []  # what a SIGHUP reloads: the relay, and its tor if any
+    tors: list[onion.Tor] = []
 
     async def run_relay() -> None:
         async with trio.open_nursery() as inner:
@@ -95,14 +96,12 @@ async def _relay_serve(args: argparse.Namespace) -> None:
             write_relay_addresses(config.data_dir, [info.url])
             print(f"relay listening on {info.url}", flush=True)
 
-    running: dict[str, object] = {}  # what a SIGHUP reloads: "tor", "info"
-
     async def run_onion_relay() -> None:
         async with onion.open_tor(
             control=None if args.launch_tor else control, launch=args.launch_tor,
             data_dir=config.data_dir, torrc=Path(args.torrc) if args.torrc else None,
         ) as tor:
-            running["tor"] = tor
+            tors.append(tor)
             async with trio.open_nursery() as inner:
                 info = await inner.start(serve, config)
                 started.append(info)
@@ -124,9 +123,8 @@ async def _relay_serve(args: argparse.Namespace) -> None:
         # SIGHUP would (the service is published again without it).
         while True:
             await trio.sleep(EXPIRY_CHECK)
-            tor = running.get("tor")
-            if isinstance(tor, onion.Tor) and started:
-                await reload_onion(tor, started[0], periodic=True)
+            if tors and started:
+                await reload_onion(tors[0], started[0], periodic=True)
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
@@ -136,9 +134,8 @@ async def _relay_serve(args: argparse.Namespace) -> None:
             async for signum in signals:
                 if signum == signal.SIGHUP:  # reload what can be reloaded; keep serving
                     _reload(started[0] if started else None)
-                    tor = running.get("tor")
-                    if isinstance(tor, onion.Tor) and started:
-                        nursery.start_soon(reload_onion, tor, started[0])
+                    if tors and started:
+                        nursery.start_soon(reload_onion, tors[0], started[0])
                     continue
                 print("relay stopping", file=sys.stderr, flush=True)
                 nursery.cancel_scope.cancel()

@@ -160,7 +160,7 @@ async def cmd_recover(args: argparse.Namespace) -> None:
         home.release()
         raise
     try:
-        print(f"recovered {node.name} on {node.relay_shown} with a new master password; this device is"
+        print(f"recovered {node.name} on {node.relay} with a new master password; this device is"
               f" {node.device_id.hex()[:8]}; every other session of the account has ended")
         if reuse:
             print("the device this home held before is revoked: this is a new device in its place")

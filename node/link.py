@@ -37,7 +37,7 @@ from node.errors import (
     VeilError,
 )
 from node.onion_auth import OnionAuthRefused, add_client_auth, refused
-from wire.address import AddressError, RelayAddress, parse_address
+from wire.address import AddressError, RelayAddress, is_loopback, parse_address
 
 CONNECT_TIMEOUT = 15.0
 HANDSHAKE_TIMEOUT = 30.0  # the WebSocket handshake over a SOCKS stream (Tor is slower)
@@ -279,7 +279,7 @@ def _loopback_proxy(socks: str) -> bool:
         host, _ = parse_proxy(socks)
     except VeilError:
         return False
-    return host == "localhost" or (_is_ip(host) and ipaddress.ip_address(host).is_loopback)
+    return is_loopback(host)
 
 
 def _is_ip(host: str) -> bool:

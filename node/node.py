@@ -246,11 +246,6 @@ class Node:
         self.ask_code: AskCode | None = None
         self.ask_password: Callable[[str], str] | None = None
 
-    @property
-    def relay_shown(self) -> str:
-        """The relay's address as shown to people: with its pin, never with a client key."""
-        return self.relay
-
     def close(self) -> None:
         self.store.close()
         self.home.release()
@@ -821,7 +816,7 @@ class Node:
                                  if (w := link.why_deferred(e.device_id))), None)
         except (RelayUnreachable, ConnectionLost) as exc:
             reason = (str(exc).rstrip(".") if isinstance(exc, RelayKeyMismatch)
-                      else f"the relay at {self.relay_shown} cannot be reached now")
+                      else f"the relay at {self.relay} cannot be reached now")
             if composed is None:
                 composed = self.compose(peer, text)
         assert composed is not None

@@ -32,6 +32,7 @@ import stat
 import trio
 
 from node.errors import RelayUnreachable
+from wire.address import is_loopback
 
 CONTROL_TIMEOUT = 15.0  # connect, authenticate and add the key, together
 MAX_REPLY = 64 * 1024
@@ -70,20 +71,11 @@ def control_target(address: str) -> tuple[str, int] | str:
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise TorControlError(f"bad tor control address {address!r}: use HOST:PORT, e.g. 127.0.0.1:9051,"
                               " or the path of tor's control socket")
-    if host != "localhost" and not _loopback_ip(host):
+    if not is_loopback(host):
         # The client key goes over this connection in the clear.
         raise TorControlError(f"tor's control port {address!r} is not on this machine: give a loopback"
                               " address (127.0.0.1:9051) or the path of tor's control socket")
     return ("127.0.0.1" if host == "localhost" else host), int(port)
-
-
-def _loopback_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_control(address: str) -> str:
@@ -252,12 +244,6 @@ async def add_client_auth(control: str, onion_host: str, client_key_b32: str) ->
             f"cannot connect to the tor control port at {where} ({reason}): is tor running with"
             " `ControlPort` and `CookieAuthentication 1`? (--tor-control, VEIL_TOR_CONTROL)"
         ) from None
-
-
-def without_client_key(address: str) -> str:
-    """A relay address fit to show: without a private onion relay's client key."""
-    head, sep, fragment = address.partition("#")
-    return head if sep and fragment.lower().startswith("client=") else address
 
 
 def auth_file_line(service_id: str) -> str:

@@ -65,10 +65,6 @@ def b32(data: bytes) -> str:
     return base64.b32encode(data).decode().rstrip("=")
 
 
-def unb32(text: str) -> bytes:
-    return base64.b32decode(text.upper() + "=" * (-len(text) % 8))
-
-
 @dataclass(frozen=True)
 class ClientKeyPair:
     private: bytes  # 32 bytes, x25519

@@ -66,11 +66,14 @@ class RelayInfo:
     host: str
     port: int
     relay_id: bytes
-    tls: bool = False
     pin: str | None = None  # None with a public certificate (or without TLS)
-    tls_state: RelayTls | None = field(default=None, compare=False, repr=False)  # to reload
+    tls_state: RelayTls | None = field(default=None, compare=False, repr=False)  # None: no TLS
     # The running relay's connections (to end them all after an onion client is revoked).
     connections: RelayConnections | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_state is not None
 
     @property
     def url(self) -> str:
@@ -291,8 +294,7 @@ async def serve(
             )
             await nursery.start(server.run)
             tls = state.tls
-            info = RelayInfo(config.host, server.port, state.relay_id, tls is not None, tls.pin if tls else None, tls,
-                             state.connections)
+            info = RelayInfo(config.host, server.port, state.relay_id, tls.pin if tls else None, tls, state.connections)
             log.info("relay listening on port %d (pid %d)", server.port, os.getpid())
             task_status.started(info)
     finally:

@@ -119,8 +119,7 @@ class RelayTls:
             cert, key = ensure_own_certificate(data_dir)
         self.cert, self.key = cert, key
         self.pin: str | None = None
-        self._current = self._load()
-        self.context = self._load()
+        self.context = self._current = self._load()
         self.context.sni_callback = self._choose
 
     def _choose(self, sslobj: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:

@@ -436,33 +436,19 @@ def orchestrate(args: argparse.Namespace) -> None:
                     str(Path(tmp) / data_dir), "--sender-rate", "1e9", "--registrations-per-hour", "1e9",
                     "--max-connections", "20000", *extra]
 
-        rel, rel_url = start_server(relay_cmd("relay"), "relay listening on")
-        try:
-            say("relay: maximum throughput ...")
-            results["relay_max"] = run_loadgen("relay", rel_url, *common)
-            say(f"relay: latency at {half:.0f} msgs/s ...")
-            results["relay_half"] = run_loadgen("relay", rel_url, *common, "--rate", str(half))
-        finally:
-            stop_server(rel)
-        # The same relay committing without waiting for the disk (--relaxed-durability), for
-        # what durability (synchronous=FULL, the default) costs.
-        rel, rel_url = start_server(relay_cmd("relay-relaxed", "--relaxed-durability"), "relay listening on")
-        try:
-            say("relay with relaxed durability: maximum throughput ...")
-            results["relaxed_max"] = run_loadgen("relay", rel_url, *common)
-            say(f"relay with relaxed durability: latency at {half:.0f} msgs/s ...")
-            results["relaxed_half"] = run_loadgen("relay", rel_url, *common, "--rate", str(half))
-        finally:
-            stop_server(rel)
-        # The same relay without TLS (--insecure-no-tls), for what TLS costs.
-        rel, rel_url = start_server(relay_cmd("relay-plain", "--insecure-no-tls"), "relay listening on")
-        try:
-            say("relay without TLS: maximum throughput ...")
-            results["plain_max"] = run_loadgen("relay", rel_url, *common)
-            say(f"relay without TLS: latency at {half:.0f} msgs/s ...")
-            results["plain_half"] = run_loadgen("relay", rel_url, *common, "--rate", str(half))
-        finally:
-            stop_server(rel)
+        # The relay as it runs by default; committing without waiting for the disk
+        # (--relaxed-durability), for what durability costs; without TLS, for what TLS costs.
+        variants = [("relay", "relay", ()), ("relaxed", "relay with relaxed durability", ("--relaxed-durability",)),
+                    ("plain", "relay without TLS", ("--insecure-no-tls",))]
+        for key, what, extra in variants:
+            rel, rel_url = start_server(relay_cmd(f"relay-{key}", *extra), "relay listening on")
+            try:
+                say(f"{what}: maximum throughput ...")
+                results[f"{key}_max"] = run_loadgen("relay", rel_url, *common)
+                say(f"{what}: latency at {half:.0f} msgs/s ...")
+                results[f"{key}_half"] = run_loadgen("relay", rel_url, *common, "--rate", str(half))
+            finally:
+                stop_server(rel)
         if args.conns:
             rel, rel_url = start_server(relay_cmd("relay-capacity"), "relay listening on")
             try:

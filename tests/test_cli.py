@@ -127,6 +127,14 @@ class User:
         return res
 
 
+def registered(tmp: Path, relay: RelayProcess, *names: str) -> list[User]:
+    """Users with accounts on ``relay`` (registered through `veil`)."""
+    users = [User(tmp, n) for n in names]
+    for u in users:
+        u.veil("register", u.name, "--relay", relay.url)
+    return users
+
+
 def assert_one_line_error(res: subprocess.CompletedProcess[str], fragment: str) -> None:
     assert res.returncode != 0
     lines = [ln for ln in res.stderr.splitlines() if not ln.startswith("veil: warning:")]

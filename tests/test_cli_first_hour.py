@@ -25,6 +25,7 @@ from tests.test_cli import (
     assert_one_line_error,
     env_for,
     read_line_until,
+    registered,
     start_relay,
     stop_relay,
 )
@@ -54,13 +55,6 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def registered(tmp: Path, relay: RelayProcess, *names: str) -> list[User]:
-    users = [User(tmp, n) for n in names]
-    for u in users:
-        u.veil("register", u.name, "--relay", relay.url)
-    return users
 
 
 # ---- cheap checks come before the password prompt ----------------------------------------

@@ -25,6 +25,7 @@ from tests.test_cli import (
     assert_one_line_error,
     env_for,
     read_line_until,
+    registered,
     start_relay,
     stop_relay,
 )
@@ -65,13 +66,6 @@ def no_password(user: User, *args: str, check: bool = True) -> subprocess.Comple
     if check and res.returncode != 0:
         raise AssertionError(f"veil {args} failed: {res.stderr}")
     return res
-
-
-def registered(tmp: Path, relay: RelayProcess, *names: str) -> list[User]:
-    users = [User(tmp, n) for n in names]
-    for u in users:
-        u.veil("register", u.name, "--relay", relay.url)
-    return users
 
 
 def texts(res: subprocess.CompletedProcess[str]) -> list[str]:

@@ -13,17 +13,17 @@ from keyvault.keys import AccountKeys, sign_account_keys
 from keyvault.safety import identity_fingerprint
 from node.errors import IdentityChanged, KeyDiffers, VeilError
 from tests.conftest import Accounts
-from tests.test_cli import RelayProcess, User, assert_one_line_error, start_relay, stop_relay
+from tests.test_cli import (
+    RelayProcess,
+    User,
+    assert_one_line_error,
+    registered,
+    start_relay,
+    stop_relay,
+)
 from tests.test_relay_support import sql
 from wire.address import b32, parse_address
 from wire.invite import ContactLink, LinkError, parse_link
-
-
-def registered(tmp: Path, relay: RelayProcess, *names: str) -> list[User]:
-    users = [User(tmp, n) for n in names]
-    for u in users:
-        u.veil("register", u.name, "--relay", relay.url)
-    return users
 
 
 def invite_of(user: User) -> str:

@@ -20,12 +20,13 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from cli.device import relay_address
 from cli.errors import CliError
-from node.onion_auth import TorControlError, add_client_auth, key_blob, refused, without_client_key
+from node.link import shown_address
+from node.onion_auth import TorControlError, add_client_auth, key_blob, refused
 from relay import onion_clients as oc
 from tests.conftest import RelayRunner
 from tests.test_cli import RelayProcess, assert_one_line_error, env_for
 from tests.test_tor import veil
-from wire.address import parse_address
+from wire.address import parse_address, unb32
 
 
 def expanded_key(seed: bytes) -> bytes:
@@ -70,7 +71,7 @@ def test_client_key_formats() -> None:
         Encoding.Raw, PublicFormat.Raw) == pair.public
     assert len(pair.private_link) == 52 and pair.private_link == pair.private_link.lower()
     assert len(pair.public_tor) == 52 and pair.public_tor == pair.public_tor.upper()
-    assert oc.unb32(pair.private_link) == pair.private
+    assert unb32(pair.private_link) == pair.private
     # The control port's form: x25519: and the base64 of the same 32 bytes.
     assert key_blob(pair.private_link) == "x25519:" + base64.b64encode(pair.private).decode()
     with pytest.raises(TorControlError):
@@ -80,8 +81,8 @@ def test_client_key_formats() -> None:
     address = parse_address(link)
     assert address.client_key == pair.private_link and str(address.public) == f"ws://{'a' * 55}d.onion"
     assert relay_address(link) == link
-    assert without_client_key(link) == f"ws://{'a' * 55}d.onion"
-    assert without_client_key("ws://127.0.0.1:8765") == "ws://127.0.0.1:8765"
+    assert shown_address(link) == f"ws://{'a' * 55}d.onion"
+    assert shown_address("ws://127.0.0.1:8765") == "ws://127.0.0.1:8765"
     for bad in (f"ws://relay.example:80#client={pair.private_link}", f"ws://{'a' * 55}d.onion#client=short"):
         with pytest.raises(CliError):
             relay_address(bad)
@@ -140,8 +141,8 @@ def test_invite_list_revoke_beside_a_running_relay(relay_proc: RelayProcess, tmp
     [client] = oc.read_clients(data)
     assert client.label == "alice"
     # The stored public key is the link's key's public half; the private half is nowhere.
-    private = oc.unb32(key)
-    assert oc.unb32(client.public) == X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
+    private = unb32(key)
+    assert unb32(client.public) == X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
         Encoding.Raw, PublicFormat.Raw)
     assert not [p for p in data.rglob("*") if p.is_file() and key.encode() in p.read_bytes().lower()]
 

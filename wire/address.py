@@ -38,6 +38,16 @@ class AddressError(ValueError):
     """A relay address that does not follow the grammar (the message says what is wrong)."""
 
 
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP address (127.0.0.0/8, ::1): no network in between."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def b32(data: bytes) -> str:
     return base64.b32encode(data).decode().rstrip("=").lower()
 
@@ -64,12 +74,7 @@ class RelayAddress:
 
     @property
     def loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback(self.host)
 
     @property
     def plain_allowed(self) -> bool:

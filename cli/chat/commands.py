@@ -333,7 +333,7 @@ async def cmd_status(chat: Chat, rest: str) -> None:
         left = "" if chat.retry_at is None else f", next try in {max(0, math.ceil(chat.retry_at - time.monotonic()))}s"
         conn = f"not connected (attempt {s.attempts}{left}; /reconnect tries now)"
     chat.say(f"account {chat.node.name}, this device {chat.node.device_id.hex()[:8]}")
-    chat.say(f"relay {chat.node.relay_shown}: {conn}")
+    chat.say(f"relay {chat.node.relay}: {conn}")
     chat.say(f"outbox: {chat.node.store.pending_count()} pending")
     chat.say(f"talking to: {chat.conv.peer or 'nobody (/to NAME)'}")
 

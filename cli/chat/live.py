@@ -194,7 +194,7 @@ class Chat:
 
     def _welcome(self) -> None:
         me = self.node
-        self.note(f"veil chat: {me.name} on {me.relay_shown} (device {me.device_id.hex()[:8]}); /help lists the commands")
+        self.note(f"veil chat: {me.name} on {me.relay} (device {me.device_id.hex()[:8]}); /help lists the commands")
         if self._retired is not None:
             self.note(f"removed {PLAINTEXT_FILE}, the plaintext input history of an earlier version;"
                       f" its {self._retired} command(s) are now kept in the encrypted store")
@@ -359,7 +359,7 @@ class Chat:
         if status == "online":
             self.retry_at = None
             self.note("back online: reconnected to the relay" if self.ever_online
-                      else f"online: connected to {self.node.relay_shown}")
+                      else f"online: connected to {self.node.relay}")
             self.ever_online = True
             self.offline_said = False
         elif status == "revoked":
@@ -372,7 +372,7 @@ class Chat:
                           " (messages you write are queued)")
                 self.offline_said = True
             elif not self.offline_said:
-                self.note(f"cannot reach the relay at {self.node.relay_shown}: offline, retrying with backoff"
+                self.note(f"cannot reach the relay at {self.node.relay}: offline, retrying with backoff"
                           " (messages you write are queued)")
                 self.offline_said = True
         if status != "connecting":
