@@ -150,8 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--private", action="store_true",
                        help="with --onion: only clients with a key (`veil relay invite --new-client`)"
                             " can reach the onion service (Tor v3 client authorization)")
+    serve.add_argument("--store", default=None, metavar="URL",
+                       help="keep the relay's data in PostgreSQL (postgresql://...; default"
+                            " $VEIL_RELAY_STORE, else the encrypted SQLite file in the data dir)."
+                            " Processes over one database act as one relay; give the password in"
+                            " PGPASSWORD or ~/.pgpass, not in the URL")
+    serve.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                       help="with --store: run N relay processes sharing the port (SO_REUSEPORT)")
     serve.add_argument("--relaxed-durability", action="store_true",
-                       help="commit without waiting for the disk (SQLite synchronous=NORMAL): an answered"
+                       help="file store: commit without waiting for the disk (SQLite synchronous=NORMAL): an answered"
                             " send survives a crash of the relay but not a power loss; faster")
     serve.add_argument("--max-connections", type=positive_int, default=None, metavar="N",
                        help="connections held at once (default: what half the memory holds at"

@@ -26,6 +26,8 @@ from cli.errors import CliError
 from cli.invites import write_relay_addresses
 from node.link import collapse_groups
 
+ENV_STORE = "VEIL_RELAY_STORE"  # --store's default (keeps a password out of the command line)
+ENV_REUSE_PORT = "VEIL_RELAY_REUSE_PORT"  # set by --workers for the processes it starts
 EXPIRY_CHECK = 3600.0  # seconds between checks for expired onion client keys
 
 if TYPE_CHECKING:
@@ -57,6 +59,13 @@ async def _relay_serve(args: argparse.Namespace) -> None:
         raise CliError("--tls-cert goes with a relay that speaks TLS: not with --insecure-no-tls or --onion")
     if args.private and not args.onion:
         raise CliError("--private goes with --onion")
+    store = args.store or os.environ.get(ENV_STORE) or None
+    if store is not None and not store.startswith(("postgresql://", "postgres://")):
+        raise CliError("--store takes a PostgreSQL connection string (postgresql://...)")
+    if store is not None and args.relaxed_durability:
+        raise CliError("--relaxed-durability is for the file store (PostgreSQL: its synchronous_commit setting)")
+    if args.workers is not None and (store is None or args.onion):
+        raise CliError("--workers needs --store (processes share the database) and no --onion")
     if args.onion:
         onion_clients.require_private(Path(args.data_dir), args.private)
         if args.host not in (None, "127.0.0.1"):
@@ -75,7 +84,13 @@ async def _relay_serve(args: argparse.Namespace) -> None:
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
         durable=not args.relaxed_durability,
+        store=store, reuse_port=bool(os.environ.get(ENV_REUSE_PORT)),
     )
+    if args.workers is not None:
+        from cli.relay_workers import run_workers
+
+        await run_workers(args, config)
+        return
     if args.max_connections is not None:
         config.limits.max_connections = args.max_connections
     rations = config.limits.rations
@@ -93,7 +108,8 @@ async def _relay_serve(args: argparse.Namespace) -> None:
         async with trio.open_nursery() as inner:
             info = await inner.start(serve, config)
             started.append(info)
-            write_relay_addresses(config.data_dir, [info.url])
+            if not config.reuse_port:  # one of --workers' processes: the parent writes it
+                write_relay_addresses(config.data_dir, [info.url])
             print(f"relay listening on {info.url}", flush=True)
 
     async def run_onion_relay() -> None:

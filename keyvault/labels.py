@@ -17,6 +17,10 @@ RECOVERY_AUTH = b"veil/v1/recovery-auth"
 RELAY_DB_KEY = b"veil/v1/relay-db-key"
 RELAY_NAME_HMAC = b"veil/v1/relay-name-hmac"
 RELAY_FAKE_SALT = b"veil/v1/relay-fake-salt"
+# PostgreSQL store: the AES-SIV key of the columns SQLCipher would have protected, and what
+# the database records to tell a process started with another relay key.
+RELAY_COLUMN_KEY = b"veil/v1/relay-column-key"
+RELAY_KEY_CHECK = b"veil/v1/relay-key-check"
 
 # Signature contexts (prefixed to the signed bytes).
 AUTH_CHALLENGE = b"veil/v1/auth-challenge"
@@ -61,6 +65,8 @@ ALL_LABELS: tuple[bytes, ...] = (
     RELAY_DB_KEY,
     RELAY_NAME_HMAC,
     RELAY_FAKE_SALT,
+    RELAY_COLUMN_KEY,
+    RELAY_KEY_CHECK,
     AUTH_CHALLENGE,
     DEVICE_SIGNATURE,
     DEVICE_LABEL,

@@ -145,14 +145,14 @@ class Throttle:
         entry = self._entry(key, now)
         if entry.blocked_until > now:
             return False
-        entry.blocked_until = now + _delay(entry.count)
+        entry.blocked_until = now + failure_delay(entry.count)
         return True
 
     def fail(self, key: bytes) -> float:
         """Record a failure; returns how long the failing caller should wait."""
         now = trio.current_time()
         entry = self._entry(key, now)
-        delay = _delay(entry.count)
+        delay = failure_delay(entry.count)
         entry.count += 1
         entry.blocked_until = max(entry.blocked_until, now + delay)
         return delay
@@ -161,5 +161,5 @@ class Throttle:
         self._failures.pop(key, None)
 
 
-def _delay(failures: int) -> float:
+def failure_delay(failures: int) -> float:
     return float(min(FIRST_DELAY * 2.0**failures, MAX_DELAY))

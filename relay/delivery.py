@@ -75,6 +75,13 @@ class Outlet:
         while len(self.unacked) > UNACKED_LIMIT:
             del self.unacked[next(iter(self.unacked))]
 
+    def poke(self) -> None:
+        """New mail was stored elsewhere (another process): read the mailbox again."""
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._refill = True
+        self._wake.set()
+
     def offer(self, items: list[Stored]) -> None:
         size = sum(len(s.blob) for s in items)
         if self._refill:
@@ -155,6 +162,12 @@ class Router:
 
     def online(self) -> int:
         return len(self._outlets)
+
+    def poke(self, device_ids: list[bytes]) -> None:
+        """Mail for these devices was stored by another process."""
+        for device_id in device_ids:
+            for outlet in self._outlets.get(device_id, ()):
+                outlet.poke()
 
     def on_stored(self, stored: list[Stored]) -> None:
         """Called after each group commit with the envelopes it stored."""

@@ -27,6 +27,8 @@ class RelayKeys:
     db_key: bytes  # SQLCipher key of the relay database
     name_mac_key: bytes  # HMAC key: account names are stored only as HMAC(name)
     fake_salt_key: bytes  # answers auth_params for names that do not exist
+    column_key: bytes  # AES-SIV (64 bytes): columns a PostgreSQL store encrypts (relay.pgstore)
+    key_check: bytes  # recorded by a PostgreSQL store: a process with another key refuses
 
     @classmethod
     def from_root(cls, root: bytes) -> RelayKeys:
@@ -34,6 +36,8 @@ class RelayKeys:
             db_key=derive(root, labels.RELAY_DB_KEY),
             name_mac_key=derive(root, labels.RELAY_NAME_HMAC),
             fake_salt_key=derive(root, labels.RELAY_FAKE_SALT),
+            column_key=derive(root, labels.RELAY_COLUMN_KEY, 64),
+            key_check=derive(root, labels.RELAY_KEY_CHECK),
         )
 
 

@@ -1,34 +1,34 @@
-"""The store, off the event loop: one worker thread owns the connection, with group commit.
+"""The store, off the event loop: worker threads, and group commit.
 
-Every store call runs in a worker thread under ``CapacityLimiter(1)``, so exactly one
-thread touches the SQLite connection at a time. Mailbox writes (envelopes in, acks) are
-not committed one by one: they queue up while the previous transaction runs, then the
-whole queue is committed as one transaction, with one multi-row INSERT for all the
-envelopes in it. A ``Send`` is answered only after its commit (its ``on_done`` callback
-runs on the trio thread once the transaction is in the WAL and, with ``synchronous=FULL``
-(the default), fsynced: it survives a crash or kill of the relay process, and a power loss;
-with --relaxed-durability (``NORMAL``) a power loss or operating-system crash may lose the
-last commits, see docs/OPERATIONS.md). One fsync serves a whole group commit.
+Every store call runs in a worker thread: one at a time for the SQLite file (a
+``CapacityLimiter(1)``: exactly one thread touches its connection), a few at once for
+PostgreSQL (each on a pooled connection). Mailbox writes (envelopes in, acks) are not
+committed one by one: they queue up while the previous transaction runs, then the whole
+queue is committed as one transaction (``RelayStore.commit_mail``), with one multi-row
+INSERT for all the envelopes in it. A ``Send`` is answered only after its commit (its
+``on_done`` callback runs on the trio thread once the transaction is durable: SQLite's
+WAL fsynced with ``synchronous=FULL``, the default; PostgreSQL's commit with its default
+``synchronous_commit``. It survives a crash or kill of the relay process, and a power
+loss; with --relaxed-durability (SQLite ``NORMAL``) a power loss or operating-system crash
+may lose the last commits, see docs/OPERATIONS.md). One fsync serves a whole group commit.
 
 A send is all-or-nothing: if any of its devices does not exist, or its mailbox is full,
 none of its envelopes is stored and it fails alone; the rest of the batch commits.
-
-Per-device envelope counts (for the mailbox limit) and sequence numbers are kept in
-memory by the commit thread, loaded from the database the first time a device is seen:
-this process is the only writer.
+Per-device envelope counts (for the mailbox limit) and sequence numbers live in the
+devices' rows, read under a row lock in the commit: any number of processes may write.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import trio
 
-from relay.store import RelayStore, Stored, UnknownDevice
+from relay.store import MailboxFull, Posting, RelayStore, Stored
 
 log = logging.getLogger("veil.relay")
 
@@ -41,16 +41,13 @@ MAX_PENDING_ACKS = 65536  # eids queued relay-wide before an ack waits
 Done = Callable[[Exception | None], None]
 
 
-class MailboxFull(Exception):
-    pass
+__all__ = ["MAILBOX_LIMIT", "MailboxFull", "Mailroom"]
+COMMIT_TRIES = 3  # a deadlock or serialization failure (PostgreSQL) is tried again
 
 
 @dataclass
-class _Enqueue:
-    items: Sequence[tuple[bytes, bytes, bytes]]  # (device_id, eid, blob)
-    on_done: Done
-    stored: list[Stored] = field(default_factory=list)
-    error: Exception | None = None
+class _Enqueue(Posting):
+    on_done: Done = lambda error: None
 
 
 @dataclass
@@ -71,23 +68,25 @@ class Mailroom:
     ) -> None:
         self.store = store
         self._on_stored = on_stored
-        self._limiter = trio.CapacityLimiter(1)
+        self._limiter = trio.CapacityLimiter(store.e.threads)
         self._enqueues: list[_Enqueue] = []
         self._acks: deque[_Ack] = deque()
         self._wake = trio.Event()
         self.mailbox_limit = mailbox_limit
-        # Owned by the commit thread (always under self._limiter):
-        self._counts: dict[bytes, int] = {}
-        self._last_seq: dict[bytes, int] = {}
-        self._known: set[bytes] = set()  # devices known to exist
         self._pending_acks = 0  # eids queued in _acks
         self.commits = 0
         self.envelopes = 0
         self._committed = trio.Event()
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run one store method in the store's thread."""
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        """Run one store method in a store thread (on one connection throughout)."""
+        bound = self.store.e.bound
+
+        def run() -> T:
+            with bound():
+                return fn(*args)
+
+        return await trio.to_thread.run_sync(run, limiter=self._limiter)
 
     async def close(self) -> None:
         """Checkpoint and close the database (after the commit loop has stopped)."""
@@ -97,7 +96,7 @@ class Mailroom:
     def submit(self, items: Sequence[tuple[bytes, bytes, bytes]], on_done: Done) -> None:
         """Queue (device_id, eid, blob) envelopes; ``on_done(None)`` once committed, or
         ``on_done(error)`` (UnknownDevice, MailboxFull, or a storage failure)."""
-        self._enqueues.append(_Enqueue(items, on_done))
+        self._enqueues.append(_Enqueue(items, on_done=on_done))
         self._wake.set()
 
     async def ack(self, device_id: bytes, eids: Sequence[bytes]) -> None:
@@ -116,31 +115,16 @@ class Mailroom:
             await self._committed.wait()
 
     async def expire(self) -> int:
-        def run() -> int:
-            self._counts.clear()  # expiry deletes behind the counts' back
-            return self.store.expire()
-
-        return await self.call(run)
+        return await self.call(self.store.expire)
 
     async def remove_device(self, device_id: bytes) -> None:
-        def run() -> None:
-            self._counts.pop(device_id, None)
-            self._known.discard(device_id)
-            self.store.remove_device(device_id)
-
-        await self.call(run)
+        await self.call(self.store.remove_device, device_id)
 
     async def revoke_device(self, account_id: int, device_id: bytes, allow_last: bool,
                             token_hash: bytes | None = None, auth_pub: bytes | None = None) -> None:
-        """RelayStore.revoke_device in the store's thread, forgetting what the commit
-        thread knows of the device (a send to it then fails as to an unknown device)."""
-
-        def run() -> None:
-            self._counts.pop(device_id, None)
-            self._known.discard(device_id)
-            self.store.revoke_device(account_id, device_id, allow_last, token_hash, auth_pub)
-
-        await self.call(run)
+        """RelayStore.revoke_device in a store thread (a send to the device then fails as
+        to an unknown device)."""
+        await self.call(self.store.revoke_device, account_id, device_id, allow_last, token_hash, auth_pub)
 
     # ---- the commit loop -------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -155,7 +139,7 @@ class Mailroom:
             if not enqueues and not acks:
                 continue
             try:
-                await trio.to_thread.run_sync(self._commit, enqueues, acks, limiter=self._limiter)
+                await self.call(self._commit, enqueues, acks)
             except Exception as exc:  # the whole transaction failed: fail every send in it
                 log.error("group commit failed: %s", type(exc).__name__)
                 for failed in enqueues:
@@ -197,79 +181,15 @@ class Mailroom:
             self._wake.set()  # more next time
         return taken
 
-    def _device_state(self, device_id: bytes) -> None:
-        if device_id not in self._counts or device_id not in self._last_seq:
-            count, last = self.store.mailbox_state(device_id)
-            self._counts[device_id] = count
-            # Sequence numbers only grow while this process runs (a live outlet may have
-            # seen higher ones than the mailbox now holds).
-            self._last_seq[device_id] = max(last, self._last_seq.get(device_id, 0))
-
     def _commit(self, enqueues: list[_Enqueue], acks: list[_Ack]) -> None:
-        # Few statements per batch, whatever its size: the commit thread gives up the GIL
-        # around every statement step, and getting it back from a busy event loop is
-        # what a commit under load spends most of its time on.
-        store, conn = self.store, self.store.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            devices = {d for w in enqueues for d, _, _ in w.items}
-            unknown = devices - self._known
-            if unknown:
-                self._known |= store.existing_devices(unknown)
-            rows: list[tuple[bytes, int, bytes, bytes]] = []
-            seen: set[tuple[bytes, bytes]] = set()
-            for w in enqueues:
-                if any(d not in self._known for d, _, _ in w.items):
-                    w.error = UnknownDevice()
-                    continue
-                fresh: dict[tuple[bytes, bytes], bytes] = {}
-                for d, eid, blob in w.items:
-                    if (d, eid) not in seen and (d, eid) not in fresh:
-                        fresh[(d, eid)] = blob
-                adding = Counter(d for d, _ in fresh)
-                for d in adding:
-                    self._device_state(d)
-                limit = self.mailbox_limit
-                if limit and any(self._counts[d] + n > limit for d, n in adding.items()):
-                    # Perhaps a retry of envelopes already stored: those do not count.
-                    taken = store.stored_pairs(list(fresh))
-                    for pair in taken:
-                        del fresh[pair]
-                    seen.update(taken)
-                    adding = Counter(d for d, _ in fresh)
-                    if any(self._counts[d] + n > limit for d, n in adding.items()):
-                        w.error = MailboxFull()
-                        continue
-                for (d, eid), blob in fresh.items():
-                    self._counts[d] += 1
-                    self._last_seq[d] += 1
-                    rows.append((d, self._last_seq[d], eid, blob))
-                    w.stored.append(Stored(d, self._last_seq[d], eid, blob))
-                seen.update(fresh)  # a later send in this batch with the same envelope
-            if rows and store.insert_mail(rows) != len(rows):
-                # Retried sends: envelopes a mailbox already held were not inserted again;
-                # find which (their fresh sequence numbers are absent), so that they are
-                # neither counted nor pushed twice. Rare: a lost answer to a send.
-                inserted = store.present_seqs([(d, seq) for d, seq, _, _ in rows])
-                for d, seq, _, _ in rows:
-                    if (d, seq) not in inserted:
-                        self._counts[d] -= 1
+        transient = getattr(self.store.e, "transient", None)
+        pairs = [(a.device_id, a.eids) for a in acks]
+        for attempt in range(COMMIT_TRIES):
+            try:
+                self.store.commit_mail(enqueues, pairs, self.mailbox_limit)
+                return
+            except Exception as exc:
                 for w in enqueues:
-                    w.stored = [st for st in w.stored if (st.device_id, st.seq) in inserted]
-            if acks:
-                acked = [(a.device_id, eid) for a in acks for eid in dict.fromkeys(a.eids)]
-                deleted = store.ack(acked)
-                per_device = Counter(d for d, _ in acked)
-                for d, n in per_device.items():
-                    if d in self._counts:
-                        if deleted == len(acked):
-                            self._counts[d] = max(0, self._counts[d] - n)
-                        else:  # some acks named nothing: count those mailboxes again
-                            del self._counts[d]
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            for w in enqueues:
-                w.stored = []
-            self._counts.clear()
-            raise
+                    w.stored, w.error = [], None
+                if transient is None or not transient(exc) or attempt == COMMIT_TRIES - 1:
+                    raise

@@ -8,10 +8,12 @@ import math
 import os
 import resource
 import secrets
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 from trio_websocket import WebSocketServer
@@ -29,7 +31,7 @@ from relay.delivery import BUFFER_BYTES, DELIVER_BYTES, UNACKED_LIMIT, Router
 from relay.keyfile import ENV_KEY, KEY_FILE, RelayKeyError, RelayKeys, load_root_key
 from relay.mailroom import MAILBOX_LIMIT, Mailroom
 from relay.service import RelayService
-from relay.store import RelayStore
+from relay.store import StoreError, open_sqlite
 from relay.tls import RelayTls, TlsError
 
 log = logging.getLogger("veil.relay")
@@ -57,6 +59,10 @@ class RelayConfig:
     # Every answered send on disk before its answer (SQLite synchronous=FULL); False: it
     # survives a crash of the relay, not a power loss (--relaxed-durability).
     durable: bool = True
+    # A PostgreSQL connection string (--store, VEIL_RELAY_STORE): several relay processes
+    # over one database act as one relay. None: the SQLCipher file in data_dir.
+    store: str | None = None
+    reuse_port: bool = False  # listen with SO_REUSEPORT (the processes of --workers)
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,9 @@ class RelayState:
             raise RelayStartError(
                 f"data directory {config.data_dir} is writable by other users (mode {mode & 0o777:o}): chmod 700 it"
             )
-        self._lock = _lock_data_dir(config.data_dir)
+        # A file store is this process's alone; the processes of a PostgreSQL service may
+        # share one data directory (its keys), but not with a file-store relay.
+        self._lock = _lock_data_dir(config.data_dir, shared=config.store is not None)
         try:
             self._open(config)
         except BaseException:
@@ -114,41 +122,54 @@ class RelayState:
         try:
             self.keys = RelayKeys.from_root(load_root_key(config.data_dir))
             self.tls = RelayTls(config.data_dir, config.tls_cert, config.tls_key) if config.tls else None
-            self.store = RelayStore(config.data_dir / DB_FILE, self.keys.db_key, durable=config.durable)
+            if config.store is not None:
+                from relay.pgstore import open_postgresql
+
+                self.store = open_postgresql(config.store, self.keys.column_key, self.keys.key_check)
+            else:
+                self.store = open_sqlite(config.data_dir / DB_FILE, self.keys.db_key, durable=config.durable)
         except WrongKey:
             raise RelayStartError(
                 f"the relay key does not open {config.data_dir / DB_FILE} (wrong {ENV_KEY} or {KEY_FILE}?)"
             ) from None
-        except (RelayKeyError, TlsError) as exc:
+        except (RelayKeyError, TlsError, StoreError) as exc:
             raise RelayStartError(str(exc)) from None
         except OSError as exc:
             raise RelayStartError(f"cannot use data directory {config.data_dir}: {exc.strerror}") from None
-        relay_id = self.store.meta("relay_id")
-        if relay_id is None:
-            relay_id = secrets.token_bytes(16)
-            self.store.set_meta("relay_id", relay_id)
+        with self.store.e.atomic():  # processes starting together agree on one id
+            relay_id = self.store.meta("relay_id")
+            if relay_id is None:
+                relay_id = secrets.token_bytes(16)
+                self.store.x("INSERT INTO relay_meta (key, value) VALUES ('relay_id', ?) ON CONFLICT DO NOTHING",
+                             (relay_id,))
+                relay_id = self.store.meta("relay_id")
+                assert relay_id is not None
         self.relay_id = relay_id
         self.router = Router()
         self.mailroom = Mailroom(self.store, self.router.on_stored, mailbox_limit=config.mailbox_limit)
         self.service = RelayService(self.keys, relay_id, self.mailroom, self.router, config.limits.rations)
         self.connections = RelayConnections(self.service, config.limits)
+        self.listener: Any = None  # relay.pgstore.Listener, with a shared store
 
 
-def _lock_data_dir(data_dir: Path) -> int:
+def _lock_data_dir(data_dir: Path, *, shared: bool = False) -> int:
     """Hold an exclusive lock on the data directory for the life of the process: two
-    relays on one database would each miss the other's deliveries. The lock file holds
-    this process's id, for commands that signal the relay (``veil relay invite``)."""
+    relays on one database file would each miss the other's deliveries. The lock file
+    holds this process's id, for commands that signal the relay (``veil relay invite``).
+    ``shared`` (a PostgreSQL store): a shared lock, which any number of processes of the
+    service hold together, and which keeps a file-store relay out."""
     try:
         fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise RelayStartError(f"cannot use data directory {data_dir}: {exc.strerror}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise RelayStartError(f"another relay is running on {data_dir}") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    if not shared:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 
@@ -234,10 +255,29 @@ def _quiet_accept_errors() -> None:
         logger.addFilter(_OncePerMinute())
 
 
-async def _listen(host: str, port: int) -> list[trio.SocketListener]:
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound with SO_REUSEPORT (not listening yet): processes that each bind
+    one on a port share its connections, which the kernel spreads among them."""
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(info[0], socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(info[4])
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _listen(host: str, port: int, reuse_port: bool = False) -> list[trio.SocketListener]:
     if not 0 <= port <= 65535:
         raise RelayStartError(f"port {port} is out of range (0 to 65535; 0 picks a free port)")
     try:
+        if reuse_port:
+            sock = reuse_port_socket(host, port)
+            sock.listen(socket.SOMAXCONN)
+            return [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -258,7 +298,7 @@ async def serve(
     sys.setswitchinterval(SWITCH_INTERVAL)
     # Listen before touching the data directory: a port that is taken (or not ours to
     # use) must not leave a fresh data directory, key file and database behind.
-    listeners = await _listen(config.host, config.port)
+    listeners = await _listen(config.host, config.port, config.reuse_port)
     _quiet_accept_errors()
     limits = config.limits
     if limits.max_connections is None:
@@ -275,6 +315,13 @@ async def serve(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(state.mailroom.run)
+            state.service._nursery = nursery
+            if state.store.shared:
+                from relay.pgstore import Listener, PgEngine
+
+                assert isinstance(state.store.e, PgEngine)
+                state.listener = Listener(state.store.e, state.service.on_notice)
+                await nursery.start(state.listener.run)
             nursery.start_soon(_expire_loop, state.mailroom)
             await nursery.start(state.connections.heartbeat)
             await nursery.start(state.connections.collector)

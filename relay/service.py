@@ -28,13 +28,15 @@ from relay.auth import CHALLENGE_TTL, Challenges, Throttle, name_mac, new_token,
 from relay.delivery import Outlet, Router
 from relay.keyfile import RelayKeys
 from relay.limits import AccountBuckets, Bucket, ByteBudget, KeyedBuckets
-from relay.mailroom import MailboxFull, Mailroom
+from relay.mailroom import Mailroom
+from relay.pgstore import SharedThrottle
 from relay.store import (
     Account,
     Credentials,
     CredentialsChanged,
     DeviceRevoked,
     LastDevice,
+    MailboxFull,
     NameTaken,
     NewAccount,
     NoSession,
@@ -46,6 +48,7 @@ from relay.store import (
 
 E = wire.ErrorCode
 K = TypeVar("K", int, bytes)
+T = TypeVar("T")
 
 
 class Refused(Exception):
@@ -239,7 +242,9 @@ class RelayService:
         self.mailroom = mailroom
         self.router = router
         self.challenges = Challenges()
-        self.throttle = Throttle()
+        # Failed logins per account: in this process's memory, or (a store that other
+        # processes share) in the store, so that spreading guesses over processes gains nothing.
+        self.throttle: Throttle | SharedThrottle = SharedThrottle(mailroom.store) if mailroom.store.shared else Throttle()
         # name_free across the whole relay, whatever the connections: checking names one by
         # one must stay slow for an outsider (a person choosing a name needs a handful).
         self.name_check_budget = Bucket(NAME_CHECK_RATE, NAME_CHECK_BURST)
@@ -259,6 +264,7 @@ class RelayService:
         self.max_per_device = MAX_PER_DEVICE
         self.max_per_account = MAX_PER_ACCOUNT
         self.clock: Callable[[], float] = time.time  # for TOTP codes and the grants
+        self._nursery: trio.Nursery | None = None  # for checks after a lost listener (set by the server)
 
     def mac(self, name: str) -> bytes:
         return name_mac(self.keys.name_mac_key, name)
@@ -415,7 +421,7 @@ class RelayService:
         redeemed = self.challenges.redeem(challenge, mac, purpose)
         # The gate and the block it sets happen together, before any await: concurrent
         # attempts on one account cannot all pass before the first failure is recorded.
-        if not self.throttle.attempt(mac) or not redeemed:
+        if not await self._throttle(self.throttle.attempt, mac) or not redeemed:
             await self._failed(peer, mac)
         if session is not None and not hmac.compare_digest(session.name_mac, mac):
             await self._failed(peer, mac)
@@ -432,7 +438,7 @@ class RelayService:
         if account.totp_secret is not None and mfa != "none":
             counter = "session" if session is not None else "recovery" if purpose == "recovery" else "password"
             await self._second_factor(peer, account, account.totp_secret, mac, totp, mfa == "grant", counter)
-        self.throttle.succeed(mac)
+        await self._throttle(self.throttle.succeed, mac)
         return account
 
     async def _second_factor(
@@ -459,8 +465,15 @@ class RelayService:
             await self._failed(peer, mac)
         peer.mfa_grant = (account.id, now, secret)
 
+    async def _throttle(self, step: Callable[[bytes], T], mac: bytes) -> T:
+        """One throttle step: at once in memory, or one transaction in a shared store
+        (where the check and the block it sets are one atomic step too)."""
+        if isinstance(self.throttle, Throttle):
+            return step(mac)
+        return await self.mailroom.call(step, mac)
+
     async def _failed(self, peer: Peer, mac: bytes) -> NoReturn:
-        delay = self.throttle.fail(mac)
+        delay = await self._throttle(self.throttle.fail, mac)
         peer.failures += 1
         # The connection waits too: a delay that grows with its own failures.
         await trio.sleep(max(delay, min(0.2 * 2 ** (peer.failures - 1), 10.0)))
@@ -610,7 +623,41 @@ class RelayService:
                 other.close()
         return wire.Ok(id=req.id)
 
-    def _close_others(self, account_id: int, peer: Peer, keep: bytes | None = None) -> None:
+    def on_notice(self, kind: str, values: list[bytes]) -> None:
+        """What another process of the service announced (relay.pgstore.Listener): new
+        mail for devices, or sessions that ended there, whose connections here must go."""
+        if kind == "mail":
+            self.router.poke(values)
+        elif kind == "resync":  # announcements may have been missed: check everything
+            self.router.poke(list(self._bound))
+            if self._bound:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._recheck_sessions)
+        elif kind in ("token", "device", "revoked") and values:
+            th = values[0] if kind == "token" else None
+            device_id = values[-1]
+            for other in list(self._bound.get(device_id, {})):
+                if th is None or other.token_hash == th:
+                    self.unbind(other)
+                    if kind == "revoked":
+                        other.end(wire.Error(id=0, code=E.DEVICE_REVOKED, message=REVOKED_ELSEWHERE))
+                    else:
+                        other.close()
+        elif kind == "account" and len(values) == 2:
+            self._close_others(int.from_bytes(values[0], "big"), None, keep=values[1])
+
+    async def _recheck_sessions(self) -> None:
+        """Close the connections whose session no longer exists (ended elsewhere while
+        this process was not listening)."""
+        for peers in list(self._bound.values()):
+            for peer in list(peers):
+                th = peer.token_hash
+                if th is not None and await self.mailroom.call(self.mailroom.store.session, th) is None:
+                    if peer.token_hash == th:
+                        self.unbind(peer)
+                        peer.close()
+
+    def _close_others(self, account_id: int, peer: Peer | None, keep: bytes | None = None) -> None:
         """Unbind and close the account's connections but ``peer`` (and those with the
         session ``keep``): their sessions have ended."""
         for other in list(self._by_account.get(account_id, {})):
@@ -682,7 +729,7 @@ class RelayService:
                 E.PREKEY_LIMIT, f"a device holds at most {wire.MAX_ONE_TIME_PREKEYS} one-time prekeys"
             ) from None
         peer.recovery_grant = None
-        self.throttle.succeed(account.name_mac)
+        await self._throttle(self.throttle.succeed, account.name_mac)
         # Every session of the account ended with the old password: so do their connections.
         self._close_others(account.id, peer)
         self._bind(peer, account.id, device.device_id, th)

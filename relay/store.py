@@ -1,18 +1,24 @@
 """The relay's storage: every SQL statement the relay runs lives in this module.
 
-A narrow, synchronous interface (accounts, devices, sessions, mailboxes) over one
-SQLCipher connection. It is called from one worker thread at a time (see
-``relay.mailroom``), never from the event loop. Minimal by design: account names are
-stored only as an HMAC, mailboxes have no sender column, and no column holds an IP
-address or a time finer than a day.
+A narrow, synchronous interface (accounts, devices, sessions, mailboxes) over an
+``Engine``: the SQLCipher file (``SqliteEngine``, here, the default: one process, one
+worker thread at a time) or PostgreSQL (``relay.pgstore``, shared by many relay
+processes). It runs in worker threads (see ``relay.mailroom``), never on the event loop.
+Minimal by design: account names are stored only as an HMAC, mailboxes have no sender
+column, and no column holds an IP address or a time finer than a day.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import secrets
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections import Counter
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
@@ -160,6 +166,19 @@ def _m0005(db: Database) -> None:
     db.execute("ALTER TABLE sessions ADD COLUMN code_failures INTEGER NOT NULL DEFAULT 0")
 
 
+@migrations(name="0006_mail_heads")
+def _m0006(db: Database) -> None:
+    # Each device's mailbox count and last sequence number, in its row (they were in the
+    # relay's memory, which only one process can have): the group commit reads them under
+    # a row lock, so the mailbox limit and the order of seqs hold for any number of writers.
+    db.execute("ALTER TABLE devices ADD COLUMN mail_count INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE devices ADD COLUMN last_seq INTEGER NOT NULL DEFAULT 0")
+    db.execute(
+        "UPDATE devices SET mail_count = (SELECT count(*) FROM mailbox m WHERE m.device_id = devices.device_id),"
+        " last_seq = (SELECT coalesce(max(seq), 0) FROM mailbox m WHERE m.device_id = devices.device_id)"
+    )
+
+
 MAX_REVOKED = 64  # revoked device ids remembered per account
 MAX_CODE_FAILURES = 10  # wrong codes a day after a right password, per account
 
@@ -187,6 +206,14 @@ class TooManyDevices(Exception):
 
 class PrekeyLimit(Exception):
     pass
+
+
+class MailboxFull(Exception):
+    pass
+
+
+class StoreError(Exception):
+    """The store cannot be opened or used (the message says why, for the operator)."""
 
 
 class LastDevice(Exception):
@@ -274,13 +301,119 @@ class Stored:
     blob: bytes
 
 
+@dataclass
+class Posting:
+    """The envelopes of one send, for a group commit: all stored, or none (``error``)."""
+
+    items: Sequence[tuple[bytes, bytes, bytes]]  # (device_id, eid, blob)
+    stored: list[Stored] = field(default_factory=list)
+    error: Exception | None = None
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Engine(Protocol):
+    """What RelayStore needs of a database."""
+
+    name: str
+    shared: bool  # other processes may write too
+    threads: int  # worker threads that may use it at once
+    lock_rows: str  # appended to a SELECT that locks its rows until the commit
+    IntegrityError: type[Exception]
+
+    def execute(self, sql: str, params: Sequence[object] = ()) -> Cursor: ...
+    def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None: ...
+    def atomic(self) -> AbstractContextManager[object]:
+        """A transaction (a savepoint inside one): committed, or rolled back on an exception."""
+        ...
+    def write(self) -> AbstractContextManager[object]:
+        """The group commit's transaction (SQLite: BEGIN IMMEDIATE)."""
+        ...
+    def bound(self) -> AbstractContextManager[object]:
+        """One connection for every statement of a whole store call."""
+        ...
+    def seal(self, column: str, account_id: int, value: bytes) -> bytes: ...
+    def unseal(self, column: str, account_id: int, value: bytes) -> bytes: ...
+    def announce(self, kind: str, values: Sequence[bytes]) -> None:
+        """Tell the other processes (in the current transaction: on its commit)."""
+        ...
+    def close(self) -> None: ...
+
+
+class SqliteEngine:
+    """The SQLCipher file: the whole file is encrypted, and one process owns it."""
+
+    name = "sqlite"
+    shared = False
+    threads = 1
+    lock_rows = ""  # BEGIN IMMEDIATE holds the only write lock there is
+    IntegrityError = IntegrityError
+
+    def __init__(self, path: Path, key: bytes, *, durable: bool = True) -> None:
+        self.db = open_encrypted(path, key, durable=durable)
+        self.conn = self.db.conn
+        migrations.apply(self.db)
+
+    def execute(self, sql: str, params: Sequence[object] = ()) -> Cursor:
+        cur: Cursor = self.conn.execute(sql, params)
+        return cur
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        self.conn.executemany(sql, rows)
+
+    def atomic(self) -> AbstractContextManager[object]:
+        return self.db.atomic()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    @contextmanager
+    def bound(self) -> Iterator[None]:
+        yield
+
+    def seal(self, column: str, account_id: int, value: bytes) -> bytes:
+        return value  # the file is encrypted whole
+
+    def unseal(self, column: str, account_id: int, value: bytes) -> bytes:
+        return value
+
+    def announce(self, kind: str, values: Sequence[bytes]) -> None:
+        pass  # no other process
+
+    def close(self) -> None:
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.conn.close()
+
+
+def open_sqlite(path: Path, key: bytes, *, durable: bool = True) -> RelayStore:
+    return RelayStore(SqliteEngine(path, key, durable=durable))
+
+
+# When a session would end anyway (its idle limit or its fixed expiry, whichever is first).
+_SESSION_END = "CASE WHEN expires_day < idle_day + ? THEN expires_day ELSE idle_day + ? END"
+
+
 _ACCOUNT_COLS = (
     "id, salt, kdf_t, kdf_m, kdf_p, auth_pub, enc_pub, identity_pub, dh_pub, keys_sig, bundle,"
     " recovery_auth_pub, recovery_bundle, name_mac, totp_secret, totp_last_step"
 )
 
 
-def _account(row: Sequence[object]) -> Account:
+def _account_row(row: Sequence[object]) -> Account:
     r = list(row)
     return Account(
         id=int(r[0]),  # type: ignore[call-overload]
@@ -301,91 +434,130 @@ def _account(row: Sequence[object]) -> Account:
 
 
 class RelayStore:
-    """Synchronous relay storage on one SQLCipher connection."""
+    """Synchronous relay storage over one engine (SQLite or PostgreSQL): every method runs
+    in a worker thread, never on the event loop. The SQL is written once, in what both
+    engines understand (``?`` placeholders, ``ON CONFLICT``, ``RETURNING``)."""
 
-    def __init__(self, path: Path, key: bytes, *, durable: bool = True) -> None:
-        self.db = open_encrypted(path, key, durable=durable)
-        self.conn = self.db.conn
-        migrations.apply(self.db)
+    def __init__(self, engine: Engine) -> None:
+        self.e = engine
+        self.x = engine.execute
+
+    @property
+    def conn(self) -> Any:
+        """The SQLite connection (tests and tools of the file store)."""
+        return self.e.conn  # type: ignore[attr-defined]
+
+    @property
+    def shared(self) -> bool:
+        """Whether other relay processes may share this store (PostgreSQL)."""
+        return self.e.shared
 
     def close(self) -> None:
-        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self.conn.close()
+        self.e.close()
+
+    def _account(self, row: Sequence[object]) -> Account:
+        a = _account_row(row)
+        e = self.e
+        return dataclasses.replace(
+            a, bundle=e.unseal("bundle", a.id, a.bundle),
+            recovery_bundle=e.unseal("recovery_bundle", a.id, a.recovery_bundle),
+            totp_secret=None if a.totp_secret is None else e.unseal("totp_secret", a.id, a.totp_secret),
+        )
+
+    def query(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
+        """Rows of a query (for tests and tools)."""
+        cur = self.x(sql, args)
+        return [tuple(r) for r in cur.fetchall()] if getattr(cur, "description", None) is not None else []
 
     # ---- relay metadata ----------------------------------------------------------
     def meta(self, key: str) -> bytes | None:
-        row = self.conn.execute("SELECT value FROM relay_meta WHERE key = ?", (key,)).fetchone()
+        row = self.x("SELECT value FROM relay_meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else bytes(row[0])
 
     def set_meta(self, key: str, value: bytes) -> None:
-        self.conn.execute(
-            "INSERT OR REPLACE INTO relay_meta (key, value) VALUES (?, ?)", (key, value)
+        self.x(
+            "INSERT INTO relay_meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
         )
 
     # ---- accounts and devices ----------------------------------------------------
     def create_account(self, new: NewAccount, device_id: bytes, device_sig: bytes) -> int:
         """Create an account with its first device; NameTaken if the name exists."""
-        with self.db.atomic():
+        e = self.e
+        with e.atomic():
             try:
-                cur = self.conn.execute(
-                    "INSERT INTO accounts (name_mac, salt, kdf_t, kdf_m, kdf_p, auth_pub,"
-                    " enc_pub, identity_pub, dh_pub, keys_sig, bundle, recovery_auth_pub,"
-                    " recovery_bundle, created_day) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        new.name_mac, new.salt, *new.kdf, new.auth_pub, new.enc_pub,
-                        new.identity_pub, new.dh_pub, new.keys_sig, new.bundle, new.recovery_auth_pub,
-                        new.recovery_bundle, today(),
-                    ),
-                )
-            except IntegrityError:
+                with e.atomic():
+                    (account_id,) = self.x(
+                        "INSERT INTO accounts (name_mac, salt, kdf_t, kdf_m, kdf_p, auth_pub,"
+                        " enc_pub, identity_pub, dh_pub, keys_sig, bundle, recovery_auth_pub,"
+                        " recovery_bundle, created_day) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+                        (
+                            new.name_mac, new.salt, *new.kdf, new.auth_pub, new.enc_pub,
+                            new.identity_pub, new.dh_pub, new.keys_sig, b"", new.recovery_auth_pub,
+                            b"", today(),
+                        ),
+                    ).fetchone()
+            except e.IntegrityError:
                 raise NameTaken() from None
-            assert cur.lastrowid is not None
-            account_id = int(cur.lastrowid)
+            # Sealed under the relay key (bound to the account's id) where the engine
+            # does not encrypt the whole file.
+            self.x(
+                "UPDATE accounts SET bundle = ?, recovery_bundle = ? WHERE id = ?",
+                (e.seal("bundle", account_id, new.bundle), e.seal("recovery_bundle", account_id, new.recovery_bundle),
+                 account_id),
+            )
             self._insert_device(account_id, device_id, device_sig)
-        return account_id
+        return int(account_id)
 
     def account(self, name_mac: bytes) -> Account | None:
-        row = self.conn.execute(
+        row = self.x(
             f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE name_mac = ?", (name_mac,)
         ).fetchone()
-        return None if row is None else _account(row)
+        return None if row is None else self._account(row)
 
     def account_by_id(self, account_id: int) -> Account | None:
-        row = self.conn.execute(
+        row = self.x(
             f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE id = ?", (account_id,)
         ).fetchone()
-        return None if row is None else _account(row)
+        return None if row is None else self._account(row)
 
     def identity_of(self, account_id: int) -> bytes:
-        (ident,) = self.conn.execute("SELECT identity_pub FROM accounts WHERE id = ?", (account_id,)).fetchone()
+        (ident,) = self.x("SELECT identity_pub FROM accounts WHERE id = ?", (account_id,)).fetchone()
         return bytes(ident)
 
     def _insert_device(self, account_id: int, device_id: bytes, sig: bytes) -> None:
         if self._revoked(device_id):
             raise DeviceRevoked()
         try:
-            self.conn.execute(
-                "INSERT INTO devices (device_id, account_id, sig, created_day) VALUES (?,?,?,?)",
-                (device_id, account_id, sig, today()),
-            )
-        except IntegrityError:
+            with self.e.atomic():
+                # last_seq starts anywhere: it tells nobody how much mail a device has had.
+                self.x(
+                    "INSERT INTO devices (device_id, account_id, sig, created_day, last_seq)"
+                    " VALUES (?,?,?,?,?)",
+                    (device_id, account_id, sig, today(), secrets.randbelow(1 << 40)),
+                )
+        except self.e.IntegrityError:
             raise UnknownDevice() from None  # the id belongs to another account
 
     def _revoked(self, device_id: bytes) -> bool:
-        row = self.conn.execute("SELECT 1 FROM revoked_devices WHERE device_id = ?", (device_id,)).fetchone()
+        row = self.x("SELECT 1 FROM revoked_devices WHERE device_id = ?", (device_id,)).fetchone()
         return row is not None
 
     def _ensure_device(self, account_id: int, device_id: bytes, sig: bytes, limit: int) -> None:
         """Register ``device_id`` for the account unless it is known; raises
-        DeviceRevoked, UnknownDevice (another account's) or TooManyDevices."""
+        DeviceRevoked, UnknownDevice (another account's) or TooManyDevices. The account's
+        row is locked first (PostgreSQL): concurrent logins elsewhere cannot both pass the
+        count."""
+        self.x(f"SELECT 1 FROM accounts WHERE id = ?{self.e.lock_rows}", (account_id,))
         if self._revoked(device_id):
             raise DeviceRevoked()
-        row = self.conn.execute("SELECT account_id FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        row = self.x("SELECT account_id FROM devices WHERE device_id = ?", (device_id,)).fetchone()
         if row is not None:
             if row[0] != account_id:
                 raise UnknownDevice()
             return
-        (count,) = self.conn.execute(
+        (count,) = self.x(
             "SELECT count(*) FROM devices WHERE account_id = ?", (account_id,)
         ).fetchone()
         if count >= limit:
@@ -395,7 +567,7 @@ class RelayStore:
     def ensure_device(self, account_id: int, device_id: bytes, sig: bytes, limit: int) -> bool:
         """Register ``device_id`` for the account unless it is known; False if over limit
         (UnknownDevice for another account's id, DeviceRevoked for a revoked one)."""
-        with self.db.atomic():
+        with self.e.atomic():
             try:
                 self._ensure_device(account_id, device_id, sig, limit)
             except TooManyDevices:
@@ -406,7 +578,7 @@ class RelayStore:
         """(device_id, signature, created_day) of each device, oldest first."""
         return [
             (bytes(r[0]), bytes(r[1]), int(r[2]))
-            for r in self.conn.execute(
+            for r in self.x(
                 "SELECT device_id, sig, created_day FROM devices WHERE account_id = ?"
                 " ORDER BY created_day, rowid",
                 (account_id,),
@@ -422,7 +594,7 @@ class RelayStore:
                 label=None if r[3] is None else bytes(r[3]),
                 last_seen_day=None if r[4] is None else int(r[4]), active=bool(r[5]),
             )
-            for r in self.conn.execute(
+            for r in self.x(
                 "SELECT d.device_id, d.sig, d.created_day, d.label, d.last_seen_day, EXISTS ("
                 " SELECT 1 FROM sessions s WHERE s.device_id = d.device_id"
                 " AND s.idle_day + ? >= ? AND s.expires_day >= ?)"
@@ -433,29 +605,30 @@ class RelayStore:
 
     def rename_device(self, account_id: int, device_id: bytes, label: bytes) -> bool:
         """Store a device's (encrypted) name; False if it is not one of the account's."""
-        cur = self.conn.execute(
+        cur = self.x(
             "UPDATE devices SET label = ? WHERE device_id = ? AND account_id = ?",
             (label, device_id, account_id),
         )
         return int(cur.rowcount) == 1
 
     def remove_device(self, device_id: bytes) -> None:
-        """Forget a device, its sessions and its mailbox."""
-        with self.db.atomic():
-            self.conn.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
+        """Forget a device, its sessions and its mailbox (announced as "device")."""
+        with self.e.atomic():
+            self.x("DELETE FROM devices WHERE device_id = ?", (device_id,))
+            self.e.announce("device", [device_id])
 
     def _revocable(self, account_id: int, device_id: bytes, allow_last: bool) -> None:
-        row = self.conn.execute(
+        row = self.x(
             "SELECT 1 FROM revoked_devices WHERE device_id = ? AND account_id = ?", (device_id, account_id)
         ).fetchone()
         if row is not None:
             raise DeviceRevoked()
-        row = self.conn.execute(
+        row = self.x(
             "SELECT 1 FROM devices WHERE device_id = ? AND account_id = ?", (device_id, account_id)
         ).fetchone()
         if row is None:
             raise UnknownDevice()
-        (count,) = self.conn.execute(
+        (count,) = self.x(
             "SELECT count(*) FROM devices WHERE account_id = ?", (account_id,)
         ).fetchone()
         if count <= 1 and not allow_last:
@@ -472,21 +645,23 @@ class RelayStore:
         the sessions would have ended), and delete it (its sessions, mailbox and prekeys
         go with it). Raises as ``check_revocable`` does, changing nothing."""
         day = today()
-        with self.db.atomic():
+        with self.e.atomic():
             self._check_proved(account_id, token_hash, auth_pub)
             self._revocable(account_id, device_id, allow_last)
-            self.conn.execute(
-                "INSERT OR REPLACE INTO revoked_devices (device_id, account_id, day) VALUES (?,?,?)",
+            self.x(
+                "INSERT INTO revoked_devices (device_id, account_id, day) VALUES (?,?,?)"
+                " ON CONFLICT (device_id) DO UPDATE SET account_id = excluded.account_id, day = excluded.day",
                 (device_id, account_id, day),
             )
-            self.conn.execute(
-                "INSERT OR IGNORE INTO revoked_tokens (token_hash, expires_day)"
-                " SELECT token_hash, min(expires_day, idle_day + ?) FROM sessions"
-                " WHERE device_id = ? AND min(expires_day, idle_day + ?) >= ?",
-                (SESSION_IDLE_DAYS, device_id, SESSION_IDLE_DAYS, day),
+            self.x(
+                "INSERT INTO revoked_tokens (token_hash, expires_day)"
+                f" SELECT token_hash, {_SESSION_END} FROM sessions"
+                f" WHERE device_id = ? AND {_SESSION_END} >= ? ON CONFLICT DO NOTHING",
+                (SESSION_IDLE_DAYS, SESSION_IDLE_DAYS, device_id, SESSION_IDLE_DAYS, SESSION_IDLE_DAYS, day),
             )
-            self.conn.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
-            self.conn.execute(
+            self.x("DELETE FROM devices WHERE device_id = ?", (device_id,))
+            self.e.announce("revoked", [device_id])
+            self.x(
                 "DELETE FROM revoked_devices WHERE account_id = ? AND rowid NOT IN"
                 " (SELECT rowid FROM revoked_devices WHERE account_id = ?"
                 " ORDER BY day DESC, rowid DESC LIMIT ?)",
@@ -495,16 +670,16 @@ class RelayStore:
 
     # ---- credentials and the second factor ----------------------------------------
     def _set_credentials(self, account_id: int, creds: Credentials) -> None:
-        self.conn.execute(
+        self.x(
             # A new password: the wrong codes counted against the old one are forgotten.
             "UPDATE accounts SET salt = ?, kdf_t = ?, kdf_m = ?, kdf_p = ?, auth_pub = ?, bundle = ?,"
             " code_failures = 0 WHERE id = ?",
-            (creds.salt, *creds.kdf, creds.auth_pub, creds.bundle, account_id),
+            (creds.salt, *creds.kdf, creds.auth_pub, self.e.seal("bundle", account_id, creds.bundle), account_id),
         )
         if creds.recovery is not None:
-            self.conn.execute(
+            self.x(
                 "UPDATE accounts SET recovery_auth_pub = ?, recovery_bundle = ? WHERE id = ?",
-                (*creds.recovery, account_id),
+                (creds.recovery[0], self.e.seal("recovery_bundle", account_id, creds.recovery[1]), account_id),
             )
 
     def change_password(self, account_id: int, creds: Credentials, token_hash: bytes, end_sessions: bool,
@@ -512,13 +687,14 @@ class RelayStore:
         """Replace the password's credentials, in one transaction with, if
         ``end_sessions``, the end of every session of the account but ``token_hash``'s.
         NoSession or CredentialsChanged (nothing changed) as ``_check_proved``."""
-        with self.db.atomic():
+        with self.e.atomic():
             self._check_proved(account_id, token_hash, auth_pub)
             self._set_credentials(account_id, creds)
             if end_sessions:
-                self.conn.execute(
+                self.x(
                     "DELETE FROM sessions WHERE account_id = ? AND token_hash != ?", (account_id, token_hash)
                 )
+                self.e.announce("account", [account_id.to_bytes(8, "big"), token_hash])
 
     def recover(
         self,
@@ -538,16 +714,19 @@ class RelayStore:
         ``proved``: the recovery auth key and TOTP secret the recovery proof was checked
         against; CredentialsChanged if either is not the account's now (a newer recovery
         code, or MFA turned on or changed, since)."""
-        with self.db.atomic():
+        with self.e.atomic():
             if proved is not None:
-                row = self.conn.execute(
-                    "SELECT recovery_auth_pub, totp_secret FROM accounts WHERE id = ?", (account_id,)
+                row = self.x(
+                    f"SELECT recovery_auth_pub, totp_secret FROM accounts WHERE id = ?{self.e.lock_rows}",
+                    (account_id,),
                 ).fetchone()
-                now = None if row is None else (bytes(row[0]), None if row[1] is None else bytes(row[1]))
+                now = None if row is None else (
+                    bytes(row[0]), None if row[1] is None else self.e.unseal("totp_secret", account_id, bytes(row[1])))
                 if now != proved:
                     raise CredentialsChanged()
             self._set_credentials(account_id, creds)
-            self.conn.execute("DELETE FROM sessions WHERE account_id = ?", (account_id,))
+            self.x("DELETE FROM sessions WHERE account_id = ?", (account_id,))
+            self.e.announce("account", [account_id.to_bytes(8, "big"), token_hash])
             device_id, sig = device
             self._ensure_device(account_id, device_id, sig, device_limit)
             if prekeys is not None and self.publish_prekeys(device_id, *prekeys, prekey_limit) is None:
@@ -574,18 +753,18 @@ class RelayStore:
             table, key, where = "accounts", account_id, "id = ?"
             cols = ("recovery_fail_day", "recovery_failures") if counter == "recovery" else (
                 "code_fail_day", "code_failures")
-        with self.db.atomic():
-            row = self.conn.execute(f"SELECT {cols[0]}, {cols[1]} FROM {table} WHERE {where}", (key,)).fetchone()
+        with self.e.atomic():
+            row = self.x(f"SELECT {cols[0]}, {cols[1]} FROM {table} WHERE {where}{self.e.lock_rows}", (key,)).fetchone()
             locked = row is None or (row[0] == day and row[1] >= MAX_CODE_FAILURES)
             if step is not None and not locked:
-                cur = self.conn.execute(
+                cur = self.x(
                     "UPDATE accounts SET totp_last_step = ? WHERE id = ? AND totp_secret IS NOT NULL"
                     " AND totp_secret = ? AND (totp_last_step IS NULL OR totp_last_step < ?)",
-                    (step, account_id, secret, step),
+                    (step, account_id, self.e.seal("totp_secret", account_id, secret), step),
                 )
                 if int(cur.rowcount) == 1:
                     return True
-            self.conn.execute(
+            self.x(
                 f"UPDATE {table} SET {cols[1]} = CASE WHEN {cols[0]} = ? THEN {cols[1]} + 1"
                 f" ELSE 1 END, {cols[0]} = ? WHERE {where}",
                 (day, day, key),
@@ -596,19 +775,19 @@ class RelayStore:
         """A write of nothing, in a transaction: what a failed password proof does for an
         account with MFA, so that it takes as long as a right password with a wrong code
         (which writes its count), and the time does not tell the two apart."""
-        with self.db.atomic():
-            self.conn.execute("UPDATE accounts SET code_failures = code_failures WHERE id = ?", (account_id,))
+        with self.e.atomic():
+            self.x("UPDATE accounts SET code_failures = code_failures WHERE id = ?", (account_id,))
 
     def _check_proved(self, account_id: int, token_hash: bytes | None, auth_pub: bytes | None) -> None:
         """Inside a transaction: the session a change was asked on still exists
         (NoSession), and the auth key it was proved with is still the account's
         (CredentialsChanged): a recovery or password change that came first wins."""
-        if token_hash is not None and self.conn.execute(
+        if token_hash is not None and self.x(
             "SELECT 1 FROM sessions WHERE token_hash = ? AND account_id = ?", (token_hash, account_id)
         ).fetchone() is None:
             raise NoSession()
         if auth_pub is not None:
-            row = self.conn.execute("SELECT auth_pub FROM accounts WHERE id = ?", (account_id,)).fetchone()
+            row = self.x(f"SELECT auth_pub FROM accounts WHERE id = ?{self.e.lock_rows}", (account_id,)).fetchone()
             if row is None or bytes(row[0]) != auth_pub:
                 raise CredentialsChanged()
 
@@ -616,22 +795,22 @@ class RelayStore:
                     auth_pub: bytes | None = None) -> bool:
         """Turn TOTP on with the step of the code that proved the secret; False if it is
         on already. (``token_hash``, ``auth_pub``: as ``_check_proved``.)"""
-        with self.db.atomic():
+        with self.e.atomic():
             self._check_proved(account_id, token_hash, auth_pub)
-            cur = self.conn.execute(
+            cur = self.x(
                 "UPDATE accounts SET totp_secret = ?, totp_last_step = ? WHERE id = ? AND totp_secret IS NULL",
-                (secret, step, account_id),
+                (self.e.seal("totp_secret", account_id, secret), step, account_id),
             )
             return int(cur.rowcount) == 1
 
     def disable_totp(self, account_id: int, secret: bytes, token_hash: bytes | None = None,
                      auth_pub: bytes | None = None) -> bool:
         """Turn TOTP off; False if it is not on with ``secret`` (off, or changed)."""
-        with self.db.atomic():
+        with self.e.atomic():
             self._check_proved(account_id, token_hash, auth_pub)
-            cur = self.conn.execute(
+            cur = self.x(
                 "UPDATE accounts SET totp_secret = NULL, totp_last_step = NULL WHERE id = ? AND totp_secret = ?",
-                (account_id, secret),
+                (account_id, self.e.seal("totp_secret", account_id, secret)),
             )
             return int(cur.rowcount) == 1
 
@@ -644,23 +823,24 @@ class RelayStore:
         recovery replaced it meanwhile, since that ended every session it meant to)."""
         day = today()
         expires = day + SESSION_MAX_DAYS
-        with self.db.atomic():
+        with self.e.atomic():
             self._check_proved(account_id, None, auth_pub)
             try:
-                self.conn.execute(
-                    "INSERT INTO sessions (token_hash, account_id, device_id, idle_day, expires_day)"
-                    " VALUES (?,?,?,?,?)",
-                    (token_hash, account_id, device_id, day, expires),
-                )
-            except IntegrityError:  # the device went (removed or revoked) since it was checked
+                with self.e.atomic():
+                    self.x(
+                        "INSERT INTO sessions (token_hash, account_id, device_id, idle_day, expires_day)"
+                        " VALUES (?,?,?,?,?)",
+                        (token_hash, account_id, device_id, day, expires),
+                    )
+            except self.e.IntegrityError:  # the device went (removed or revoked) since it was checked
                 raise DeviceRevoked() if self._revoked(device_id) else UnknownDevice() from None
-            self.conn.execute("UPDATE devices SET last_seen_day = ? WHERE device_id = ?", (day, device_id))
+            self.x("UPDATE devices SET last_seen_day = ? WHERE device_id = ?", (day, device_id))
         return expires
 
     def session(self, token_hash: bytes) -> Session | None:
         """The live session with this token hash (refreshing its idle day), or None."""
         day = today()
-        row = self.conn.execute(
+        row = self.x(
             "SELECT account_id, device_id, idle_day, expires_day FROM sessions"
             " WHERE token_hash = ?",
             (token_hash,),
@@ -668,113 +848,179 @@ class RelayStore:
         if row is None:
             return None
         if row[2] + SESSION_IDLE_DAYS < day or row[3] < day:
-            self.conn.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
+            self.x("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
             return None
         if row[2] != day:
-            with self.db.atomic():
-                self.conn.execute(
+            with self.e.atomic():
+                self.x(
                     "UPDATE sessions SET idle_day = ? WHERE token_hash = ?", (day, token_hash)
                 )
-                self.conn.execute("UPDATE devices SET last_seen_day = ? WHERE device_id = ?", (day, row[1]))
+                self.x("UPDATE devices SET last_seen_day = ? WHERE device_id = ?", (day, row[1]))
         return Session(account_id=int(row[0]), device_id=bytes(row[1]))
 
     def delete_session(self, token_hash: bytes) -> None:
-        self.conn.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
+        """End one session (its connections elsewhere close: announced as "token")."""
+        with self.e.atomic():
+            row = self.x("DELETE FROM sessions WHERE token_hash = ? RETURNING device_id", (token_hash,)).fetchone()
+            if row is not None:
+                self.e.announce("token", [token_hash, bytes(row[0])])
 
     def token_revoked(self, token_hash: bytes) -> bool:
         """Whether the token's session was ended by a revocation of its device."""
-        row = self.conn.execute("SELECT 1 FROM revoked_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
+        row = self.x("SELECT 1 FROM revoked_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
         return row is not None
 
     # ---- mailboxes ----------------------------------------------------------------
-    # These run inside the caller's transaction (relay.mailroom's group commit).
-    def existing_devices(self, device_ids: Iterable[bytes]) -> set[bytes]:
-        ids = list(set(device_ids))
-        found: set[bytes] = set()
+    def commit_mail(self, postings: Sequence[Posting], acks: Sequence[tuple[bytes, Sequence[bytes]]],
+                    limit: int) -> None:
+        """One group commit, in one write transaction: store each posting's envelopes
+        (all or none of a posting: ``error`` UnknownDevice or MailboxFull, else ``stored``),
+        delete the acknowledged (device_id, eids). Each device's envelope count and last
+        sequence number live in its row, read under a row lock (PostgreSQL: FOR NO KEY
+        UPDATE, in device-id order, so that processes sharing the database never deadlock
+        and never give two envelopes one seq): the mailbox limit holds across processes.
+        Few statements per batch, whatever its size: the commit thread gives up the GIL
+        around each, and getting it back from a busy event loop is what costs under load."""
+        e = self.e
+        with e.write():
+            heads = self._lock_heads({d for w in postings for d, _, _ in w.items} | {d for d, _ in acks})
+            before = {d: tuple(h) for d, h in heads.items()}
+            rows: list[tuple[bytes, int, bytes, bytes]] = []
+            seen: set[tuple[bytes, bytes]] = set()
+            for w in postings:
+                if any(d not in heads for d, _, _ in w.items):
+                    w.error = UnknownDevice()
+                    continue
+                fresh: dict[tuple[bytes, bytes], bytes] = {}
+                for d, eid, blob in w.items:
+                    if (d, eid) not in seen and (d, eid) not in fresh:
+                        fresh[(d, eid)] = blob
+                adding = Counter(d for d, _ in fresh)
+                if limit and any(heads[d][0] + n > limit for d, n in adding.items()):
+                    # Perhaps a retry of envelopes already stored: those do not count.
+                    taken = self._stored_pairs(list(fresh))
+                    for pair in taken:
+                        del fresh[pair]
+                    seen.update(taken)
+                    adding = Counter(d for d, _ in fresh)
+                    if any(heads[d][0] + n > limit for d, n in adding.items()):
+                        w.error = MailboxFull()
+                        continue
+                for (d, eid), blob in fresh.items():
+                    head = heads[d]
+                    head[0] += 1
+                    head[1] += 1
+                    rows.append((d, head[1], eid, blob))
+                    w.stored.append(Stored(d, head[1], eid, blob))
+                seen.update(fresh)  # a later posting in this batch with the same envelope
+            if rows:
+                inserted = self._insert_mail(rows)
+                if len(inserted) != len(rows):
+                    # Retried sends: envelopes a mailbox already held were not inserted again
+                    # (their fresh sequence numbers are absent), so that they are neither
+                    # counted nor pushed twice. Rare: a lost answer to a send.
+                    for d, seq, _, _ in rows:
+                        if (d, seq) not in inserted:
+                            heads[d][0] -= 1
+                    for w in postings:
+                        w.stored = [st for st in w.stored if (st.device_id, st.seq) in inserted]
+            if acks:
+                pairs = [(d, eid) for d, eids in acks if d in heads for eid in dict.fromkeys(eids)]
+                for d, n in self._delete_mail(pairs).items():
+                    heads[d][0] = max(0, heads[d][0] - n)
+            self._save_heads({d: h for d, h in heads.items() if tuple(h) != before[d]})
+            e.announce("mail", list(dict.fromkeys(st.device_id for w in postings for st in w.stored)))
+
+    def _lock_heads(self, device_ids: set[bytes]) -> dict[bytes, list[int]]:
+        """[envelopes held, last seq] of each of these devices that exists, locked."""
+        ids = sorted(device_ids)
+        heads: dict[bytes, list[int]] = {}
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            found.update(
-                bytes(r[0])
-                for r in self.conn.execute(f"SELECT device_id FROM devices WHERE device_id IN ({marks})", chunk)
-            )
-        return found
+            for r in self.x(
+                f"SELECT device_id, mail_count, last_seq FROM devices WHERE device_id IN ({marks})"
+                f" ORDER BY device_id{self.e.lock_rows}",
+                chunk,
+            ):
+                heads[bytes(r[0])] = [int(r[1]), int(r[2])]
+        return heads
 
-    def _present(self, column: str, keys: Sequence[tuple[bytes, object]]) -> set[tuple[bytes, object]]:
-        # One statement per 400 keys: the commit thread releases the GIL around every
-        # statement step, and under load getting it back is what costs.
-        found: set[tuple[bytes, object]] = set()
-        for start in range(0, len(keys), 400):
-            chunk = keys[start : start + 400]
+    def _save_heads(self, heads: dict[bytes, list[int]]) -> None:
+        items = list(heads.items())
+        for start in range(0, len(items), 300):
+            chunk = items[start : start + 300]
+            values = ",".join(["(?, CAST(? AS BIGINT), CAST(? AS BIGINT))"] * len(chunk))
+            self.x(
+                f"UPDATE devices SET mail_count = v.column2, last_seq = v.column3 FROM (VALUES {values}) AS v"
+                " WHERE devices.device_id = v.column1",
+                [x for d, (count, seq) in chunk for x in (d, count, seq)],
+            )
+
+    def _stored_pairs(self, pairs: Sequence[tuple[bytes, bytes]]) -> set[tuple[bytes, bytes]]:
+        """Which of these (device_id, eid) pairs a mailbox already holds (retried sends)."""
+        found: set[tuple[bytes, bytes]] = set()
+        for start in range(0, len(pairs), 400):
+            chunk = pairs[start : start + 400]
             values = ",".join(["(?,?)"] * len(chunk))
             found.update(
-                (bytes(r[0]), r[1] if column == "seq" else bytes(r[1]))
-                for r in self.conn.execute(
-                    f"SELECT device_id, {column} FROM mailbox WHERE (device_id, {column}) IN (VALUES {values})",
+                (bytes(r[0]), bytes(r[1]))
+                for r in self.x(
+                    f"SELECT device_id, eid FROM mailbox WHERE (device_id, eid) IN (VALUES {values})",
                     [x for key in chunk for x in key],
                 )
             )
         return found
 
-    def stored_pairs(self, pairs: Sequence[tuple[bytes, bytes]]) -> set[tuple[bytes, bytes]]:
-        """Which of these (device_id, eid) pairs a mailbox already holds (retried sends)."""
-        return self._present("eid", pairs)  # type: ignore[return-value]
-
-    def present_seqs(self, keys: Sequence[tuple[bytes, int]]) -> set[tuple[bytes, int]]:
-        """Which of these (device_id, seq) a mailbox holds."""
-        return self._present("seq", keys)  # type: ignore[return-value]
-
-    def mailbox_state(self, device_id: bytes) -> tuple[int, int]:
-        """(number of envelopes, highest seq) of one device's mailbox."""
-        row = self.conn.execute(
-            "SELECT count(*), coalesce(max(seq), 0) FROM mailbox WHERE device_id = ?", (device_id,)
-        ).fetchone()
-        return int(row[0]), int(row[1])
-
-    def insert_mail(self, rows: Sequence[tuple[bytes, int, bytes, bytes]]) -> int:
-        """Insert (device_id, seq, eid, blob) rows (the caller has left out envelopes the
-        mailboxes already hold); returns how many were inserted."""
+    def _insert_mail(self, rows: Sequence[tuple[bytes, int, bytes, bytes]]) -> set[tuple[bytes, int]]:
+        """Insert (device_id, seq, eid, blob) rows; the (device_id, seq) of those inserted
+        (an envelope a mailbox holds already is not)."""
         expires = today() + MAIL_TTL_DAYS
-        stored = 0
+        inserted: set[tuple[bytes, int]] = set()
         for start in range(0, len(rows), 200):
             chunk = rows[start : start + 200]
             values = ",".join(["(?,?,?,?,?)"] * len(chunk))
             params = [x for d, seq, eid, blob in chunk for x in (d, seq, eid, blob, expires)]
-            cur = self.conn.execute(
-                f"INSERT OR IGNORE INTO mailbox (device_id, seq, eid, blob, expires_day) VALUES {values}",
-                params,
+            inserted.update(
+                (bytes(r[0]), int(r[1]))
+                for r in self.x(
+                    f"INSERT INTO mailbox (device_id, seq, eid, blob, expires_day) VALUES {values}"
+                    " ON CONFLICT DO NOTHING RETURNING device_id, seq",
+                    params,
+                )
             )
-            stored += int(cur.rowcount)
-        return stored
+        return inserted
+
+    def _delete_mail(self, pairs: Sequence[tuple[bytes, bytes]]) -> Counter[bytes]:
+        """Delete delivered envelopes, given as (device_id, eid); how many went per device."""
+        deleted: Counter[bytes] = Counter()
+        for start in range(0, len(pairs), 400):
+            chunk = pairs[start : start + 400]
+            values = ",".join(["(?,?)"] * len(chunk))
+            deleted.update(
+                bytes(r[0])
+                for r in self.x(
+                    f"DELETE FROM mailbox WHERE (device_id, eid) IN (VALUES {values}) RETURNING device_id",
+                    [x for pair in chunk for x in pair],
+                )
+            )
+        return deleted
 
     def fetch(self, device_id: bytes, after_seq: int, limit: int) -> list[Stored]:
         return [
             Stored(device_id, int(r[0]), bytes(r[1]), bytes(r[2]))
-            for r in self.conn.execute(
+            for r in self.x(
                 "SELECT seq, eid, blob FROM mailbox WHERE device_id = ? AND seq > ?"
                 " ORDER BY seq LIMIT ?",
                 (device_id, after_seq, limit),
             )
         ]
 
-    def ack(self, pairs: Sequence[tuple[bytes, bytes]]) -> int:
-        """Delete delivered envelopes, given as (device_id, eid); returns how many went."""
-        deleted = 0
-        for start in range(0, len(pairs), 400):
-            chunk = pairs[start : start + 400]
-            values = ",".join(["(?,?)"] * len(chunk))
-            cur = self.conn.execute(
-                f"DELETE FROM mailbox WHERE (device_id, eid) IN (VALUES {values})",
-                [x for pair in chunk for x in pair],
-            )
-            deleted += int(cur.rowcount)
-        return deleted
-
     # ---- prekeys -------------------------------------------------------------------
     def prekey_status(self, device_id: bytes) -> tuple[int | None, int]:
         """(signed prekey id or None, one-time prekeys held) of a device."""
-        row = self.conn.execute("SELECT key_id FROM signed_prekeys WHERE device_id = ?", (device_id,)).fetchone()
-        (count,) = self.conn.execute(
+        row = self.x("SELECT key_id FROM signed_prekeys WHERE device_id = ?", (device_id,)).fetchone()
+        (count,) = self.x(
             "SELECT count(*) FROM one_time_prekeys WHERE device_id = ?", (device_id,)
         ).fetchone()
         return (None if row is None else int(row[0])), int(count)
@@ -788,17 +1034,20 @@ class RelayStore:
     ) -> tuple[int | None, int] | None:
         """Store a device's prekeys; None (nothing stored) if it would hold over ``limit``
         one-time prekeys. A repeated one-time key id replaces nothing (it is ignored)."""
-        with self.db.atomic():
+        with self.e.atomic():
+            self.x(f"SELECT 1 FROM devices WHERE device_id = ?{self.e.lock_rows}", (device_id,))
             _, held = self.prekey_status(device_id)
             if held + len(one_time) > limit:
                 return None
             if signed is not None:
-                self.conn.execute(
-                    "INSERT OR REPLACE INTO signed_prekeys (device_id, key_id, public, sig) VALUES (?,?,?,?)",
+                self.x(
+                    "INSERT INTO signed_prekeys (device_id, key_id, public, sig) VALUES (?,?,?,?)"
+                    " ON CONFLICT (device_id) DO UPDATE SET key_id = excluded.key_id,"
+                    " public = excluded.public, sig = excluded.sig",
                     (device_id, *signed),
                 )
-            self.conn.executemany(
-                "INSERT OR IGNORE INTO one_time_prekeys (device_id, key_id, public) VALUES (?,?,?)",
+            self.e.executemany(
+                "INSERT INTO one_time_prekeys (device_id, key_id, public) VALUES (?,?,?) ON CONFLICT DO NOTHING",
                 [(device_id, k, pub) for k, pub in one_time],
             )
             return self.prekey_status(device_id)
@@ -810,16 +1059,16 @@ class RelayStore:
         oldest) from each device in ``one_time`` (all of them if None); devices of other
         accounts or without a signed prekey are left out."""
         out: list[tuple[bytes, int, bytes, bytes, int | None, bytes | None]] = []
-        with self.db.atomic():
+        with self.e.atomic():
             for device_id in dict.fromkeys(device_ids):
-                row = self.conn.execute(
+                row = self.x(
                     "SELECT s.key_id, s.public, s.sig FROM signed_prekeys s JOIN devices d"
                     " ON d.device_id = s.device_id WHERE s.device_id = ? AND d.account_id = ?",
                     (device_id, account_id),
                 ).fetchone()
                 if row is None:
                     continue
-                opk = None if one_time is not None and device_id not in one_time else self.conn.execute(
+                opk = None if one_time is not None and device_id not in one_time else self.x(
                     "DELETE FROM one_time_prekeys WHERE device_id = ? AND key_id ="
                     " (SELECT min(key_id) FROM one_time_prekeys WHERE device_id = ?)"
                     " RETURNING key_id, public",
@@ -832,14 +1081,22 @@ class RelayStore:
         return out
 
     def expire(self) -> int:
-        """Drop undelivered mail past its expiry day, dead sessions, and the revoked
-        tokens of sessions that would have died by now."""
+        """Drop undelivered mail past its expiry day (keeping the devices' counts right),
+        dead sessions, and the revoked tokens of sessions that would have died by now."""
         day = today()
-        with self.db.atomic():
-            n = self.conn.execute("DELETE FROM mailbox WHERE expires_day < ?", (day,)).rowcount
-            self.conn.execute(
+        with self.e.write():
+            due = {bytes(r[0]) for r in self.x("SELECT DISTINCT device_id FROM mailbox WHERE expires_day < ?", (day,))}
+            heads = self._lock_heads(due)
+            gone: Counter[bytes] = Counter(
+                bytes(r[0]) for r in self.x("DELETE FROM mailbox WHERE expires_day < ? RETURNING device_id", (day,))
+            )
+            for d, n in gone.items():
+                if d in heads:
+                    heads[d][0] = max(0, heads[d][0] - n)
+            self._save_heads({d: heads[d] for d in gone if d in heads})
+            self.x(
                 "DELETE FROM sessions WHERE expires_day < ? OR idle_day + ? < ?",
                 (day, SESSION_IDLE_DAYS, day),
             )
-            self.conn.execute("DELETE FROM revoked_tokens WHERE expires_day < ?", (day,))
-        return int(n)
+            self.x("DELETE FROM revoked_tokens WHERE expires_day < ?", (day,))
+        return sum(gone.values())

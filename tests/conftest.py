@@ -1,4 +1,10 @@
-"""Shared fixtures: a real relay on 127.0.0.1 port 0, real SQLite files, real nodes.
+"""Shared fixtures: a real relay on 127.0.0.1 port 0, real SQLite files (and, for the
+relay's own tests, a real PostgreSQL cluster too: tests/pgcluster.py), real nodes.
+
+Every test in a ``tests/test_relay_*.py`` module that uses the ``relay`` fixture runs
+twice: on the SQLCipher file store and on a fresh database of one PostgreSQL cluster
+started for the session (skipped where PostgreSQL is not installed; .ci/run installs it).
+A test about the file itself is marked ``file_store`` and runs on the file store only.
 
 RSA-3072 keys are slow to make, so a pool is generated once per test session and handed
 out to accounts; Argon2 uses the explicit test profile (TEST_KDF).
@@ -6,6 +12,7 @@ out to accounts; Argon2 uses the explicit test profile (TEST_KDF).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +28,46 @@ from node.node import Node
 from relay.connection import Limits
 from relay.mailroom import MAILBOX_LIMIT
 from relay.server import RelayConfig, RelayInfo, RelayState, serve
+from tests.pgcluster import PgCluster, pg_bindir
 
 if TYPE_CHECKING:
     from tests.test_cli import RelayProcess
+
+STORES = ("sqlite", "postgresql")
+_databases = itertools.count(1)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """The relay's own tests run on both stores (see the module's docstring)."""
+    if "store_kind" not in metafunc.fixturenames:
+        return
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    if not module.startswith("test_relay_") or metafunc.definition.get_closest_marker("file_store"):
+        return
+    metafunc.parametrize("store_kind", STORES)
+
+
+@pytest.fixture
+def store_kind() -> str:
+    return "sqlite"
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One throwaway PostgreSQL cluster for the whole session (fsync off: tests)."""
+    if pg_bindir() is None:
+        pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
+    with PgCluster.start(fsync=False) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def store_dsn(request: pytest.FixtureRequest, store_kind: str) -> str | None:
+    """None for the file store; a fresh PostgreSQL database's connection string."""
+    if store_kind == "sqlite":
+        return None
+    cluster: PgCluster = request.getfixturevalue("pg_cluster")
+    return cluster.create_database(f"veil_test_{next(_databases)}")
 
 KEY_POOL_SIZE = 8
 PASSWORD = "correct horse battery staple"
@@ -43,6 +87,7 @@ class RelayRunner:
     port: int = 0
     mailbox_limit: int = MAILBOX_LIMIT
     limits: Limits = field(default_factory=Limits)
+    store: str | None = None  # a PostgreSQL connection string; None: the file store
     info: RelayInfo | None = None
     state: RelayState | None = None
     _scope: trio.CancelScope | None = None
@@ -55,7 +100,7 @@ class RelayRunner:
 
     async def start(self) -> RelayInfo:
         config = RelayConfig(data_dir=self.data_dir, port=self.port, mailbox_limit=self.mailbox_limit,
-                             limits=self.limits)
+                             limits=self.limits, store=self.store)
         self.state = RelayState(config)
         self._stopped = trio.Event()
 
@@ -77,8 +122,8 @@ class RelayRunner:
 
 
 @pytest.fixture
-async def relay(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[RelayRunner]:
-    runner = RelayRunner(nursery, tmp_path / "relay")
+async def relay(nursery: trio.Nursery, tmp_path: Path, store_dsn: str | None) -> AsyncIterator[RelayRunner]:
+    runner = RelayRunner(nursery, tmp_path / "relay", store=store_dsn)
     await runner.start()
     yield runner
     if runner._scope is not None:

@@ -52,6 +52,7 @@ from relay.store import (
     RelayStore,
     _m0001,
     _m0002,
+    open_sqlite,
     today,
 )
 from tests.conftest import PASSWORD, RelayRunner
@@ -240,9 +241,13 @@ async def params(c: RawClient, name: str) -> wire.AuthParamsOk:
 
 
 async def totp_row(env: Env, acct: Acct) -> tuple[Any, ...]:
-    rows = await sql(env.relay, "SELECT totp_secret, totp_last_step FROM accounts WHERE name_mac = ?",
+    """(TOTP secret, last step) of the account; the secret unsealed where the store seals it."""
+    rows = await sql(env.relay, "SELECT totp_secret, totp_last_step, id FROM accounts WHERE name_mac = ?",
                      env.service.mac(acct.name))
-    return rows[0]
+    secret, step, account_id = rows[0]
+    assert env.relay.state is not None
+    engine = env.relay.state.store.e
+    return (None if secret is None else engine.unseal("totp_secret", account_id, bytes(secret))), step
 
 
 async def account_row(env: Env, acct: Acct) -> tuple[Any, ...]:
@@ -263,7 +268,7 @@ async def snapshot(env: Env, acct: Acct) -> dict[str, Any]:
                              " WHERE d.account_id = ? ORDER BY o.device_id, o.key_id", account_id),
         "signed": await sql(env.relay, "SELECT s.* FROM signed_prekeys s JOIN devices d USING (device_id)"
                             " WHERE d.account_id = ? ORDER BY s.device_id", account_id),
-        "revoked": await sql(env.relay, "SELECT * FROM revoked_devices WHERE account_id = ? ORDER BY device_id",
+        "revoked": await sql(env.relay, "SELECT device_id, account_id, day FROM revoked_devices WHERE account_id = ? ORDER BY device_id",
                              account_id),
     }
 
@@ -908,7 +913,7 @@ async def test_revoke_device(env: Env) -> None:
             # What the relay keeps of it: its id and its session's token hash, by the day.
             (account_id,) = (await sql(env.relay, "SELECT id FROM accounts WHERE name_mac = ?",
                                        env.service.mac(alice.name)))[0]
-            assert await sql(env.relay, "SELECT * FROM revoked_devices") == [(d2, account_id, today())]
+            assert await sql(env.relay, "SELECT device_id, account_id, day FROM revoked_devices") == [(d2, account_id, today())]
             tokens = await sql(env.relay, "SELECT * FROM revoked_tokens")
             assert tokens == [(hashlib.sha256(d2_token).digest(), today() + SESSION_IDLE_DAYS)]
             # Revoked already: refused before the proof.
@@ -995,7 +1000,7 @@ async def test_the_new_frames_are_decoded_strictly(env: Env) -> None:
 
 
 def new_store(path: Path) -> tuple[RelayStore, int, bytes]:
-    store = RelayStore(path, secrets.token_bytes(32))
+    store = open_sqlite(path, secrets.token_bytes(32))
     first = secrets.token_bytes(16)
     blob = secrets.token_bytes(32)
     account_id = store.create_account(NewAccount(
@@ -1084,7 +1089,7 @@ def test_migration_0003_keeps_existing_devices_and_when_they_were_seen(tmp_path:
     db.execute("INSERT INTO devices (device_id, account_id, sig, created_day) VALUES (x'0b', 1, x'00', 1)")
     db.execute("INSERT INTO sessions VALUES (x'ff', 1, x'0a', ?, ?)", (today() - 2, today() + 9))
     db.conn.close()
-    store = RelayStore(path, key)
+    store = open_sqlite(path, key)
     rows = store.device_list(1)
     assert [(r.device_id, r.last_seen_day, r.label, r.active) for r in rows] == [
         (b"\x0a", today() - 2, None, True), (b"\x0b", None, None, False),

@@ -1,5 +1,6 @@
 """The relay's files: nothing readable without the relay key, nothing kept that the relay
-does not need (no sender, no fine-grained time, no token), and nothing lost on restart."""
+does not need (no sender, no fine-grained time, no token), and nothing lost on restart.
+(The same for a PostgreSQL store: tests/test_relay_postgresql.py.)"""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+@pytest.mark.file_store
 async def test_data_dir_holds_nothing_in_the_clear(accounts: Accounts) -> None:
     relay = accounts.relay
     with trio.fail_after(DEADLINE):
@@ -88,6 +90,7 @@ async def test_data_dir_holds_nothing_in_the_clear(accounts: Accounts) -> None:
         assert mode(data_dir(relay)) == 0o700
 
 
+@pytest.mark.file_store
 async def test_database_cannot_be_opened_without_the_key(accounts: Accounts) -> None:
     relay = accounts.relay
     with trio.fail_after(DEADLINE):
@@ -173,6 +176,7 @@ async def test_acknowledged_send_survives_restart_right_after(accounts: Accounts
         assert sorted(got) == sorted(e.eid for e in envs) and len(got) == len(envs)
 
 
+@pytest.mark.file_store
 async def test_schema_keeps_no_sender_and_no_fine_time(accounts: Accounts) -> None:
     relay = accounts.relay
     with trio.fail_after(DEADLINE):
@@ -212,6 +216,7 @@ async def test_schema_keeps_no_sender_and_no_fine_time(accounts: Accounts) -> No
         assert expiry == today() + MAIL_TTL_DAYS
 
 
+@pytest.mark.file_store
 async def test_session_token_is_stored_only_as_its_hash(accounts: Accounts) -> None:
     relay = accounts.relay
     with trio.fail_after(DEADLINE):
@@ -237,6 +242,7 @@ async def test_session_token_is_stored_only_as_its_hash(accounts: Accounts) -> N
             await c.ok(wire.Resume(id=1, token=token))
 
 
+@pytest.mark.file_store
 async def test_an_answered_send_waits_for_the_disk_unless_told_not_to(accounts: Accounts, tmp_path: Path) -> None:
     """synchronous=FULL (2) by default, in the relay's store and a device's: a commit is
     fsynced before the send it carries is answered (or a message is acknowledged); only

@@ -249,12 +249,7 @@ async def sql(relay: RelayRunner, query: str, *args: Any) -> list[tuple[Any, ...
     connection must not be used by two threads at once)."""
     state = relay.state
     assert state is not None
-    conn = state.store.conn
-
-    def run() -> list[tuple[Any, ...]]:
-        return [tuple(r) for r in conn.execute(query, args).fetchall()]
-
-    return await state.mailroom.call(run)
+    return await state.mailroom.call(state.store.query, query, *args)
 
 
 async def mailbox_eids(relay: RelayRunner, device_id: bytes) -> list[bytes]:
