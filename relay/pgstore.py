@@ -175,6 +175,12 @@ class PgEngine:
         self.instance = secrets.token_bytes(8)  # this process, in what it announces
         self._siv = AESSIV(column_key)
         self._local = threading.local()
+        # One plain connection first: a wrong address or password fails at once, in one
+        # line (the pool would retry, and log each try, until its timeout).
+        why = self._why()
+        if why is not None:
+            raise StoreError(f"cannot connect to the PostgreSQL store: {why}")
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # its retries: ours to report
         self.pool = ConnectionPool(
             dsn, min_size=1, max_size=self.threads + 2, kwargs={"autocommit": True},
             open=False, name="veil-relay", timeout=CONNECT_TIMEOUT,
@@ -183,7 +189,7 @@ class PgEngine:
             self.pool.open(wait=True, timeout=CONNECT_TIMEOUT)
         except PoolTimeout:
             self.pool.close()
-            raise StoreError(f"cannot connect to the PostgreSQL store: {self._why()}") from None
+            raise StoreError(f"cannot connect to the PostgreSQL store: {self._why() or 'timed out'}") from None
         try:
             with self.bound():
                 self._migrate(key_check)
@@ -191,13 +197,13 @@ class PgEngine:
             self.pool.close()
             raise
 
-    def _why(self) -> str:
-        """Why a connection fails (one line, without the password)."""
+    def _why(self) -> str | None:
+        """Why a connection fails (one line, without the password); None if it works."""
         try:
             psycopg.connect(self.dsn, connect_timeout=int(CONNECT_TIMEOUT)).close()
         except psycopg.Error as exc:
             return _one_line(exc)
-        return "timed out"
+        return None
 
     def _migrate(self, key_check: bytes) -> None:
         x = self.execute

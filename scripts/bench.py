@@ -1,6 +1,7 @@
 """Relay benchmark: Veil's relay against a bare trio-websocket forwarder, in one run.
 
     scripts/bench [--pairs 50] [--size 300] [--seconds 8] [--conns 10000] [--json-only]
+                  [--no-postgresql] [--curve 0.05,0.1,0.25,0.5] [--plot docs/bench-latency.svg]
 
 Three processes: the server under test (the bare forwarder, a real relay with durable
 storage and TLS as it runs by default, or the same relay with --insecure-no-tls), and one
@@ -11,13 +12,21 @@ bytes to its receiver. Measured, for both servers with the same generator:
 1. maximum sustained throughput (messages received per second, after a warm-up);
 2. one-way latency p50/p95/p99 at half the bare forwarder's maximum rate;
 3. (relay only) how many authenticated, idle nodes one relay process holds, and its
-   memory per connection (RSS growth / connections).
+   memory per connection (RSS growth / connections);
+4. latency at several rates (``--curve``: fractions of the forwarder's maximum) for the
+   forwarder, the relay on its SQLCipher file and the relay on PostgreSQL, drawn as the
+   latency-against-rate picture ``--plot`` (an SVG the README shows);
+5. on PostgreSQL (a throwaway cluster this run starts, with PostgreSQL's durable defaults:
+   tests/pgcluster.py), the relay's maximum with one process and with two (``--workers 2``)
+   over the same database.
 
 The last line printed is one JSON object; ``ratio`` is relay msgs/s / forwarder msgs/s
 (the forwarder is plain ws://: the ratio includes what TLS costs), ``tls_ratio`` the relay
 with TLS / the relay without, ``durable_ratio`` the relay as it runs by default (every
-answered send fsynced) / the same relay with --relaxed-durability.
-Loops are bounded in time and count; all traffic stays on 127.0.0.1.
+answered send fsynced) / the same relay with --relaxed-durability, ``pg_ratio`` the relay on
+PostgreSQL / on its file, ``pg_workers_ratio`` two processes on PostgreSQL / one.
+Loops are bounded in time and count; all traffic stays on 127.0.0.1 (PostgreSQL: a Unix
+socket only).
 """
 
 from __future__ import annotations
@@ -413,19 +422,93 @@ def run_loadgen(*args: str) -> dict[str, object]:
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+def _curve_rates(fmax: float, fractions: list[float]) -> list[float]:
+    return [round(fmax * f, 1) for f in fractions]
+
+
+def plot_curve(path: Path, curve: dict[str, list[dict[str, object]]], fmax: float) -> None:
+    """The latency-against-rate picture: p50 (dashed) and p99 (solid) one-way latency of
+    each server against the offered rate, log scale, as a small self-contained SVG."""
+    import math
+
+    width, height, left, right, top, bottom = 720, 420, 70, 170, 40, 50
+    colours = {"forwarder": "#555555", "relay (SQLite file)": "#1f77b4", "relay (PostgreSQL)": "#d62728"}
+    points = [(float(r["rate"]), float(r[k])) for rows in curve.values() for r in rows  # type: ignore[arg-type]
+              for k in ("p50_ms", "p99_ms") if not math.isnan(float(r[k]))]  # type: ignore[arg-type]
+    if not points:
+        return
+    xmax = max(x for x, _ in points) * 1.05
+    ymin = max(0.1, min(y for _, y in points) / 1.5)
+    ymax = max(y for _, y in points) * 1.5
+    lo, hi = math.log10(ymin), math.log10(ymax)
+
+    def px(x: float) -> float:
+        return left + (width - left - right) * x / xmax
+
+    def py(y: float) -> float:
+        return top + (height - top - bottom) * (1 - (math.log10(max(y, ymin)) - lo) / (hi - lo))
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif"'
+           ' font-size="12">', f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{left}" y="20" font-size="14">One-way latency against offered rate (scripts/bench;'
+           f' forwarder max {fmax:,.0f} msgs/s)</text>']
+    for e in range(math.floor(lo), math.ceil(hi) + 1):
+        for m in (1, 2, 5):
+            y = m * 10.0**e
+            if ymin <= y <= ymax:
+                out.append(f'<line x1="{left}" x2="{width - right}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#ddd"/>')
+                out.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
+    step = 10 ** math.floor(math.log10(xmax / 4))
+    step = step * (5 if xmax / step > 20 else 2 if xmax / step > 8 else 1)
+    x = 0.0
+    while x <= xmax:
+        out.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{top}" y2="{height - bottom}" stroke="#eee"/>')
+        out.append(f'<text x="{px(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{x:,.0f}</text>')
+        x += step
+    out.append(f'<text x="{(left + width - right) / 2}" y="{height - 10}" text-anchor="middle">offered rate, msgs/s</text>')
+    out.append(f'<text x="16" y="{(top + height - bottom) / 2}" transform="rotate(-90 16 {(top + height - bottom) / 2})"'
+               ' text-anchor="middle">ms (log scale)</text>')
+    legend_y = top + 10
+    for name, rows in curve.items():
+        colour = colours.get(name, "#2ca02c")
+        for key, dash in (("p99_ms", ""), ("p50_ms", ' stroke-dasharray="5 4"')):
+            pts = " ".join(f"{px(float(r['rate'])):.1f},{py(float(r[key])):.1f}" for r in rows  # type: ignore[arg-type]
+                           if not math.isnan(float(r[key])))  # type: ignore[arg-type]
+            out.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>')
+        out.append(f'<line x1="{width - right + 10}" x2="{width - right + 30}" y1="{legend_y}" y2="{legend_y}"'
+                   f' stroke="{colour}" stroke-width="2"/>')
+        out.append(f'<text x="{width - right + 36}" y="{legend_y + 4}">{name}</text>')
+        legend_y += 18
+    out.append(f'<text x="{width - right + 10}" y="{legend_y + 8}">solid: p99, dashed: p50</text>')
+    out.append("</svg>")
+    path.write_text("\n".join(out) + "\n")
+
+
 def orchestrate(args: argparse.Namespace) -> None:
     raise_fd_limit()
     common = ["--pairs", str(args.pairs), "--size", str(args.size), "--seconds", str(args.seconds)]
     say = (lambda *a: None) if args.json_only else (lambda *a: print(*a, file=sys.stderr, flush=True))
     results: dict[str, dict[str, object]] = {}
+    curve: dict[str, list[dict[str, object]]] = {}
+    fractions = [float(f) for f in args.curve.split(",") if f.strip()] if args.curve else []
+
+    def at_rates(name: str, kind: str, url: str, rates: list[float]) -> None:
+        rows = curve.setdefault(name, [])
+        for rate in rates:
+            say(f"{name}: latency at {rate:.0f} msgs/s ...")
+            rows.append({"rate": rate, **run_loadgen(kind, url, *common, "--rate", str(rate))})
+
     with tempfile.TemporaryDirectory(prefix="veil-bench-") as tmp:
         fwd, fwd_url = start_server([sys.executable, __file__, "forwarder"], "forwarder listening on")
         try:
             say("bare forwarder: maximum throughput ...")
             results["forwarder_max"] = run_loadgen("bare", fwd_url, *common)
-            half = float(results["forwarder_max"]["msgs_per_s"]) / 2  # type: ignore[arg-type]
+            fmax = float(results["forwarder_max"]["msgs_per_s"])  # type: ignore[arg-type]
+            half = fmax / 2
             say(f"bare forwarder: latency at {half:.0f} msgs/s ...")
             results["forwarder_half"] = run_loadgen("bare", fwd_url, *common, "--rate", str(half))
+            rates = _curve_rates(fmax, fractions)
+            at_rates("forwarder", "bare", fwd_url, rates)
         finally:
             stop_server(fwd)
         # The relay's flood limits are lifted: one bench account sends one device thousands
@@ -436,19 +519,36 @@ def orchestrate(args: argparse.Namespace) -> None:
                     str(Path(tmp) / data_dir), "--sender-rate", "1e9", "--registrations-per-hour", "1e9",
                     "--max-connections", "20000", *extra]
 
-        # The relay as it runs by default; committing without waiting for the disk
-        # (--relaxed-durability), for what durability costs; without TLS, for what TLS costs.
-        variants = [("relay", "relay", ()), ("relaxed", "relay with relaxed durability", ("--relaxed-durability",)),
-                    ("plain", "relay without TLS", ("--insecure-no-tls",))]
-        for key, what, extra in variants:
-            rel, rel_url = start_server(relay_cmd(f"relay-{key}", *extra), "relay listening on")
+        def measure(key: str, what: str, cmd: list[str], curve_name: str | None = None, half_too: bool = True) -> None:
+            rel, rel_url = start_server(cmd, "relay listening on")
             try:
                 say(f"{what}: maximum throughput ...")
                 results[f"{key}_max"] = run_loadgen("relay", rel_url, *common)
-                say(f"{what}: latency at {half:.0f} msgs/s ...")
-                results[f"{key}_half"] = run_loadgen("relay", rel_url, *common, "--rate", str(half))
+                if half_too:
+                    say(f"{what}: latency at {half:.0f} msgs/s ...")
+                    results[f"{key}_half"] = run_loadgen("relay", rel_url, *common, "--rate", str(half))
+                if curve_name:
+                    at_rates(curve_name, "relay", rel_url, rates)
             finally:
                 stop_server(rel)
+
+        # The relay as it runs by default; committing without waiting for the disk
+        # (--relaxed-durability), for what durability costs; without TLS, for what TLS costs.
+        measure("relay", "relay", relay_cmd("relay-relay"), "relay (SQLite file)")
+        measure("relaxed", "relay with relaxed durability", relay_cmd("relay-relaxed", "--relaxed-durability"))
+        measure("plain", "relay without TLS", relay_cmd("relay-plain", "--insecure-no-tls"))
+        if not args.no_postgresql:
+            from tests.pgcluster import PgCluster, pg_bindir
+
+            if pg_bindir() is None:
+                say("PostgreSQL is not installed: its runs are skipped (.ci/run installs it)")
+            else:
+                with PgCluster.start(fsync=True) as cluster:
+                    dsn = cluster.create_database("bench_one")
+                    measure("pg", "relay on PostgreSQL", relay_cmd("relay-pg", "--store", dsn), "relay (PostgreSQL)")
+                    dsn = cluster.create_database("bench_two")
+                    measure("pg2", "two relay processes on PostgreSQL",
+                            relay_cmd("relay-pg2", "--store", dsn, "--workers", "2"), half_too=False)
         if args.conns:
             rel, rel_url = start_server(relay_cmd("relay-capacity"), "relay listening on")
             try:
@@ -457,18 +557,31 @@ def orchestrate(args: argparse.Namespace) -> None:
                                                   "--server-pid", str(rel.pid))
             finally:
                 stop_server(rel)
-    fmax, rmax = results["forwarder_max"], results["relay_max"]
+    fmax_r, rmax = results["forwarder_max"], results["relay_max"]
     fh, rh = results["forwarder_half"], results["relay_half"]
-    ratio = round(float(rmax["msgs_per_s"]) / float(fmax["msgs_per_s"]), 3)  # type: ignore[arg-type]
+
+    def over(a: dict[str, object], b: dict[str, object]) -> float:
+        return round(float(a["msgs_per_s"]) / float(b["msgs_per_s"]), 3)  # type: ignore[arg-type]
+
+    ratio = over(rmax, fmax_r)
     pmax, ph = results["plain_max"], results["plain_half"]
     xmax, xh = results["relaxed_max"], results["relaxed_half"]
-    tls_ratio = round(float(rmax["msgs_per_s"]) / float(pmax["msgs_per_s"]), 3)  # type: ignore[arg-type]
-    durable_ratio = round(float(rmax["msgs_per_s"]) / float(xmax["msgs_per_s"]), 3)  # type: ignore[arg-type]
-    print(f"{'':28}{'forwarder':>12}{'relay':>12}{'relay no TLS':>14}{'relay relaxed':>15}")
-    print(f"{'max msgs/s':28}{fmax['msgs_per_s']:>12}{rmax['msgs_per_s']:>12}{pmax['msgs_per_s']:>14}"
-          f"{xmax['msgs_per_s']:>15}")
+    tls_ratio = over(rmax, pmax)
+    durable_ratio = over(rmax, xmax)
+    columns = [("forwarder", fmax_r, fh), ("relay", rmax, rh), ("relay no TLS", pmax, ph), ("relay relaxed", xmax, xh)]
+    extra: dict[str, object] = {}
+    if "pg_max" in results:
+        columns.append(("relay on PG", results["pg_max"], results["pg_half"]))
+        extra["pg_ratio"] = over(results["pg_max"], rmax)
+        extra["pg_workers_ratio"] = over(results["pg2_max"], results["pg_max"])
+    print(f"{'':28}" + "".join(f"{name:>15}" for name, _, _ in columns))
+    print(f"{'max msgs/s':28}" + "".join(f"{m['msgs_per_s']:>15}" for _, m, _ in columns))
     for key in ("p50_ms", "p95_ms", "p99_ms"):
-        print(f"{key + f' at {half:.0f}/s':28}{fh[key]:>12}{rh[key]:>12}{ph[key]:>14}{xh[key]:>15}")
+        print(f"{key + f' at {half:.0f}/s':28}" + "".join(f"{h[key]:>15}" for _, _, h in columns))
+    if "pg2_max" in results:
+        print(f"two relay processes on PostgreSQL: {results['pg2_max']['msgs_per_s']} msgs/s")
+    for name, rows in curve.items():
+        print(f"{name} p50/p99 ms by rate: " + ", ".join(f"{r['rate']:.0f}: {r['p50_ms']}/{r['p99_ms']}" for r in rows))
     if "capacity" in results:
         cap = results["capacity"]
         print(f"connected nodes: {cap['connections']}, {cap['kib_per_connection']} KiB each "
@@ -476,8 +589,16 @@ def orchestrate(args: argparse.Namespace) -> None:
     print(f"ratio (relay / forwarder max msgs/s): {ratio}")
     print(f"ratio (relay with TLS / without, max msgs/s): {tls_ratio}")
     print(f"ratio (relay durable / relaxed durability, max msgs/s): {durable_ratio}")
-    summary = {"ratio": ratio, "tls_ratio": tls_ratio, "durable_ratio": durable_ratio, "pairs": args.pairs, "size": args.size, "seconds": args.seconds,
-               "half_rate": round(half, 1), **{k: v for k, v in results.items()}}
+    p99_ratio = round(float(rh["p99_ms"]) / float(fh["p99_ms"]), 2)  # type: ignore[arg-type]
+    print(f"ratio (relay / forwarder p99 at half the forwarder's max): {p99_ratio}")
+    for key, value in extra.items():
+        print(f"{key}: {value}")
+    if curve and args.plot:
+        plot_curve(Path(args.plot), curve, fmax)
+        print(f"latency curve written to {args.plot}")
+    summary = {"ratio": ratio, "tls_ratio": tls_ratio, "durable_ratio": durable_ratio, "p99_ratio": p99_ratio,
+               **extra, "pairs": args.pairs, "size": args.size, "seconds": args.seconds,
+               "half_rate": round(half, 1), **{k: v for k, v in results.items()}, "curve": curve}
     print(json.dumps(summary))
 
 
@@ -489,6 +610,11 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--conns", type=int, default=10000, help="connected-nodes test size (0 skips it)")
     p.add_argument("--json-only", action="store_true")
+    p.add_argument("--no-postgresql", action="store_true", help="skip the PostgreSQL runs")
+    p.add_argument("--curve", default="0.05,0.1,0.25,0.5",
+                   help="rates for the latency curve, as fractions of the forwarder's maximum ('' skips it)")
+    p.add_argument("--plot", default=str(ROOT / "docs" / "bench-latency.svg"),
+                   help="where the latency curve's SVG goes ('' writes none)")
     f = sub.add_parser("forwarder")
     f.add_argument("--port", type=int, default=0)
     lg = sub.add_parser("loadgen")

@@ -366,3 +366,13 @@ def _children(pid: int) -> list[int]:
         text = (task / "children").read_text().split()
         out += [int(x) for x in text]
     return out
+
+
+def test_a_store_that_cannot_be_reached_is_one_line_without_the_password(tmp_path: Path) -> None:
+    store = f"postgresql:///veil?host={tmp_path / 'nowhere'}&user=veil&password=hunter2-secret"
+    proc = _serve(tmp_path, store)
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 1 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("veil: error: cannot connect to the PostgreSQL store: "), err
+    assert "hunter2-secret" not in err and "Traceback" not in err
