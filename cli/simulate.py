@@ -582,7 +582,7 @@ async def coordinate(args: argparse.Namespace) -> dict[str, Any]:
                 await relay.stop()
     report = run.report(args.chaos, procs)
     report["relays"] = urls
-    report["store"] = "file" if store is None or args.relay is not None else "postgresql"
+    report["store"] = "given relay's" if args.relay is not None else "file" if store is None else "postgresql"
     if relays:
         report["relay_cpu_ms_per_message"] = round(relay_cpu * 1e3 / len(run.sent), 2) if run.sent else 0.0
     return report
@@ -590,11 +590,13 @@ async def coordinate(args: argparse.Namespace) -> dict[str, Any]:
 
 def relay_store(args: argparse.Namespace) -> str | None:
     """The PostgreSQL store the simulation's relays share (--store or $VEIL_RELAY_STORE)."""
+    if args.relay is not None:
+        if args.store is not None or args.relays > 1:
+            raise CliError("--relay uses a relay that runs already: --relays and --store are for the simulation's own")
+        return None
     store: str | None = args.store or os.environ.get(ENV_STORE) or None
     if store is not None and not store.startswith(("postgresql://", "postgres://")):
         raise CliError("--store takes a PostgreSQL connection string (postgresql://...)")
-    if args.relay is not None and (args.store is not None or args.relays > 1):
-        raise CliError("--relay uses a relay that runs already: --relays and --store are for the simulation's own")
     if args.relays > 1 and store is None:
         raise CliError(f"--relays {args.relays} needs --store postgresql://... (or VEIL_RELAY_STORE):"
                        " relay processes act as one relay only over one database")
