@@ -297,12 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
             "keep this device online; `veil send` and `veil recv` then go through it")
 
     sim = command("simulate", "cli.simulate:cmd_simulate",
-                  "many real nodes against one relay, every message checked", device=False)
+                  "many real nodes against one relay (or several), every message checked", device=False)
     sim.add_argument("--nodes", type=int, default=20)
     sim.add_argument("--messages", type=int, default=10, help="messages each node sends")
     sim.add_argument("--relay", default=None, help="use this relay instead of an embedded one")
     sim.add_argument("--procs", type=int, default=1, help="spread the nodes over this many processes")
-    sim.add_argument("--chaos", action="store_true", help="cut connections and restart the relay")
+    sim.add_argument("--relays", type=positive_int, default=1, metavar="N",
+                     help="spread the nodes over N relay processes (N > 1 needs --store)")
+    sim.add_argument("--store", default=None, metavar="URL",
+                     help="the relays keep their data in this PostgreSQL database (an empty one;"
+                          " also VEIL_RELAY_STORE)")
+    sim.add_argument("--chaos", action="store_true",
+                     help="cut connections and kill and restart relay processes")
     sim.add_argument("--json", action="store_true", help="end with the report as one JSON line")
     sim.add_argument("--seed", type=int, default=1)
     sim.add_argument("--timeout", type=float, default=300.0, help="give up (count the rest as lost) after this")

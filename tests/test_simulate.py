@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.pgcluster import PgCluster
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def simulate(*args: str) -> dict[str, object]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = {k: v for k, v in os.environ.items() if k != "VEIL_RELAY_STORE"} | {"PYTHONPATH": str(ROOT)}
     res = subprocess.run(
         [sys.executable, "-m", "cli.main", "simulate", "--json", "--quiet", "--timeout", "120", *args],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
@@ -50,3 +52,31 @@ def test_simulation_under_chaos_loses_nothing() -> None:
     assert report["chaos"] is True
     assert int(report["relay_restarts"]) >= 1  # type: ignore[call-overload]
     assert int(report["connections_cut"]) >= 1  # type: ignore[call-overload]
+
+
+@pytest.mark.slow
+def test_simulation_over_two_relay_processes_survives_their_kills(pg_cluster: PgCluster) -> None:
+    # Node i stays at relay i % 2: most messages cross from one process to the other
+    # (LISTEN/NOTIFY), and each process is SIGKILLed at least once while the other serves.
+    dsn = pg_cluster.create_database("veil_simulate_two_relays")
+    report = simulate("--nodes", "8", "--messages", "5", "--relays", "2", "--store", dsn,
+                      "--chaos", "--seed", "3")
+    check(report, 8, 5)
+    assert report["store"] == "postgresql"
+    relays = report["relays"]
+    assert isinstance(relays, list) and len(set(relays)) == 2
+    assert int(report["relay_kills"]) >= 2  # type: ignore[call-overload]
+    parts = report["latency_parts"]
+    assert isinstance(parts, dict) and parts["mean_ms"] > 0
+    assert float(report["node_cpu_ms_per_message"]) > 0  # type: ignore[arg-type]
+
+
+def test_several_relays_need_a_shared_store() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "VEIL_RELAY_STORE"} | {"PYTHONPATH": str(ROOT)}
+    res = subprocess.run(
+        [sys.executable, "-m", "cli.main", "simulate", "--relays", "2", "--quiet"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env=env,
+    )
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--relays 2 needs --store" in lines[0], res.stderr
