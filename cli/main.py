@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --new-client: the client's label, for `veil relay clients`")
     rinvite.add_argument("--expires", type=positive_int, default=None, metavar="DAYS",
                          help="with --new-client: the key stops working after this many days (UTC)")
-    serve = rsub.add_parser("serve", help="serve until Ctrl-C or SIGTERM")
+    # No abbreviated options: --workers passes every other option on to its processes.
+    serve = rsub.add_parser("serve", help="serve until Ctrl-C or SIGTERM", allow_abbrev=False)
     serve.set_defaults(target="cli.relay_serve:cmd_relay_serve")
     serve.add_argument("--host", default=None, help="address to listen on (127.0.0.1)")
     serve.add_argument("--port", type=port_number, default=8765, help="0 picks a free port (8765)")

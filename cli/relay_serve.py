@@ -66,6 +66,12 @@ async def _relay_serve(args: argparse.Namespace) -> None:
         raise CliError("--relaxed-durability is for the file store (PostgreSQL: its synchronous_commit setting)")
     if args.workers is not None and (store is None or args.onion):
         raise CliError("--workers needs --store (processes share the database) and no --onion")
+    if args.workers is not None and os.environ.get(ENV_REUSE_PORT):
+        raise CliError("--workers: this is already one of the processes it started")
+    if store is not None and args.onion:
+        # An onion relay's client list is reloaded by signalling the one process that
+        # publishes it: one process per data directory, the file store's exclusive lock.
+        raise CliError("--onion goes with the file store (one process): not with --store")
     if args.onion:
         onion_clients.require_private(Path(args.data_dir), args.private)
         if args.host not in (None, "127.0.0.1"):

@@ -201,6 +201,8 @@ class PgEngine:
         """Why a connection fails (one line, without the password); None if it works."""
         try:
             psycopg.connect(self.dsn, connect_timeout=int(CONNECT_TIMEOUT)).close()
+        except psycopg.ProgrammingError:  # libpq quotes the part it cannot parse: perhaps the password
+            return "the connection string is not valid"
         except psycopg.Error as exc:
             return _one_line(exc)
         return None

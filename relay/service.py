@@ -265,6 +265,7 @@ class RelayService:
         self.max_per_account = MAX_PER_ACCOUNT
         self.clock: Callable[[], float] = time.time  # for TOTP codes and the grants
         self._nursery: trio.Nursery | None = None  # for checks after a lost listener (set by the server)
+        self._session_notices = 0  # sessions other processes ended: a resume in flight checks again
 
     def mac(self, name: str) -> bytes:
         return name_mac(self.keys.name_mac_key, name)
@@ -549,6 +550,7 @@ class RelayService:
             raise Refused(E.ALREADY_AUTHENTICATED, "this connection already has a session")
         th = token_hash(req.token)
         store = self.mailroom.store
+        notices = self._session_notices
         session = await self.mailroom.call(store.session, th)
         if session is None:
             revoked = await self.mailroom.call(store.token_revoked, th)
@@ -558,6 +560,11 @@ class RelayService:
                 raise Refused(E.DEVICE_REVOKED, REVOKED_ELSEWHERE)
             raise auth_failed()
         self._bind(peer, session.account_id, session.device_id, th)
+        if self._session_notices != notices and await self.mailroom.call(store.session, th) is None:
+            # Another process ended it between the read and the bind (its notice found
+            # nothing to close here): read again now that a later notice would find it.
+            self.unbind(peer)
+            raise auth_failed()
         return wire.ResumeOk(id=req.id, device_id=session.device_id)
 
     def _bind(self, peer: Peer, account_id: int, device_id: bytes, th: bytes) -> None:
@@ -633,7 +640,9 @@ class RelayService:
             if self._bound:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._recheck_sessions)
-        elif kind in ("token", "device", "revoked") and values:
+        if kind != "mail":
+            self._session_notices += 1
+        if kind in ("token", "device", "revoked") and values:
             th = values[0] if kind == "token" else None
             device_id = values[-1]
             for other in list(self._bound.get(device_id, {})):

@@ -1059,8 +1059,15 @@ class RelayStore:
         oldest) from each device in ``one_time`` (all of them if None); devices of other
         accounts or without a signed prekey are left out."""
         out: list[tuple[bytes, int, bytes, bytes, int | None, bytes | None]] = []
+        wanted = list(dict.fromkeys(device_ids))
         with self.e.atomic():
-            for device_id in dict.fromkeys(device_ids):
+            if self.e.lock_rows and wanted:
+                # The devices' rows first, in id order (PostgreSQL): concurrent claims
+                # neither deadlock on the order a claimer chose nor miss a prekey that
+                # another claim took meanwhile (each waits, then sees what is left).
+                self.x(f"SELECT 1 FROM devices WHERE device_id IN ({','.join('?' * len(wanted))})"
+                       f" ORDER BY device_id{self.e.lock_rows}", wanted)
+            for device_id in wanted:
                 row = self.x(
                     "SELECT s.key_id, s.public, s.sig FROM signed_prekeys s JOIN devices d"
                     " ON d.device_id = s.device_id WHERE s.device_id = ? AND d.account_id = ?",

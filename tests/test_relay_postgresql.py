@@ -376,3 +376,64 @@ def test_a_store_that_cannot_be_reached_is_one_line_without_the_password(tmp_pat
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("veil: error: cannot connect to the PostgreSQL store: "), err
     assert "hunter2-secret" not in err and "Traceback" not in err
+
+
+def test_workers_and_onion_combinations_that_cannot_work_are_refused(tmp_path: Path) -> None:
+    store = "postgresql:///veil?host=/nonexistent"
+    for extra, says in ((("--onion",), "--onion goes with the file store"),
+                        (("--work", "2"), "unrecognized arguments")):
+        proc = _serve(tmp_path, store, *extra)
+        out, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode != 0 and out == "" and says in err, err
+        assert "Traceback" not in err
+
+
+async def test_a_resume_racing_a_logout_on_another_process_is_refused(
+    accounts_pair: tuple[Accounts, Accounts], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The logout's notice arrives while the resume is between reading the session and
+    binding the connection: it finds nothing to close, so the resume checks again."""
+    import threading
+
+    via_a, via_b = accounts_pair
+    sb = via_b.relay.state
+    assert sb is not None
+    store = sb.store
+    real_session = store.session
+    read, go = threading.Event(), threading.Event()
+
+    def slow_session(th: bytes) -> Any:
+        found = real_session(th)
+        if not read.is_set():
+            read.set()
+            go.wait(DEADLINE)
+        return found
+
+    monkeypatch.setattr(store, "session", slow_session)
+    with trio.fail_after(DEADLINE):
+        await via_a.register("alice")
+        laptop = await via_a.login("alice", "laptop")
+        token = laptop.store.get("token")
+        async with raw_client(via_b.relay.url) as b, trio.open_nursery() as n:
+            answer: list[wire.Frame] = []
+
+            async def resume() -> None:
+                answer.append(await b.ask(wire.Resume(id=1, token=token)))
+
+            n.start_soon(resume)
+            await trio.to_thread.run_sync(read.wait, DEADLINE)
+            noticed = trio.Event()
+            assert sb.listener is not None
+            real_notice = sb.listener.on_notice
+
+            def on_notice(kind: str, values: list[bytes]) -> None:
+                real_notice(kind, values)
+                if kind == "token":
+                    noticed.set()
+
+            sb.listener.on_notice = on_notice
+            async with laptop.connected() as link:
+                await laptop.logout(link, remove_device=False)
+            await noticed.wait()  # the notice has reached B, and found nothing to close
+            go.set()
+        assert isinstance(answer[0], wire.Error) and answer[0].code == E.AUTH_FAILED, answer
