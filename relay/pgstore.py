@@ -411,10 +411,12 @@ class SharedThrottle:
         created if absent and locked; an entry quiet for FORGET_AFTER starts again."""
         x = self.store.x
         (now,) = x("SELECT extract(epoch from clock_timestamp())::float8").fetchone()
-        x("INSERT INTO login_throttle (name_mac, failures, blocked_until, touched) VALUES (?, 0, 0, ?)"
-          " ON CONFLICT DO NOTHING", (key, now))
+        # One statement that creates the row or locks the one there, and returns it (a
+        # SELECT after an INSERT could find it deleted meanwhile by a concurrent success).
         failures, blocked = x(
-            "SELECT failures, blocked_until FROM login_throttle WHERE name_mac = ? FOR UPDATE", (key,)
+            "INSERT INTO login_throttle (name_mac, failures, blocked_until, touched) VALUES (?, 0, 0, ?)"
+            " ON CONFLICT (name_mac) DO UPDATE SET name_mac = excluded.name_mac"
+            " RETURNING failures, blocked_until", (key, now)
         ).fetchone()
         if blocked + FORGET_AFTER < now:
             failures, blocked = 0, 0.0
