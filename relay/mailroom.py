@@ -182,7 +182,7 @@ class Mailroom:
         return taken
 
     def _commit(self, enqueues: list[_Enqueue], acks: list[_Ack]) -> None:
-        transient = getattr(self.store.e, "transient", None)
+        transient = self.store.e.transient
         pairs = [(a.device_id, a.eids) for a in acks]
         for attempt in range(COMMIT_TRIES):
             try:
@@ -191,5 +191,5 @@ class Mailroom:
             except Exception as exc:
                 for w in enqueues:
                     w.stored, w.error = [], None
-                if transient is None or not transient(exc) or attempt == COMMIT_TRIES - 1:
+                if not transient(exc) or attempt == COMMIT_TRIES - 1:
                     raise

@@ -27,6 +27,7 @@ psycopg 3's synchronous API, in trio worker threads, with a connection pool
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import threading
@@ -145,12 +146,10 @@ CREATE INDEX login_throttle_touched ON login_throttle(touched);
 )
 
 
-def _sql(query: str, cache: dict[str, str] = {}) -> str:  # noqa: B006 (a cache on purpose)
+@functools.cache
+def _sql(query: str) -> str:
     """The store's SQL (``?`` placeholders) in psycopg's (``%s``)."""
-    out = cache.get(query)
-    if out is None:
-        out = cache[query] = query.replace("%", "%%").replace("?", "%s")
-    return out
+    return query.replace("%", "%%").replace("?", "%s")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -291,11 +290,10 @@ class PgEngine:
         if not values:
             return
         channel = "veil_mail" if kind == "mail" else "veil_session"
+        # Mail names many devices: several to a notification, each under the cap. (A
+        # session's two or three values always fit in one.)
         head = self.instance.hex() + " " + kind
         parts = [v.hex() for v in values]
-        if kind != "mail":
-            self.execute("SELECT pg_notify(?, ?)", (channel, " ".join([head, *parts])))
-            return
         chunk: list[str] = []
         size = len(head)
         for p in parts:

@@ -344,6 +344,9 @@ class Engine(Protocol):
     def announce(self, kind: str, values: Sequence[bytes]) -> None:
         """Tell the other processes (in the current transaction: on its commit)."""
         ...
+    def transient(self, exc: BaseException) -> bool:
+        """An error after which the same transaction may simply be tried again."""
+        ...
     def close(self) -> None: ...
 
 
@@ -393,6 +396,9 @@ class SqliteEngine:
 
     def announce(self, kind: str, values: Sequence[bytes]) -> None:
         pass  # no other process
+
+    def transient(self, exc: BaseException) -> bool:
+        return False  # one writer: no deadlock, no serialization failure
 
     def close(self) -> None:
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
