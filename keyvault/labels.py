@@ -54,6 +54,11 @@ RATCHET_ROOT = b"veil/v1/ratchet-root"  # HKDF info of KDF_RK (root, chain, next
 RATCHET_MESSAGE = b"veil/v1/ratchet-message"  # HKDF info: message key -> AES key and nonces
 RATCHET_HEADER_AAD = b"veil/v1/ratchet-header"  # AEAD associated data of an encrypted header
 
+# Post-quantum: ML-KEM-768 keys signed by the identity key, PQXDH and the hybrid envelope.
+KEM_KEY_SIGNATURE = b"veil/v1/kem-key"  # signature context: u8 use || u32 id || public
+PQXDH_SK = b"veil/v1/pqxdh-sk"  # HKDF info: F || DH1 || DH2 || DH3 [|| DH4] || SS -> SK
+ENVELOPE_HYBRID = b"veil/v1/envelope-hybrid"  # HKDF info: RSA secret || KEM secret -> AES key
+
 #: All labels, so a test can check that they are pairwise distinct and none is a prefix of
 #: another used in the same role.
 ALL_LABELS: tuple[bytes, ...] = (
@@ -85,4 +90,7 @@ ALL_LABELS: tuple[bytes, ...] = (
     RATCHET_ROOT,
     RATCHET_MESSAGE,
     RATCHET_HEADER_AAD,
+    KEM_KEY_SIGNATURE,
+    PQXDH_SK,
+    ENVELOPE_HYBRID,
 )

@@ -11,7 +11,23 @@ The initiator (Alice) fetches Bob's prekey bundle and computes, with her ephemer
     SK  = HKDF-SHA256(salt = 32 zero bytes, ikm = F || DH1 || DH2 || DH3 [|| DH4],
                       info = X3DH_SK, length 32)          F = 32 bytes of 0xFF
 
-DH4 is present only when the bundle had a one-time prekey. SK is then split (HKDF-SHA256,
+DH4 is present only when the bundle had a one-time prekey.
+
+PQXDH (https://signal.org/docs/specifications/pqxdh/), when the bundle also holds a KEM
+prekey PQPK_B (an ML-KEM-768 key the identity key signed, `keyvault.kem`: a one-time one
+if any were left, else the device's last-resort one): the initiator encapsulates to it,
+``(SS, CT) = ML-KEM-768.Encaps(PQPK_B)``, sends CT (with the KEM key's use and id) in the
+first message's header (`keyvault.payload`), and::
+
+    SK  = HKDF-SHA256(salt = 32 zero bytes, ikm = F || DH1 || DH2 || DH3 [|| DH4] || SS,
+                      info = PQXDH_SK, length 32)
+
+The distinct label keeps a PQXDH secret apart from an X3DH one over the same DH values.
+ML-KEM's shared secret depends on the public key it was made for (FIPS 203 hashes the
+key into it), which is what PQXDH's analysis asks of the KEM against re-encapsulation to
+another key. A bundle without a KEM prekey gives plain X3DH as above (a peer from before
+post-quantum keys); the caller decides whether to accept that (no downgrade once a peer
+is known to have KEM keys). SK is then split (HKDF-SHA256,
 salt empty = 32 zero bytes, ikm = SK, 32 bytes each) into the three inputs of the spec's
 Double Ratchet with header encryption::
 
@@ -55,11 +71,22 @@ from keyvault import labels
 from keyvault._codec import lp
 from keyvault.errors import BadPrekey, DecryptionFailed
 from keyvault.kdf import derive
+from keyvault.kem import CIPHERTEXT_LEN, KemKey, KemUse, decapsulate, encapsulate, verify_kem_key
 from keyvault.keys import AccountKeys
 from keyvault.prekeys import KEY_LEN, SIG_LEN, OneTimePrekey, SignedPrekey, verify_signed_prekey
 
 #: The spec's F for X25519: domain separation from XEdDSA signatures.
 F = b"\xff" * 32
+
+
+@dataclass(frozen=True)
+class KemPrekey:
+    """The public half of a KEM prekey in a bundle: a one-time one, or the last-resort one."""
+
+    use: KemUse  # KemUse.ONE_TIME or KemUse.LAST_RESORT
+    key_id: int
+    public: bytes  # ML-KEM-768 public key (1184)
+    signature: bytes  # Ed25519 by the identity key (64), see keyvault.kem
 
 
 @dataclass(frozen=True)
@@ -73,6 +100,7 @@ class PrekeyBundle:
     spk_sig: bytes  # Ed25519 signature (64), see keyvault.prekeys
     opk_id: int | None = None
     opk: bytes | None = None  # one-time prekey, X25519 public (32), if any were left
+    kem: KemPrekey | None = None  # PQXDH's KEM prekey, if the device has published any
 
 
 @dataclass(frozen=True, repr=False)
@@ -84,6 +112,8 @@ class X3DHResult:
     next_header_key_recv: bytes  # header key of the peer's first sending chain
     associated_data: bytes
     ephemeral: bytes  # the initiator's ephemeral public key; b"" for the responder
+    kem_ciphertext: bytes = b""  # PQXDH's CT for the initiator to send; b"" otherwise
+    post_quantum: bool = False  # SK came from PQXDH (a KEM secret is in it)
 
     @property
     def initiator(self) -> bool:
@@ -100,10 +130,12 @@ def _dh(private: X25519PrivateKey, public: bytes) -> bytes:
     return private.exchange(X25519PublicKey.from_public_bytes(bytes(public)))
 
 
-def _kdf(dhs: list[bytes]) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=bytes(32), info=labels.X3DH_SK).derive(
-        F + b"".join(dhs)
-    )
+def _kdf(dhs: list[bytes], kem_secret: bytes | None = None) -> bytes:
+    if kem_secret is None:
+        info, ikm = labels.X3DH_SK, F + b"".join(dhs)
+    else:
+        info, ikm = labels.PQXDH_SK, F + b"".join(dhs) + kem_secret
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=bytes(32), info=info).derive(ikm)
 
 
 def associated_data(
@@ -153,6 +185,12 @@ def _check_bundle(bundle: PrekeyBundle) -> None:
         raise BadPrekey("The contact's prekey bundle is malformed.")
     if not verify_signed_prekey(bundle.identity, bundle.spk_id, bundle.spk, bundle.spk_sig):
         raise BadPrekey("The contact's signed prekey does not carry a valid signature.")
+    kem = bundle.kem
+    if kem is not None and (
+        kem.use not in (KemUse.ONE_TIME, KemUse.LAST_RESORT)
+        or not verify_kem_key(bundle.identity, kem.use, kem.key_id, kem.public, kem.signature)
+    ):
+        raise BadPrekey("The contact's post-quantum prekey does not carry a valid signature.")
 
 
 def initiate(
@@ -164,10 +202,13 @@ def initiate(
     them_name: str,
     them_device: bytes,
     ephemeral_private: bytes | None = None,
+    kem_encapsulation: tuple[bytes, bytes] | None = None,
 ) -> X3DHResult:
-    """Run X3DH as the initiator against ``bundle`` (BadPrekey if it does not verify).
+    """Run X3DH as the initiator against ``bundle`` (BadPrekey if it does not verify);
+    PQXDH when the bundle holds a KEM prekey.
 
     ``ephemeral_private`` (tests only) fixes EK_A; otherwise it is fresh.
+    ``kem_encapsulation`` (tests only) fixes (SS, CT); otherwise it is fresh.
     """
     _check_bundle(bundle)
     if ephemeral_private is None:
@@ -185,7 +226,10 @@ def initiate(
             dhs.append(_dh(ek, bundle.opk))
     except ValueError:
         raise BadPrekey("The contact's prekey bundle holds an invalid key.") from None
-    root, hka, nhkb = _split(_kdf(dhs))
+    kem_secret, kem_ciphertext = None, b""
+    if bundle.kem is not None:
+        kem_secret, kem_ciphertext = kem_encapsulation or encapsulate(bundle.kem.public)
+    root, hka, nhkb = _split(_kdf(dhs, kem_secret))
     ad = associated_data(
         me.public().dh, bundle.identity_dh, me_name, me_device, them_name, them_device
     )
@@ -195,6 +239,8 @@ def initiate(
         next_header_key_recv=nhkb,
         associated_data=ad,
         ephemeral=ek.public_key().public_bytes_raw(),
+        kem_ciphertext=kem_ciphertext,
+        post_quantum=kem_secret is not None,
     )
 
 
@@ -209,13 +255,20 @@ def respond(
     me_device: bytes,
     them_name: str,
     them_device: bytes,
+    kem: KemKey | None = None,
+    kem_ciphertext: bytes | None = None,
 ) -> X3DHResult:
-    """Run X3DH as the responder, with the prekeys the initiator named.
+    """Run X3DH as the responder, with the prekeys the initiator named; PQXDH when the
+    first message named a KEM prekey (``kem``, with the ``kem_ciphertext`` it carried).
 
-    DecryptionFailed if the initiator's keys are malformed. The caller deletes ``opk`` from
-    its store once the first message has been decrypted (and not before, so that a forged
-    first message cannot burn it).
+    DecryptionFailed if the initiator's keys are malformed. The caller deletes ``opk`` (and
+    a one-time ``kem``) from its store once the first message has been decrypted (and not
+    before, so that a forged first message cannot burn it).
     """
+    if (kem is None) != (kem_ciphertext is None):
+        raise ValueError("kem and kem_ciphertext go together")
+    if kem is not None and kem.use not in (KemUse.ONE_TIME, KemUse.LAST_RESORT):
+        raise ValueError("PQXDH uses a one-time or the last-resort KEM prekey")
     if len(their_identity_dh) != KEY_LEN or len(their_ephemeral) != KEY_LEN:
         raise DecryptionFailed("The first message of this session is malformed.")
     spk_private = X25519PrivateKey.from_private_bytes(spk.private)
@@ -229,7 +282,12 @@ def respond(
             dhs.append(_dh(X25519PrivateKey.from_private_bytes(opk.private), their_ephemeral))
     except ValueError:
         raise DecryptionFailed("The first message of this session holds an invalid key.") from None
-    root, hka, nhkb = _split(_kdf(dhs))
+    kem_secret = None
+    if kem is not None and kem_ciphertext is not None:
+        if len(kem_ciphertext) != CIPHERTEXT_LEN:
+            raise DecryptionFailed("The first message of this session is malformed.")
+        kem_secret = decapsulate(kem.seed, kem_ciphertext)
+    root, hka, nhkb = _split(_kdf(dhs, kem_secret))
     ad = associated_data(
         their_identity_dh, me.public().dh, them_name, them_device, me_name, me_device
     )
@@ -239,4 +297,5 @@ def respond(
         next_header_key_recv=hka,
         associated_data=ad,
         ephemeral=b"",
+        post_quantum=kem_secret is not None,
     )

@@ -34,10 +34,15 @@ from keyvault import (
     verify_sealed,
     x3dh,
 )
+from keyvault.kem import KemUse, new_kem_key
+from keyvault.payload import KemInit
+from keyvault.x3dh import KemPrekey
 
 MSG_ID = bytes(range(16))
 RATCHET = bytes(range(100))  # opaque here: at least ratchet.OVERHEAD bytes
 INIT = PrekeyInit(identity_dh=bytes([1]) * 32, ephemeral=bytes([2]) * 32, spk_id=7, opk_id=42)
+CT = bytes([3]) * 1088
+PQ_INIT = dataclasses.replace(INIT, kem=KemInit(KemUse.LAST_RESORT, 9, CT))
 utf8_text = st.text(st.characters(codec="utf-8"))
 
 
@@ -128,7 +133,7 @@ def test_letter_malformations(bad: bytes) -> None:
 
 
 def test_payload_layout() -> None:
-    assert PAYLOAD_HEADER_MAX == 74
+    assert PAYLOAD_HEADER_MAX == 74 + 1 + 4 + 1088
     assert encode_payload(Payload(None, RATCHET)) == b"\x01\x00" + RATCHET
     no_opk = dataclasses.replace(INIT, opk_id=None)
     assert (
@@ -144,8 +149,11 @@ def test_payload_layout() -> None:
         + (42).to_bytes(4, "big")
         + RATCHET
     )
-    assert len(full) == PAYLOAD_HEADER_MAX + len(RATCHET)
-    for p in (Payload(None, RATCHET), Payload(no_opk, RATCHET), Payload(INIT, RATCHET)):
+    assert len(full) == 74 + len(RATCHET)
+    pq = encode_payload(Payload(PQ_INIT, RATCHET))
+    assert pq == b"\x01\x07" + full[2:74] + b"\x02" + (9).to_bytes(4, "big") + CT + RATCHET
+    assert len(pq) == PAYLOAD_HEADER_MAX + len(RATCHET)
+    for p in (Payload(None, RATCHET), Payload(no_opk, RATCHET), Payload(INIT, RATCHET), Payload(PQ_INIT, RATCHET)):
         assert decode_payload(encode_payload(p)) == p
 
 
@@ -182,6 +190,9 @@ def test_encode_payload_rejects_bad_fields() -> None:
         Payload(dataclasses.replace(INIT, spk_id=2**32), RATCHET),
         Payload(dataclasses.replace(INIT, opk_id=2**32), RATCHET),
         Payload(dataclasses.replace(INIT, opk_id=True), RATCHET),
+        Payload(dataclasses.replace(INIT, kem=KemInit(KemUse.ENVELOPE, 9, CT)), RATCHET),
+        Payload(dataclasses.replace(INIT, kem=KemInit(KemUse.ONE_TIME, 2**32, CT)), RATCHET),
+        Payload(dataclasses.replace(INIT, kem=KemInit(KemUse.ONE_TIME, 1, CT[1:])), RATCHET),
     ):
         with pytest.raises(ValueError):
             encode_payload(bad)
@@ -190,18 +201,23 @@ def test_encode_payload_rejects_bad_fields() -> None:
 def _payload_malformations() -> list[bytes]:
     full = encode_payload(Payload(INIT, RATCHET))
     plain = encode_payload(Payload(None, RATCHET))
+    pq = encode_payload(Payload(PQ_INIT, RATCHET))
     return [
+        b"\x01\x05" + pq[2:74] + b"\x03" + pq[75:],  # a KEM init naming an envelope key
+        b"\x01\x05" + pq[2:74] + b"\x00" + pq[75:],
+        pq[: PAYLOAD_HEADER_MAX + ratchet.OVERHEAD - 1],
+        b"\x01\x04" + pq[2:],  # kem without init
         b"",
         b"\x01",
         b"\x00" + plain[1:],
         b"\x02" + plain[1:],
         b"\x01\x02" + plain[2:],  # opk without init
-        b"\x01\x04" + plain[2:],  # unknown flag
+        b"\x01\x08" + plain[2:],  # unknown flag
         b"\x01\x80" + plain[2:],
         b"\x01\x07" + full[2:],
         plain[: 2 + ratchet.OVERHEAD - 1],  # ratchet message too short
-        full[: PAYLOAD_HEADER_MAX + ratchet.OVERHEAD - 1],
-        full[:PAYLOAD_HEADER_MAX],
+        full[: 74 + ratchet.OVERHEAD - 1],
+        full[:74],
         full[:40],
     ]
 
@@ -221,7 +237,7 @@ def test_max_body_bytes_value() -> None:
     assert max_body_bytes() == (
         max_payload_bytes() - PAYLOAD_HEADER_MAX - ratchet.OVERHEAD - letter_overhead
     )
-    assert (max_payload_bytes(), max_body_bytes()) == (61220, 60900)
+    assert (max_payload_bytes(), max_body_bytes()) == (61220, 59807)
 
 
 @pytest.fixture(scope="module")
@@ -240,9 +256,11 @@ def test_end_to_end(alice: AccountKeys, bob: AccountKeys) -> None:
     dev_a, dev_b = bytes([0xA1]) * 16, bytes([0xB1]) * 16
     spk = new_signed_prekey(bob, 7, 1_700_000_000)
     (opk,) = new_one_time_prekeys(42, 1)
+    kem = new_kem_key(bob, KemUse.ONE_TIME, 5, 1_700_000_000)
     bpub = bob.public()
     bundle = PrekeyBundle(
-        bpub.identity, bpub.dh, spk.key_id, spk.public, spk.signature, 42, opk.public
+        bpub.identity, bpub.dh, spk.key_id, spk.public, spk.signature, 42, opk.public,
+        KemPrekey(kem.use, kem.key_id, kem.public, kem.signature),
     )
 
     # Alice's side.
@@ -252,7 +270,9 @@ def test_end_to_end(alice: AccountKeys, bob: AccountKeys) -> None:
     state_a = ratchet.init_initiator(xa, bundle.spk)
     msg = Letter(to=b_name, msg_id=MSG_ID, sent_at=1_700_000_000_123, body="x" * max_body_bytes())
     state_a, message = ratchet.encrypt(state_a, encode_letter(msg), xa.associated_data)
-    init = PrekeyInit(alice.public().dh, xa.ephemeral, spk.key_id, opk.key_id)
+    assert xa.post_quantum
+    init = PrekeyInit(alice.public().dh, xa.ephemeral, spk.key_id, opk.key_id,
+                      KemInit(KemUse.ONE_TIME, kem.key_id, xa.kem_ciphertext))
     payload = encode_payload(Payload(init, message))
     assert len(payload) == max_payload_bytes()
     blob = seal(Sealed(a_name, dev_a, payload), alice, bpub.enc, dev_b)
@@ -281,7 +301,10 @@ def test_end_to_end(alice: AccountKeys, bob: AccountKeys) -> None:
         me_device=dev_b,
         them_name=sealed.sender,
         them_device=sealed.sender_device,
+        kem=kem if got.init.kem is not None and got.init.kem.key_id == kem.key_id else None,
+        kem_ciphertext=got.init.kem.ciphertext if got.init.kem is not None else None,
     )
+    assert xb.post_quantum and xb.root_key == xa.root_key
     state_b = ratchet.init_responder(xb, (spk.private, spk.public))
     state_b, plain = ratchet.decrypt(state_b, got.ratchet, xb.associated_data)
     assert decode_letter(plain) == msg
