@@ -58,6 +58,7 @@ RATCHET_HEADER_AAD = b"veil/v1/ratchet-header"  # AEAD associated data of an enc
 KEM_KEY_SIGNATURE = b"veil/v1/kem-key"  # signature context: u8 use || u32 id || public
 PQXDH_SK = b"veil/v1/pqxdh-sk"  # HKDF info: F || DH1 || DH2 || DH3 [|| DH4] || SS -> SK
 ENVELOPE_HYBRID = b"veil/v1/envelope-hybrid"  # HKDF info: RSA secret || KEM secret -> AES key
+RATCHET_ROOT_KEM = b"veil/v1/ratchet-root-kem"  # HKDF info of KDF_RK_KEM (DH output || KEM secret)
 
 #: All labels, so a test can check that they are pairwise distinct and none is a prefix of
 #: another used in the same role.
@@ -93,4 +94,5 @@ ALL_LABELS: tuple[bytes, ...] = (
     KEM_KEY_SIGNATURE,
     PQXDH_SK,
     ENVELOPE_HYBRID,
+    RATCHET_ROOT_KEM,
 )

@@ -79,6 +79,6 @@ def max_body_bytes() -> int:
     return (
         max_payload_bytes()
         - PAYLOAD_HEADER_MAX
-        - ratchet.OVERHEAD
+        - ratchet.MAX_OVERHEAD
         - letter_overhead(MAX_NAME_BYTES)
     )

@@ -2,6 +2,7 @@
 ML-KEM-768 keys and their signatures, a decapsulation, the PQXDH derivation, a PQXDH first
 message's payload header and a version 3 (hybrid) envelope.
 
+The vectors also hold three messages of a post-quantum ratchet (its first KEM steps).
 ML-KEM encapsulation and RSA-OAEP are randomised, so the generator
 (``python -m tests.test_keyvault_pq_vectors``) keeps the ciphertexts and the envelope
 already in the file (they depend only on the seeds and the stored account): only a
@@ -13,6 +14,7 @@ ML-KEM itself is checked by decapsulation only (no second implementation here).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from pathlib import Path
 from typing import Any
@@ -22,12 +24,12 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from keyvault import kem, labels
+from keyvault import kem, labels, ratchet
 from keyvault.envelope import Sealed, open_envelope, seal_hybrid, verify_sealed
 from keyvault.keys import AccountKeys
 from keyvault.payload import KemInit, Payload, PrekeyInit, encode_payload
-from keyvault.prekeys import new_one_time_prekeys, new_signed_prekey
-from keyvault.x3dh import KemPrekey, initiate, respond
+from keyvault.prekeys import new_one_time_prekeys, new_signed_prekey, x25519_pair
+from keyvault.x3dh import KemPrekey, X3DHResult, initiate, respond
 from tests.test_keyvault_ratchet_vectors import (
     CREATED_AT,
     DEVICES,
@@ -94,6 +96,46 @@ def _pqxdh(ciphertext: bytes) -> tuple[dict[str, str], bytes]:
     return case, secret
 
 
+RATCHET_ROOT, RATCHET_HKA, RATCHET_NHKB = _b(150), _b(151), _b(152)
+RATCHET_AD = b"veil/test/pq-ratchet-vector"
+RATCHET_SPK = _b(153)
+#: (sender, plaintext, ratchet private key, ratchet KEM seed) in order; each delivered at once.
+RATCHET_SCRIPT = [("alice", b"a1", _b(160), _b(170, 64)), ("bob", b"b1", _b(161), _b(171, 64)),
+                  ("alice", b"a2", _b(162), _b(172, 64))]
+
+
+def _pq_conversation(cts: list[bytes] | None) -> dict[str, Any]:
+    """Three messages of a post-quantum ratchet; ``cts``: the stored KEM ciphertexts of
+    the two KEM steps (None: fresh ones)."""
+    a = X3DHResult(RATCHET_ROOT, RATCHET_HKA, RATCHET_NHKB, RATCHET_AD, ephemeral=_b(154), post_quantum=True)
+    b = X3DHResult(RATCHET_ROOT, RATCHET_NHKB, RATCHET_HKA, RATCHET_AD, ephemeral=b"", post_quantum=True)
+    spk = x25519_pair(RATCHET_SPK)
+    states = {"alice": ratchet.init_initiator(a, spk[1], dh_private=RATCHET_SCRIPT[0][2], kem_seed=RATCHET_SCRIPT[0][3]),
+              "bob": ratchet.init_responder(b, spk)}
+    seeds = {"alice": RATCHET_SCRIPT[0][3]}
+    steps, messages, used = [], [], list(cts or [])
+    for i, (sender, text, dh, seed) in enumerate(RATCHET_SCRIPT):
+        peer = "bob" if sender == "alice" else "alice"
+        st = states[sender]
+        encapsulation = None
+        if i:
+            assert st.kemr is not None
+            ct = used.pop(0) if cts else kem.encapsulate(st.kemr)[1]
+            encapsulation = (kem.decapsulate(seeds[peer], ct), ct)
+            steps.append({"ciphertext": ct.hex(), "kem_secret": encapsulation[0].hex()})
+            seeds[sender] = seed
+        states[sender], m = ratchet.encrypt(st, text, RATCHET_AD, dh_private=dh, kem_seed=seed,
+                                            kem_encapsulation=encapsulation)
+        states[peer], got = ratchet.decrypt(states[peer], m, RATCHET_AD)
+        assert got == text
+        messages.append(m.hex())
+    return {"root_key": RATCHET_ROOT.hex(), "shared_hka": RATCHET_HKA.hex(), "shared_nhkb": RATCHET_NHKB.hex(),
+            "associated_data": RATCHET_AD.hex(), "spk_private": RATCHET_SPK.hex(),
+            "script": [{"sender": s_, "plaintext": t.hex(), "dh_private": d.hex(), "kem_seed": k.hex()}
+                       for s_, t, d, k in RATCHET_SCRIPT],
+            "kem_steps": steps, "messages": messages}
+
+
 def generate() -> dict[str, Any]:
     old = _load(PQ_FILE) if PQ_FILE.exists() else {}
     bob = account(X3DH_INPUT["bob_identity_seed"], X3DH_INPUT["bob_dh_private"])
@@ -117,7 +159,9 @@ def generate() -> dict[str, Any]:
         blob = seal_hybrid(sealed, acct, acct.public().enc, DEVICES[1], env_key.public, env_key.key_id,
                            rsa_secret=RSA_SECRET, nonce=NONCE,
                            kem_encapsulation=(env_key.decapsulate(ect), ect))
+    old_cts = [bytes.fromhex(x["ciphertext"]) for x in old["ratchet"]["kem_steps"]] if "ratchet" in old else None
     return {
+        "ratchet": _pq_conversation(old_cts),
         "note": "bob's identity key is the one of ratchet_x3dh.json; the envelope's account is "
                 "the one of keyvault_vectors.json (sender and recipient)",
         "kem_keys": kem_keys,
@@ -165,6 +209,33 @@ def test_pqxdh() -> None:
     assert payload[:2] == b"\x01\x07"
     assert payload[74:79] == bytes([int(kem.KemUse.ONE_TIME)]) + KEM_IDS["ONE_TIME"].to_bytes(4, "big")
     assert payload[79:1167].hex() == v["ciphertext"] and payload[1167:] == RATCHET_MESSAGE
+
+
+def test_pq_ratchet_conversation() -> None:
+    v = _load(PQ_FILE)["ratchet"]
+    cts = [bytes.fromhex(x["ciphertext"]) for x in v["kem_steps"]]
+    assert _pq_conversation(cts) == v
+    m = [bytes.fromhex(x) for x in v["messages"]]
+    assert [x[0] for x in m] == [ratchet.PQ_VERSION, ratchet.PQ_CT_VERSION, ratchet.PQ_CT_VERSION]
+    # By hand: bob's chain (the first KEM step) from the root after alice's first chain.
+    spk_pub = _x25519_public(RATCHET_SPK)
+    a0, b1 = RATCHET_SCRIPT[0][2], RATCHET_SCRIPT[1][2]
+    okm = _hkdf(RATCHET_ROOT, _x25519(a0, spk_pub), labels.RATCHET_ROOT, 96)
+    rk1 = okm[:32]
+    ss = bytes.fromhex(v["kem_steps"][0]["kem_secret"])
+    okm = _hkdf(rk1, _x25519(b1, _x25519_public(a0)) + ss, labels.RATCHET_ROOT_KEM, 96)
+    ck = okm[32:64]
+    mk = hmac.new(ck, b"\x01", hashlib.sha256).digest()
+    keys = _hkdf(b"", mk, labels.RATCHET_MESSAGE, 56)
+    header_len = 40 + 1184 + 1088
+    enc_header = m[1][1 : 1 + 12 + header_len + 16]
+    header = AESGCM(RATCHET_NHKB).decrypt(enc_header[:12], enc_header[12:], labels.RATCHET_HEADER_AAD + b"\x03")
+    assert header[:32] == _x25519_public(b1) and header[40 + 1184 :].hex() == v["kem_steps"][0]["ciphertext"]
+    assert enc_header[:12] == keys[44:56]
+    prefix = m[1][: 1 + 12 + header_len + 16]
+    body = AESGCM(keys[:32]).decrypt(keys[32:44], m[1][len(prefix):],
+                                     len(RATCHET_AD).to_bytes(4, "big") + RATCHET_AD + prefix)
+    assert body == b"b1"  # bob's first header key is shared_nhkb
 
 
 def test_hybrid_envelope() -> None:
