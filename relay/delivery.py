@@ -45,6 +45,7 @@ class Outlet:
         self._pending: list[Stored] = []
         self._pending_bytes = 0
         self._refill = True  # start by reading the backlog from the mailbox
+        self._announced = False  # the first deliver (sent even when empty) has gone
         self._wake = trio.Event()
         self._last_seq = 0
         # Envelopes pushed on this connection and not yet acknowledged: only these may be
@@ -107,6 +108,7 @@ class Outlet:
                 self._refill = False
                 self._pending.clear()
                 self._pending_bytes = 0
+                first_page = True
                 while True:
                     await self._room_to_push()
                     rows = await fetch(self.device_id, self._last_seq, PAGE)
@@ -116,7 +118,13 @@ class Outlet:
                     synced = len(rows) < PAGE and len(batch) == len(rows)
                     del rows  # what did not fit is read again: not held while the send waits
                     self._pushed([r.eid for r in batch])
-                    await send(wire.Deliver(items=[wire.Mail(r.eid, r.blob) for r in batch], synced=synced))
+                    # A re-read that finds nothing new (another process's notice for mail
+                    # this connection already has) sends nothing; the first deliver, and
+                    # the empty one that closes a backlog of whole pages, are sent.
+                    if batch or not self._announced or not first_page:
+                        await send(wire.Deliver(items=[wire.Mail(r.eid, r.blob) for r in batch], synced=synced))
+                        self._announced = True
+                    first_page = False
                     if synced or self._refill:
                         break
             elif self._pending:
