@@ -110,9 +110,11 @@ class LiveSession:
                 log.debug("link down: %s", type(exc).__name__)
             except BaseExceptionGroup as group:
                 # Several tasks saw the link die at once; anything else is a real error.
+                # Only the rest goes on: a link that died as the run was cancelled leaves
+                # the cancellation, not a ConnectionLost that would escape the cancel scope.
                 _, rest = group.split(_TRANSIENT)
                 if rest is not None:
-                    raise
+                    raise rest from None
             finally:
                 self.link = None
             self.attempts += 1

@@ -81,3 +81,37 @@ async def test_recv_hands_out_a_backlog_larger_than_one_batch(accounts: Accounts
         await service.hand_out(emit)
         assert got == [f"m{i}" for i in range(510)]
         assert bob.unprinted() == []
+
+
+async def test_a_link_that_dies_as_the_session_is_cancelled_ends_only_the_session() -> None:
+    """A cut link and a cancelled run at the same moment (a device going offline as the
+    relay drops it): the run ends quietly, no ConnectionLost escapes its cancel scope."""
+    from types import SimpleNamespace
+
+    from node.errors import ConnectionLost
+
+    node = SimpleNamespace(events=[], sent_listeners=[], received_listeners=[])
+    session = LiveSession(node)  # type: ignore[arg-type]
+    entered = trio.Event()
+
+    async def online() -> None:
+        async def lost() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                raise ConnectionLost()  # the link's reader, as the cancellation reaches it
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lost)
+            nursery.start_soon(trio.sleep_forever)
+            entered.set()
+            await trio.sleep_forever()
+
+    session._online = online  # type: ignore[method-assign]
+    with trio.fail_after(10):
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session.run)
+                await entered.wait()
+                scope.cancel()
+    assert scope.cancelled_caught and session.link is None
