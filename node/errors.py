@@ -103,3 +103,7 @@ class PlainRefused(VeilError):
 
 class KeyDiffers(VeilError):
     """An invite link names a key other than the one pinned for that contact here."""
+
+
+class Downgrade(VeilError):
+    """A device that has post-quantum keys appeared without them: refused."""

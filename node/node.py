@@ -25,7 +25,14 @@ import trio
 import wire
 from cipherdb import WrongKey
 from keyvault.auth import auth_public_key, sign_challenge
-from keyvault.envelope import Sealed, open_envelope, seal, verify_sealed
+from keyvault.envelope import (
+    Sealed,
+    envelope_key_id,
+    open_envelope,
+    seal,
+    seal_hybrid,
+    verify_sealed,
+)
 from keyvault.errors import (
     BadPassword,
     BadPrekey,
@@ -35,6 +42,7 @@ from keyvault.errors import (
 )
 from keyvault.errors import MessageTooLarge as KeyvaultTooLarge
 from keyvault.kdf import DEFAULT_KDF, KdfParams, new_salt, password_keys, store_key
+from keyvault.kem import KemKey, KemUse, verify_kem_key
 from keyvault.keys import (
     AccountKeys,
     PublicKeys,
@@ -57,6 +65,7 @@ from node.errors import (
     CodeNeeded,
     ConnectionLost,
     DeviceRevoked,
+    Downgrade,
     IdentityChanged,
     KeyDiffers,
     LoginFailed,
@@ -343,31 +352,39 @@ class Node:
         device_id = secrets.token_bytes(16)
         pub = keys.public()
         prekeys, prekeys_pub = _first_prekeys(keys)
-        async with open_link(relay, socks, insecure=insecure, tor_control=tor_control) as link:
-            try:
-                session = await link.request(
-                    wire.Register,
-                    name=name,
-                    salt=salt,
-                    kdf=wire.Kdf(kdf.time_cost, kdf.memory_kib, kdf.parallelism),
-                    auth_pub=auth_public_key(pk.auth_seed),
-                    enc_pub=pub.enc,
-                    identity_pub=pub.identity,
-                    dh_pub=pub.dh,
-                    keys_sig=sign_account_keys(keys, name),
-                    bundle=wrap_bundle(keys, pk.wrap_key, name),
-                    recovery_auth_pub=auth_public_key(rk.auth_seed),
-                    recovery_bundle=wrap_bundle(keys, rk.wrap_key, name),
-                    device=wire.DeviceCert(device_id, sign_device(keys, name, device_id)),
-                    prekeys=prekeys_pub,
+        node: Node | None = None
+        try:
+            async with open_link(relay, socks, insecure=insecure, tor_control=tor_control) as link:
+                try:
+                    session = await link.request(
+                        wire.Register,
+                        name=name,
+                        salt=salt,
+                        kdf=wire.Kdf(kdf.time_cost, kdf.memory_kib, kdf.parallelism),
+                        auth_pub=auth_public_key(pk.auth_seed),
+                        enc_pub=pub.enc,
+                        identity_pub=pub.identity,
+                        dh_pub=pub.dh,
+                        keys_sig=sign_account_keys(keys, name),
+                        bundle=wrap_bundle(keys, pk.wrap_key, name),
+                        recovery_auth_pub=auth_public_key(rk.auth_seed),
+                        recovery_bundle=wrap_bundle(keys, rk.wrap_key, name),
+                        device=wire.DeviceCert(device_id, sign_device(keys, name, device_id)),
+                        prekeys=prekeys_pub,
+                    )
+                    await _name_device(link, keys, name, device_id)
+                except RelayRefused as exc:
+                    raise _refused_as(exc) from None
+                node = await trio.to_thread.run_sync(
+                    cls._create_home, home, name, relay, password, kdf, keys, device_id, pk.auth_seed,
+                    session.token, socks, prekeys, insecure, tor_control,
                 )
-                await _name_device(link, keys, name, device_id)
-            except RelayRefused as exc:
-                raise _refused_as(exc) from None
-        node = await trio.to_thread.run_sync(
-            cls._create_home, home, name, relay, password, kdf, keys, device_id, pk.auth_seed,
-            session.token, socks, prekeys, insecure, tor_control,
-        )
+                await node._first_publish(link)
+        except (ConnectionLost, RelayUnreachable):
+            if node is None:
+                raise
+            # The link fell after the home was made: the device is set up all the same.
+        assert node is not None
         return node, code
 
     @classmethod
@@ -403,37 +420,46 @@ class Node:
         except ValueError:
             raise LoginFailed() from None
         mfa = False
-        async with open_link(relay, socks, insecure=insecure, tor_control=tor_control) as link:
-            try:
-                params, kdf = await account_params(link, name, min_kdf)
-                mfa = params.mfa
-                totp = ask_code(code) if mfa else None
-                pk = await trio.to_thread.run_sync(password_keys, password, params.salt, kdf)
-                challenge, sig = await _password_proof(link, name, "bundle", pk.auth_seed)
-                # The code proves itself once: the login that follows on this connection
-                # is covered by it (the relay accepts no code twice).
-                bundle = await link.request(
-                    wire.FetchBundle, name=name, challenge=challenge, signature=sig, totp=totp
-                )
+        node: Node | None = None
+        try:
+            async with open_link(relay, socks, insecure=insecure, tor_control=tor_control) as link:
                 try:
-                    keys = await trio.to_thread.run_sync(unwrap_bundle, bundle.bundle, pk.wrap_key, name)
-                except BadPassword:
-                    raise LoginFailed() from None
-                device_id = secrets.token_bytes(16)
-                prekeys, prekeys_pub = _first_prekeys(keys)
-                challenge, sig = await _password_proof(link, name, "login", pk.auth_seed)
-                session = await link.request(
-                    wire.Login, name=name, challenge=challenge, signature=sig,
-                    device=wire.DeviceCert(device_id, sign_device(keys, name, device_id)),
-                    prekeys=prekeys_pub,
+                    params, kdf = await account_params(link, name, min_kdf)
+                    mfa = params.mfa
+                    totp = ask_code(code) if mfa else None
+                    pk = await trio.to_thread.run_sync(password_keys, password, params.salt, kdf)
+                    challenge, sig = await _password_proof(link, name, "bundle", pk.auth_seed)
+                    # The code proves itself once: the login that follows on this connection
+                    # is covered by it (the relay accepts no code twice).
+                    bundle = await link.request(
+                        wire.FetchBundle, name=name, challenge=challenge, signature=sig, totp=totp
+                    )
+                    try:
+                        keys = await trio.to_thread.run_sync(unwrap_bundle, bundle.bundle, pk.wrap_key, name)
+                    except BadPassword:
+                        raise LoginFailed() from None
+                    device_id = secrets.token_bytes(16)
+                    prekeys, prekeys_pub = _first_prekeys(keys)
+                    challenge, sig = await _password_proof(link, name, "login", pk.auth_seed)
+                    session = await link.request(
+                        wire.Login, name=name, challenge=challenge, signature=sig,
+                        device=wire.DeviceCert(device_id, sign_device(keys, name, device_id)),
+                        prekeys=prekeys_pub,
+                    )
+                    await _name_device(link, keys, name, device_id)
+                except RelayRefused as exc:
+                    raise _refused_as(exc, mfa=mfa) from None
+                node = await trio.to_thread.run_sync(
+                    cls._create_home, home, name, relay, password, kdf, keys, device_id, pk.auth_seed,
+                    session.token, socks, prekeys, insecure, tor_control,
                 )
-                await _name_device(link, keys, name, device_id)
-            except RelayRefused as exc:
-                raise _refused_as(exc, mfa=mfa) from None
-        return await trio.to_thread.run_sync(
-            cls._create_home, home, name, relay, password, kdf, keys, device_id, pk.auth_seed,
-            session.token, socks, prekeys, insecure, tor_control,
-        )
+                await node._first_publish(link)
+        except (ConnectionLost, RelayUnreachable):
+            if node is None:
+                raise
+            # The link fell after the home was made: the device is set up all the same.
+        assert node is not None
+        return node
 
     @classmethod
     def unlock(cls, home: Home, password: str) -> Node:
@@ -556,11 +582,24 @@ class Node:
         (``now``, in seconds, lets a test move the clock.)"""
         status = await link.request(wire.PrekeyStatus)
         now = int(time.time()) if now is None else now
-        rotate, add = self.sessions.prekeys_due(status.signed_id, status.one_time_left, now)
-        if rotate or add:
+        due = self.sessions.prekeys_due(status, now)
+        if due:
+            # Made and kept before they are published: a first message to one of them may
+            # come before the answer does. On this thread, as every use of the store: a
+            # full stock of KEM prekeys takes about 10 ms (50 key pairs and signatures).
             with self.store.transaction():
-                fresh = self.sessions.new_prekeys(signed=rotate, one_time=add, now=now)
+                fresh = self.sessions.new_prekeys(due, now=now)
             await link.request(wire.UploadPrekeys, prekeys=fresh)
+
+    async def _first_publish(self, link: RelayLink) -> None:
+        """Right after a device got its first session, on that link: its post-quantum
+        keys (they are not in the register or login frame), so that the first bundles
+        others claim already have them. Failing here fails nothing: the next connection
+        publishes them."""
+        try:
+            await self.maintain_prekeys(link)
+        except (RelayRefused, ConnectionLost, RelayUnreachable) as exc:
+            log.info("prekeys not published yet: %s", type(exc).__name__)
 
     async def _log_in(self, link: RelayLink, *, fresh: bool) -> None:
         """Open a new session for this device, keeping its id: with the stored auth seed
@@ -653,6 +692,7 @@ class Node:
                 warning = f"{name}'s identity key has changed: check it with `veil verify {name}`"
             self.store.set_devices(name, devices)
             self.store.forget_sessions(name, devices)
+            self.store.put_envelope_keys(name, self._envelope_keys(ans, devices))
         contact = self.store.contact(name)
         assert contact is not None
         if warning:
@@ -702,13 +742,14 @@ class Node:
             self.store.set_verified(name, True)  # the link vouches for the key (and clears a change)
             self.store.set_devices(name, devices)
             self.store.forget_sessions(name, devices)
+            self.store.put_envelope_keys(name, self._envelope_keys(ans, devices))
         contact = self.store.contact(name)
         assert contact is not None
         return contact, pinned is None
 
     async def _fetch_keys(self, link: RelayLink, name: str) -> tuple[str, wire.KeysOk, list[bytes]]:
         """An account's keys, checked against its identity key, and its devices whose
-        certificates verify (nothing stored)."""
+        certificates verify (nothing stored; see `_envelope_keys`)."""
         try:
             name = wire.normalize_username(name)
             ans = await link.request(wire.LookupKeys, name=name)
@@ -725,6 +766,16 @@ class Node:
             raise VeilError(f"the relay served keys for {name} that {name}'s identity key does not vouch for")
         devices = [d.device_id for d in ans.devices if verify_device(ans.identity_pub, name, d.device_id, d.sig)]
         return name, ans, devices
+
+    @staticmethod
+    def _envelope_keys(ans: wire.KeysOk, devices: list[bytes]) -> list[tuple[bytes, int, bytes]]:
+        """The envelope keys of a lookup that the account's identity key signed, for its
+        listed devices (device id, key id, ML-KEM public)."""
+        listed = set(devices)
+        return [
+            (e.device_id, e.key_id, e.public) for e in ans.envelope_keys
+            if e.device_id in listed and verify_kem_key(ans.identity_pub, KemUse.ENVELOPE, e.key_id, e.public, e.sig)
+        ]
 
     def _warn(self, text: str) -> None:
         for listener in self.events:
@@ -881,10 +932,14 @@ class Node:
             if contact.verified and contact.key_changed:
                 raise self._held(m.peer)
             targets += [
-                (Peer(contact.name, d, contact.identity_pub, contact.dh_pub), contact.enc_pub)
+                (Peer(contact.name, d, contact.identity_pub, contact.dh_pub,
+                      self.store.envelope_key(contact.name, d)), contact.enc_pub)
                 for d in contact.devices
             ]
-        targets += [(Peer(self.name, d, me.identity, me.dh), me.enc) for d in own if d != self.device_id]
+        targets += [
+            (Peer(self.name, d, me.identity, me.dh, self.store.envelope_key(self.name, d)), me.enc)
+            for d in own if d != self.device_id
+        ]
         missing: dict[str, list[bytes]] = {}
         for peer, _ in targets:
             if not self.sessions.has_session(peer.name, peer.device_id):
@@ -916,7 +971,15 @@ class Node:
                     except BadPrekey:
                         self._warn(f"skipped a device of {peer.name}: its prekey signature does not verify")
                         continue
-                    blob = seal(Sealed(self.name, self.device_id, payload), self.keys, enc, peer.device_id)
+                    except Downgrade as exc:
+                        self._warn(f"skipped a device of {peer.name}: {exc}")
+                        continue
+                    sealed = Sealed(self.name, self.device_id, payload)
+                    if peer.envelope_key is None:
+                        blob = seal(sealed, self.keys, enc, peer.device_id)
+                    else:  # version 3: the sender stays hidden from a quantum computer too
+                        key_id, public = peer.envelope_key
+                        blob = seal_hybrid(sealed, self.keys, enc, peer.device_id, public, key_id)
                     entries.append(OutboxEntry(secrets.token_bytes(16), m.msg_id, peer.device_id, blob))
                 peer_devices = {p.device_id for p, _ in targets if p.name == m.peer}
                 if m.peer != self.name and not any(e.device_id in peer_devices for e in entries):
@@ -936,8 +999,11 @@ class Node:
         if ans.name != self.name:
             raise VeilError("the relay answered a lookup of this account with another account's keys")
         devices = [d.device_id for d in ans.devices if verify_device(me.identity, self.name, d.device_id, d.sig)]
+        if ans.identity_pub != me.identity:
+            raise VeilError("the relay answered a lookup of this account with another identity key")
         with self.store.transaction():
             self.store.forget_sessions(self.name, devices)
+            self.store.put_envelope_keys(self.name, self._envelope_keys(ans, devices))
         return devices
 
     async def flush_outbox(self, link: RelayLink) -> int:
@@ -1044,7 +1110,7 @@ class Node:
         """Open one envelope: the outer layer (RSA) names the sender, whose identity key
         must have signed it; the inner layer is a ratchet message in the session with the
         sender's device. Returns None for a duplicate; DecryptionFailed for anything bad."""
-        unverified = open_envelope(blob, self.keys, self.device_id)
+        unverified = open_envelope(blob, self.keys, self.device_id, self._envelope_key_for(blob))
         sender = unverified.sealed.sender
         if not _canonical(sender):
             # "mallory\r" would pass as mallory's (the lookup canonicalises) and print as
@@ -1097,11 +1163,17 @@ class Node:
             fn(received)
         return received
 
+    def _envelope_key_for(self, blob: bytes) -> KemKey | None:
+        """This device's envelope key that a version 3 envelope names, if it has it."""
+        key_id = envelope_key_id(blob)
+        raw = None if key_id is None else self.store.kem_key(KemUse.ENVELOPE, key_id)
+        return None if raw is None else KemKey.from_bytes(raw)
+
     def open_only(self, blob: bytes) -> tuple[str, bytes]:
         """Try to open an envelope with this device's current keys and sessions without
         changing anything: (sender, plaintext body) or DecryptionFailed/DuplicateMessage.
         For checking forward secrecy against a copy of a device's state."""
-        unverified = open_envelope(blob, self.keys, self.device_id)
+        unverified = open_envelope(blob, self.keys, self.device_id, self._envelope_key_for(blob))
         s = unverified.sealed
         contact = self.store.contact(s.sender)
         dh = self.keys.public().dh if s.sender == self.name else (contact.dh_pub if contact else b"")

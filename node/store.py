@@ -109,6 +109,29 @@ def _m0003(db: Database) -> None:
     db.execute("CREATE TABLE input_history (id INTEGER PRIMARY KEY, line TEXT NOT NULL)")
 
 
+@migrations(name="0004_post_quantum")
+def _m0004(db: Database) -> None:
+    # This device's ML-KEM-768 keys (keyvault.kem: one-time and last-resort KEM prekeys,
+    # envelope keys), private halves included.
+    db.execute(
+        "CREATE TABLE kem_keys (use INTEGER NOT NULL, key_id INTEGER NOT NULL, blob BLOB NOT NULL,"
+        " created_at INTEGER NOT NULL, PRIMARY KEY (use, key_id))"
+    )
+    # Envelope keys of other devices (and of this account's others), signature checked.
+    # Kept when a lookup no longer lists one: a relay must not be able to make a device
+    # fall back to envelopes without the KEM layer by leaving a key out.
+    db.execute(
+        "CREATE TABLE envelope_keys (name TEXT NOT NULL, device_id BLOB NOT NULL,"
+        " key_id INTEGER NOT NULL, public BLOB NOT NULL, PRIMARY KEY (name, device_id))"
+    )
+    # Devices seen with post-quantum keys: never again a session with them without PQXDH.
+    # Neither table forgets a device the relay stops listing (it may list it again).
+    db.execute(
+        "CREATE TABLE pq_devices (name TEXT NOT NULL, device_id BLOB NOT NULL,"
+        " PRIMARY KEY (name, device_id))"
+    )
+
+
 @dataclass(frozen=True)
 class SessionRow:
     sid: int
@@ -427,6 +450,66 @@ class NodeStore:
 
     def delete_one_time_prekey(self, key_id: int) -> None:
         self.conn.execute("DELETE FROM one_time_prekeys WHERE key_id = ?", (key_id,))
+
+    # ---- post-quantum keys ---------------------------------------------------------------
+    def add_kem_keys(self, keys: Sequence[tuple[int, int, bytes, int]]) -> None:
+        """(use, key_id, KemKey bytes, created_at) of this device's new KEM keys."""
+        self.conn.executemany(
+            "INSERT INTO kem_keys (use, key_id, blob, created_at) VALUES (?,?,?,?)", keys
+        )
+
+    def kem_key(self, use: int, key_id: int) -> bytes | None:
+        row = self.conn.execute(
+            "SELECT blob FROM kem_keys WHERE use = ? AND key_id = ?", (use, key_id)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def newest_kem_key(self, use: int) -> tuple[int, int, bytes] | None:
+        """(key_id, created_at, KemKey bytes) of this device's newest key of ``use``."""
+        row = self.conn.execute(
+            "SELECT key_id, created_at, blob FROM kem_keys WHERE use = ?"
+            " ORDER BY created_at DESC, key_id DESC LIMIT 1",
+            (use,),
+        ).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]), bytes(row[2]))
+
+    def delete_kem_key(self, use: int, key_id: int) -> None:
+        self.conn.execute("DELETE FROM kem_keys WHERE use = ? AND key_id = ?", (use, key_id))
+
+    def drop_kem_keys_retired_before(self, use: int, cutoff: int) -> None:
+        """Forget keys of ``use`` that a newer one replaced before ``cutoff``."""
+        self.conn.execute(
+            "DELETE FROM kem_keys WHERE use = ? AND EXISTS (SELECT 1 FROM kem_keys AS newer"
+            " WHERE newer.use = kem_keys.use AND (newer.created_at, newer.key_id) >"
+            " (kem_keys.created_at, kem_keys.key_id) AND newer.created_at < ?)",
+            (use, cutoff),
+        )
+
+    def put_envelope_keys(self, name: str, keys: Sequence[tuple[bytes, int, bytes]]) -> None:
+        """Record (device_id, key_id, public) of ``name``'s devices (a newer id replaces)."""
+        self.conn.executemany(
+            "INSERT INTO envelope_keys (name, device_id, key_id, public) VALUES (?,?,?,?)"
+            " ON CONFLICT (name, device_id) DO UPDATE SET key_id = excluded.key_id,"
+            " public = excluded.public WHERE excluded.key_id > envelope_keys.key_id",
+            [(name, d, k, pub) for d, k, pub in keys],
+        )
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO pq_devices (name, device_id) VALUES (?,?)", [(name, d) for d, _, _ in keys]
+        )
+
+    def envelope_key(self, name: str, device_id: bytes) -> tuple[int, bytes] | None:
+        row = self.conn.execute(
+            "SELECT key_id, public FROM envelope_keys WHERE name = ? AND device_id = ?", (name, device_id)
+        ).fetchone()
+        return None if row is None else (int(row[0]), bytes(row[1]))
+
+    def mark_post_quantum(self, name: str, device_id: bytes) -> None:
+        self.conn.execute("INSERT OR IGNORE INTO pq_devices (name, device_id) VALUES (?,?)", (name, device_id))
+
+    def is_post_quantum(self, name: str, device_id: bytes) -> bool:
+        return self.conn.execute(
+            "SELECT 1 FROM pq_devices WHERE name = ? AND device_id = ?", (name, device_id)
+        ).fetchone() is not None
 
     # ---- composed, not yet sealed -------------------------------------------------------
     def add_unsealed(self, msg_id: bytes) -> None:

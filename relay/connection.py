@@ -35,7 +35,7 @@ COLLECT_DELAY = 0.5
 MAX_INFLIGHT = 32  # Sends awaiting their commit, per connection
 INFLIGHT_SEND_BYTES = 8 * 1024 * 1024  # envelope bytes of those, per connection
 COMMIT_BYTES = 256 * 1024 * 1024  # envelope bytes awaiting their commit, relay-wide
-UNAUTHENTICATED_MAX_MESSAGE = 128 * 1024  # frames before a session (a register is ~40 KiB)
+UNAUTHENTICATED_MAX_MESSAGE = 128 * 1024  # frames before a session (a register is ~10 KB, ~76 KB with KEM keys)
 AUTH_DEADLINE = 60.0  # seconds a connection has to get a session
 MAX_CONNECTIONS = 20_000  # relay-wide at most (also kept below the open-file limit, and by default
 # to what half the machine's memory holds at the worst case per connection, server.py)

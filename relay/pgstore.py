@@ -57,7 +57,8 @@ MIGRATION_LOCK = 0x7665696C  # pg_advisory_lock key ("veil") while migrating
 CONNECT_TIMEOUT = 10.0
 
 # Numbered migrations, applied in order, each once (table veil_migrations). 0001 is the
-# SQLite store's 0001-0006 at once; later changes get their own number here and there.
+# SQLite store's 0001-0006 at once; later changes get their own number here and there
+# (0002 is the SQLite store's 0007).
 MIGRATIONS: tuple[tuple[str, str], ...] = (
     ("0001_initial", """
 CREATE TABLE accounts (
@@ -142,6 +143,18 @@ CREATE UNLOGGED TABLE login_throttle (
     touched DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX login_throttle_touched ON login_throttle(touched);
+"""),
+    ("0002_kem_prekeys", """
+-- A device's ML-KEM-768 keys: use 1 one-time KEM prekeys (deleted when claimed), 2 the
+-- last-resort KEM prekey, 3 the envelope key (one of each per device). Public data.
+CREATE TABLE kem_prekeys (
+    device_id BYTEA NOT NULL REFERENCES devices(device_id) ON DELETE CASCADE,
+    use SMALLINT NOT NULL,
+    key_id BIGINT NOT NULL,
+    public BYTEA NOT NULL,
+    sig BYTEA NOT NULL,
+    PRIMARY KEY (device_id, use, key_id)
+);
 """),
 )
 

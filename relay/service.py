@@ -21,6 +21,7 @@ import wire
 from keyvault.auth import verify_challenge
 from keyvault.errors import BadKey
 from keyvault.kdf import DEFAULT_KDF
+from keyvault.kem import KemUse, verify_kem_key
 from keyvault.keys import PublicKeys, verify_account_keys, verify_device
 from keyvault.prekeys import verify_signed_prekey
 from keyvault.totp import accept as totp_accept
@@ -32,6 +33,7 @@ from relay.mailroom import Mailroom
 from relay.pgstore import SharedThrottle
 from relay.store import (
     Account,
+    Bundle,
     Credentials,
     CredentialsChanged,
     DeviceRevoked,
@@ -40,7 +42,9 @@ from relay.store import (
     NameTaken,
     NewAccount,
     NoSession,
+    PrekeyCounts,
     PrekeyLimit,
+    Prekeys,
     Stored,
     TooManyDevices,
     UnknownDevice,
@@ -199,10 +203,49 @@ def _name(raw: str) -> str:
         raise Refused(E.BAD_NAME, str(exc)) from None
 
 
+PREKEY_LIMITS = (wire.MAX_ONE_TIME_PREKEYS, wire.MAX_KEM_ONE_TIME_PREKEYS)  # held per device
+# Where the service's room check counts only the frame's own keys (a new device, or one
+# that may be another account's: the store counts what it holds, when it stores them).
+NO_PREKEYS = PrekeyCounts(None, 0, 0, None, None)
+
+
+def _prekey_limit() -> Refused:
+    return Refused(E.PREKEY_LIMIT, f"a device holds at most {wire.MAX_ONE_TIME_PREKEYS} one-time prekeys"
+                   f" and {wire.MAX_KEM_ONE_TIME_PREKEYS} one-time KEM prekeys")
+
+
 def _check_prekeys(identity: bytes, prekeys: wire.PrekeySet | None) -> None:
-    sp = None if prekeys is None else prekeys.signed
+    """The signatures of the single keys of a prekey set: the signed prekey, the
+    last-resort KEM prekey and the envelope key, each for its own use (``bad_key``). The
+    one-time KEM prekeys are checked apart (RelayService._check_kem_one_time)."""
+    if prekeys is None:
+        return
+    sp = prekeys.signed
     if sp is not None and not verify_signed_prekey(identity, sp.key_id, sp.public, sp.sig):
         raise Refused(E.BAD_KEY, "the signed prekey's signature does not verify")
+    for use, key, what in ((KemUse.LAST_RESORT, prekeys.kem_last_resort, "last-resort KEM prekey"),
+                           (KemUse.ENVELOPE, prekeys.envelope_key, "envelope key")):
+        if key is not None and not verify_kem_key(identity, use, key.key_id, key.public, key.sig):
+            raise Refused(E.BAD_KEY, f"the {what}'s signature does not verify")
+
+
+def _stored_prekeys(prekeys: wire.PrekeySet) -> Prekeys:
+    sp, lr, ek = prekeys.signed, prekeys.kem_last_resort, prekeys.envelope_key
+    return Prekeys(
+        signed=None if sp is None else (sp.key_id, sp.public, sp.sig),
+        one_time=[(k.key_id, k.public) for k in prekeys.one_time],
+        kem_one_time=[(k.key_id, k.public, k.sig) for k in prekeys.kem_one_time],
+        kem_last_resort=None if lr is None else (lr.key_id, lr.public, lr.sig),
+        envelope_key=None if ek is None else (ek.key_id, ek.public, ek.sig),
+    )
+
+
+def _status_ok(rid: int, counts: PrekeyCounts) -> wire.PrekeyStatusOk:
+    return wire.PrekeyStatusOk(
+        id=rid, signed_id=counts.signed_id, one_time_left=counts.one_time_left,
+        kem_one_time_left=counts.kem_one_time_left, kem_last_resort_id=counts.kem_last_resort_id,
+        envelope_key_id=counts.envelope_key_id,
+    )
 
 
 def _leave(table: dict[K, dict[Peer, None]], key: K | None, peer: Peer) -> None:
@@ -310,12 +353,15 @@ class RelayService:
             case wire.UploadPrekeys():
                 self._require_session(peer)
                 assert peer.account_id is not None and peer.device_id is not None
+                device_id = peer.device_id  # a logout elsewhere may unbind the peer meanwhile
                 identity = await self.mailroom.call(self.mailroom.store.identity_of, peer.account_id)
-                return await self._publish(req.id, peer.device_id, identity, req.prekeys)
+                _check_prekeys(identity, req.prekeys)
+                await self._check_kem_one_time(peer, identity, device_id, req.prekeys)
+                return await self._publish(req.id, device_id, req.prekeys)
             case wire.PrekeyStatus():
                 self._require_session(peer)
-                spk, left = await self.mailroom.call(self.mailroom.store.prekey_status, peer.device_id)
-                return wire.PrekeyStatusOk(id=req.id, signed_id=spk, one_time_left=left)
+                counts = await self.mailroom.call(self.mailroom.store.prekey_status, peer.device_id)
+                return _status_ok(req.id, counts)
             case wire.ClaimPrekeys():
                 return await self.claim_prekeys(peer, req)
             case wire.ListDevices():
@@ -382,6 +428,9 @@ class RelayService:
         # a taken name or device id spends one too, or register would be a free oracle.
         if not self.registrations.take():
             raise Refused(E.RATE_LIMITED, "this relay takes no more new accounts just now; try again in a few minutes")
+        # Up to 50 signatures: only once a registration is spent (so no more often than the
+        # relay takes registrations, whoever sends them).
+        await self._check_kem_one_time(peer, req.identity_pub, req.device.device_id, req.prekeys, NO_PREKEYS)
         new = NewAccount(
             name_mac=self.mac(name),
             salt=req.salt,
@@ -405,7 +454,7 @@ class RelayService:
         except (UnknownDevice, DeviceRevoked):
             raise Refused(E.UNKNOWN_DEVICE, "device id already in use") from None
         if req.prekeys is not None:
-            await self._publish(req.id, req.device.device_id, req.identity_pub, req.prekeys)
+            await self._publish(req.id, req.device.device_id, req.prekeys)
         return await self._open_session(peer, req.id, account_id, req.device.device_id)
 
     async def _prove(
@@ -496,6 +545,9 @@ class RelayService:
         if not verify_device(account.identity_pub, name, req.device.device_id, req.device.sig):
             raise Refused(E.BAD_KEY, "device signature does not verify")
         _check_prekeys(account.identity_pub, req.prekeys)
+        # After the password proof (one login per connection). Not what the device id holds
+        # (it may be another account's): the store counts that when it stores them.
+        await self._check_kem_one_time(peer, account.identity_pub, req.device.device_id, req.prekeys, NO_PREKEYS)
         try:
             ok = await self.mailroom.call(
                 self.mailroom.store.ensure_device,
@@ -508,23 +560,50 @@ class RelayService:
         if not ok:
             raise Refused(E.TOO_MANY_DEVICES, f"an account has at most {wire.MAX_DEVICES} devices")
         if req.prekeys is not None:
-            await self._publish(req.id, req.device.device_id, account.identity_pub, req.prekeys)
+            await self._publish(req.id, req.device.device_id, req.prekeys)
         return await self._open_session(peer, req.id, account.id, req.device.device_id, account.auth_pub)
 
-    async def _publish(
-        self, rid: int, device_id: bytes, identity: bytes, prekeys: wire.PrekeySet
-    ) -> wire.PrekeyStatusOk:
-        """Check the signed prekey's signature and store the device's prekeys."""
-        _check_prekeys(identity, prekeys)
-        sp = prekeys.signed
-        signed = None if sp is None else (sp.key_id, sp.public, sp.sig)
-        status = await self.mailroom.call(
-            self.mailroom.store.publish_prekeys, device_id, signed,
-            [(k.key_id, k.public) for k in prekeys.one_time], wire.MAX_ONE_TIME_PREKEYS,
+    async def _check_kem_one_time(
+        self, peer: Peer, identity: bytes, device_id: bytes, prekeys: wire.PrekeySet | None,
+        held: PrekeyCounts | None = None,
+    ) -> None:
+        """Check the one-time KEM prekeys of a prekey set whose other keys passed
+        ``_check_prekeys``: first that the device, holding ``held`` (None: what the store
+        says the session's own device holds), has room for them (``prekey_limit``), then
+        their signatures (``bad_key``). The store checks the room again, atomically, when
+        it stores them.
+
+        Each costs about 0.1 ms to verify (Ed25519 and ML-KEM's encoding check), 50 a
+        frame: about 5 ms, which the per-connection frame limits (500 frames a second, 32
+        at a time) do not bound. So they are verified only after the count passed (a
+        device with a full stock is refused before any is verified, however often it
+        asks), in order, stopping at the first bad one; and a frame with a bad one makes
+        its connection wait, as a failed resume does (0.2 s, doubling with each failure
+        up to 10 s, holding one of its 32 request slots), so that bad signatures cannot
+        be sent over and over at full rate either. (At register, login and recover they
+        come after a registration is spent or a proof passed, once per connection.)"""
+        if prekeys is None or not prekeys.kem_one_time:
+            return
+        if held is None:
+            held = await self.mailroom.call(self.mailroom.store.prekey_status, device_id)
+        if (held.one_time_left + len(prekeys.one_time) > wire.MAX_ONE_TIME_PREKEYS
+                or held.kem_one_time_left + len(prekeys.kem_one_time) > wire.MAX_KEM_ONE_TIME_PREKEYS):
+            raise _prekey_limit()
+        for k in prekeys.kem_one_time:
+            if not verify_kem_key(identity, KemUse.ONE_TIME, k.key_id, k.public, k.sig):
+                peer.failures += 1
+                await trio.sleep(min(0.2 * 2 ** (peer.failures - 1), 10.0))
+                raise Refused(E.BAD_KEY, "a one-time KEM prekey's signature does not verify")
+
+    async def _publish(self, rid: int, device_id: bytes, prekeys: wire.PrekeySet) -> wire.PrekeyStatusOk:
+        """Store the device's prekeys (their signatures checked already: ``_check_prekeys``
+        and ``_check_kem_one_time``)."""
+        counts = await self.mailroom.call(
+            self.mailroom.store.publish_prekeys, device_id, _stored_prekeys(prekeys), PREKEY_LIMITS,
         )
-        if status is None:
-            raise Refused(E.PREKEY_LIMIT, f"a device holds at most {wire.MAX_ONE_TIME_PREKEYS} one-time prekeys")
-        return wire.PrekeyStatusOk(id=rid, signed_id=status[0], one_time_left=status[1])
+        if counts is None:
+            raise _prekey_limit()
+        return _status_ok(rid, counts)
 
     async def _open_session(
         self, peer: Peer, rid: int, account_id: int, device_id: bytes, auth_pub: bytes | None = None
@@ -708,21 +787,19 @@ class RelayService:
         if not verify_device(account.identity_pub, name, device.device_id, device.sig):
             raise Refused(E.BAD_KEY, "device signature does not verify")
         _check_prekeys(account.identity_pub, req.prekeys)
+        # After the recovery proof; the store counts what the device holds (as at login).
+        await self._check_kem_one_time(peer, account.identity_pub, device.device_id, req.prekeys, NO_PREKEYS)
         recovery = None
         if req.recovery_auth_pub is not None and req.recovery_bundle is not None:
             recovery = (req.recovery_auth_pub, req.recovery_bundle)
         creds = Credentials(req.salt, (req.kdf.t, req.kdf.m, req.kdf.p), req.auth_pub, req.bundle, recovery)
-        prekeys = None
-        if req.prekeys is not None:
-            sp = req.prekeys.signed
-            prekeys = (None if sp is None else (sp.key_id, sp.public, sp.sig),
-                       [(k.key_id, k.public) for k in req.prekeys.one_time])
+        prekeys = None if req.prekeys is None else _stored_prekeys(req.prekeys)
         token = new_token()
         th = token_hash(token)
         try:
             expires = await self.mailroom.call(
                 self.mailroom.store.recover, account.id, creds, (device.device_id, device.sig),
-                wire.MAX_DEVICES, prekeys, wire.MAX_ONE_TIME_PREKEYS, th,
+                wire.MAX_DEVICES, prekeys, PREKEY_LIMITS, th,
                 (account.recovery_auth_pub, account.totp_secret),
             )
         except CredentialsChanged:
@@ -734,9 +811,7 @@ class RelayService:
         except TooManyDevices:
             raise Refused(E.TOO_MANY_DEVICES, f"an account has at most {wire.MAX_DEVICES} devices") from None
         except PrekeyLimit:
-            raise Refused(
-                E.PREKEY_LIMIT, f"a device holds at most {wire.MAX_ONE_TIME_PREKEYS} one-time prekeys"
-            ) from None
+            raise _prekey_limit() from None
         peer.recovery_grant = None
         await self._throttle(self.throttle.succeed, account.name_mac)
         # Every session of the account ended with the old password: so do their connections.
@@ -856,7 +931,13 @@ class RelayService:
         self._require_session(peer)
         name = _name(req.name)
         account = await self._named_account(name)
-        devices = await self.mailroom.call(self.mailroom.store.devices, account.id)
+        store = self.mailroom.store
+
+        def read() -> tuple[list[tuple[bytes, bytes, int]], list[tuple[bytes, int, bytes, bytes]]]:
+            return store.devices(account.id), store.envelope_keys(account.id)
+
+        devices, envelope_keys = await self.mailroom.call(read)  # one trip to the store: on every send
+        listed = {d for d, _, _ in devices}
         return wire.KeysOk(
             id=req.id,
             name=name,
@@ -865,6 +946,8 @@ class RelayService:
             dh_pub=account.dh_pub,
             keys_sig=account.keys_sig,
             devices=[wire.DeviceCert(d, sig) for d, sig, _ in devices],
+            # Of the devices listed (one added between the two reads is not).
+            envelope_keys=[wire.EnvelopeKey(*k) for k in envelope_keys if k[0] in listed],
         )
 
     async def claim_prekeys(self, peer: Peer, req: wire.ClaimPrekeys) -> wire.Frame:
@@ -876,7 +959,9 @@ class RelayService:
         # taken too many of this device's lately: draining them costs the attacker time.
         # Only the holder's own devices are rationed (ids of others or made up spend
         # nothing); taken before the claim, so concurrent claims cannot all pass, and
-        # given back for a device that yields none.
+        # given back for a device that yields none. One ration covers both one-time keys
+        # of a device, its X25519 prekey and its one-time KEM prekey: a device that may
+        # not give one gives its last-resort KEM prekey instead.
         devices = await self.mailroom.call(self.mailroom.store.devices, holder.id)
         theirs = {d for d, _, _ in devices}
         one_time: list[bytes] = []
@@ -888,16 +973,23 @@ class RelayService:
                 self.prekey_requester_budget.spend(account, device_id, 1)
                 self.prekey_device_budget.spend(device_id, 1)
                 one_time.append(device_id)
-        bundles: list[tuple[bytes, int, bytes, bytes, int | None, bytes | None]] = []
+        bundles: list[Bundle] = []
         try:
             bundles = await self.mailroom.call(self.mailroom.store.claim_prekeys, holder.id, req.device_ids, one_time)
         finally:
-            got = {b[0] for b in bundles if b[4] is not None}
+            # Given back unless the device gave a one-time key of either kind.
+            got = {b.device_id for b in bundles if b.took_one_time}
             for device_id in one_time:
                 if device_id not in got:
                     self.prekey_requester_budget.give_back(account, device_id, 1)
                     self.prekey_device_budget.give_back(device_id, 1)
-        return wire.PrekeyBundles(id=req.id, bundles=[wire.DeviceBundle(*b) for b in bundles])
+        return wire.PrekeyBundles(id=req.id, bundles=[
+            wire.DeviceBundle(
+                b.device_id, b.spk_id, b.spk, b.spk_sig, b.opk_id, b.opk,
+                None if b.kem is None else wire.BundleKem(b.kem.use, b.kem.key_id, b.kem.public, b.kem.sig),
+            )
+            for b in bundles
+        ])
 
     def admit(self, peer: Peer, req: wire.Send) -> Admitted:
         """Check a send before the relay holds any of it (budgets are taken after this):

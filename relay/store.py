@@ -179,6 +179,25 @@ def _m0006(db: Database) -> None:
     )
 
 
+@migrations(name="0007_kem_prekeys")
+def _m0007(db: Database) -> None:
+    # A device's ML-KEM-768 keys (post-quantum), public halves with their identity-key
+    # signatures, as published: ``use`` 1 one-time KEM prekeys (deleted when claimed),
+    # 2 the last-resort KEM prekey and 3 the envelope key (one of each per device, a new
+    # one replaces it).
+    db.execute(
+        """
+        CREATE TABLE kem_prekeys (
+            device_id BLOB NOT NULL REFERENCES devices(device_id) ON DELETE CASCADE,
+            use INTEGER NOT NULL,
+            key_id INTEGER NOT NULL,
+            public BLOB NOT NULL,
+            sig BLOB NOT NULL,
+            PRIMARY KEY (device_id, use, key_id)
+        ) WITHOUT ROWID"""
+    )
+
+
 MAX_REVOKED = 64  # revoked device ids remembered per account
 MAX_CODE_FAILURES = 10  # wrong codes a day after a right password, per account
 
@@ -308,6 +327,67 @@ class Posting:
     items: Sequence[tuple[bytes, bytes, bytes]]  # (device_id, eid, blob)
     stored: list[Stored] = field(default_factory=list)
     error: Exception | None = None
+
+
+# kem_prekeys.use: keyvault.kem.KemUse, the use each key's signature is for.
+KEM_ONE_TIME = 1
+KEM_LAST_RESORT = 2
+KEM_ENVELOPE = 3
+
+
+@dataclass(frozen=True)
+class KemPrekey:
+    """A device's ML-KEM-768 public key as the device published it."""
+
+    use: int  # KEM_ONE_TIME, KEM_LAST_RESORT or KEM_ENVELOPE
+    key_id: int
+    public: bytes
+    sig: bytes
+
+
+@dataclass(frozen=True)
+class Prekeys:
+    """What a device publishes, all optional: its signed prekey (key_id, public, sig),
+    one-time prekeys (key_id, public), one-time KEM prekeys (key_id, public, sig), and its
+    last-resort KEM prekey and envelope key (key_id, public, sig; each replaces the one
+    held). Signatures are checked by the service, not here."""
+
+    signed: tuple[int, bytes, bytes] | None = None
+    one_time: Sequence[tuple[int, bytes]] = ()
+    kem_one_time: Sequence[tuple[int, bytes, bytes]] = ()
+    kem_last_resort: tuple[int, bytes, bytes] | None = None
+    envelope_key: tuple[int, bytes, bytes] | None = None
+
+
+@dataclass(frozen=True)
+class PrekeyCounts:
+    """A device's prekeys at the relay: the ids of the single ones (None: none held) and
+    how many one-time ones are left."""
+
+    signed_id: int | None
+    one_time_left: int
+    kem_one_time_left: int
+    kem_last_resort_id: int | None
+    envelope_key_id: int | None
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """One device's claimed prekeys: its signed prekey, a one-time prekey (or None), and a
+    KEM prekey (one-time, else the last-resort one; None if it has published neither)."""
+
+    device_id: bytes
+    spk_id: int
+    spk: bytes
+    spk_sig: bytes
+    opk_id: int | None
+    opk: bytes | None
+    kem: KemPrekey | None = None
+
+    @property
+    def took_one_time(self) -> bool:
+        """Whether the claim took a one-time key of this device (X25519 or KEM)."""
+        return self.opk_id is not None or (self.kem is not None and self.kem.use == KEM_ONE_TIME)
 
 
 class Cursor(Protocol):
@@ -708,8 +788,8 @@ class RelayStore:
         creds: Credentials,
         device: tuple[bytes, bytes],
         device_limit: int,
-        prekeys: tuple[tuple[int, bytes, bytes] | None, Sequence[tuple[int, bytes]]] | None,
-        prekey_limit: int,
+        prekeys: Prekeys | None,
+        prekey_limits: tuple[int, int],
         token_hash: bytes,
         proved: tuple[bytes, bytes | None] | None = None,
     ) -> int:
@@ -735,7 +815,7 @@ class RelayStore:
             self.e.announce("account", [account_id.to_bytes(8, "big"), token_hash])
             device_id, sig = device
             self._ensure_device(account_id, device_id, sig, device_limit)
-            if prekeys is not None and self.publish_prekeys(device_id, *prekeys, prekey_limit) is None:
+            if prekeys is not None and self.publish_prekeys(device_id, prekeys, prekey_limits) is None:
                 raise PrekeyLimit()
             return self.create_session(token_hash, account_id, device_id)
 
@@ -1023,48 +1103,69 @@ class RelayStore:
         ]
 
     # ---- prekeys -------------------------------------------------------------------
-    def prekey_status(self, device_id: bytes) -> tuple[int | None, int]:
-        """(signed prekey id or None, one-time prekeys held) of a device."""
-        row = self.x("SELECT key_id FROM signed_prekeys WHERE device_id = ?", (device_id,)).fetchone()
-        (count,) = self.x(
-            "SELECT count(*) FROM one_time_prekeys WHERE device_id = ?", (device_id,)
+    def prekey_status(self, device_id: bytes) -> PrekeyCounts:
+        """What the relay holds of a device's prekeys (all None and 0 for an unknown device)."""
+        row = self.x(
+            "SELECT (SELECT key_id FROM signed_prekeys WHERE device_id = ?),"
+            " (SELECT count(*) FROM one_time_prekeys WHERE device_id = ?),"
+            " (SELECT count(*) FROM kem_prekeys WHERE device_id = ? AND use = ?),"
+            " (SELECT max(key_id) FROM kem_prekeys WHERE device_id = ? AND use = ?),"
+            " (SELECT max(key_id) FROM kem_prekeys WHERE device_id = ? AND use = ?)",
+            (device_id, device_id, device_id, KEM_ONE_TIME, device_id, KEM_LAST_RESORT, device_id, KEM_ENVELOPE),
         ).fetchone()
-        return (None if row is None else int(row[0])), int(count)
+        return PrekeyCounts(
+            signed_id=None if row[0] is None else int(row[0]), one_time_left=int(row[1]),
+            kem_one_time_left=int(row[2]), kem_last_resort_id=None if row[3] is None else int(row[3]),
+            envelope_key_id=None if row[4] is None else int(row[4]),
+        )
 
-    def publish_prekeys(
-        self,
-        device_id: bytes,
-        signed: tuple[int, bytes, bytes] | None,
-        one_time: Sequence[tuple[int, bytes]],
-        limit: int,
-    ) -> tuple[int | None, int] | None:
-        """Store a device's prekeys; None (nothing stored) if it would hold over ``limit``
-        one-time prekeys. A repeated one-time key id replaces nothing (it is ignored)."""
+    def publish_prekeys(self, device_id: bytes, prekeys: Prekeys, limits: tuple[int, int]) -> PrekeyCounts | None:
+        """Store a device's prekeys, in one transaction under the device's row lock; None
+        (nothing stored) if it would hold more than ``limits`` = (one-time prekeys,
+        one-time KEM prekeys), counting every key of the upload (repeated ids too). A
+        one-time key id the device holds already replaces nothing (it is ignored); a
+        signed prekey, last-resort KEM prekey or envelope key replaces the one held."""
         with self.e.atomic():
             self.x(f"SELECT 1 FROM devices WHERE device_id = ?{self.e.lock_rows}", (device_id,))
-            _, held = self.prekey_status(device_id)
-            if held + len(one_time) > limit:
+            held = self.prekey_status(device_id)
+            if (held.one_time_left + len(prekeys.one_time) > limits[0]
+                    or held.kem_one_time_left + len(prekeys.kem_one_time) > limits[1]):
                 return None
-            if signed is not None:
+            if prekeys.signed is not None:
                 self.x(
                     "INSERT INTO signed_prekeys (device_id, key_id, public, sig) VALUES (?,?,?,?)"
                     " ON CONFLICT (device_id) DO UPDATE SET key_id = excluded.key_id,"
                     " public = excluded.public, sig = excluded.sig",
-                    (device_id, *signed),
+                    (device_id, *prekeys.signed),
                 )
-            self.e.executemany(
-                "INSERT INTO one_time_prekeys (device_id, key_id, public) VALUES (?,?,?) ON CONFLICT DO NOTHING",
-                [(device_id, k, pub) for k, pub in one_time],
-            )
+            if prekeys.one_time:
+                self.e.executemany(
+                    "INSERT INTO one_time_prekeys (device_id, key_id, public) VALUES (?,?,?) ON CONFLICT DO NOTHING",
+                    [(device_id, k, pub) for k, pub in prekeys.one_time],
+                )
+            kem = [(device_id, KEM_ONE_TIME, *k) for k in prekeys.kem_one_time]
+            for use, single in ((KEM_LAST_RESORT, prekeys.kem_last_resort), (KEM_ENVELOPE, prekeys.envelope_key)):
+                if single is not None:
+                    self.x("DELETE FROM kem_prekeys WHERE device_id = ? AND use = ?", (device_id, use))
+                    kem.append((device_id, use, *single))
+            if kem:
+                self.e.executemany(
+                    "INSERT INTO kem_prekeys (device_id, use, key_id, public, sig) VALUES (?,?,?,?,?)"
+                    " ON CONFLICT DO NOTHING",
+                    kem,
+                )
             return self.prekey_status(device_id)
 
     def claim_prekeys(
         self, account_id: int, device_ids: Sequence[bytes], one_time: Collection[bytes] | None = None
-    ) -> list[tuple[bytes, int, bytes, bytes, int | None, bytes | None]]:
-        """Bundles for the account's listed devices, taking one one-time prekey (the
-        oldest) from each device in ``one_time`` (all of them if None); devices of other
-        accounts or without a signed prekey are left out."""
-        out: list[tuple[bytes, int, bytes, bytes, int | None, bytes | None]] = []
+    ) -> list[Bundle]:
+        """Bundles for the account's listed devices, taking from each device in
+        ``one_time`` (all of them if None) its oldest (lowest id) one-time prekey and
+        one-time KEM prekey, deleted as they are handed out; a device that gives no
+        one-time KEM prekey (none left, or not in ``one_time``) gives its last-resort KEM
+        prekey, which stays. Devices of other accounts or without a signed prekey are left
+        out (and give nothing)."""
+        out: list[Bundle] = []
         wanted = list(dict.fromkeys(device_ids))
         with self.e.atomic():
             if self.e.lock_rows and wanted:
@@ -1081,17 +1182,46 @@ class RelayStore:
                 ).fetchone()
                 if row is None:
                     continue
-                opk = None if one_time is not None and device_id not in one_time else self.x(
-                    "DELETE FROM one_time_prekeys WHERE device_id = ? AND key_id ="
-                    " (SELECT min(key_id) FROM one_time_prekeys WHERE device_id = ?)"
-                    " RETURNING key_id, public",
-                    (device_id, device_id),
-                ).fetchone()
-                out.append((
+                opk: Any = None
+                kem: Any = None
+                if one_time is None or device_id in one_time:
+                    opk = self.x(
+                        "DELETE FROM one_time_prekeys WHERE device_id = ? AND key_id ="
+                        " (SELECT min(key_id) FROM one_time_prekeys WHERE device_id = ?)"
+                        " RETURNING key_id, public",
+                        (device_id, device_id),
+                    ).fetchone()
+                    kem = self.x(
+                        "DELETE FROM kem_prekeys WHERE device_id = ? AND use = ? AND key_id ="
+                        " (SELECT min(key_id) FROM kem_prekeys WHERE device_id = ? AND use = ?)"
+                        " RETURNING use, key_id, public, sig",
+                        (device_id, KEM_ONE_TIME, device_id, KEM_ONE_TIME),
+                    ).fetchone()
+                if kem is None:
+                    kem = self.x(
+                        "SELECT use, key_id, public, sig FROM kem_prekeys WHERE device_id = ? AND use = ?"
+                        " ORDER BY key_id DESC LIMIT 1",
+                        (device_id, KEM_LAST_RESORT),
+                    ).fetchone()
+                out.append(Bundle(
                     device_id, int(row[0]), bytes(row[1]), bytes(row[2]),
                     None if opk is None else int(opk[0]), None if opk is None else bytes(opk[1]),
+                    None if kem is None else KemPrekey(int(kem[0]), int(kem[1]), bytes(kem[2]), bytes(kem[3])),
                 ))
         return out
+
+    def envelope_keys(self, account_id: int) -> list[tuple[bytes, int, bytes, bytes]]:
+        """(device_id, key_id, public, sig) of the envelope key of each of the account's
+        devices that has published one, oldest device first."""
+        return [
+            (bytes(r[0]), int(r[1]), bytes(r[2]), bytes(r[3]))
+            for r in self.x(
+                "SELECT k.device_id, k.key_id, k.public, k.sig FROM kem_prekeys k JOIN devices d"
+                " ON d.device_id = k.device_id WHERE d.account_id = ? AND k.use = ?"
+                " ORDER BY d.created_day, d.rowid",
+                (account_id, KEM_ENVELOPE),
+            )
+        ]
 
     def expire(self) -> int:
         """Drop undelivered mail past its expiry day (keeping the devices' counts right),

@@ -615,6 +615,7 @@ def main() -> None:
                    help="rates for the latency curve, as fractions of the forwarder's maximum ('' skips it)")
     p.add_argument("--plot", default=str(ROOT / "docs" / "bench-latency.svg"),
                    help="where the latency curve's SVG goes ('' writes none)")
+    sub.add_parser("crypto", help="what post-quantum costs a message: CPU and bytes (scripts/bench_crypto.py)")
     f = sub.add_parser("forwarder")
     f.add_argument("--port", type=int, default=0)
     lg = sub.add_parser("loadgen")
@@ -627,7 +628,11 @@ def main() -> None:
     lg.add_argument("--conns", type=int, default=0)
     lg.add_argument("--server-pid", type=int, default=0)
     args = p.parse_args()
-    if args.cmd == "forwarder":
+    if args.cmd == "crypto":
+        import bench_crypto  # scripts/ is this script's directory
+
+        bench_crypto.main()
+    elif args.cmd == "forwarder":
         trio.run(forwarder, args.port)
     elif args.cmd == "loadgen":
         raise_fd_limit()

@@ -16,9 +16,11 @@ import pytest
 import trio
 
 import wire
-from keyvault.envelope import open_envelope
+from keyvault.envelope import HYBRID_VERSION, open_envelope
 from keyvault.errors import DecryptionFailed, DuplicateMessage
+from keyvault.kem import KemUse, new_kem_key
 from keyvault.letter import decode_letter
+from keyvault.prekeys import new_one_time_prekeys, new_signed_prekey
 from node.errors import VeilError
 from node.home import Home
 from node.node import Node
@@ -48,7 +50,7 @@ def stolen_copy(node: Node, tmp: Path) -> Node:
     """A copy of the device's keys and sessions, without its message history."""
     node.store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     target = tmp / f"stolen-{node.name}"
-    target.mkdir()
+    target.mkdir(parents=True)
     for f in ("device.json", "store.db"):
         shutil.copy(node.home.path / f, target / f)
     copy = Node.unlock(Home(target), PASSWORD)
@@ -82,9 +84,10 @@ async def test_stolen_state_does_not_open_earlier_messages(
         copy = stolen_copy(bob, tmp_path)
         try:
             for blob in early:
-                # The long-term RSA key still opens the outer layer: the sender shows
-                # (the documented trade-off), the content does not.
-                outer = open_envelope(blob, copy.keys, copy.device_id)
+                # The long-term RSA key and envelope key still open the outer layer: the
+                # sender shows (the documented trade-off), the content does not.
+                assert blob[0] == HYBRID_VERSION
+                outer = open_envelope(blob, copy.keys, copy.device_id, copy._envelope_key_for(blob))
                 assert outer.sealed.sender == "alice"
                 cannot_open(copy, blob)
             # The copy is a working state: what alice sends next, it can read (until
@@ -145,12 +148,12 @@ async def test_one_time_prekeys_are_used_once_and_refilled(accounts: Accounts, r
         bob = await accounts.register("bob")
         state = relay.state
         assert state is not None
-        spk, left = await state.mailroom.call(state.store.prekey_status, bob.device_id)
-        assert spk is not None and left == 100
+        counts = await state.mailroom.call(state.store.prekey_status, bob.device_id)
+        assert counts.signed_id is not None and counts.one_time_left == 100
         senders = [await accounts.register(f"sender{i}") for i in range(3)]
         for s in senders:
             await send(s, "bob", f"from {s.name}")
-        _, left = await state.mailroom.call(state.store.prekey_status, bob.device_id)
+        left = (await state.mailroom.call(state.store.prekey_status, bob.device_id)).one_time_left
         assert left == 97  # one per new session, never handed out twice
         assert sorted(await receive(bob)) == sorted(f"from {s.name}" for s in senders)
         # Bob's device deletes a one-time prekey once its first message decrypted.
@@ -161,11 +164,11 @@ async def test_one_time_prekeys_are_used_once_and_refilled(accounts: Accounts, r
         assert account is not None
         for _ in range(85):
             await state.mailroom.call(state.store.claim_prekeys, account.id, [bob.device_id])
-        _, left = await state.mailroom.call(state.store.prekey_status, bob.device_id)
+        left = (await state.mailroom.call(state.store.prekey_status, bob.device_id)).one_time_left
         assert left == 12
         async with bob.connected():
             pass
-        _, left = await state.mailroom.call(state.store.prekey_status, bob.device_id)
+        left = (await state.mailroom.call(state.store.prekey_status, bob.device_id)).one_time_left
         assert left == 100
 
 
@@ -177,17 +180,23 @@ async def test_signed_prekey_rotates_weekly_and_old_one_opens_late_messages(
         bob = await accounts.register("bob")
         state = relay.state
         assert state is not None
-        first_spk, _ = await state.mailroom.call(state.store.prekey_status, bob.device_id)
+        first_spk = (await state.mailroom.call(state.store.prekey_status, bob.device_id)).signed_id
+        first_kem = (await state.mailroom.call(state.store.prekey_status, bob.device_id)).kem_last_resort_id
+        assert first_kem is not None and bob.store.kem_key(KemUse.LAST_RESORT, first_kem) is not None
         # alice starts a session on bob's current signed prekey; bob is away for a while.
         await send(alice, "bob", "sent before the rotation")
         week = 7 * 86400
         now = int(time.time())
         async with bob.connected() as link:
             await bob.maintain_prekeys(link, now=now + week - 60)  # not due yet
-            assert (await state.mailroom.call(state.store.prekey_status, bob.device_id))[0] == first_spk
+            assert (await state.mailroom.call(state.store.prekey_status, bob.device_id)).signed_id == first_spk
             await bob.maintain_prekeys(link, now=now + week + 60)  # due: a new one
-        second_spk, _ = await state.mailroom.call(state.store.prekey_status, bob.device_id)
+        second_spk = (await state.mailroom.call(state.store.prekey_status, bob.device_id)).signed_id
         assert second_spk != first_spk
+        # The last-resort KEM prekey rotates with it; the old one is kept as long.
+        second_kem = (await state.mailroom.call(state.store.prekey_status, bob.device_id)).kem_last_resort_id
+        assert second_kem is not None and second_kem != first_kem
+        assert bob.store.kem_key(KemUse.LAST_RESORT, first_kem) is not None
         # The retired key still opens the late first message.
         assert await receive(bob) == ["sent before the rotation"]
         # New sessions use the new signed prekey.
@@ -199,6 +208,8 @@ async def test_signed_prekey_rotates_weekly_and_old_one_opens_late_messages(
             await bob.maintain_prekeys(link, now=now + week + 60 + 31 * 86400)
         assert bob.store.signed_prekey(first_spk) is None  # type: ignore[arg-type]
         assert bob.store.signed_prekey(second_spk) is not None  # type: ignore[arg-type]
+        assert bob.store.kem_key(KemUse.LAST_RESORT, first_kem) is None
+        assert bob.store.kem_key(KemUse.LAST_RESORT, second_kem) is not None
 
 
 async def test_relay_answering_with_another_accounts_keys_is_caught(
@@ -254,3 +265,55 @@ async def test_replayed_first_message_does_not_fork_the_session(
         assert len(bob.store.sessions("alice", alice.device_id)) == 1
         await send(bob, "alice", "after the replay")
         assert await receive(alice) == ["after the replay"]
+
+
+def without(copy: Node, sql: str, *args: object) -> None:
+    with copy.store.transaction():
+        copy.store.conn.execute(sql, args)
+
+
+@pytest.mark.parametrize("missing", ["kem", "classic"])
+async def test_a_first_message_needs_both_the_kem_and_the_classical_prekeys(
+    accounts: Accounts, relay: RelayRunner, tmp_path: Path, missing: str
+) -> None:
+    """The attacker holds a copy of bob's device from before alice's first message: every
+    X25519 and RSA private key (and the envelope key, so the outer layer opens), but not
+    the KEM prekeys; or the KEM prekeys and not the X25519 ones. Neither opens the PQXDH
+    message; the whole copy does (the control: the copy is a working state)."""
+    with trio.fail_after(DEADLINE):
+        alice = await accounts.register("alice")
+        bob = await accounts.register("bob")
+        async with bob.connected() as link:
+            await bob.lookup(link, "alice")  # so that the copies know alice's keys
+        whole = stolen_copy(bob, tmp_path / "whole")
+        part = stolen_copy(bob, tmp_path / "part")
+        try:
+            await send(alice, "bob", "first contact")
+            (first,) = await captured(relay, bob)
+            assert first[0] == HYBRID_VERSION
+            assert decode_letter(whole.open_only(first)[1]).body == "first contact"
+            # The missing keys are replaced by others of the same ids: the device tries
+            # them, and the derivation, not a lookup, is what fails.
+            conn = part.store.conn
+            with part.store.transaction():
+                if missing == "kem":
+                    for use, key_id in conn.execute("SELECT use, key_id FROM kem_keys WHERE use IN (?, ?)",
+                                                    (KemUse.ONE_TIME, KemUse.LAST_RESORT)).fetchall():
+                        conn.execute("UPDATE kem_keys SET blob = ? WHERE use = ? AND key_id = ?",
+                                     (new_kem_key(part.keys, KemUse(use), key_id, 0).to_bytes(), use, key_id))
+                else:
+                    for (key_id,) in conn.execute("SELECT key_id FROM signed_prekeys").fetchall():
+                        conn.execute("UPDATE signed_prekeys SET blob = ? WHERE key_id = ?",
+                                     (new_signed_prekey(part.keys, key_id, 0).to_bytes(), key_id))
+                    for (key_id,) in conn.execute("SELECT key_id FROM one_time_prekeys").fetchall():
+                        (opk,) = new_one_time_prekeys(key_id, 1)
+                        conn.execute("UPDATE one_time_prekeys SET blob = ? WHERE key_id = ?", (opk.to_bytes(), key_id))
+            assert open_envelope(first, part.keys, part.device_id, part._envelope_key_for(first)).sealed.sender == "alice"
+            cannot_open(part, first)
+            # Without the envelope key, not even the sender shows.
+            without(whole, "DELETE FROM kem_keys WHERE use = ?", KemUse.ENVELOPE)
+            with pytest.raises(DecryptionFailed):
+                open_envelope(first, whole.keys, whole.device_id, whole._envelope_key_for(first))
+        finally:
+            whole.close()
+            part.close()

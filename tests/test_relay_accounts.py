@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 from sqlite_utils.migrations import Migrations
@@ -26,6 +27,7 @@ import wire
 from cipherdb import open_encrypted
 from keyvault.auth import auth_public_key, sign_challenge
 from keyvault.kdf import TEST_KDF, PasswordKeys, new_salt, password_keys
+from keyvault.kem import KemUse, new_kem_key
 from keyvault.keys import (
     AccountKeys,
     new_recovery_code,
@@ -865,7 +867,12 @@ async def test_revoke_device(env: Env) -> None:
     with trio.fail_after(DEADLINE):
         async with raw_client(env.url) as c1, raw_client(env.url) as c2, raw_client(env.url) as cb:
             alice = await register(env, c1, "alice")
-            d2, d2_token = await second_device(c2, alice, prekeys=prekey_set(alice.keys))
+            kem = [new_kem_key(alice.keys, use, i, 0) for i, use in enumerate(KemUse, start=1)]
+            d2, d2_token = await second_device(c2, alice, prekeys=msgspec.structs.replace(
+                prekey_set(alice.keys), kem_one_time=[wire.KemKeyPub(kem[0].key_id, kem[0].public, kem[0].signature)],
+                kem_last_resort=wire.KemKeyPub(kem[1].key_id, kem[1].public, kem[1].signature),
+                envelope_key=wire.KemKeyPub(kem[2].key_id, kem[2].public, kem[2].signature)))
+            assert len(await sql(env.relay, "SELECT 1 FROM kem_prekeys WHERE device_id = ?", d2)) == 3
             bob = await register(env, cb, "bob")
             env_ = envelope(d2)
             await cb.ok(wire.Send(id=cb.next_id(), envelopes=[env_]))
@@ -904,10 +911,11 @@ async def test_revoke_device(env: Env) -> None:
                                          "this device was revoked; it cannot log in again")
             # Its mailbox, prekeys and sessions went with it; lookups no longer list it,
             # and mail for it is refused.
-            for table in ("mailbox", "signed_prekeys", "one_time_prekeys", "sessions", "devices"):
+            for table in ("mailbox", "signed_prekeys", "one_time_prekeys", "kem_prekeys", "sessions", "devices"):
                 assert await sql(env.relay, f"SELECT 1 FROM {table} WHERE device_id = ?", d2) == [], table
             keys = await cb.ok(wire.LookupKeys(id=cb.next_id(), name=alice.name))
             assert isinstance(keys, wire.KeysOk) and [d.device_id for d in keys.devices] == [alice.device_id]
+            assert d2 not in {k.device_id for k in keys.envelope_keys}
             await cb.refused(wire.Send(id=cb.next_id(), envelopes=[envelope(d2)]), E.UNKNOWN_DEVICE)
             assert set(await devices_of(c1)) == {alice.device_id}
             # What the relay keeps of it: its id and its session's token hash, by the day.

@@ -29,7 +29,7 @@ from keyvault.keys import AccountKeys
 from tests.conftest import PASSWORD, Accounts, RelayRunner
 from tests.pgcluster import PgCluster
 from tests.test_cli import TIMEOUT, VEIL, env_for, read_line_until, start_relay, stop_relay
-from tests.test_relay_support import DEADLINE, envelope, raw_client
+from tests.test_relay_support import DEADLINE, envelope, publish_kem_keys, raw_client
 
 E = wire.ErrorCode
 ALICE = "quokka_ardent7"
@@ -197,6 +197,7 @@ async def test_tables_hold_no_name_no_plaintext_and_no_bundle_in_the_clear(
         bob = await via_a.register(BOB)
         async with alice.connected() as link:
             await alice.send(link, BOB, SECRET)  # bob is offline: it is kept
+        await publish_kem_keys(via_a.relay, bob)
         state = via_a.relay.state
         assert state is not None
         store = state.store
@@ -213,7 +214,9 @@ async def test_tables_hold_no_name_no_plaintext_and_no_bundle_in_the_clear(
             needles[f"{node.name}'s token"] = token
         tables = [r[0] for r in await state.mailroom.call(
             store.query, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
-        assert {"accounts", "devices", "sessions", "mailbox", "relay_meta"} <= set(tables)
+        assert {"accounts", "devices", "sessions", "mailbox", "relay_meta", "signed_prekeys", "one_time_prekeys",
+                "kem_prekeys"} <= set(tables)
+        assert await state.mailroom.call(store.query, "SELECT count(*) FROM kem_prekeys") != [(0,)]
         for table in tables:
             for row in await state.mailroom.call(store.query, f"SELECT * FROM {table}"):
                 for cell in row:
@@ -226,6 +229,7 @@ async def test_tables_hold_no_name_no_plaintext_and_no_bundle_in_the_clear(
             store.query, "SELECT table_name, column_name, data_type FROM information_schema.columns"
             " WHERE table_schema = 'public'")
         assert {c for t, c, _ in columns if t == "mailbox"} == {"seq", "device_id", "eid", "blob", "expires_day"}
+        assert {c for t, c, _ in columns if t == "kem_prekeys"} == {"device_id", "use", "key_id", "public", "sig"}
         forbidden = ("sender", "from", "ip", "addr", "host", "port", "time", "_at", "stamp", "ts")
         for table, col, kind in columns:
             if table == "login_throttle":

@@ -19,7 +19,7 @@ from relay.keyfile import KEY_FILE
 from relay.server import DB_FILE
 from relay.store import MAIL_TTL_DAYS, today
 from tests.conftest import Accounts, RelayRunner
-from tests.test_relay_support import DEADLINE, envelope, raw_client, sql
+from tests.test_relay_support import DEADLINE, envelope, publish_kem_keys, raw_client, sql
 
 E = wire.ErrorCode
 # Names and a text no other bytes in the data dir could contain by chance.
@@ -184,14 +184,17 @@ async def test_schema_keeps_no_sender_and_no_fine_time(accounts: Accounts) -> No
         await accounts.register("bob")
         async with alice.connected() as link:
             await alice.send(link, "bob", "kept for the schema test")
+        await publish_kem_keys(relay, alice)
         tables = [r[0] for r in await sql(relay, "SELECT name FROM sqlite_master WHERE type = 'table'")]
-        assert {"accounts", "devices", "sessions", "mailbox", "relay_meta"} <= set(tables)
+        assert {"accounts", "devices", "sessions", "mailbox", "relay_meta", "signed_prekeys", "one_time_prekeys",
+                "kem_prekeys"} <= set(tables)
         columns = {
             t: [r[1] for r in await sql(relay, f"PRAGMA table_info({t})")]
             for t in tables
             if not t.startswith(("sqlite_", "_sqlite_migrations"))
         }
         assert set(columns["mailbox"]) == {"seq", "device_id", "eid", "blob", "expires_day"}
+        assert set(columns["kem_prekeys"]) == {"device_id", "use", "key_id", "public", "sig"}
         assert "name" not in columns["accounts"]  # only name_mac
         forbidden = ("sender", "from", "ip", "addr", "host", "port", "time", "_at", "stamp", "ts")
         for table, cols in columns.items():

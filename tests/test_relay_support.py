@@ -22,6 +22,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 import wire
 from keyvault.auth import sign_challenge
 from keyvault.kdf import TEST_KDF, password_keys
+from keyvault.kem import KemUse, new_kem_key
 from keyvault.keys import sign_device
 from node.node import Node
 from tests.conftest import PASSWORD, RelayRunner
@@ -250,6 +251,18 @@ async def sql(relay: RelayRunner, query: str, *args: Any) -> list[tuple[Any, ...
     state = relay.state
     assert state is not None
     return await state.mailroom.call(state.store.query, query, *args)
+
+
+async def publish_kem_keys(relay: RelayRunner, node: Node) -> None:
+    """Give the node's device a last-resort KEM prekey and an envelope key at the relay
+    (replacing any it published), so that a test of the tables finds some."""
+    keys = [new_kem_key(node.keys, use, 4_000_000_000 + use, 0) for use in (KemUse.LAST_RESORT, KemUse.ENVELOPE)]
+    pubs = [wire.KemKeyPub(k.key_id, k.public, k.signature) for k in keys]
+    async with raw_client(relay.url) as c:
+        await c.resume(node)
+        ans = await c.ok(wire.UploadPrekeys(id=c.next_id(), prekeys=wire.PrekeySet(
+            kem_last_resort=pubs[0], envelope_key=pubs[1])))
+        assert isinstance(ans, wire.PrekeyStatusOk) and ans.envelope_key_id == keys[1].key_id
 
 
 async def mailbox_eids(relay: RelayRunner, device_id: bytes) -> list[bytes]:

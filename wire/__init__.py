@@ -105,11 +105,29 @@ class OneTimePrekeyPub(Struct, forbid_unknown_fields=True, frozen=True):
     public: Key32
 
 
+MAX_KEM_ONE_TIME_PREKEYS = 50
+KemPublic = Annotated[bytes, Meta(min_length=1184, max_length=1184)]  # ML-KEM-768
+
+
+class KemKeyPub(Struct, forbid_unknown_fields=True, frozen=True):
+    """A device's ML-KEM-768 public key, signed by the account identity key for one use
+    (keyvault.kem: one-time KEM prekey, last-resort KEM prekey, or envelope key)."""
+
+    key_id: U32
+    public: KemPublic
+    sig: Sig
+
+
 class PrekeySet(Struct, forbid_unknown_fields=True, frozen=True):
-    """Prekeys a device publishes: a signed prekey and a stock of one-time prekeys."""
+    """Prekeys a device publishes: a signed prekey and a stock of one-time prekeys; and,
+    post-quantum, a stock of one-time KEM prekeys, the last-resort KEM prekey (replaces
+    the one held) and the device's envelope key (replaces the one held)."""
 
     signed: SignedPrekeyPub | None = None
     one_time: Annotated[list[OneTimePrekeyPub], Meta(max_length=MAX_ONE_TIME_PREKEYS)] = []
+    kem_one_time: Annotated[list[KemKeyPub], Meta(max_length=MAX_KEM_ONE_TIME_PREKEYS)] = []
+    kem_last_resort: KemKeyPub | None = None
+    envelope_key: KemKeyPub | None = None
 
 
 # ---- requests (node -> relay) -------------------------------------------------------
@@ -415,6 +433,16 @@ class ResumeOk(Frame, tag="resume_ok", frozen=True):
     device_id: bytes
 
 
+class EnvelopeKey(Struct, frozen=True):
+    """A device's envelope key (keyvault.kem use 3): sealed envelopes to that device are
+    also encapsulated to it (envelope version 3)."""
+
+    device_id: bytes
+    key_id: int
+    public: bytes
+    sig: bytes
+
+
 class KeysOk(Frame, tag="keys_ok", frozen=True):
     id: int
     name: str
@@ -423,6 +451,7 @@ class KeysOk(Frame, tag="keys_ok", frozen=True):
     dh_pub: bytes
     keys_sig: bytes
     devices: list[DeviceCert]
+    envelope_keys: list[EnvelopeKey] = []  # of the listed devices that have published one
 
 
 class DeviceInfo(Struct, frozen=True):
@@ -443,9 +472,24 @@ class DevicesOk(Frame, tag="devices_ok", frozen=True):
 
 
 class PrekeyStatusOk(Frame, tag="prekey_status_ok", frozen=True):
+    """A device's prekeys at the relay. The last three are absent (None) from a relay
+    that predates post-quantum keys: a node then publishes none."""
+
     id: int
     signed_id: int | None
     one_time_left: int
+    kem_one_time_left: int | None = None
+    kem_last_resort_id: int | None = None
+    envelope_key_id: int | None = None
+
+
+class BundleKem(Struct, frozen=True):
+    """The KEM prekey of a bundle: ``use`` 1 (one-time, handed out once) or 2 (last resort)."""
+
+    use: int
+    key_id: int
+    public: bytes
+    sig: bytes
 
 
 class DeviceBundle(Struct, frozen=True):
@@ -455,6 +499,7 @@ class DeviceBundle(Struct, frozen=True):
     spk_sig: bytes
     opk_id: int | None
     opk: bytes | None
+    kem: BundleKem | None = None  # absent: the device has published no KEM prekey
 
 
 class PrekeyBundles(Frame, tag="prekey_bundles", frozen=True):

@@ -1,0 +1,143 @@
+"""Post-quantum on real devices and a real relay: PQXDH sessions, version 3 envelopes,
+devices from before publishing their keys at the next connection, and no downgrade."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from keyvault.envelope import HYBRID_VERSION, VERSION
+from keyvault.kem import KemUse
+from keyvault.ratchet import RatchetState
+from node.errors import VeilError
+from node.node import Node
+from tests.conftest import Accounts, RelayRunner
+
+DEADLINE = 30
+
+
+async def send(node: Node, peer: str, text: str) -> None:
+    async with node.connected() as link:
+        await node.send(link, peer, text)
+
+
+async def receive(node: Node) -> list[str]:
+    async with node.connected() as link:
+        return [r.message.body for r in await node.receive(link, wait=5)]
+
+
+async def held(relay: RelayRunner, node: Node) -> list[bytes]:
+    state = relay.state
+    assert state is not None
+    return [m.blob for m in await state.mailroom.call(state.store.fetch, node.device_id, 0, 100)]
+
+
+async def relay_sql(relay: RelayRunner, sql: str, *args: object) -> None:
+    """Change the relay's database behind its back: the relay as an attacker runs it."""
+    state = relay.state
+    assert state is not None
+    store = state.store
+
+    def run() -> None:
+        with store.e.write():
+            store.x(sql, args)
+
+    await state.mailroom.call(run)
+
+
+def session_is_pq(node: Node, peer: str, device_id: bytes) -> bool:
+    (row,) = node.store.sessions(peer, device_id)[:1]
+    return RatchetState.from_bytes(row.state).pq
+
+
+def forget_pq_keys(node: Node) -> None:
+    """Make the device one from before post-quantum keys (its store had none)."""
+    with node.store.transaction():
+        node.store.conn.execute("DELETE FROM kem_keys")
+        node.store.conn.execute("DELETE FROM envelope_keys")
+        node.store.conn.execute("DELETE FROM pq_devices")
+        node.store.delete("pq_since_spk")
+
+
+async def test_a_first_contact_is_pqxdh_and_every_envelope_is_hybrid(accounts: Accounts, relay: RelayRunner) -> None:
+    with trio.fail_after(DEADLINE):
+        alice = await accounts.register("alice")
+        bob = await accounts.register("bob")
+        await send(alice, "bob", "hello")
+        (first,) = await held(relay, bob)
+        assert first[0] == HYBRID_VERSION
+        assert await receive(bob) == ["hello"]
+        assert session_is_pq(alice, "bob", bob.device_id) and session_is_pq(bob, "alice", alice.device_id)
+        await send(bob, "alice", "hi")
+        assert await receive(alice) == ["hi"]
+        # The one-time KEM prekey was used once and is gone from both sides.
+        used = [r for r in bob.store.conn.execute("SELECT key_id FROM kem_keys WHERE use = ?", (KemUse.ONE_TIME,))]
+        assert len(used) == 49
+
+
+async def test_a_device_from_before_publishes_its_pq_keys_at_its_next_connection(
+    accounts: Accounts, relay: RelayRunner
+) -> None:
+    """A device (and a relay) from before: no KEM keys on either side and a classical
+    session. Its next connection publishes them; the old session goes on as it was;
+    new sessions with it are PQXDH."""
+    with trio.fail_after(DEADLINE):
+        alice = await accounts.register("alice")
+        bob = await accounts.register("bob")
+        forget_pq_keys(bob)
+        await relay_sql(relay, "DELETE FROM kem_prekeys WHERE device_id = ?", bob.device_id)
+        async with alice.connected() as link:
+            await alice.lookup(link, "bob")
+        forget_pq_keys(alice)  # alice looked bob up before his keys existed too
+        await send(alice, "bob", "classic")
+        (old,) = await held(relay, bob)
+        assert old[0] == VERSION and not session_is_pq(alice, "bob", bob.device_id)
+        assert await receive(bob) == ["classic"]  # bob connects: his keys go up now
+        assert bob.store.newest_kem_key(KemUse.ENVELOPE) is not None
+        await send(alice, "bob", "still the old session")
+        assert await receive(bob) == ["still the old session"]
+        assert not session_is_pq(alice, "bob", bob.device_id)
+        # A device of bob's account that starts now gets a PQXDH session with alice.
+        carol = await accounts.register("carol")
+        await send(carol, "bob", "new")
+        (new,) = await held(relay, bob)
+        assert new[0] == HYBRID_VERSION
+        assert await receive(bob) == ["new"]
+        assert session_is_pq(bob, "carol", carol.device_id)
+
+
+async def test_a_bundle_stripped_of_its_kem_prekey_is_refused(accounts: Accounts, relay: RelayRunner) -> None:
+    """The relay drops bob's KEM prekeys from what it hands out, after alice saw bob's
+    device with post-quantum keys: alice does not fall back to X3DH."""
+    with trio.fail_after(DEADLINE):
+        alice = await accounts.register("alice")
+        bob = await accounts.register("bob")
+        warnings: list[str] = []
+        alice.events.append(warnings.append)
+        async with alice.connected() as link:
+            await alice.lookup(link, "bob")
+        await relay_sql(relay, "DELETE FROM kem_prekeys WHERE device_id = ?", bob.device_id)
+        async with alice.connected() as link:
+            with pytest.raises(VeilError, match="no device of bob can receive"):
+                await alice.send(link, "bob", "to be harvested")
+        assert any("without its post-quantum prekey" in w for w in warnings), warnings
+        assert await held(relay, bob) == []
+
+
+async def test_a_classical_first_message_from_a_pq_device_is_refused(accounts: Accounts, relay: RelayRunner) -> None:
+    """bob knows alice's device has post-quantum keys; a first message from it without
+    PQXDH (the relay hid bob's keys from alice) is dropped with a warning, not opened."""
+    with trio.fail_after(DEADLINE):
+        alice = await accounts.register("alice")
+        bob = await accounts.register("bob")
+        async with bob.connected() as link:
+            await bob.lookup(link, "alice")
+        assert bob.store.is_post_quantum("alice", alice.device_id)
+        await relay_sql(relay, "DELETE FROM kem_prekeys WHERE device_id = ?", bob.device_id)
+        await send(alice, "bob", "downgraded")
+        (blob,) = await held(relay, bob)
+        assert blob[0] == VERSION  # no envelope key of bob's either: what alice could do
+        warnings: list[str] = []
+        bob.events.append(warnings.append)
+        assert await receive(bob) == []
+        assert any("without post-quantum keys" in w for w in warnings), warnings
