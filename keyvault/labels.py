@@ -60,6 +60,10 @@ PQXDH_SK = b"veil/v1/pqxdh-sk"  # HKDF info: F || DH1 || DH2 || DH3 [|| DH4] || 
 ENVELOPE_HYBRID = b"veil/v1/envelope-hybrid"  # HKDF info: RSA secret || KEM secret -> AES key
 RATCHET_ROOT_KEM = b"veil/v1/ratchet-root-kem"  # HKDF info of KDF_RK_KEM (DH output || KEM secret)
 
+# Groups (keyvault.group).
+GROUP_CHANGE = b"veil/v1/group-change"  # signature context of a group's change
+GROUP_ID = b"veil/v1/group-id"  # SHA-256 prefix: a creation's body -> the group's id
+
 #: All labels, so a test can check that they are pairwise distinct and none is a prefix of
 #: another used in the same role.
 ALL_LABELS: tuple[bytes, ...] = (
@@ -95,4 +99,6 @@ ALL_LABELS: tuple[bytes, ...] = (
     PQXDH_SK,
     ENVELOPE_HYBRID,
     RATCHET_ROOT_KEM,
+    GROUP_CHANGE,
+    GROUP_ID,
 )

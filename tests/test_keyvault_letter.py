@@ -232,12 +232,12 @@ def test_payload_malformations(bad: bytes) -> None:
 
 
 def test_max_body_bytes_value() -> None:
-    letter_overhead = 1 + 4 + MAX_NAME_BYTES + 16 + 8 + 4
+    overhead = 1 + 4 + MAX_NAME_BYTES + 16 + 8 + 4 + 17  # a group letter: id and kind
     assert ratchet.OVERHEAD == 85
     assert max_body_bytes() == (
-        max_payload_bytes() - PAYLOAD_HEADER_MAX - ratchet.MAX_OVERHEAD - letter_overhead
+        max_payload_bytes() - PAYLOAD_HEADER_MAX - ratchet.MAX_OVERHEAD - overhead
     )
-    assert (max_payload_bytes(), max_body_bytes()) == (61220, 57535)
+    assert (max_payload_bytes(), max_body_bytes()) == (61220, 57518)
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +268,8 @@ def test_end_to_end(alice: AccountKeys, bob: AccountKeys) -> None:
         alice, bundle, me_name=a_name, me_device=dev_a, them_name=b_name, them_device=dev_b
     )
     state_a = ratchet.init_initiator(xa, bundle.spk)
-    msg = Letter(to=b_name, msg_id=MSG_ID, sent_at=1_700_000_000_123, body="x" * max_body_bytes())
+    msg = Letter(to=b_name, msg_id=MSG_ID, sent_at=1_700_000_000_123, body="x" * max_body_bytes(),
+                 group=bytes(16))  # the largest letter: a group's text letter
     state_a, message = ratchet.encrypt(state_a, encode_letter(msg), xa.associated_data)
     assert xa.post_quantum
     init = PrekeyInit(alice.public().dh, xa.ephemeral, spk.key_id, opk.key_id,
@@ -280,7 +281,7 @@ def test_end_to_end(alice: AccountKeys, bob: AccountKeys) -> None:
     blob = seal(Sealed(a_name, dev_a, payload), alice, bpub.enc, dev_b)
     assert len(blob) == 1 + 384 + 12 + BUCKETS[-1] + 16
 
-    # 1,089 bytes more of body do not fit.
+    # 1,089 bytes more of body do not fit (nor 1,106 in a one-to-one letter).
     _, longer = ratchet.encrypt(
         state_a, encode_letter(dataclasses.replace(msg, body=msg.body + "x" * 1089)), xa.associated_data
     )
@@ -327,3 +328,32 @@ def test_end_to_end(alice: AccountKeys, bob: AccountKeys) -> None:
     state_a, plain = ratchet.decrypt(state_a, got.ratchet, xa.associated_data)
     assert decode_letter(plain) == reply
     assert state_a.established
+
+
+def test_group_letters_round_trip_and_refuse_malformations() -> None:
+    from keyvault.letter import KIND_CHANGES, KIND_TEXT, letter_overhead
+
+    gid = bytes(range(16))
+    text = Letter("bob", MSG_ID, 5, "hi all", group=gid, kind=KIND_TEXT)
+    changes = Letter("bob", MSG_ID, 5, "", group=gid, kind=KIND_CHANGES, changes=(b"c1", b"change two"))
+    for letter in (text, changes):
+        raw = encode_letter(letter)
+        assert raw[0] == 2 and decode_letter(raw) == letter
+        for cut in range(len(raw)):
+            with pytest.raises(DecryptionFailed):
+                decode_letter(raw[:cut])
+        with pytest.raises(DecryptionFailed):
+            decode_letter(raw + b"\x00")
+    assert len(encode_letter(text)) == letter_overhead(3, group=True) + len("hi all")
+    raw = bytearray(encode_letter(text))
+    raw[1 + 4 + 3 + 16 + 8 + 16] = 3  # an unknown kind
+    with pytest.raises(DecryptionFailed):
+        decode_letter(bytes(raw))
+    for bad in (
+        Letter("bob", MSG_ID, 5, "x", kind=KIND_CHANGES),  # a kind without a group
+        Letter("bob", MSG_ID, 5, "x", group=gid, kind=KIND_CHANGES, changes=(b"c",)),  # body too
+        Letter("bob", MSG_ID, 5, "", group=gid, kind=KIND_CHANGES),  # no changes
+        Letter("bob", MSG_ID, 5, "x", group=gid[:15]),
+    ):
+        with pytest.raises(ValueError):
+            encode_letter(bad)

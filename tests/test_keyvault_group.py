@@ -1,0 +1,207 @@
+"""Group changes and the state they come to (keyvault/group.py): encoding, signatures,
+validity, and convergence whatever order the changes arrive in."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keyvault.errors import DecryptionFailed
+from keyvault.group import (
+    Action,
+    Change,
+    create_group,
+    decode_change,
+    fold,
+    group_id_of,
+    make_change,
+    verify_change,
+)
+from keyvault.keys import AccountKeys
+
+NAMES = ("alice", "bob", "carol", "dave", "erin", "frank")
+T = 1_700_000_000_000
+
+
+@pytest.fixture(scope="module")
+def keys(key_pool: list[AccountKeys]) -> dict[str, AccountKeys]:
+    return dict(zip(NAMES, key_pool, strict=False))
+
+
+class G:
+    """A group under construction: who made which change, from which heads."""
+
+    def __init__(self, keys: dict[str, AccountKeys], name: str = "friends", members: tuple[str, ...] = ("bob",)):
+        self.keys = keys
+        self.root = create_group(keys["alice"], "alice", name, members, sent_at=T)
+        self.id = self.root.group_id
+        self.changes: list[Change] = [self.root]
+
+    def change(self, author: str, action: Action, after: list[Change], subjects: tuple[str, ...] = (),
+               name: str = "") -> Change:
+        c = make_change(self.keys[author], self.id, author, action, parents=[p.hash for p in after],
+                        subjects=subjects, name=name, sent_at=T + len(self.changes))
+        self.changes.append(c)
+        return c
+
+    def state(self, changes: list[Change] | None = None):  # type: ignore[no-untyped-def]
+        return fold(self.id, self.changes if changes is None else changes)
+
+
+def test_a_change_round_trips_and_its_signature_binds_every_field(keys: dict[str, AccountKeys]) -> None:
+    g = G(keys)
+    add = g.change("alice", Action.ADD, [g.root], ("carol",))
+    for c in (g.root, add):
+        again = decode_change(c.to_bytes())
+        assert again == c and again.hash == c.hash
+        assert verify_change(again, keys["alice"].public().identity)
+        assert not verify_change(again, keys["bob"].public().identity)
+    raw = bytearray(add.to_bytes())
+    for i in range(1, len(raw) - 64):  # any byte of the body: no longer alice's change
+        raw[i] ^= 1
+        try:
+            c = decode_change(bytes(raw))
+        except DecryptionFailed:
+            pass
+        else:
+            assert not verify_change(c, keys["alice"].public().identity)
+        raw[i] ^= 1
+    for bad in (b"", b"\x02" + add.to_bytes()[1:], add.to_bytes() + b"\x00", add.to_bytes()[:-1]):
+        with pytest.raises(DecryptionFailed):
+            decode_change(bad)
+
+
+def test_the_id_commits_to_the_creation(keys: dict[str, AccountKeys]) -> None:
+    g = G(keys)
+    assert group_id_of(g.root) == g.id and len(g.id) == 16
+    other = create_group(keys["alice"], "alice", "friends", ("bob",), sent_at=T)
+    assert other.group_id != g.id  # a fresh salt: a fresh random id
+    # A creation of the same id by someone else cannot be made: mallory's has another id,
+    # and the group's state ignores it.
+    forged = create_group(keys["carol"], "carol", "ours now", ("carol", "dave"), sent_at=T)
+    s = g.state([g.root, forged])
+    assert s.name == "friends" and s.members == {"alice", "bob"}
+    with pytest.raises(ValueError):
+        fold(g.id, [forged])
+
+
+def test_create_add_remove_leave_rename(keys: dict[str, AccountKeys]) -> None:
+    g = G(keys, members=("bob", "carol"))
+    s = g.state()
+    assert (s.name, s.members, s.version, s.creator) == ("friends", {"alice", "bob", "carol"}, 1, "alice")
+    add = g.change("bob", Action.ADD, [g.root], ("dave",))
+    assert g.state().members == {"alice", "bob", "carol", "dave"}
+    rm = g.change("carol", Action.REMOVE, [add], ("bob",))
+    assert g.state().members == {"alice", "carol", "dave"}
+    leave = g.change("dave", Action.REMOVE, [rm], ("dave",))
+    ren = g.change("alice", Action.RENAME, [leave], name="old friends")
+    s = g.state()
+    assert (s.name, s.members, s.version, s.heads) == ("old friends", {"alice", "carol"}, 5, (ren.hash,))
+    # bob, removed, knows of his removal: what he does next changes nothing.
+    late = g.change("bob", Action.ADD, [rm], ("erin",))
+    s = g.state()
+    assert "erin" not in s.members and late.hash in s.invalid and s.heads == (ren.hash,)
+    # Back in when added again.
+    g.change("alice", Action.ADD, [ren], ("bob",))
+    assert g.state().members == {"alice", "bob", "carol"}
+
+
+def test_changes_by_someone_never_added_change_nothing(keys: dict[str, AccountKeys]) -> None:
+    g = G(keys)
+    forged = g.change("erin", Action.ADD, [g.root], ("frank",))
+    rename = g.change("erin", Action.RENAME, [g.root], name="erin's now")
+    built_on = g.change("alice", Action.ADD, [forged], ("carol",))  # a change after an invalid one
+    s = g.state()
+    assert s.members == {"alice", "bob"} and s.name == "friends"
+    assert {forged.hash, rename.hash, built_on.hash} <= s.invalid
+
+
+def test_two_members_who_add_at_once_both_add(keys: dict[str, AccountKeys]) -> None:
+    g = G(keys)
+    a = g.change("alice", Action.ADD, [g.root], ("carol",))
+    b = g.change("bob", Action.ADD, [g.root], ("dave",))
+    s = g.state()
+    assert s.members == {"alice", "bob", "carol", "dave"} and set(s.heads) == {a.hash, b.hash}
+    merged = g.change("carol", Action.RENAME, [a, b], name="four")  # carol has seen both
+    s = g.state()
+    assert s.heads == (merged.hash,) and s.name == "four" and s.version == 4
+
+
+def test_a_removal_crossing_the_removed_members_addition(keys: dict[str, AccountKeys]) -> None:
+    """alice removes bob while bob, not yet aware, adds carol: bob's change crossed his
+    removal, so carol is in and bob is out, for everyone."""
+    g = G(keys)
+    rm = g.change("alice", Action.REMOVE, [g.root], ("bob",))
+    add = g.change("bob", Action.ADD, [g.root], ("carol",))
+    s = g.state()
+    assert s.members == {"alice", "carol"} and {rm.hash, add.hash} <= s.valid
+
+
+def test_an_addition_crossing_a_removal_of_the_same_person_keeps_them(keys: dict[str, AccountKeys]) -> None:
+    g = G(keys, members=("bob", "carol"))
+    g.change("alice", Action.REMOVE, [g.root], ("carol",))
+    g.change("bob", Action.ADD, [g.root], ("carol",))  # bob re-adds carol, not having seen it
+    assert "carol" in g.state().members
+
+
+def test_two_members_who_remove_each_other_at_once_are_both_out(keys: dict[str, AccountKeys]) -> None:
+    g = G(keys, members=("bob", "carol"))
+    g.change("alice", Action.REMOVE, [g.root], ("bob",))
+    g.change("bob", Action.REMOVE, [g.root], ("alice",))
+    assert g.state().members == {"carol"}
+
+
+def test_a_change_waits_for_its_parents(keys: dict[str, AccountKeys]) -> None:
+    g = G(keys)
+    a = g.change("alice", Action.ADD, [g.root], ("carol",))
+    b = g.change("carol", Action.ADD, [a], ("dave",))
+    s = g.state([g.root, b])  # a has not arrived
+    assert s.members == {"alice", "bob"} and s.pending == {b.hash} and s.version == 1
+    s = g.state([g.root, b, a])
+    assert s.members == {"alice", "bob", "carol", "dave"} and not s.pending
+
+
+def _history(keys: dict[str, AccountKeys], seed: int) -> G:
+    """A random history: members add, remove, leave and rename, each from a random subset
+    of what exists (so changes cross), some by non-members."""
+    rng = random.Random(seed)
+    g = G(keys)
+    for _ in range(12):
+        author = rng.choice(NAMES)
+        after = rng.sample(g.changes, k=min(len(g.changes), rng.randint(1, 3)))
+        action = rng.choice([Action.ADD, Action.REMOVE, Action.RENAME])
+        if action == Action.RENAME:
+            g.change(author, action, after, name=f"name {rng.randint(0, 99)}")
+        else:
+            g.change(author, action, after, (rng.choice(NAMES),))
+    return g
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), shuffle=st.integers(0, 10_000))
+def test_every_order_of_arrival_comes_to_the_same_state(keys: dict[str, AccountKeys], seed: int, shuffle: int) -> None:
+    g = _history(keys, seed)
+    want = g.state()
+    got = list(g.changes)
+    random.Random(shuffle).shuffle(got)
+    assert g.state(got) == want
+    # And while some have not arrived, what has is never ahead of it: once all are in, the same.
+    half = got[: len(got) // 2]
+    partial = g.state(half) if g.root in half else None
+    if partial is not None:
+        assert partial.valid <= want.valid | want.invalid | want.pending
+
+
+def test_small_histories_in_every_order(keys: dict[str, AccountKeys]) -> None:
+    g = G(keys)
+    a = g.change("alice", Action.ADD, [g.root], ("carol",))
+    b = g.change("bob", Action.REMOVE, [g.root], ("alice",))
+    c = g.change("carol", Action.RENAME, [a], name="carol's")
+    want = g.state()
+    for perm in itertools.permutations([g.root, a, b, c]):
+        assert g.state(list(perm)) == want
+    assert want.members == {"bob", "carol"} and want.name == "carol's"
