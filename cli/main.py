@@ -202,8 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     send = command("send", "cli.messages:cmd_send",
                    "send a message (the words after NAME; a lone '-' reads standard input)")
-    send.add_argument("name")
-    send.add_argument("text", nargs="+", metavar="TEXT")
+    send.add_argument("name", metavar="NAME")
+    send.add_argument("text", nargs="*", metavar="TEXT")
+    send.add_argument("--group", default=None, metavar="GROUP",
+                      help="send to a group's members (then every word is the text)")
 
     recv = command("recv", "cli.messages:cmd_recv", "print messages that arrived")
     recv.add_argument("--json", action="store_true", help="one JSON object per message per line")
@@ -211,6 +213,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="wait up to this long for a message when none is queued")
     recv.add_argument("--follow", "-f", action="store_true",
                       help="stay online and print messages as they arrive, until interrupted")
+
+    group = command("group", "cli.groups:cmd_group", "conversations among several people")
+    gsub = group.add_subparsers(dest="group_command", metavar="ACTION", parser_class=Parser)
+    gsub.required = True
+    gcreate = gsub.add_parser("create", parents=[later], help="create a group (you are in it)")
+    gcreate.add_argument("name", metavar="NAME")
+    gcreate.add_argument("--members", action="append", metavar="A,B,...", help="its first members besides you")
+    for verb, what in (("add", "add members"), ("remove", "remove members")):
+        g = gsub.add_parser(verb, parents=[later], help=what)
+        g.add_argument("group", metavar="GROUP")
+        g.add_argument("names", nargs="+", metavar="NAME")
+    gleave = gsub.add_parser("leave", parents=[later], help="leave a group")
+    gleave.add_argument("group", metavar="GROUP")
+    glist = gsub.add_parser("list", parents=[later], help="the groups this device knows")
+    glist.add_argument("--json", action="store_true", help="one JSON object per group per line")
+    gshow = gsub.add_parser("show", parents=[later], help="a group's members, each verified or not")
+    gshow.add_argument("group", metavar="GROUP")
+    gshow.add_argument("--json", action="store_true", help="one JSON object")
 
     invite = command("invite", "cli.invites:cmd_invite",
                      "print this account's invite link (relay, name and identity key fingerprint)")
@@ -310,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                           " also VEIL_RELAY_STORE)")
     sim.add_argument("--chaos", action="store_true",
                      help="cut connections and kill and restart relay processes")
+    sim.add_argument("--groups", type=int, default=0, metavar="N",
+                     help="also N groups among the nodes; about half of the messages of a node that knows a group then go to one")
+    sim.add_argument("--group-size", type=int, default=5, metavar="M", help="members of each group (5)")
     sim.add_argument("--json", action="store_true", help="end with the report as one JSON line")
     sim.add_argument("--seed", type=int, default=1)
     sim.add_argument("--timeout", type=float, default=300.0, help="give up (count the rest as lost) after this")

@@ -56,6 +56,8 @@ def print_message(m: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(m), flush=True)
         return
     arrow = f"{m['from']} -> {m['to']}" if m["outgoing"] else str(m["from"])
+    if "group" in m:
+        arrow = f"{m['from']} in #{m['group']}"
     head = f"[{local_time(int(m['sent_at']))}] {inert(arrow, keep_newlines=False)}: "
     # Every row after the first is indented, so a body cannot forge a line that looks like
     # another message (names are checked by the node; they are made inert here all the
@@ -93,7 +95,12 @@ def message_text(args: argparse.Namespace) -> str:
 
 
 async def cmd_send(args: argparse.Namespace) -> None:
-    peer = username(args.name)
+    if args.group is not None:
+        # `veil send --group NAME TEXT...`: the first word is the text's, not a name.
+        args.text = [args.name, *args.text]
+        peer = "#" + args.group.lstrip("#")
+    else:
+        peer = username(args.name)
     text = message_text(args)
     try:
         node = unlock(args)
@@ -109,7 +116,7 @@ async def cmd_send(args: argparse.Namespace) -> None:
     node.events.append(warn)
     try:
         msg, why = await node.send_or_queue(peer, text)
-        _report_send(msg.peer, msg.state, why)
+        _report_send(peer if peer.startswith("#") else msg.peer, msg.state, why)
     finally:
         node.close()
 

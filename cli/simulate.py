@@ -54,6 +54,7 @@ SECOND_DEVICE_EVERY = 5
 SEND_GAP = 0.05  # mean seconds between one node's sends
 OFFLINE_SHARE = float(os.environ.get("VEIL_SIM_OFFLINE", "0.3"))  # devices that spend part of the run offline
 CHAOS_CUT_PROB = 0.15
+GROUP_SHARE = 0.5  # of a node's messages, to a group it knows (with --groups)
 RELAY_START_TIMEOUT = 30.0
 ENV_STORE = "VEIL_RELAY_STORE"  # as `veil relay serve` reads it
 
@@ -101,6 +102,9 @@ async def worker_main(cfg: dict[str, Any]) -> None:
     messages: int = cfg["messages"]
     chaos: bool = cfg["chaos"]
     cpu_at_go = time.process_time()
+    for g in cfg.get("groups", []):
+        creator = devices[f"{g['members'][0]}/0"]
+        creator.group_create(g["name"], g["members"][1:])
     sessions = {label: LiveSession(node, backoff_max=1.0) for label, node in devices.items()}
     keys_by_id: dict[bytes, str] = {}  # msg_id -> the simulation's key of the message
     seal_ms: dict[str, float] = {}
@@ -117,6 +121,8 @@ async def worker_main(cfg: dict[str, Any]) -> None:
 
     for label, session in sessions.items():
         def on_message(r: Received, label: str = label) -> None:
+            if devices[label].store.is_group_event(r.message.msg_id):
+                return  # a line saying who made a group: not a message of the run
             open_ms = (time.perf_counter() - opening_since.get(label, time.perf_counter())) * 1e3
             emit({"recv": message_key(r.message.body), "device": label, "t": time.time_ns(),
                   "from": r.message.sender, "open_ms": round(open_ms, 3)})
@@ -163,8 +169,16 @@ async def worker_main(cfg: dict[str, Any]) -> None:
             key = f"{name}:{seq}"
             body = json.dumps({"k": key, "pad": secrets.token_hex(rng.randint(0, 40))})
             t = time.time_ns()
-            keys_by_id[sessions[label].send(peer, body).msg_id] = key
-            emit({"sent": key, "from": name, "device": label, "to": peer, "t": t})
+            node = devices[label]
+            known = [(gid, g) for gid, g in node.store.group_ids() if name in node.groups.state(gid).members]
+            if known and rng.random() < GROUP_SHARE:
+                gid, group = rng.choice(known)
+                members = sorted(node.groups.state(gid).members)
+                keys_by_id[sessions[label].send("#" + group, body).msg_id] = key
+                emit({"sent": key, "from": name, "device": label, "to": "#" + group, "members": members, "t": t})
+            else:
+                keys_by_id[sessions[label].send(peer, body).msg_id] = key
+                emit({"sent": key, "from": name, "device": label, "to": peer, "t": t})
             if chaos and rng.random() < CHAOS_CUT_PROB:
                 link = sessions[label].link
                 if link is not None:  # cut the link while the send may be in flight
@@ -254,6 +268,8 @@ class Run:
 
     def expected(self, key: str) -> set[str]:
         rec = self.sent[key]
+        if "members" in rec:  # a group message: every device of every member, ours too
+            return {d for m in [*rec["members"], rec["from"]] for d in self.devices[m]} - {rec["device"]}
         return (set(self.devices[rec["to"]]) | set(self.devices[rec["from"]])) - {rec["device"]}
 
     async def wait_until(self, done: Any, say: Any, progress: Any) -> None:
@@ -410,6 +426,7 @@ class Run:
             # A first message to a peer costs more on both sides: key lookups, a prekey
             # claim and X3DH before the ratchet, a key lookup where it is opened.
             "first_contacts": len({(r["from"], r["to"]) for r in self.sent.values()}),
+            "group_messages": sum(1 for r in self.sent.values() if "members" in r),
             "node_cpu_ms_per_message": round(self.node_cpu_s * 1e3 / len(self.sent), 2) if self.sent else 0.0,
             "node_cpu_ms_per_delivery": round(self.node_cpu_s * 1e3 / delivered, 2) if delivered else 0.0,
             "node_cpu_s": round(self.node_cpu_s, 2),
@@ -511,6 +528,11 @@ async def coordinate(args: argparse.Namespace) -> dict[str, Any]:
     names = [f"sim{tag}n{i:05d}" for i in range(args.nodes)]
     procs = max(1, min(args.procs, args.nodes))
     run = Run(args.nodes, args.messages)
+    # Groups: each made by its first member once sending starts; the others learn of it
+    # with the first message they get in it, and write to it once they know it.
+    pick = random.Random(args.seed)
+    size = max(2, min(getattr(args, "group_size", 5), args.nodes))
+    groups = [{"name": f"g{i}", "members": pick.sample(names, size)} for i in range(getattr(args, "groups", 0))]
     with tempfile.TemporaryDirectory(prefix="veil-sim-") as tmp:
         relays: list[RelayProcess] = []
         workers: list[trio.Process] = []
@@ -532,9 +554,10 @@ async def coordinate(args: argparse.Namespace) -> dict[str, Any]:
                 urls = [args.relay]
             async with trio.open_nursery() as nursery:
                 for w in range(procs):
+                    mine = set(names[w::procs])
                     cfg = {"names": names[w::procs], "everyone": names, "messages": args.messages,
                            "relays": urls, "dir": str(Path(tmp) / f"w{w}"), "seed": args.seed * 1000 + w,
-                           "chaos": args.chaos}
+                           "chaos": args.chaos, "groups": [g for g in groups if g["members"][0] in mine]}
                     p = await trio.lowlevel.open_process(
                         [sys.executable, "-m", "cli.simulate", "worker"],
                         stdin=-1, stdout=-1, env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
@@ -689,6 +712,7 @@ def print_report(rep: dict[str, Any], as_json: bool) -> None:
         ("relays", f"{len(rep['relays'])} on the {rep['store']} store"),
         ("chaos", f"{rep['chaos']} (connections cut {rep['connections_cut']}, relay restarts"
                   f" {rep['relay_restarts']}, of them kills {rep['relay_kills']})"),
+        ("group messages", f"{rep['group_messages']}"),
         ("latency ms, mean", f"{parts['mean_ms']} = to the relay: seal {parts['seal_ms']}, sender offline"
                              f" {parts['sender_offline_ms']}, waiting {parts['waiting_to_relay_ms']}; then: recipient"
                              f" offline {parts['recipient_offline_ms']}, open {parts['open_ms']}, waiting"

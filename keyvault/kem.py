@@ -9,7 +9,7 @@ presented as another::
     use 3  envelope key             the device's long-term key that sealed envelopes are
                                     encapsulated to (with the account's RSA key)
 
-    signed    = KEM_KEY_SIGNATURE || u8 use || u32 key_id || public (1184)
+    signed    = KEM_KEY_SIGNATURE || u8 use || u32 key_id || device_id (16) || public (1184)
     signature = Ed25519(identity key, signed)                                    (64 bytes)
 
 Serialised private form (it lives in the device store, never on the relay)::
@@ -71,8 +71,16 @@ def kem_pair(seed: bytes | None = None) -> tuple[bytes, bytes]:
     return key.private_bytes_raw(), key.public_key().public_bytes_raw()
 
 
-def signed_message(use: KemUse, key_id: int, public: bytes) -> bytes:
-    return labels.KEM_KEY_SIGNATURE + bytes([int(use)]) + key_id.to_bytes(4, "big") + bytes(public)
+DEVICE_ID_LEN = 16
+
+
+def signed_message(use: KemUse, key_id: int, public: bytes, device_id: bytes) -> bytes:
+    """What the identity key signs: the key is for one use of one device (a relay cannot
+    present one device's key as another's: keyvault.kem's docstring)."""
+    if len(device_id) != DEVICE_ID_LEN:
+        raise ValueError("a device id is 16 bytes")
+    return (labels.KEM_KEY_SIGNATURE + bytes([int(use)]) + key_id.to_bytes(4, "big") + bytes(device_id)
+            + bytes(public))
 
 
 @dataclass(frozen=True, repr=False)
@@ -127,38 +135,44 @@ class KemKey:
 
 
 def new_kem_key(
-    keys: AccountKeys, use: KemUse, key_id: int, created_at: int, *, seed: bytes | None = None
+    keys: AccountKeys, use: KemUse, key_id: int, created_at: int, *, device_id: bytes, seed: bytes | None = None
 ) -> KemKey:
-    """Make a signed ML-KEM-768 key for ``use`` (fresh unless ``seed`` is given)."""
+    """Make a signed ML-KEM-768 key for ``use`` by the device ``device_id`` (fresh unless
+    ``seed`` is given)."""
     _check_id(key_id)
     use = KemUse(use)
     if not isinstance(created_at, int) or not 0 <= created_at <= _MAX_U64:
         raise ValueError("created_at is a non-negative number of seconds")
     seed, public = kem_pair(seed)
-    signature = keys.identity_private.sign(signed_message(use, key_id, public))
+    signature = keys.identity_private.sign(signed_message(use, key_id, public, device_id))
     return KemKey(use, key_id, seed, public, signature, created_at)
 
 
-def new_one_time_kem_keys(keys: AccountKeys, first_id: int, count: int, created_at: int) -> list[KemKey]:
+def new_one_time_kem_keys(
+    keys: AccountKeys, first_id: int, count: int, created_at: int, *, device_id: bytes
+) -> list[KemKey]:
     """``count`` signed one-time KEM prekeys with ids ``first_id, first_id + 1, ...``."""
     if not isinstance(count, int) or count < 0:
         raise ValueError("count must be a non-negative integer")
     _check_id(first_id)
     if count:
         _check_id(first_id + count - 1)
-    return [new_kem_key(keys, KemUse.ONE_TIME, first_id + i, created_at) for i in range(count)]
+    return [new_kem_key(keys, KemUse.ONE_TIME, first_id + i, created_at, device_id=device_id) for i in range(count)]
 
 
-def verify_kem_key(identity_public: bytes, use: KemUse, key_id: int, public: bytes, signature: bytes) -> bool:
-    """True if ``identity_public`` signed ``public`` as a KEM key for ``use`` with this id;
-    False on any bad input (a well-formed key is checked too: ML-KEM's encoding check)."""
+def verify_kem_key(
+    identity_public: bytes, use: KemUse, key_id: int, public: bytes, signature: bytes, *, device_id: bytes
+) -> bool:
+    """True if ``identity_public`` signed ``public`` as a KEM key for ``use`` of the device
+    ``device_id`` with this id; False on any bad input (a well-formed key is checked too:
+    ML-KEM's encoding check)."""
     try:
         _check_id(key_id)
         use = KemUse(use)
         if len(public) != PUBLIC_LEN:
             return False
         MLKEM768PublicKey.from_public_bytes(bytes(public))
-        message = signed_message(use, key_id, public)
+        message = signed_message(use, key_id, public, device_id)
     except (ValueError, TypeError):
         return False
     return ed25519_verifies(identity_public, signature, message)

@@ -168,7 +168,7 @@ def _split(sk: bytes) -> tuple[bytes, bytes, bytes]:
     )
 
 
-def _check_bundle(bundle: PrekeyBundle) -> None:
+def _check_bundle(bundle: PrekeyBundle, device_id: bytes) -> None:
     ok = (
         isinstance(bundle.identity, bytes)
         and isinstance(bundle.identity_dh, bytes)
@@ -188,7 +188,7 @@ def _check_bundle(bundle: PrekeyBundle) -> None:
     kem = bundle.kem
     if kem is not None and (
         kem.use not in (KemUse.ONE_TIME, KemUse.LAST_RESORT)
-        or not verify_kem_key(bundle.identity, kem.use, kem.key_id, kem.public, kem.signature)
+        or not verify_kem_key(bundle.identity, kem.use, kem.key_id, kem.public, kem.signature, device_id=device_id)
     ):
         raise BadPrekey("The contact's post-quantum prekey does not carry a valid signature.")
 
@@ -210,7 +210,7 @@ def initiate(
     ``ephemeral_private`` (tests only) fixes EK_A; otherwise it is fresh.
     ``kem_encapsulation`` (tests only) fixes (SS, CT); otherwise it is fresh.
     """
-    _check_bundle(bundle)
+    _check_bundle(bundle, them_device)
     if ephemeral_private is None:
         ephemeral_private = secrets.token_bytes(KEY_LEN)
     if len(ephemeral_private) != KEY_LEN:

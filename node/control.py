@@ -43,6 +43,7 @@ from typing import Any
 import trio
 
 from node.errors import VeilError
+from node.groups import group_of
 from node.home import Home
 from node.link import collapse_groups
 from node.node import Node
@@ -72,7 +73,17 @@ class _Gone(Exception):
 
 
 def message_json(node: Node, m: StoredMessage) -> dict[str, Any]:
-    """A stored message as `veil recv --json` prints it."""
+    """A stored message as `veil recv --json` prints it. In a group, ``group`` is the
+    group's name on this device (``to`` and ``conversation`` are "#" and that name), and
+    ``change`` is true for a line that records a change (who added whom)."""
+    gid = group_of(m.peer)
+    if gid is not None:
+        label = node.groups.label(gid)
+        out: dict[str, Any] = {"from": m.sender, "to": "#" + label, "conversation": "#" + label, "group": label,
+                               "text": m.body, "id": m.msg_id.hex(), "sent_at": m.sent_at, "outgoing": m.outgoing}
+        if node.store.is_group_event(m.msg_id):
+            out["change"] = True
+        return out
     return {
         "from": m.sender,
         "to": node.name if not m.outgoing else m.peer,
@@ -248,7 +259,11 @@ class ControlService:
             raise ValueError(f"unknown request {str(op)[:40]!r}: send, recv or status")
 
     async def _send(self, to: str, text: str) -> dict[str, Any]:
-        peer = self.node.recipient(to)  # refuses a bad name, and a held contact, as `veil send` does
+        if to.startswith("#"):  # a group, by its name on this device
+            self.node.groups.find(to)
+            peer = to
+        else:
+            peer = self.node.recipient(to)  # refuses a bad name, and a held contact, as `veil send` does
         msg = self.live.send(peer, text)  # stored at once; raises for a bad text
         for fn in self.composed:
             fn(msg)
@@ -263,7 +278,9 @@ class ControlService:
                     break
                 await changed.wait()
         now = self.node.store.message(msg.msg_id) or msg
-        return {"ok": True, "peer": now.peer, "state": now.state, "id": now.msg_id.hex()}
+        gid = group_of(now.peer)
+        shown = now.peer if gid is None else "#" + self.node.groups.label(gid)
+        return {"ok": True, "peer": shown, "state": now.state, "id": now.msg_id.hex()}
 
     async def _recv(self, stream: trio.SocketStream, lines: _Lines, wait: float, follow: bool) -> None:
         """Hand out messages to a caller that acknowledges each one; a caller that hangs

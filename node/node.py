@@ -16,7 +16,7 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
@@ -41,6 +41,7 @@ from keyvault.errors import (
     KeyvaultError,
 )
 from keyvault.errors import MessageTooLarge as KeyvaultTooLarge
+from keyvault.group import Action, Change, decode_change
 from keyvault.kdf import DEFAULT_KDF, KdfParams, new_salt, password_keys, store_key
 from keyvault.kem import KemKey, KemUse, verify_kem_key
 from keyvault.keys import (
@@ -57,7 +58,7 @@ from keyvault.keys import (
     verify_device,
     wrap_bundle,
 )
-from keyvault.letter import Letter, decode_letter, encode_letter, max_body_bytes
+from keyvault.letter import KIND_CHANGES, Letter, decode_letter, encode_letter, max_body_bytes
 from keyvault.prekeys import OneTimePrekey, SignedPrekey, new_one_time_prekeys, new_signed_prekey
 from keyvault.safety import identity_fingerprint, safety_number
 from node.errors import (
@@ -79,9 +80,10 @@ from node.errors import (
     VeilError,
     WrongPassword,
 )
+from node.groups import Groups, conversation, describe, group_of
 from node.home import Home, HomeConfig
 from node.link import RelayLink, check_address, open_link, shown_address
-from node.sessions import ONE_TIME_STOCK, Peer, Sessions
+from node.sessions import ONE_TIME_STOCK, PQ_SINCE_SPK, Peer, Sessions
 from node.store import Contact, NodeStore, OutboxEntry, StoredMessage
 from wire.address import parse_address
 from wire.invite import ContactLink
@@ -228,6 +230,36 @@ def default_device_name() -> str:
     return name or "a device"
 
 
+@dataclass
+class _GroupSealing:
+    """The letters of a group message for each device (inside the sealing transaction):
+    the group's changes first if the device has not had them all from us (or the message
+    is a change of ours), then the text (unless the message is a change)."""
+
+    store: NodeStore
+    gid: bytes
+    m: StoredMessage
+    version: int
+
+    def __post_init__(self) -> None:
+        self.blobs = tuple(self.store.group_changes(self.gid))
+        self.notice = self.store.group_notice(self.m.msg_id) is not None
+
+    def letters(self, peer: Peer) -> list[bytes]:
+        m, out = self.m, []
+        if self.notice or self.store.group_sent(self.gid, peer.name, peer.device_id) < self.version:
+            out.append(encode_letter(Letter(to=peer.name, msg_id=secrets.token_bytes(16), sent_at=m.sent_at,
+                                            body="", group=self.gid, kind=KIND_CHANGES, changes=self.blobs)))
+        if not self.notice:
+            out.append(encode_letter(Letter(to=peer.name, msg_id=m.msg_id, sent_at=m.sent_at, body=m.body,
+                                            group=self.gid)))
+        return out
+
+    def sealed(self, peer: Peer) -> None:
+        """Every letter for ``peer`` went into the outbox."""
+        self.store.set_group_sent(self.gid, peer.name, peer.device_id, self.version)
+
+
 class Node:
     """One unlocked device."""
 
@@ -248,6 +280,7 @@ class Node:
         # dies before the acknowledgement cannot hide a stored message from the user.
         self.received_listeners: list[Callable[[Received], None]] = []
         self.sessions = Sessions(store, keys, self.name, self.device_id)
+        self.groups = Groups(store, keys, self.name)
         # The master password this device was opened with, to prove it again when the
         # session must be renewed, and where to ask for a code (MFA) or a newer password
         # (changed on another device). Set by whoever opened the device.
@@ -582,6 +615,9 @@ class Node:
         (``now``, in seconds, lets a test move the clock.)"""
         status = await link.request(wire.PrekeyStatus)
         now = int(time.time()) if now is None else now
+        if status.kem_one_time_left is None and self.store.get(PQ_SINCE_SPK) is not None:
+            # It took this device's KEM keys before: an older relay now, or one that hides them.
+            self._warn("the relay no longer takes post-quantum keys: new sessions with this device may be classical")
         due = self.sessions.prekeys_due(status, now)
         if due:
             # Made and kept before they are published: a first message to one of them may
@@ -689,6 +725,8 @@ class Node:
                 self.store.pin(name, ans.enc_pub, ans.identity_pub, ans.dh_pub)
             elif pinned.identity_pub != ans.identity_pub or pinned.enc_pub != ans.enc_pub:
                 self.store.replace_keys(name, ans.enc_pub, ans.identity_pub, ans.dh_pub)
+                if pinned.identity_pub != ans.identity_pub:
+                    self.store.forget_post_quantum(name)
                 warning = f"{name}'s identity key has changed: check it with `veil verify {name}`"
             self.store.set_devices(name, devices)
             self.store.forget_sessions(name, devices)
@@ -739,6 +777,8 @@ class Node:
                         " replacing the old key"
                     )
                 self.store.replace_keys(name, ans.enc_pub, ans.identity_pub, ans.dh_pub)
+                if pinned.identity_pub != ans.identity_pub:
+                    self.store.forget_post_quantum(name)
             self.store.set_verified(name, True)  # the link vouches for the key (and clears a change)
             self.store.set_devices(name, devices)
             self.store.forget_sessions(name, devices)
@@ -774,7 +814,8 @@ class Node:
         listed = set(devices)
         return [
             (e.device_id, e.key_id, e.public) for e in ans.envelope_keys
-            if e.device_id in listed and verify_kem_key(ans.identity_pub, KemUse.ENVELOPE, e.key_id, e.public, e.sig)
+            if e.device_id in listed
+            and verify_kem_key(ans.identity_pub, KemUse.ENVELOPE, e.key_id, e.public, e.sig, device_id=e.device_id)
         ]
 
     def _warn(self, text: str) -> None:
@@ -844,18 +885,22 @@ class Node:
         message stays in the outbox, state "pending", and goes out on a later connection;
         the second value then says why. Errors that waiting cannot cure (no such user, a
         held contact, a refused login) are raised as ``send`` raises them, and then nothing
-        is stored."""
+        is stored. A ``peer`` of "#NAME" is a group, by its name on this device."""
         composed: StoredMessage | None = None
-        peer = self.recipient(peer)
+        group = peer.startswith("#")
+        if group:
+            self.groups.find(peer)  # an unknown group is an error, not a queued message
+        else:
+            peer = self.recipient(peer)
         reason: str | None = None
         deferred: str | None = None
         try:
             async with self.connected() as link:
-                if peer != self.name:
+                if peer != self.name and not group:
                     contact, _ = await self.lookup(link, peer)
                     if contact.verified and contact.key_changed:
                         raise self._held(peer)
-                composed = self.compose(peer, text)
+                composed = self.compose_group(peer, text) if group else self.compose(peer, text)
                 for msg_id, exc in await self.seal_pending(link):
                     if msg_id == composed.msg_id:
                         raise exc
@@ -869,7 +914,7 @@ class Node:
             reason = (str(exc).rstrip(".") if isinstance(exc, RelayKeyMismatch)
                       else f"the relay at {self.relay} cannot be reached now")
             if composed is None:
-                composed = self.compose(peer, text)
+                composed = self.compose_group(peer, text) if group else self.compose(peer, text)
         assert composed is not None
         now = self.store.message(composed.msg_id) or composed
         if now.state == "pending" and reason is None:
@@ -891,6 +936,26 @@ class Node:
         problems: list[tuple[bytes, VeilError]] = []
         own: list[bytes] | None = None
         contacts: dict[str, Contact] = {}  # looked up once per peer per call
+        for gid in self.store.group_resyncs():
+            # The group's changes to every member, in a message of its own (no text, no
+            # line in the history): they cross one of ours (see _accept_group).
+            now = now_ms()
+            sync = StoredMessage(secrets.token_bytes(16), conversation(gid), self.name, True, "", now, now, "pending", 0)
+            with self.store.transaction():
+                self.store.add_group_notice(sync.msg_id, ())
+            try:
+                if own is None:
+                    own = await self.own_devices(link)
+                targets, bundles = await self._prepare(link, sync, own, contacts)
+                with self.store.transaction():
+                    self._seal(sync, targets, bundles)
+                    self.store.drop_group_resync(gid)
+            except (ConnectionLost, RelayUnreachable, RelayRefused):
+                raise  # the link: the group stays due for the next one
+            except (VeilError, KeyvaultError) as exc:
+                log.info("group changes not passed on: %s", type(exc).__name__)
+                with self.store.transaction():
+                    self.store.drop_group_resync(gid)
         for msg_id in self.store.unsealed():
             m = self.store.message(msg_id)
             if m is None:
@@ -925,7 +990,25 @@ class Node:
         account's RSA key), and prekey bundles for devices we have no session with."""
         me = self.keys.public()
         targets: list[tuple[Peer, bytes]] = []
-        if m.peer != self.name:
+        gid = group_of(m.peer)
+        if gid is not None:
+            for name in self._group_recipients(gid, m):
+                if name not in contacts:
+                    try:
+                        contacts[name], _ = await self.lookup(link, name)
+                    except UnknownUser:
+                        self._warn(f"skipped {name} in {self.groups.label(gid)}: no such user on this relay")
+                        continue
+                contact = contacts[name]
+                if contact.verified and contact.key_changed:
+                    self._warn(f"skipped {name} in {self.groups.label(gid)}: {self._held(name)}")
+                    continue
+                targets += [
+                    (Peer(contact.name, d, contact.identity_pub, contact.dh_pub,
+                          self.store.envelope_key(contact.name, d)), contact.enc_pub)
+                    for d in contact.devices
+                ]
+        elif m.peer != self.name:
             if m.peer not in contacts:
                 contacts[m.peer], _ = await self.lookup(link, m.peer)
             contact = contacts[m.peer]
@@ -957,32 +1040,39 @@ class Node:
         """Encrypt the message in each device's ratchet session, seal each for its device,
         and store the new session states with the envelopes in one transaction (no await
         inside: nothing else touches the sessions meanwhile). Returns the envelope count."""
-        letter = encode_letter(Letter(to=m.peer, msg_id=m.msg_id, sent_at=m.sent_at, body=m.body))
+        gid = group_of(m.peer)
+        one = encode_letter(Letter(to=m.peer, msg_id=m.msg_id, sent_at=m.sent_at, body=m.body)) if gid is None else b""
         entries: list[OutboxEntry] = []
         try:
             with self.store.transaction():
+                group = None if gid is None else self._group_sealing(gid, m)
                 for peer, enc in targets:
                     bundle = bundles.get((peer.name, peer.device_id))
                     if bundle is None and not self.sessions.has_session(peer.name, peer.device_id):
                         self._warn(f"a device of {peer.name} has no prekeys yet and cannot receive this")
                         continue
-                    try:
-                        payload = self.sessions.encrypt(peer, letter, bundle)
-                    except BadPrekey:
-                        self._warn(f"skipped a device of {peer.name}: its prekey signature does not verify")
-                        continue
-                    except Downgrade as exc:
-                        self._warn(f"skipped a device of {peer.name}: {exc}")
-                        continue
-                    sealed = Sealed(self.name, self.device_id, payload)
-                    if peer.envelope_key is None:
-                        blob = seal(sealed, self.keys, enc, peer.device_id)
-                    else:  # version 3: the sender stays hidden from a quantum computer too
-                        key_id, public = peer.envelope_key
-                        blob = seal_hybrid(sealed, self.keys, enc, peer.device_id, public, key_id)
-                    entries.append(OutboxEntry(secrets.token_bytes(16), m.msg_id, peer.device_id, blob))
+                    letters = [one] if group is None else group.letters(peer)
+                    for letter in letters:
+                        try:
+                            payload = self.sessions.encrypt(peer, letter, bundle)
+                        except BadPrekey:
+                            self._warn(f"skipped a device of {peer.name}: its prekey signature does not verify")
+                            break
+                        except Downgrade as exc:
+                            self._warn(f"skipped a device of {peer.name}: {exc}")
+                            break
+                        sealed = Sealed(self.name, self.device_id, payload)
+                        if peer.envelope_key is None:
+                            blob = seal(sealed, self.keys, enc, peer.device_id)
+                        else:  # version 3: the sender stays hidden from a quantum computer too
+                            key_id, public = peer.envelope_key
+                            blob = seal_hybrid(sealed, self.keys, enc, peer.device_id, public, key_id)
+                        entries.append(OutboxEntry(secrets.token_bytes(16), m.msg_id, peer.device_id, blob))
+                    else:
+                        if group is not None:
+                            group.sealed(peer)
                 peer_devices = {p.device_id for p, _ in targets if p.name == m.peer}
-                if m.peer != self.name and not any(e.device_id in peer_devices for e in entries):
+                if gid is None and m.peer != self.name and not any(e.device_id in peer_devices for e in entries):
                     raise VeilError(f"no device of {m.peer} can receive messages yet")
                 self.store.add_outbox(entries)
                 self.store.remove_unsealed(m.msg_id)
@@ -991,6 +1081,18 @@ class Node:
         except KeyvaultTooLarge:
             raise MessageTooLarge() from None
         return len(entries)
+
+    def _group_recipients(self, gid: bytes, m: StoredMessage) -> list[str]:
+        """Who a message in a group goes to (besides this account's other devices): its
+        members; for a change of ours, also those it removes (so they learn of it)."""
+        state = self.groups.state(gid)
+        also = self.store.group_notice(m.msg_id)
+        if also is None and self.name not in state.members:
+            raise VeilError(f"you are no longer a member of {self.groups.label(gid)!r}")
+        return sorted((state.members | set(also or ())) - {self.name})
+
+    def _group_sealing(self, gid: bytes, m: StoredMessage) -> _GroupSealing:
+        return _GroupSealing(self.store, gid, m, self.groups.state(gid).version)
 
     async def own_devices(self, link: RelayLink) -> list[bytes]:
         """This account's devices, as the relay lists them (signatures checked)."""
@@ -1106,7 +1208,7 @@ class Node:
             link.ack_soon(done)
         return received
 
-    async def _accept_one(self, link: RelayLink, blob: bytes) -> Received | None:
+    async def _accept_one(self, link: RelayLink, blob: bytes, *, looked_up: bool = False) -> Received | None:
         """Open one envelope: the outer layer (RSA) names the sender, whose identity key
         must have signed it; the inner layer is a ratchet message in the session with the
         sender's device. Returns None for a duplicate; DecryptionFailed for anything bad."""
@@ -1146,6 +1248,19 @@ class Node:
             raise DecryptionFailed()
         if sender != self.name and letter.to != self.name:
             raise DecryptionFailed()  # written for someone else: not ours to show
+        if letter.group is not None:
+            unknown = self._unknown_authors(letter)
+            if unknown and not looked_up:
+                # The changes' authors' identity keys are needed to check them: look them
+                # up, then open the envelope again (nothing was committed; a session that
+                # moved on meanwhile is read afresh).
+                for name in unknown:
+                    try:
+                        await self.lookup(link, name)
+                    except UnknownUser:
+                        pass
+                return await self._accept_one(link, blob, looked_up=True)
+            return self._accept_group(sender, letter, commit)
         peer = letter.to if sender == self.name else sender
         with self.store.transaction():
             if self.store.has_message(letter.msg_id):
@@ -1162,6 +1277,121 @@ class Node:
         for fn in self.received_listeners:
             fn(received)
         return received
+
+    def _unknown_authors(self, letter: Letter) -> list[str]:
+        """Authors of a changes letter's changes whose identity keys this device lacks."""
+        names = set()
+        for raw in letter.changes:
+            try:
+                names.add(decode_change(raw).author)
+            except DecryptionFailed:
+                continue
+        return sorted(n for n in names if n != self.name and _canonical(n) and self.store.contact(n) is None)
+
+    def _identity_of(self, name: str) -> bytes | None:
+        if name == self.name:
+            return self.keys.public().identity
+        contact = self.store.contact(name)
+        return None if contact is None else contact.identity_pub
+
+    def _accept_group(self, sender: str, letter: Letter, commit: Callable[[], None]) -> Received | None:
+        """Store a letter in a group (its session's state moves on with it): a text from
+        a member, or changes (each one that becomes valid is a line in the group's
+        history). A text from someone who is not a member is dropped, with a warning."""
+        gid = letter.group
+        assert gid is not None
+        stored: list[StoredMessage] = []
+        with self.store.transaction():
+            if letter.kind != KIND_CHANGES and self.store.has_message(letter.msg_id):
+                log.info("dropped a message already received")
+                return None
+            commit()
+            if letter.kind == KIND_CHANGES:
+                state, became = self.groups.merge(gid, letter.changes, self._identity_of)
+                if state is None:
+                    log.info("dropped the changes of a group this account is not in")
+                    return None
+                if became and len(state.heads) > 1 and self.name in state.members:
+                    by_hash = {decode_change(b).hash: decode_change(b) for b in self.store.group_changes(gid)}
+                    if any(by_hash[h].author == self.name for h in state.heads if h in by_hash):
+                        self.store.add_group_resync(gid)  # ours crossed theirs: pass both on
+                for c in became:
+                    mid = c.hash[:16]
+                    if self.store.has_message(mid):
+                        continue  # our own change, or one heard of already
+                    stored.append(self.store.add_message(StoredMessage(
+                        mid, conversation(gid), c.author, c.author == self.name, describe(c), c.sent_at, now_ms(),
+                        "received", 0)))
+                    self.store.add_group_event(mid)
+            else:
+                label = self.store.group_label(gid)
+                if label is None or sender not in self.groups.state(gid).members:
+                    where = f"group {label!r}" if label else "a group this device does not know"
+                    self._warn(f"dropped a message in {where} from {sender}, who is not a member")
+                    return None
+                stored.append(self.store.add_message(StoredMessage(
+                    letter.msg_id, conversation(gid), sender, sender == self.name, letter.body, letter.sent_at,
+                    now_ms(), "received", 0)))
+        received = None
+        for msg in stored:
+            received = Received(msg, None)
+            for fn in self.received_listeners:
+                fn(received)
+        return received
+
+    # ---- groups ------------------------------------------------------------------------
+    def group_create(self, name: str, members: Sequence[str]) -> str:
+        """Create a group with ``members`` (besides this account); its changes go to them
+        with the next connection. Returns the group's name on this device."""
+        names = self._usernames(members)
+        with self.store.transaction():
+            gid, change = self.groups.create(name, names)
+            self._notice(gid, change, ())
+        return self.groups.label(gid)
+
+    def group_change(self, label: str, action: Action, subjects: Sequence[str] = (), name: str = "") -> Change:
+        """Add or remove members, leave (remove ourselves) or rename; the change goes to
+        every member (and those it removes) with the next connection."""
+        gid = self.groups.find(label)
+        names = self._usernames(subjects)
+        with self.store.transaction():
+            change = self.groups.change(gid, action, names, name)
+            self._notice(gid, change, names if action == Action.REMOVE else ())
+        return change
+
+    def _usernames(self, names: Sequence[str]) -> list[str]:
+        out = []
+        for n in names:
+            try:
+                out.append(wire.normalize_username(n))
+            except ValueError as exc:
+                raise VeilError(f"{n!r}: {exc}") from None
+        return out
+
+    def _notice(self, gid: bytes, change: Change, also: tuple[str, ...] | list[str]) -> None:
+        mid = change.hash[:16]
+        now = now_ms()
+        self.store.add_message(StoredMessage(mid, conversation(gid), self.name, True, describe(change), now, now,
+                                             "pending", 0))
+        self.store.add_group_event(mid)
+        self.store.add_group_notice(mid, list(also))
+        self.store.add_unsealed(mid)
+
+    def compose_group(self, label: str, text: str) -> StoredMessage:
+        """Store a message to a group's members (state "pending"); it goes out as ``compose``'s."""
+        gid = self.groups.find(label)
+        if self.name not in self.groups.state(gid).members:
+            raise VeilError(f"you are no longer a member of {label!r}")
+        if not text:
+            raise VeilError("empty message")
+        if len(text.encode()) > max_body_bytes():
+            raise MessageTooLarge(f"message too large (at most {max_body_bytes()} bytes)")
+        sent_at = now_ms()
+        with self.store.transaction():
+            msg = self.store.add_message(StoredMessage(
+                secrets.token_bytes(16), conversation(gid), self.name, True, text, sent_at, sent_at, "pending", 0))
+            self.store.add_unsealed(msg.msg_id)
+        return msg
 
     def _envelope_key_for(self, blob: bytes) -> KemKey | None:
         """This device's envelope key that a version 3 envelope names, if it has it."""

@@ -72,7 +72,7 @@ class LiveSession:
     # ---- for the user interface ---------------------------------------------------------
     def send(self, peer: str, text: str) -> StoredMessage:
         """Compose a message; it goes out now if online, or on the next connection."""
-        msg = self.node.compose(peer, text)
+        msg = self.node.compose_group(peer, text) if peer.startswith("#") else self.node.compose(peer, text)
         self._poke.set()
         return msg
 

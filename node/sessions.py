@@ -26,7 +26,7 @@ from keyvault.payload import KemInit, Payload, PrekeyInit, decode_payload, encod
 from keyvault.prekeys import OneTimePrekey, SignedPrekey, new_one_time_prekeys, new_signed_prekey
 from keyvault.x3dh import KemPrekey, PrekeyBundle, initiate, respond
 from node.errors import Downgrade
-from node.store import NodeStore
+from node.store import NodeStore, SessionRow
 
 ONE_TIME_STOCK = wire.MAX_ONE_TIME_PREKEYS  # 100 one-time prekeys published per device
 REFILL_BELOW = 20
@@ -93,13 +93,23 @@ class Sessions:
         self.device_id = device_id
 
     def has_session(self, peer: str, device_id: bytes) -> bool:
-        return bool(self.store.sessions(peer, device_id))
+        return bool(self._sending_rows(peer, device_id))
+
+    def _sending_rows(self, peer: str, device_id: bytes) -> list[SessionRow]:
+        """The sessions we may send in, newest first. A classical session the peer has
+        not answered yet, with a device now known to have PQ keys, is not one: it was set
+        up from a stripped bundle, and the peer refuses it (19.6); a new one is started
+        (it still opens what the peer sends in it)."""
+        rows = self.store.sessions(peer, device_id)
+        if rows and self.store.is_post_quantum(peer, device_id):
+            rows = [r for r in rows if r.init is None or ratchet.RatchetState.from_bytes(r.state).pq]
+        return rows
 
     # ---- sending ---------------------------------------------------------------------
     def encrypt(self, peer: Peer, plaintext: bytes, bundle: wire.DeviceBundle | None) -> bytes:
         """A payload for ``peer``'s device (call inside the store transaction that also
         stores the envelope). Starts a session from ``bundle`` when there is none."""
-        rows = self.store.sessions(peer.name, peer.device_id)
+        rows = self._sending_rows(peer.name, peer.device_id)
         if rows:
             row = rows[0]
             state, ad, init, sid = ratchet.RatchetState.from_bytes(row.state), row.ad, row.init, row.sid
@@ -225,9 +235,11 @@ class Sessions:
         kems: list[KemKey] = []
         if due.kem_one_time:
             first = self.store.next_prekey_ids(due.kem_one_time)
-            kems = [new_kem_key(self.keys, KemUse.ONE_TIME, first + i, now) for i in range(due.kem_one_time)]
+            kems = [new_kem_key(self.keys, KemUse.ONE_TIME, first + i, now, device_id=self.device_id)
+                    for i in range(due.kem_one_time)]
         if due.kem_last_resort:
-            kems.append(new_kem_key(self.keys, KemUse.LAST_RESORT, self.store.next_prekey_ids(1), now))
+            kems.append(new_kem_key(self.keys, KemUse.LAST_RESORT, self.store.next_prekey_ids(1), now,
+                                    device_id=self.device_id))
             self.store.drop_kem_keys_retired_before(KemUse.LAST_RESORT, now - KEEP_RETIRED_SIGNED)
         envelope = None
         if due.envelope_key:
@@ -235,7 +247,8 @@ class Sessions:
             if held is not None:  # the relay lost it: the same key again (mail to it is in flight)
                 key = KemKey.from_bytes(held[2])
             else:
-                key = new_kem_key(self.keys, KemUse.ENVELOPE, self.store.next_prekey_ids(1), now)
+                key = new_kem_key(self.keys, KemUse.ENVELOPE, self.store.next_prekey_ids(1), now,
+                                  device_id=self.device_id)
                 kems.append(key)
             envelope = wire.KemKeyPub(key.key_id, key.public, key.signature)
         self.store.add_kem_keys([(int(k.use), k.key_id, k.to_bytes(), now) for k in kems])
@@ -259,7 +272,10 @@ class Sessions:
         newest = self.store.newest_signed_prekey()
         rotate = (status.signed_id is None or newest is None or newest[0] != status.signed_id
                   or newest[1] + ROTATE_SIGNED_AFTER <= now)
-        add = ONE_TIME_STOCK - status.one_time_left if status.one_time_left < REFILL_BELOW else 0
+        # The relay's counts, kept within what a device may hold (a relay is not trusted
+        # to say how many keys to make).
+        one_time_left = max(0, min(status.one_time_left, ONE_TIME_STOCK))
+        add = ONE_TIME_STOCK - one_time_left if one_time_left < REFILL_BELOW else 0
         if status.kem_one_time_left is None:
             return PrekeysDue(signed=rotate, one_time=add)
         last = self.store.newest_kem_key(KemUse.LAST_RESORT)
@@ -269,8 +285,8 @@ class Sessions:
         return PrekeysDue(
             signed=rotate or kem_rotate,
             one_time=add,
-            kem_one_time=(KEM_ONE_TIME_STOCK - status.kem_one_time_left
-                          if status.kem_one_time_left < KEM_REFILL_BELOW else 0),
+            kem_one_time=(KEM_ONE_TIME_STOCK - kem_left if (kem_left := max(0, min(
+                status.kem_one_time_left, KEM_ONE_TIME_STOCK))) < KEM_REFILL_BELOW else 0),
             kem_last_resort=kem_rotate,
             envelope_key=envelope is None or envelope[0] != status.envelope_key_id,
         )

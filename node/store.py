@@ -132,6 +132,32 @@ def _m0004(db: Database) -> None:
     )
 
 
+@migrations(name="0005_groups")
+def _m0005(db: Database) -> None:
+    # Groups this device knows: the name it shows them by (unique here), and every change
+    # of each (keyvault.group: the state is their fold). Messages in a group have peer
+    # "#" + the group id in hex.
+    db.execute("CREATE TABLE groups (group_id BLOB PRIMARY KEY, label TEXT NOT NULL UNIQUE)")
+    db.execute(
+        "CREATE TABLE group_changes (group_id BLOB NOT NULL REFERENCES groups(group_id) ON DELETE CASCADE,"
+        " hash BLOB NOT NULL, blob BLOB NOT NULL, PRIMARY KEY (group_id, hash))"
+    )
+    # The group's version last sent to each device of each member: a device behind gets
+    # the group's changes with the next message (a new member, a new device, one offline).
+    db.execute(
+        "CREATE TABLE group_sent (group_id BLOB NOT NULL, name TEXT NOT NULL, device_id BLOB NOT NULL,"
+        " version INTEGER NOT NULL, PRIMARY KEY (group_id, name, device_id))"
+    )
+    # Messages that announce this device's own changes (not text), and who else hears of
+    # them (those the change removes).
+    db.execute("CREATE TABLE group_notices (msg_id BLOB PRIMARY KEY, also TEXT NOT NULL)")
+    # Messages in a group's history that are changes (who added whom), not text.
+    db.execute("CREATE TABLE group_events (msg_id BLOB PRIMARY KEY)")
+    # Groups whose changes this device should pass on to every member (a change of others
+    # crossed one of ours: not every member may have both).
+    db.execute("CREATE TABLE group_resync (group_id BLOB PRIMARY KEY)")
+
+
 @dataclass(frozen=True)
 class SessionRow:
     sid: int
@@ -486,11 +512,12 @@ class NodeStore:
         )
 
     def put_envelope_keys(self, name: str, keys: Sequence[tuple[bytes, int, bytes]]) -> None:
-        """Record (device_id, key_id, public) of ``name``'s devices (a newer id replaces)."""
+        """Record (device_id, key_id, public) of ``name``'s devices (each signed for its
+        device by ``name``'s identity key: what a lookup shows replaces what was kept)."""
         self.conn.executemany(
             "INSERT INTO envelope_keys (name, device_id, key_id, public) VALUES (?,?,?,?)"
             " ON CONFLICT (name, device_id) DO UPDATE SET key_id = excluded.key_id,"
-            " public = excluded.public WHERE excluded.key_id > envelope_keys.key_id",
+            " public = excluded.public",
             [(name, d, k, pub) for d, k, pub in keys],
         )
         self.conn.executemany(
@@ -503,6 +530,11 @@ class NodeStore:
         ).fetchone()
         return None if row is None else (int(row[0]), bytes(row[1]))
 
+    def forget_post_quantum(self, name: str) -> None:
+        """``name``'s identity key changed: what its old key signed is not kept."""
+        self.conn.execute("DELETE FROM envelope_keys WHERE name = ?", (name,))
+        self.conn.execute("DELETE FROM pq_devices WHERE name = ?", (name,))
+
     def mark_post_quantum(self, name: str, device_id: bytes) -> None:
         self.conn.execute("INSERT OR IGNORE INTO pq_devices (name, device_id) VALUES (?,?)", (name, device_id))
 
@@ -510,6 +542,69 @@ class NodeStore:
         return self.conn.execute(
             "SELECT 1 FROM pq_devices WHERE name = ? AND device_id = ?", (name, device_id)
         ).fetchone() is not None
+
+    # ---- groups ---------------------------------------------------------------------------
+    def add_group(self, group_id: bytes, label: str) -> None:
+        self.conn.execute("INSERT INTO groups (group_id, label) VALUES (?,?)", (group_id, label))
+
+    def group_ids(self) -> list[tuple[bytes, str]]:
+        return [(bytes(r[0]), str(r[1])) for r in self.conn.execute("SELECT group_id, label FROM groups ORDER BY label")]
+
+    def group_label(self, group_id: bytes) -> str | None:
+        row = self.conn.execute("SELECT label FROM groups WHERE group_id = ?", (group_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def group_by_label(self, label: str) -> bytes | None:
+        row = self.conn.execute("SELECT group_id FROM groups WHERE label = ?", (label,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def add_group_changes(self, group_id: bytes, changes: Sequence[tuple[bytes, bytes]]) -> None:
+        """(hash, encoded change) pairs; one already held is ignored."""
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO group_changes (group_id, hash, blob) VALUES (?,?,?)",
+            [(group_id, h, b) for h, b in changes],
+        )
+
+    def group_changes(self, group_id: bytes) -> list[bytes]:
+        return [bytes(r[0]) for r in self.conn.execute(
+            "SELECT blob FROM group_changes WHERE group_id = ? ORDER BY hash", (group_id,))]
+
+    def group_sent(self, group_id: bytes, name: str, device_id: bytes) -> int:
+        row = self.conn.execute(
+            "SELECT version FROM group_sent WHERE group_id = ? AND name = ? AND device_id = ?",
+            (group_id, name, device_id),
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def set_group_sent(self, group_id: bytes, name: str, device_id: bytes, version: int) -> None:
+        self.conn.execute(
+            "INSERT INTO group_sent (group_id, name, device_id, version) VALUES (?,?,?,?)"
+            " ON CONFLICT (group_id, name, device_id) DO UPDATE SET version = excluded.version",
+            (group_id, name, device_id, version),
+        )
+
+    def add_group_notice(self, msg_id: bytes, also: Sequence[str]) -> None:
+        self.conn.execute("INSERT INTO group_notices (msg_id, also) VALUES (?,?)", (msg_id, ",".join(also)))
+
+    def add_group_resync(self, group_id: bytes) -> None:
+        self.conn.execute("INSERT OR IGNORE INTO group_resync (group_id) VALUES (?)", (group_id,))
+
+    def group_resyncs(self) -> list[bytes]:
+        return [bytes(r[0]) for r in self.conn.execute("SELECT group_id FROM group_resync")]
+
+    def drop_group_resync(self, group_id: bytes) -> None:
+        self.conn.execute("DELETE FROM group_resync WHERE group_id = ?", (group_id,))
+
+    def add_group_event(self, msg_id: bytes) -> None:
+        self.conn.execute("INSERT OR IGNORE INTO group_events (msg_id) VALUES (?)", (msg_id,))
+
+    def is_group_event(self, msg_id: bytes) -> bool:
+        return self.conn.execute("SELECT 1 FROM group_events WHERE msg_id = ?", (msg_id,)).fetchone() is not None
+
+    def group_notice(self, msg_id: bytes) -> list[str] | None:
+        """Who else hears of this notice (None: the message is not a notice)."""
+        row = self.conn.execute("SELECT also FROM group_notices WHERE msg_id = ?", (msg_id,)).fetchone()
+        return None if row is None else [n for n in str(row[0]).split(",") if n]
 
     # ---- composed, not yet sealed -------------------------------------------------------
     def add_unsealed(self, msg_id: bytes) -> None:

@@ -112,6 +112,9 @@ class Rations:
     # first message lacks the one-time prekey's extra forward secrecy).
     prekeys_per_requester_day: float = 8.0  # a few devices of one account, and a re-try
     prekeys_per_device_hour: float = 20.0
+    # Prekey uploads per device: a device uploads when it connects and after first contacts
+    # drain its stock; each costs the relay up to 52 signature checks (about 10 ms).
+    uploads_per_device_hour: float = 60.0
     # Tables: per account at most this many devices it is rationed for (a new one is
     # refused while all have spent buckets: no one can reset their own by spraying), and
     # at most max_keys entries per table in all (about 330 bytes each).
@@ -214,7 +217,7 @@ def _prekey_limit() -> Refused:
                    f" and {wire.MAX_KEM_ONE_TIME_PREKEYS} one-time KEM prekeys")
 
 
-def _check_prekeys(identity: bytes, prekeys: wire.PrekeySet | None) -> None:
+def _check_prekeys(identity: bytes, prekeys: wire.PrekeySet | None, device_id: bytes) -> None:
     """The signatures of the single keys of a prekey set: the signed prekey, the
     last-resort KEM prekey and the envelope key, each for its own use (``bad_key``). The
     one-time KEM prekeys are checked apart (RelayService._check_kem_one_time)."""
@@ -225,7 +228,7 @@ def _check_prekeys(identity: bytes, prekeys: wire.PrekeySet | None) -> None:
         raise Refused(E.BAD_KEY, "the signed prekey's signature does not verify")
     for use, key, what in ((KemUse.LAST_RESORT, prekeys.kem_last_resort, "last-resort KEM prekey"),
                            (KemUse.ENVELOPE, prekeys.envelope_key, "envelope key")):
-        if key is not None and not verify_kem_key(identity, use, key.key_id, key.public, key.sig):
+        if key is not None and not verify_kem_key(identity, use, key.key_id, key.public, key.sig, device_id=device_id):
             raise Refused(E.BAD_KEY, f"the {what}'s signature does not verify")
 
 
@@ -301,6 +304,9 @@ class RelayService:
         self.prekey_device_budget: KeyedBuckets[bytes] = KeyedBuckets(
             r.prekeys_per_device_hour / 3600, r.prekeys_per_device_hour, r.max_keys
         )
+        self.upload_budget: KeyedBuckets[bytes] = KeyedBuckets(
+            r.uploads_per_device_hour / 3600, r.uploads_per_device_hour, r.max_keys
+        )
         self._bound: dict[bytes, dict[Peer, None]] = {}  # device id -> its connections
         self._by_account: dict[int, dict[Peer, None]] = {}  # account id -> its connections
         self._send_budgets: dict[int, ByteBudget] = {}  # account id -> bytes awaiting commit
@@ -354,8 +360,10 @@ class RelayService:
                 self._require_session(peer)
                 assert peer.account_id is not None and peer.device_id is not None
                 device_id = peer.device_id  # a logout elsewhere may unbind the peer meanwhile
+                if not self.upload_budget.take(device_id):  # before any signature is checked
+                    raise Refused(E.RATE_LIMITED, "too many prekey uploads from this device; try again later")
                 identity = await self.mailroom.call(self.mailroom.store.identity_of, peer.account_id)
-                _check_prekeys(identity, req.prekeys)
+                _check_prekeys(identity, req.prekeys, device_id)
                 await self._check_kem_one_time(peer, identity, device_id, req.prekeys)
                 return await self._publish(req.id, device_id, req.prekeys)
             case wire.PrekeyStatus():
@@ -423,7 +431,7 @@ class RelayService:
             raise Refused(E.BAD_KEY, "device signature does not verify")
         if not verify_account_keys(req.identity_pub, name, req.enc_pub, req.dh_pub, req.keys_sig):
             raise Refused(E.BAD_KEY, "the identity key does not vouch for the other keys")
-        _check_prekeys(req.identity_pub, req.prekeys)
+        _check_prekeys(req.identity_pub, req.prekeys, req.device.device_id)
         # After the checks (junk costs no one a registration), before the account exists:
         # a taken name or device id spends one too, or register would be a free oracle.
         if not self.registrations.take():
@@ -544,7 +552,7 @@ class RelayService:
         name = _name(req.name)
         if not verify_device(account.identity_pub, name, req.device.device_id, req.device.sig):
             raise Refused(E.BAD_KEY, "device signature does not verify")
-        _check_prekeys(account.identity_pub, req.prekeys)
+        _check_prekeys(account.identity_pub, req.prekeys, req.device.device_id)
         # After the password proof (one login per connection). Not what the device id holds
         # (it may be another account's): the store counts that when it stores them.
         await self._check_kem_one_time(peer, account.identity_pub, req.device.device_id, req.prekeys, NO_PREKEYS)
@@ -590,7 +598,7 @@ class RelayService:
                 or held.kem_one_time_left + len(prekeys.kem_one_time) > wire.MAX_KEM_ONE_TIME_PREKEYS):
             raise _prekey_limit()
         for k in prekeys.kem_one_time:
-            if not verify_kem_key(identity, KemUse.ONE_TIME, k.key_id, k.public, k.sig):
+            if not verify_kem_key(identity, KemUse.ONE_TIME, k.key_id, k.public, k.sig, device_id=device_id):
                 peer.failures += 1
                 await trio.sleep(min(0.2 * 2 ** (peer.failures - 1), 10.0))
                 raise Refused(E.BAD_KEY, "a one-time KEM prekey's signature does not verify")
@@ -786,7 +794,7 @@ class RelayService:
         device = req.device
         if not verify_device(account.identity_pub, name, device.device_id, device.sig):
             raise Refused(E.BAD_KEY, "device signature does not verify")
-        _check_prekeys(account.identity_pub, req.prekeys)
+        _check_prekeys(account.identity_pub, req.prekeys, device.device_id)
         # After the recovery proof; the store counts what the device holds (as at login).
         await self._check_kem_one_time(peer, account.identity_pub, device.device_id, req.prekeys, NO_PREKEYS)
         recovery = None

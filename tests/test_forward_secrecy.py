@@ -300,7 +300,8 @@ async def test_a_first_message_needs_both_the_kem_and_the_classical_prekeys(
                     for use, key_id in conn.execute("SELECT use, key_id FROM kem_keys WHERE use IN (?, ?)",
                                                     (KemUse.ONE_TIME, KemUse.LAST_RESORT)).fetchall():
                         conn.execute("UPDATE kem_keys SET blob = ? WHERE use = ? AND key_id = ?",
-                                     (new_kem_key(part.keys, KemUse(use), key_id, 0).to_bytes(), use, key_id))
+                                     (new_kem_key(part.keys, KemUse(use), key_id, 0, device_id=part.device_id)
+                                      .to_bytes(), use, key_id))
                 else:
                     for (key_id,) in conn.execute("SELECT key_id FROM signed_prekeys").fetchall():
                         conn.execute("UPDATE signed_prekeys SET blob = ? WHERE key_id = ?",

@@ -256,7 +256,7 @@ def test_end_to_end(alice: AccountKeys, bob: AccountKeys) -> None:
     dev_a, dev_b = bytes([0xA1]) * 16, bytes([0xB1]) * 16
     spk = new_signed_prekey(bob, 7, 1_700_000_000)
     (opk,) = new_one_time_prekeys(42, 1)
-    kem = new_kem_key(bob, KemUse.ONE_TIME, 5, 1_700_000_000)
+    kem = new_kem_key(bob, KemUse.ONE_TIME, 5, 1_700_000_000, device_id=dev_b)
     bpub = bob.public()
     bundle = PrekeyBundle(
         bpub.identity, bpub.dh, spk.key_id, spk.public, spk.signature, 42, opk.public,

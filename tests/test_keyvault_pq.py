@@ -32,6 +32,7 @@ from keyvault.prekeys import new_one_time_prekeys, new_signed_prekey
 from keyvault.x3dh import KemPrekey, PrekeyBundle
 
 DEV_A, DEV_B = bytes([0xA1]) * 16, bytes([0xB1]) * 16
+DEV_B2 = bytes([0xB2]) * 16  # bob's other device
 SEALED = Sealed("alice", DEV_A, b"\x01\x00" + b"r" * 100)
 _OAEP = padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 
@@ -48,7 +49,7 @@ def bob() -> AccountKeys:
 
 @pytest.fixture(scope="module")
 def bob_envelope_key(bob: AccountKeys) -> KemKey:
-    return new_kem_key(bob, KemUse.ENVELOPE, 3, 0)
+    return new_kem_key(bob, KemUse.ENVELOPE, 3, 0, device_id=DEV_B)
 
 
 # The hybrid envelope ------------------------------------------------------------------------
@@ -77,7 +78,7 @@ def test_the_rsa_key_alone_opens_nothing(alice: AccountKeys, bob: AccountKeys, b
     blob = seal_hybrid(SEALED, alice, bob.public().enc, DEV_B, k.public, k.key_id)
     with pytest.raises(DecryptionFailed):
         open_envelope(blob, bob, DEV_B)  # no KEM key at all
-    impostor = dataclasses.replace(new_kem_key(bob, KemUse.ENVELOPE, 3, 0), key_id=3)
+    impostor = dataclasses.replace(new_kem_key(bob, KemUse.ENVELOPE, 3, 0, device_id=DEV_B), key_id=3)
     with pytest.raises(DecryptionFailed):
         open_envelope(blob, bob, DEV_B, impostor)
     # By hand: the RSA secret, and the AES key as if the KEM secret were anything else.
@@ -135,8 +136,9 @@ def test_every_header_byte_is_bound(alice: AccountKeys, bob: AccountKeys, bob_en
 def test_a_bad_envelope_key_is_refused_before_sealing(alice: AccountKeys, bob: AccountKeys) -> None:
     with pytest.raises(BadKey):
         seal_hybrid(SEALED, alice, bob.public().enc, DEV_B, b"\xff" * 1184, 1)
+    envelope = new_kem_key(bob, KemUse.ENVELOPE, 1, 0, device_id=DEV_B)
     with pytest.raises(ValueError):
-        seal_hybrid(SEALED, alice, bob.public().enc, DEV_B, new_kem_key(bob, KemUse.ENVELOPE, 1, 0).public, -1)
+        seal_hybrid(SEALED, alice, bob.public().enc, DEV_B, envelope.public, -1)
 
 
 # PQXDH ---------------------------------------------------------------------------------------
@@ -170,7 +172,7 @@ def _agree(alice: AccountKeys, bob: AccountKeys, kem: KemKey | None, *, responde
 @pytest.mark.parametrize("use", [KemUse.ONE_TIME, KemUse.LAST_RESORT])
 @pytest.mark.parametrize("with_opk", [True, False])
 def test_pqxdh_agrees(alice: AccountKeys, bob: AccountKeys, use: KemUse, with_opk: bool) -> None:
-    kem = new_kem_key(bob, use, 5, 0)
+    kem = new_kem_key(bob, use, 5, 0, device_id=DEV_B)
     xa, xb = _agree(alice, bob, kem, with_opk=with_opk)
     assert xa.post_quantum and xb.post_quantum and len(xa.kem_ciphertext) == 1088
     assert (xa.root_key, xa.header_key_send, xa.next_header_key_recv) == (
@@ -186,14 +188,14 @@ def test_without_a_kem_prekey_it_is_plain_x3dh(alice: AccountKeys, bob: AccountK
 def test_the_x25519_keys_alone_do_not_give_the_session(alice: AccountKeys, bob: AccountKeys) -> None:
     """A responder (or an attacker holding every X25519 private key of both sides) without
     the KEM key that was used derives another session: the KEM secret is in SK."""
-    kem = new_kem_key(bob, KemUse.ONE_TIME, 5, 0)
-    xa, xb = _agree(alice, bob, kem, responder_kem=new_kem_key(bob, KemUse.ONE_TIME, 5, 0))
+    kem = new_kem_key(bob, KemUse.ONE_TIME, 5, 0, device_id=DEV_B)
+    xa, xb = _agree(alice, bob, kem, responder_kem=new_kem_key(bob, KemUse.ONE_TIME, 5, 0, device_id=DEV_B))
     assert xb.post_quantum and xa.root_key != xb.root_key
     assert xa.header_key_send != xb.next_header_key_recv
 
 
 def test_a_forged_or_misused_kem_prekey_is_refused(alice: AccountKeys, bob: AccountKeys) -> None:
-    kem = new_kem_key(bob, KemUse.ONE_TIME, 5, 0)
+    kem = new_kem_key(bob, KemUse.ONE_TIME, 5, 0, device_id=DEV_B)
     bundle, _, _ = _bundle(bob, kem)
     assert bundle.kem is not None
     forged = [
@@ -201,19 +203,40 @@ def test_a_forged_or_misused_kem_prekey_is_refused(alice: AccountKeys, bob: Acco
         dataclasses.replace(bundle, kem=dataclasses.replace(bundle.kem, use=KemUse.LAST_RESORT)),
         dataclasses.replace(bundle, kem=dataclasses.replace(bundle.kem, signature=bytes(64))),
         dataclasses.replace(bundle, kem=dataclasses.replace(
-            bundle.kem, public=new_kem_key(bob, KemUse.ONE_TIME, 5, 0).public)),
+            bundle.kem, public=new_kem_key(bob, KemUse.ONE_TIME, 5, 0, device_id=DEV_B).public)),
     ]
-    envelope = new_kem_key(bob, KemUse.ENVELOPE, 5, 0)  # signed, but for envelopes
+    envelope = new_kem_key(bob, KemUse.ENVELOPE, 5, 0, device_id=DEV_B)  # signed, but for envelopes
     forged.append(dataclasses.replace(bundle, kem=KemPrekey(KemUse.ENVELOPE, 5, envelope.public, envelope.signature)))
-    other = new_kem_key(AccountKeys.generate(), KemUse.ONE_TIME, 5, 0)  # someone else's
+    other = new_kem_key(AccountKeys.generate(), KemUse.ONE_TIME, 5, 0, device_id=DEV_B)  # someone else's
     forged.append(dataclasses.replace(bundle, kem=KemPrekey(other.use, 5, other.public, other.signature)))
     for b in forged:
         with pytest.raises(BadPrekey):
             x3dh.initiate(alice, b, me_name="alice", me_device=DEV_A, them_name="bob", them_device=DEV_B)
 
 
+@pytest.mark.parametrize("use", [KemUse.ONE_TIME, KemUse.LAST_RESORT])
+def test_a_kem_prekey_signed_for_another_device_is_refused(alice: AccountKeys, bob: AccountKeys,
+                                                           use: KemUse) -> None:
+    """The signature binds the device: bob's key for his other device (or for a device of
+    alice's), presented in a bundle for DEV_B, is refused; for DEV_B2 it is fine."""
+    for_b2 = new_kem_key(bob, use, 5, 0, device_id=DEV_B2)
+    bundle, _, _ = _bundle(bob, for_b2)
+    with pytest.raises(BadPrekey):
+        x3dh.initiate(alice, bundle, me_name="alice", me_device=DEV_A, them_name="bob", them_device=DEV_B)
+    xa = x3dh.initiate(alice, bundle, me_name="alice", me_device=DEV_A, them_name="bob", them_device=DEV_B2)
+    assert xa.post_quantum
+    for_a = new_kem_key(bob, use, 5, 0, device_id=DEV_A)
+    bundle, _, _ = _bundle(bob, for_a)
+    with pytest.raises(BadPrekey):
+        x3dh.initiate(alice, bundle, me_name="alice", me_device=DEV_A, them_name="bob", them_device=DEV_B)
+    # Without the KEM prekey the same bundle is plain X3DH.
+    plain = dataclasses.replace(bundle, kem=None)
+    assert not x3dh.initiate(alice, plain, me_name="alice", me_device=DEV_A, them_name="bob",
+                             them_device=DEV_B).post_quantum
+
+
 def test_a_malformed_kem_ciphertext_fails_cleanly(alice: AccountKeys, bob: AccountKeys) -> None:
-    kem = new_kem_key(bob, KemUse.ONE_TIME, 5, 0)
+    kem = new_kem_key(bob, KemUse.ONE_TIME, 5, 0, device_id=DEV_B)
     bundle, spk, opk = _bundle(bob, kem)
     xa = x3dh.initiate(alice, bundle, me_name="alice", me_device=DEV_A, them_name="bob", them_device=DEV_B)
     with pytest.raises(DecryptionFailed):

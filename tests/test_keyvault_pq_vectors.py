@@ -49,6 +49,9 @@ PQ_FILE = VECTORS / "pq_vectors.json"
 ACCOUNT_FILE = VECTORS / "keyvault_vectors.json"
 KEM_SEEDS = {use.name: _b(40 + int(use), 64) for use in kem.KemUse}
 KEM_IDS = {"ONE_TIME": 5, "LAST_RESORT": 1, "ENVELOPE": 2}
+#: The device each KEM key is signed for: all three are bob's device's (the PQXDH
+#: responder's, DEVICES[1]; the envelope's recipient device is DEVICES[1] too).
+KEM_DEVICE = DEVICES[1]
 RSA_SECRET = _b(90)
 NONCE = _b(120, 12)
 RATCHET_MESSAGE = bytes(range(85, 185))
@@ -65,7 +68,7 @@ def _stored_account() -> AccountKeys:
 
 def _kem_key(bob: AccountKeys, name: str) -> kem.KemKey:
     use = kem.KemUse[name]
-    return kem.new_kem_key(bob, use, KEM_IDS[name], CREATED_AT, seed=KEM_SEEDS[name])
+    return kem.new_kem_key(bob, use, KEM_IDS[name], CREATED_AT, device_id=KEM_DEVICE, seed=KEM_SEEDS[name])
 
 
 def _pqxdh(ciphertext: bytes) -> tuple[dict[str, str], bytes]:
@@ -141,8 +144,8 @@ def generate() -> dict[str, Any]:
     bob = account(X3DH_INPUT["bob_identity_seed"], X3DH_INPUT["bob_dh_private"])
     keys = {name: _kem_key(bob, name) for name in KEM_SEEDS}
     kem_keys = {
-        name: {"use": int(k.use), "key_id": k.key_id, "seed": k.seed.hex(), "public": k.public.hex(),
-               "signature": k.signature.hex(), "serialised": k.to_bytes().hex()}
+        name: {"use": int(k.use), "key_id": k.key_id, "device_id": KEM_DEVICE.hex(), "seed": k.seed.hex(),
+               "public": k.public.hex(), "signature": k.signature.hex(), "serialised": k.to_bytes().hex()}
         for name, k in keys.items()
     }
     ct = bytes.fromhex(old["pqxdh"]["ciphertext"]) if old else kem.encapsulate(keys["ONE_TIME"].public)[1]
@@ -181,8 +184,14 @@ def test_kem_keys() -> None:
         key = _kem_key(bob, name)
         assert (key.public.hex(), key.signature.hex(), key.to_bytes().hex()) == (c["public"], c["signature"], c["serialised"])
         assert kem.KemKey.from_bytes(bytes.fromhex(c["serialised"])) == key
-        signed = labels.KEM_KEY_SIGNATURE + bytes([c["use"]]) + c["key_id"].to_bytes(4, "big") + bytes.fromhex(c["public"])
+        assert c["device_id"] == KEM_DEVICE.hex()
+        signed = (labels.KEM_KEY_SIGNATURE + bytes([c["use"]]) + c["key_id"].to_bytes(4, "big")
+                  + bytes.fromhex(c["device_id"]) + bytes.fromhex(c["public"]))
         identity.verify(bytes.fromhex(c["signature"]), signed)
+        use, public, sig = kem.KemUse(c["use"]), bytes.fromhex(c["public"]), bytes.fromhex(c["signature"])
+        assert kem.verify_kem_key(bob.public().identity, use, c["key_id"], public, sig, device_id=KEM_DEVICE)
+        # Signed for bob's device only: not for alice's (nor any other).
+        assert not kem.verify_kem_key(bob.public().identity, use, c["key_id"], public, sig, device_id=DEVICES[0])
         serialised = bytes.fromhex(c["serialised"])
         assert serialised[:6] == bytes([1, c["use"]]) + c["key_id"].to_bytes(4, "big")
         assert serialised[14:78].hex() == c["seed"] and serialised[78:1262].hex() == c["public"]

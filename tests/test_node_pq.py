@@ -79,8 +79,8 @@ async def test_a_device_from_before_publishes_its_pq_keys_at_its_next_connection
     accounts: Accounts, relay: RelayRunner
 ) -> None:
     """A device (and a relay) from before: no KEM keys on either side and a classical
-    session. Its next connection publishes them; the old session goes on as it was;
-    new sessions with it are PQXDH."""
+    session. Its next connection publishes them; the old session, once answered, goes on
+    as it was; new sessions with it are PQXDH."""
     with trio.fail_after(DEADLINE):
         alice = await accounts.register("alice")
         bob = await accounts.register("bob")
@@ -94,6 +94,8 @@ async def test_a_device_from_before_publishes_its_pq_keys_at_its_next_connection
         assert old[0] == VERSION and not session_is_pq(alice, "bob", bob.device_id)
         assert await receive(bob) == ["classic"]  # bob connects: his keys go up now
         assert bob.store.newest_kem_key(KemUse.ENVELOPE) is not None
+        await send(bob, "alice", "answered")  # the classical session is established now
+        assert await receive(alice) == ["answered"]
         await send(alice, "bob", "still the old session")
         assert await receive(bob) == ["still the old session"]
         assert not session_is_pq(alice, "bob", bob.device_id)
@@ -141,3 +143,27 @@ async def test_a_classical_first_message_from_a_pq_device_is_refused(accounts: A
         bob.events.append(warnings.append)
         assert await receive(bob) == []
         assert any("without post-quantum keys" in w for w in warnings), warnings
+
+
+async def test_an_unanswered_classical_session_with_a_device_now_pq_is_replaced(
+    accounts: Accounts, relay: RelayRunner
+) -> None:
+    """alice started an X3DH session with bob before his device had PQ keys, and bob has
+    not answered; once alice sees his PQ keys, her next message starts a PQXDH session
+    (bob would refuse more first messages of the classical one, PROTOCOL 19.6)."""
+    with trio.fail_after(DEADLINE):
+        alice = await accounts.register("alice")
+        bob = await accounts.register("bob")
+        forget_pq_keys(bob)
+        await relay_sql(relay, "DELETE FROM kem_prekeys WHERE device_id = ?", bob.device_id)
+        async with alice.connected() as link:
+            await alice.lookup(link, "bob")
+        forget_pq_keys(alice)
+        await send(alice, "bob", "classic")
+        assert not session_is_pq(alice, "bob", bob.device_id)
+        assert await receive(bob) == ["classic"]  # bob's keys go up; he does not answer
+        await send(alice, "bob", "now post-quantum")  # the lookup shows bob's PQ keys
+        assert session_is_pq(alice, "bob", bob.device_id)
+        assert await receive(bob) == ["now post-quantum"]
+        assert session_is_pq(bob, "alice", alice.device_id)
+

@@ -209,9 +209,12 @@ async def login(c: RawClient, acct: Acct, totp: str | None = None, *, device_id:
     ))
 
 
-async def second_device(c: RawClient, acct: Acct, **kw: Any) -> tuple[bytes, bytes]:
-    """Log a new device of the account in on ``c``: (device id, token)."""
-    device_id = secrets.token_bytes(16)
+async def second_device(c: RawClient, acct: Acct, *, device_id: bytes | None = None,
+                        **kw: Any) -> tuple[bytes, bytes]:
+    """Log a new device of the account in on ``c`` (``device_id``, fresh by default; give
+    it when the prekeys sent are signed for it): (device id, token)."""
+    if device_id is None:
+        device_id = secrets.token_bytes(16)
     ans = await login(c, acct, device_id=device_id, **kw)
     assert isinstance(ans, wire.SessionOk), ans
     return device_id, ans.token
@@ -867,8 +870,9 @@ async def test_revoke_device(env: Env) -> None:
     with trio.fail_after(DEADLINE):
         async with raw_client(env.url) as c1, raw_client(env.url) as c2, raw_client(env.url) as cb:
             alice = await register(env, c1, "alice")
-            kem = [new_kem_key(alice.keys, use, i, 0) for i, use in enumerate(KemUse, start=1)]
-            d2, d2_token = await second_device(c2, alice, prekeys=msgspec.structs.replace(
+            d2 = secrets.token_bytes(16)
+            kem = [new_kem_key(alice.keys, use, i, 0, device_id=d2) for i, use in enumerate(KemUse, start=1)]
+            _, d2_token = await second_device(c2, alice, device_id=d2, prekeys=msgspec.structs.replace(
                 prekey_set(alice.keys), kem_one_time=[wire.KemKeyPub(kem[0].key_id, kem[0].public, kem[0].signature)],
                 kem_last_resort=wire.KemKeyPub(kem[1].key_id, kem[1].public, kem[1].signature),
                 envelope_key=wire.KemKeyPub(kem[2].key_id, kem[2].public, kem[2].signature)))

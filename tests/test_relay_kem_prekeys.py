@@ -28,8 +28,9 @@ from keyvault.keys import (
     unwrap_bundle,
     wrap_bundle,
 )
-from relay.connection import UNAUTHENTICATED_MAX_MESSAGE
+from relay.connection import UNAUTHENTICATED_MAX_MESSAGE, Limits
 from relay.limits import AccountBuckets
+from relay.service import Rations
 from relay.store import (
     KEM_ENVELOPE,
     KEM_LAST_RESORT,
@@ -71,20 +72,22 @@ def env(relay: RelayRunner, key_pool: list[AccountKeys]) -> Env:
     return e
 
 
-def kem(keys: AccountKeys, use: KemUse, key_id: int, *, signed_as: KemUse | None = None,
+def kem(keys: AccountKeys, use: KemUse, key_id: int, *, device: bytes, signed_as: KemUse | None = None,
         signed_id: int | None = None) -> wire.KemKeyPub:
-    """A KEM public key of ``keys``'s account; ``signed_as``/``signed_id``: a signature
-    made for another use or id (which must not verify for this one)."""
-    k = new_kem_key(keys, signed_as or use, key_id if signed_id is None else signed_id, 0)
+    """A KEM public key of ``keys``'s account, signed for the device ``device`` (it verifies
+    only when that device uploads it); ``signed_as``/``signed_id``: a signature made for
+    another use or id (which must not verify for this one)."""
+    k = new_kem_key(keys, signed_as or use, key_id if signed_id is None else signed_id, 0, device_id=device)
     return wire.KemKeyPub(key_id, k.public, k.signature)
 
 
 def kem_set(keys: AccountKeys, one_time: Iterable[int] = (), last_resort: int | None = None,
-            envelope: int | None = None, **kw: Any) -> wire.PrekeySet:
+            envelope: int | None = None, *, device: bytes, **kw: Any) -> wire.PrekeySet:
+    """KEM keys of ``keys``'s account for the device ``device`` (``kw``: more of the set)."""
     return wire.PrekeySet(
-        kem_one_time=[kem(keys, KemUse.ONE_TIME, i) for i in one_time],
-        kem_last_resort=None if last_resort is None else kem(keys, KemUse.LAST_RESORT, last_resort),
-        envelope_key=None if envelope is None else kem(keys, KemUse.ENVELOPE, envelope),
+        kem_one_time=[kem(keys, KemUse.ONE_TIME, i, device=device) for i in one_time],
+        kem_last_resort=None if last_resort is None else kem(keys, KemUse.LAST_RESORT, last_resort, device=device),
+        envelope_key=None if envelope is None else kem(keys, KemUse.ENVELOPE, envelope, device=device),
         **kw,
     )
 
@@ -130,7 +133,8 @@ async def test_upload_stores_kem_keys_and_status_counts_them(env: Env) -> None:
             alice = await register(env, c, "alice")  # a signed prekey (1) and 2 one-time prekeys
             # A relay that knows KEM keys says "none" with integers and nils, never leaves them out.
             assert counts(await status(c)) == (1, 2, 0, None, None)
-            first = kem_set(alice.keys, one_time=range(10, 15), last_resort=100, envelope=200)
+            mine = alice.device_id
+            first = kem_set(alice.keys, one_time=range(10, 15), last_resort=100, envelope=200, device=mine)
             assert counts(await upload(c, first)) == (1, 2, 5, 100, 200)
             assert counts(await status(c)) == (1, 2, 5, 100, 200)
             # Stored as published: public keys and signatures, nothing sealed.
@@ -142,19 +146,19 @@ async def test_upload_stores_kem_keys_and_status_counts_them(env: Env) -> None:
                 if k is not None
             ]
             # A new last-resort key and envelope key replace the old ones; one-time keys add up.
-            again = kem_set(alice.keys, one_time=[15], last_resort=101, envelope=201)
+            again = kem_set(alice.keys, one_time=[15], last_resort=101, envelope=201, device=mine)
             assert counts(await upload(c, again)) == (1, 2, 6, 101, 201)
             assert await kem_rows(env, alice.device_id) == [(1, i) for i in range(10, 16)] + [(2, 101), (3, 201)]
             # A one-time key id held already replaces nothing.
             held = (await sql(env.relay, "SELECT public FROM kem_prekeys WHERE device_id = ? AND use = 1"
                               " AND key_id = 10", alice.device_id))[0][0]
-            assert counts(await upload(c, kem_set(alice.keys, one_time=[10]))) == (1, 2, 6, 101, 201)
+            assert counts(await upload(c, kem_set(alice.keys, one_time=[10], device=mine))) == (1, 2, 6, 101, 201)
             assert (await sql(env.relay, "SELECT public FROM kem_prekeys WHERE device_id = ? AND use = 1"
                               " AND key_id = 10", alice.device_id))[0][0] == held
             # X25519 and KEM keys in one upload, and an empty one: still what it was.
             both = wire.PrekeySet(signed=prekey_set(alice.keys, first=2).signed,
                                   one_time=prekey_set(alice.keys, 3, first=3).one_time,
-                                  kem_one_time=[kem(alice.keys, KemUse.ONE_TIME, 16)])
+                                  kem_one_time=[kem(alice.keys, KemUse.ONE_TIME, 16, device=mine)])
             assert counts(await upload(c, both)) == (2, 5, 7, 101, 201)
             assert counts(await upload(c, wire.PrekeySet())) == (2, 5, 7, 101, 201)
 
@@ -167,7 +171,7 @@ async def test_claims_hand_out_one_time_kem_prekeys_oldest_first_once_then_the_l
             # No KEM key published yet: bundles carry none.
             (bundle,) = await claim(b, alice)
             assert bundle.kem is None and bundle.opk_id == 1
-            published = kem_set(alice.keys, one_time=[7, 5, 6], last_resort=9)
+            published = kem_set(alice.keys, one_time=[7, 5, 6], last_resort=9, device=alice.device_id)
             await upload(a, published)
             by_id = {k.key_id: k for k in published.kem_one_time}
             taken = []
@@ -176,8 +180,9 @@ async def test_claims_hand_out_one_time_kem_prekeys_oldest_first_once_then_the_l
                 assert bundle.kem is not None and bundle.kem.use == KemUse.ONE_TIME
                 k = by_id[bundle.kem.key_id]
                 assert (bundle.kem.public, bundle.kem.sig) == (k.public, k.sig)
+                assert bundle.device_id == alice.device_id
                 assert verify_kem_key(alice.keys.public().identity, KemUse.ONE_TIME, bundle.kem.key_id,
-                                      bundle.kem.public, bundle.kem.sig)
+                                      bundle.kem.public, bundle.kem.sig, device_id=bundle.device_id)
                 taken.append(bundle.kem.key_id)
             assert taken == [5, 6, 7]  # lowest id first, each once
             assert (await status(a)).kem_one_time_left == 0
@@ -189,7 +194,7 @@ async def test_claims_hand_out_one_time_kem_prekeys_oldest_first_once_then_the_l
                                                     published.kem_last_resort.sig)
             assert await kem_rows(env, alice.device_id) == [(2, 9)]
             # A new stock is handed out again, before the last-resort key.
-            await upload(a, kem_set(alice.keys, one_time=[20]))
+            await upload(a, kem_set(alice.keys, one_time=[20], device=alice.device_id))
             (bundle,) = await claim(b, alice)
             assert bundle.kem is not None and (bundle.kem.use, bundle.kem.key_id) == (1, 20)
 
@@ -208,7 +213,7 @@ async def test_one_time_kem_prekeys_are_rationed_with_the_one_time_prekeys(env: 
             carol = await register(env, c, "carol")
             ids = {x.name: (await sql(env.relay, "SELECT id FROM accounts WHERE name_mac = ?", svc.mac(x.name)))[0][0]
                    for x in (alice, bob, carol)}
-            await upload(a, kem_set(alice.keys, one_time=[1, 2, 3, 4], last_resort=50))
+            await upload(a, kem_set(alice.keys, one_time=[1, 2, 3, 4], last_resort=50, device=alice.device_id))
 
             def what(x: wire.DeviceBundle) -> tuple[int | None, int, int]:
                 assert x.kem is not None
@@ -223,7 +228,7 @@ async def test_one_time_kem_prekeys_are_rationed_with_the_one_time_prekeys(env: 
             assert what((await claim(c, alice))[0]) == (None, 1, 4)
             assert what((await claim(c, alice))[0]) == (None, 2, 50)
             # A device with no one-time key of either kind left gives the ration back.
-            await upload(b, kem_set(bob.keys, last_resort=7))
+            await upload(b, kem_set(bob.keys, last_resort=7, device=bob.device_id))
             for _ in range(2):
                 await claim(c, bob)  # bob's two X25519 one-time prekeys
             for _ in range(3):  # more than alice's ration: it spends nothing
@@ -235,26 +240,28 @@ async def test_an_upload_over_the_limit_is_refused_whole_before_its_signatures_a
     with trio.fail_after(DEADLINE):
         async with raw_client(env.url) as c:
             alice = await register(env, c, "alice")
-            full = kem_set(alice.keys, one_time=range(1, wire.MAX_KEM_ONE_TIME_PREKEYS + 1))
+            mine = alice.device_id
+            full = kem_set(alice.keys, one_time=range(1, wire.MAX_KEM_ONE_TIME_PREKEYS + 1), device=mine)
             assert counts(await upload(c, full)) == (1, 2, 50, None, None)
             before = await kem_rows(env, alice.device_id)
-            over = kem_set(alice.keys, one_time=[51], last_resort=60, envelope=61)
+            over = kem_set(alice.keys, one_time=[51], last_resort=60, envelope=61, device=mine)
             err = await c.refused(wire.UploadPrekeys(id=c.next_id(), prekeys=over), E.PREKEY_LIMIT)
             assert err.message == "a device holds at most 100 one-time prekeys and 50 one-time KEM prekeys"
             # Nothing of it is stored: not the one-time key, not the single keys that came with it.
             assert await kem_rows(env, alice.device_id) == before
             assert counts(await status(c)) == (1, 2, 50, None, None)
             # Refused for the count, not for its (bad) signatures: those were not even checked.
-            bad = wire.PrekeySet(kem_one_time=[kem(alice.keys, KemUse.ONE_TIME, 52, signed_as=KemUse.ENVELOPE)])
+            bad = wire.PrekeySet(kem_one_time=[kem(alice.keys, KemUse.ONE_TIME, 52, device=mine,
+                                                   signed_as=KemUse.ENVELOPE)])
             await c.refused(wire.UploadPrekeys(id=c.next_id(), prekeys=bad), E.PREKEY_LIMIT)
             # More than 50 in one frame does not decode at all.
-            too_many = kem_set(alice.keys, one_time=range(100, 100 + wire.MAX_KEM_ONE_TIME_PREKEYS + 1))
+            too_many = kem_set(alice.keys, one_time=range(100, 100 + wire.MAX_KEM_ONE_TIME_PREKEYS + 1), device=mine)
             await c.expect_error(wire.encode(wire.UploadPrekeys(id=7, prekeys=too_many)), E.BAD_FRAME, 7)
             # Claimed ones make room again.
             async with raw_client(env.url) as b:
                 await register(env, b, "bob")
                 await claim(b, alice)
-            assert counts(await upload(c, kem_set(alice.keys, one_time=[51]))) == (1, 1, 50, None, None)
+            assert counts(await upload(c, kem_set(alice.keys, one_time=[51], device=mine))) == (1, 1, 50, None, None)
 
 
 async def test_keys_with_bad_signatures_are_refused_with_bad_key(env: Env) -> None:
@@ -262,28 +269,32 @@ async def test_keys_with_bad_signatures_are_refused_with_bad_key(env: Env) -> No
         async with raw_client(env.url) as c:
             alice = await register(env, c, "alice")
             stranger = next(env.pool)
-            await upload(c, kem_set(alice.keys, one_time=[1], last_resort=2, envelope=3))
-            before = await kem_rows(env, alice.device_id)
+            mine = alice.device_id
+            await upload(c, kem_set(alice.keys, one_time=[1], last_resort=2, envelope=3, device=mine))
+            before = await kem_rows(env, mine)
             lr, ek, ot = KemUse.LAST_RESORT, KemUse.ENVELOPE, KemUse.ONE_TIME
             refusals: list[tuple[str, wire.PrekeySet, str]] = [
                 ("a last-resort key signed as a one-time one",
-                 wire.PrekeySet(kem_last_resort=kem(alice.keys, lr, 10, signed_as=ot)), "last-resort KEM prekey"),
+                 wire.PrekeySet(kem_last_resort=kem(alice.keys, lr, 10, device=mine, signed_as=ot)),
+                 "last-resort KEM prekey"),
                 ("a last-resort key signed as an envelope key",
-                 wire.PrekeySet(kem_last_resort=kem(alice.keys, lr, 10, signed_as=ek)), "last-resort KEM prekey"),
+                 wire.PrekeySet(kem_last_resort=kem(alice.keys, lr, 10, device=mine, signed_as=ek)),
+                 "last-resort KEM prekey"),
                 ("an envelope key signed as a last-resort one",
-                 wire.PrekeySet(envelope_key=kem(alice.keys, ek, 10, signed_as=lr)), "envelope key"),
+                 wire.PrekeySet(envelope_key=kem(alice.keys, ek, 10, device=mine, signed_as=lr)), "envelope key"),
                 ("an envelope key signed for another id",
-                 wire.PrekeySet(envelope_key=kem(alice.keys, ek, 10, signed_id=11)), "envelope key"),
+                 wire.PrekeySet(envelope_key=kem(alice.keys, ek, 10, device=mine, signed_id=11)), "envelope key"),
                 ("an envelope key of another account",
-                 wire.PrekeySet(envelope_key=kem(stranger, ek, 10)), "envelope key"),
+                 wire.PrekeySet(envelope_key=kem(stranger, ek, 10, device=mine)), "envelope key"),
                 ("a good envelope key with a bad last-resort one",
-                 wire.PrekeySet(envelope_key=kem(alice.keys, ek, 10),
-                                kem_last_resort=kem(stranger, lr, 10)), "last-resort KEM prekey"),
+                 wire.PrekeySet(envelope_key=kem(alice.keys, ek, 10, device=mine),
+                                kem_last_resort=kem(stranger, lr, 10, device=mine)), "last-resort KEM prekey"),
                 ("a one-time key signed as a last-resort one",
-                 wire.PrekeySet(kem_one_time=[kem(alice.keys, ot, 10), kem(alice.keys, ot, 11, signed_as=lr)]),
+                 wire.PrekeySet(kem_one_time=[kem(alice.keys, ot, 10, device=mine),
+                                              kem(alice.keys, ot, 11, device=mine, signed_as=lr)]),
                  "one-time KEM prekey"),
                 ("a public key that is not one (signed all the same)",
-                 wire.PrekeySet(kem_last_resort=_not_a_key(alice.keys, lr, 10)), "last-resort KEM prekey"),
+                 wire.PrekeySet(kem_last_resort=_not_a_key(alice.keys, lr, 10, mine)), "last-resort KEM prekey"),
             ]
             for what, prekeys, names in refusals:
                 err = await c.refused(wire.UploadPrekeys(id=c.next_id(), prekeys=prekeys), E.BAD_KEY)
@@ -292,19 +303,150 @@ async def test_keys_with_bad_signatures_are_refused_with_bad_key(env: Env) -> No
             assert counts(await status(c)) == (1, 2, 1, 2, 3)
 
 
-def _not_a_key(keys: AccountKeys, use: KemUse, key_id: int) -> wire.KemKeyPub:
-    """1,184 bytes signed for ``use`` that ML-KEM's encoding check refuses (coefficients
-    of 0xFFF, above the modulus)."""
+def _not_a_key(keys: AccountKeys, use: KemUse, key_id: int, device: bytes) -> wire.KemKeyPub:
+    """1,184 bytes signed for ``use`` of ``device`` that ML-KEM's encoding check refuses
+    (coefficients of 0xFFF, above the modulus)."""
     public = b"\xff" * 1184
-    return wire.KemKeyPub(key_id, public, keys.identity_private.sign(signed_message(use, key_id, public)))
+    return wire.KemKeyPub(key_id, public, keys.identity_private.sign(signed_message(use, key_id, public, device)))
 
 
-async def _register(env: Env, c: RawClient, name: str, prekeys: wire.PrekeySet) -> tuple[Acct, wire.Frame]:
+async def test_keys_signed_for_another_device_of_the_account_are_refused(env: Env) -> None:
+    """A KEM key's signature names its device: keys alice's identity key signed for her
+    laptop are refused (bad_key) when her first device uploads them, whole and storing
+    nothing; the same keys are good from the laptop, and the first device's are not."""
+    with trio.fail_after(DEADLINE):
+        async with raw_client(env.url) as c, raw_client(env.url) as c2:
+            alice = await register(env, c, "alice")
+            laptop, _ = await second_device(c2, alice, prekeys=prekey_set(alice.keys))
+            mine = alice.device_id
+            await upload(c, kem_set(alice.keys, one_time=[1], last_resort=2, envelope=3, device=mine))
+            before = await kem_rows(env, mine)
+            lr, ek, ot = KemUse.LAST_RESORT, KemUse.ENVELOPE, KemUse.ONE_TIME
+            laptops = {use: kem(alice.keys, use, 10, device=laptop) for use in (lr, ek, ot)}
+            refusals: list[tuple[str, wire.PrekeySet, str]] = [
+                ("the laptop's last-resort key", wire.PrekeySet(kem_last_resort=laptops[lr]), "last-resort KEM prekey"),
+                ("the laptop's envelope key", wire.PrekeySet(envelope_key=laptops[ek]), "envelope key"),
+                ("the laptop's one-time key", wire.PrekeySet(kem_one_time=[laptops[ot]]), "one-time KEM prekey"),
+                ("a good one-time key with one of the laptop's",
+                 wire.PrekeySet(kem_one_time=[kem(alice.keys, ot, 11, device=mine), laptops[ot]]),
+                 "one-time KEM prekey"),
+                ("a good envelope key with the laptop's last-resort key",
+                 wire.PrekeySet(envelope_key=kem(alice.keys, ek, 11, device=mine), kem_last_resort=laptops[lr]),
+                 "last-resort KEM prekey"),
+                ("a key signed for a device the account does not have",
+                 wire.PrekeySet(envelope_key=kem(alice.keys, ek, 11, device=secrets.token_bytes(16))), "envelope key"),
+            ]
+            for what, prekeys, names in refusals:
+                err = await c.refused(wire.UploadPrekeys(id=c.next_id(), prekeys=prekeys), E.BAD_KEY)
+                assert names in err.message and "\n" not in err.message, what
+                assert await kem_rows(env, mine) == before, what
+                assert await kem_rows(env, laptop) == [], what
+            assert counts(await status(c)) == (1, 2, 1, 2, 3)
+            # The very same keys, from the laptop: its own.
+            theirs = wire.PrekeySet(kem_one_time=[laptops[ot]], kem_last_resort=laptops[lr], envelope_key=laptops[ek])
+            assert counts(await upload(c2, theirs)) == (1, 2, 1, 10, 10)
+            assert await kem_rows(env, laptop) == [(1, 10), (2, 10), (3, 10)]
+            # And the first device's keys are not the laptop's.
+            for prekeys in (kem_set(alice.keys, envelope=12, device=mine), kem_set(alice.keys, [12], device=mine)):
+                await c2.refused(wire.UploadPrekeys(id=c2.next_id(), prekeys=prekeys), E.BAD_KEY)
+            assert await kem_rows(env, laptop) == [(1, 10), (2, 10), (3, 10)]
+            assert await kem_rows(env, mine) == before
+
+
+async def test_register_login_and_recover_refuse_keys_signed_for_another_device(env: Env) -> None:
+    """The device a register, login or recovery brings in is the one its KEM keys must be
+    signed for: keys of another device refuse it (bad_key), and nothing is created."""
+    lr, ek, ot = KemUse.LAST_RESORT, KemUse.ENVELOPE, KemUse.ONE_TIME
+    with trio.fail_after(DEADLINE):
+        async with raw_client(env.url) as c:
+            keys = next(env.pool)
+            first, other = secrets.token_bytes(16), secrets.token_bytes(16)
+            for prekeys in (wire.PrekeySet(envelope_key=kem(keys, ek, 1, device=other)),
+                            wire.PrekeySet(kem_last_resort=kem(keys, lr, 1, device=other)),
+                            wire.PrekeySet(kem_one_time=[kem(keys, ot, 1, device=other)])):
+                env.pool = iter([keys, *env.pool])
+                _, ans = await _register(env, c, "alice", prekeys, device_id=first)
+                assert isinstance(ans, wire.Error) and ans.code == E.BAD_KEY, prekeys
+            assert await sql(env.relay, "SELECT 1 FROM accounts WHERE name_mac = ?", env.service.mac("alice")) == []
+        async with raw_client(env.url) as c:  # (three registrations a connection)
+            env.pool = iter([keys, *env.pool])
+            alice, ans = await _register(env, c, "alice", kem_set(keys, [1], 2, 3, device=first), device_id=first)
+            assert isinstance(ans, wire.SessionOk)
+        # A new device logging in with the first device's keys.
+        async with raw_client(env.url) as c:
+            laptop = secrets.token_bytes(16)
+            for prekeys in (kem_set(alice.keys, last_resort=4, device=first),
+                            kem_set(alice.keys, envelope=4, device=first),
+                            kem_set(alice.keys, one_time=[4], device=first)):
+                ans = await login(c, alice, device_id=laptop, prekeys=prekeys)
+                assert isinstance(ans, wire.Error) and ans.code == E.BAD_KEY, prekeys
+            assert await sql(env.relay, "SELECT 1 FROM devices WHERE device_id = ?", laptop) == []
+            ans = await login(c, alice, device_id=laptop, prekeys=kem_set(alice.keys, [4], 5, 6, device=laptop))
+            assert isinstance(ans, wire.SessionOk)
+        # A recovery onto a new device, with the laptop's keys.
+        async with raw_client(env.url) as r:
+            ans = await fetch(r, alice, recovery=True)
+            assert isinstance(ans, wire.BundleOk)
+            keys = unwrap_bundle(ans.bundle, alice.rk.wrap_key, alice.name)
+            _, _, fields = credentials(keys, alice.name)
+            phone = secrets.token_bytes(16)
+            err = await r.refused(recover_frame(r, alice, alice.cert(phone), fields, prekeys=kem_set(
+                keys, [7], 8, 9, device=laptop)), E.BAD_KEY)
+            assert "signature does not verify" in err.message
+            assert await kem_rows(env, phone) == []
+            assert await sql(env.relay, "SELECT 1 FROM devices WHERE device_id = ?", phone) == []
+            session = await r.ok(recover_frame(r, alice, alice.cert(phone), fields, prekeys=kem_set(
+                keys, [7], 8, 9, device=phone)))
+            assert isinstance(session, wire.SessionOk)
+            assert await kem_rows(env, phone) == [(1, 7), (2, 8), (3, 9)]
+
+
+async def test_uploads_are_rationed_per_device(nursery: trio.Nursery, key_pool: list[AccountKeys], tmp_path: Path,
+                                               store_dsn: str | None) -> None:
+    """After ``uploads_per_device_hour`` uploads from one device (good or refused: it is
+    spent before any signature is checked) the next is refused rate_limited, storing
+    nothing, on any connection of that device; another device of the account has its own."""
+    assert Rations().uploads_per_device_hour == 60
+    relay = RelayRunner(nursery, tmp_path / "rationed", limits=Limits(rations=Rations(uploads_per_device_hour=3)),
+                        store=store_dsn)
+    await relay.start()
+    env = Env(relay, iter(key_pool), Clock(T0))
+    env.service.clock = env.clock
+    with trio.fail_after(DEADLINE):
+        async with raw_client(env.url) as c, raw_client(env.url) as c2:
+            alice = await register(env, c, "alice")  # a register is not an upload
+            laptop, _ = await second_device(c2, alice, prekeys=prekey_set(alice.keys))  # nor is a login
+            mine = alice.device_id
+            await upload(c, kem_set(alice.keys, one_time=[1], last_resort=2, device=mine))
+            bad = wire.PrekeySet(envelope_key=kem(alice.keys, KemUse.ENVELOPE, 3, device=mine, signed_as=KemUse.ONE_TIME))
+            await c.refused(wire.UploadPrekeys(id=c.next_id(), prekeys=bad), E.BAD_KEY)
+            await upload(c, wire.PrekeySet())
+            before = await kem_rows(env, mine)
+            err = await c.refused(wire.UploadPrekeys(id=c.next_id(), prekeys=kem_set(
+                alice.keys, one_time=[4], envelope=5, device=mine)), E.RATE_LIMITED)
+            assert "too many prekey uploads" in err.message
+            assert await kem_rows(env, mine) == before == [(1, 1), (2, 2)]
+            assert counts(await status(c)) == (1, 2, 1, 2, None)  # a status is not an upload
+            # Another connection of the same device: the same budget.
+            async with raw_client(env.url) as c3:
+                await c3.ok(wire.Resume(id=c3.next_id(), token=alice.token))
+                await c3.refused(wire.UploadPrekeys(id=c3.next_id(), prekeys=wire.PrekeySet()), E.RATE_LIMITED)
+            # The laptop's own budget is untouched.
+            for i in range(3):
+                await upload(c2, kem_set(alice.keys, one_time=[10 + i], device=laptop))
+            await c2.refused(wire.UploadPrekeys(id=c2.next_id(), prekeys=wire.PrekeySet()), E.RATE_LIMITED)
+            assert await kem_rows(env, laptop) == [(1, 10), (1, 11), (1, 12)]
+
+
+async def _register(env: Env, c: RawClient, name: str, prekeys: wire.PrekeySet, *,
+                    device_id: bytes | None = None) -> tuple[Acct, wire.Frame]:
+    """Register ``name`` with ``prekeys`` for its first device (``device_id``, fresh by
+    default: give it when the KEM keys are signed for it)."""
     keys = next(env.pool)
     salt = new_salt()
     pk = password_keys(PASSWORD, salt, TEST_KDF)
     rk = recovery_keys(parse_recovery_code(new_recovery_code()))
-    acct = Acct(name, keys, salt, pk, rk, secrets.token_bytes(16))
+    acct = Acct(name, keys, salt, pk, rk, secrets.token_bytes(16) if device_id is None else device_id)
     pub = keys.public()
     frame = wire.Register(
         id=c.next_id(), name=name, salt=salt, kdf=KDF, auth_pub=auth_public_key(pk.auth_seed),
@@ -324,38 +466,45 @@ async def test_register_login_and_recover_carry_kem_keys_too(env: Env) -> None:
         async with raw_client(env.url) as c:
             # The largest prekey set there is, before any session (under the 128 KiB cap).
             keys = next(env.pool)
+            first = secrets.token_bytes(16)
             full = wire.PrekeySet(
                 signed=prekey_set(keys).signed, one_time=prekey_set(keys, wire.MAX_ONE_TIME_PREKEYS).one_time,
-                kem_one_time=kem_set(keys, one_time=range(1, 51)).kem_one_time,
-                kem_last_resort=kem(keys, KemUse.LAST_RESORT, 60), envelope_key=kem(keys, KemUse.ENVELOPE, 61),
+                kem_one_time=kem_set(keys, one_time=range(1, 51), device=first).kem_one_time,
+                kem_last_resort=kem(keys, KemUse.LAST_RESORT, 60, device=first),
+                envelope_key=kem(keys, KemUse.ENVELOPE, 61, device=first),
             )
             env.pool = iter([keys, *env.pool])
-            alice, ans = await _register(env, c, "alice", full)
-            assert isinstance(ans, wire.SessionOk)
+            alice, ans = await _register(env, c, "alice", full, device_id=first)
+            assert isinstance(ans, wire.SessionOk) and alice.device_id == first
             assert counts(await status(c)) == (1, 100, 50, 60, 61)
         # A bad signature at register: refused, and no account.
         async with raw_client(env.url) as c:
             keys = next(env.pool)
             env.pool = iter([keys, *env.pool])
+            bobs = secrets.token_bytes(16)
             _, ans = await _register(env, c, "bob", wire.PrekeySet(
-                envelope_key=kem(keys, KemUse.ENVELOPE, 2, signed_as=KemUse.ONE_TIME)))
+                envelope_key=kem(keys, KemUse.ENVELOPE, 2, device=bobs, signed_as=KemUse.ONE_TIME)), device_id=bobs)
             assert isinstance(ans, wire.Error) and ans.code == E.BAD_KEY
             _, ans = await _register(env, c, "bob", wire.PrekeySet(
-                kem_one_time=[kem(keys, KemUse.ONE_TIME, 1, signed_id=2)]))
+                kem_one_time=[kem(keys, KemUse.ONE_TIME, 1, device=bobs, signed_id=2)]), device_id=bobs)
             assert isinstance(ans, wire.Error) and ans.code == E.BAD_KEY
             assert await sql(env.relay, "SELECT 1 FROM accounts WHERE name_mac = ?", env.service.mac("bob")) == []
         # A second device logs in with its KEM keys; a bad one-time key refuses the login first.
         async with raw_client(env.url) as c:
-            bad = wire.PrekeySet(signed=prekey_set(alice.keys).signed,
-                                 kem_one_time=[kem(alice.keys, KemUse.ONE_TIME, 1, signed_as=KemUse.LAST_RESORT)])
             laptop = secrets.token_bytes(16)
+            bad = wire.PrekeySet(signed=prekey_set(alice.keys).signed,
+                                 kem_one_time=[kem(alice.keys, KemUse.ONE_TIME, 1, device=laptop,
+                                                   signed_as=KemUse.LAST_RESORT)])
             ans = await login(c, alice, device_id=laptop, prekeys=bad)
             assert isinstance(ans, wire.Error) and ans.code == E.BAD_KEY
             assert await sql(env.relay, "SELECT 1 FROM devices WHERE device_id = ?", laptop) == []
         async with raw_client(env.url) as c:
-            laptop, _ = await second_device(c, alice, prekeys=kem_set(
-                alice.keys, one_time=[1, 2], last_resort=3, envelope=4, signed=prekey_set(alice.keys).signed))
+            laptop = secrets.token_bytes(16)
+            await second_device(c, alice, device_id=laptop, prekeys=kem_set(
+                alice.keys, one_time=[1, 2], last_resort=3, envelope=4, device=laptop,
+                signed=prekey_set(alice.keys).signed))
             assert counts(await status(c)) == (1, 0, 2, 3, 4)
+            assert await kem_rows(env, laptop) == [(1, 1), (1, 2), (2, 3), (3, 4)]
         # A recovery onto a new device, with its KEM keys, in the recovery's transaction.
         async with raw_client(env.url) as r:
             ans = await fetch(r, alice, recovery=True)
@@ -364,7 +513,7 @@ async def test_register_login_and_recover_carry_kem_keys_too(env: Env) -> None:
             _, _, fields = credentials(keys, alice.name)
             phone = secrets.token_bytes(16)
             session = await r.ok(recover_frame(r, alice, alice.cert(phone), fields, prekeys=kem_set(
-                keys, one_time=[5, 6, 7], last_resort=8, envelope=9, signed=prekey_set(keys).signed)))
+                keys, one_time=[5, 6, 7], last_resort=8, envelope=9, device=phone, signed=prekey_set(keys).signed)))
             assert isinstance(session, wire.SessionOk)
             assert counts(await status(r)) == (1, 0, 3, 8, 9)
             assert await kem_rows(env, phone) == [(1, 5), (1, 6), (1, 7), (2, 8), (3, 9)]
@@ -378,20 +527,25 @@ async def test_lookup_lists_the_devices_envelope_keys(env: Env) -> None:
             await register(env, b, "bob")
             assert (await lookup(b, alice)).envelope_keys == []
             # Only the laptop has one: only the laptop's is listed.
-            e1 = kem(alice.keys, KemUse.ENVELOPE, 1)
-            await upload(a2, wire.PrekeySet(envelope_key=e1, kem_last_resort=kem(alice.keys, KemUse.LAST_RESORT, 2)))
+            e1 = kem(alice.keys, KemUse.ENVELOPE, 1, device=laptop)
+            await upload(a2, wire.PrekeySet(envelope_key=e1,
+                                            kem_last_resort=kem(alice.keys, KemUse.LAST_RESORT, 2, device=laptop)))
             assert (await lookup(b, alice)).envelope_keys == [wire.EnvelopeKey(laptop, 1, e1.public, e1.sig)]
             # Both, in the order of the devices (oldest first).
-            e2 = kem(alice.keys, KemUse.ENVELOPE, 5)
+            e2 = kem(alice.keys, KemUse.ENVELOPE, 5, device=alice.device_id)
             await upload(a, wire.PrekeySet(envelope_key=e2))
             keys = await lookup(b, alice)
             assert [d.device_id for d in keys.devices] == [alice.device_id, laptop]
             assert keys.envelope_keys == [wire.EnvelopeKey(alice.device_id, 5, e2.public, e2.sig),
                                           wire.EnvelopeKey(laptop, 1, e1.public, e1.sig)]
             for k in keys.envelope_keys:
-                assert verify_kem_key(keys.identity_pub, KemUse.ENVELOPE, k.key_id, k.public, k.sig)
+                assert verify_kem_key(keys.identity_pub, KemUse.ENVELOPE, k.key_id, k.public, k.sig,
+                                      device_id=k.device_id)
+            # Each is signed for its own device: the laptop's is not the first device's.
+            assert not verify_kem_key(keys.identity_pub, KemUse.ENVELOPE, 1, e1.public, e1.sig,
+                                      device_id=alice.device_id)
             # A new envelope key replaces the old one in the lookup.
-            e3 = kem(alice.keys, KemUse.ENVELOPE, 2)
+            e3 = kem(alice.keys, KemUse.ENVELOPE, 2, device=laptop)
             await upload(a2, wire.PrekeySet(envelope_key=e3))
             assert (await lookup(a, alice)).envelope_keys == [wire.EnvelopeKey(alice.device_id, 5, e2.public, e2.sig),
                                                               wire.EnvelopeKey(laptop, 2, e3.public, e3.sig)]
@@ -405,13 +559,15 @@ async def test_a_revoked_or_removed_device_takes_its_kem_keys_with_it(env: Env) 
             devices = []
             for _ in range(2):
                 async with raw_client(env.url) as c:
-                    d, _ = await second_device(c, alice, prekeys=kem_set(
-                        alice.keys, one_time=[1, 2], last_resort=3, envelope=4, signed=prekey_set(alice.keys).signed))
+                    d = secrets.token_bytes(16)
+                    await second_device(c, alice, device_id=d, prekeys=kem_set(
+                        alice.keys, one_time=[1, 2], last_resort=3, envelope=4, device=d,
+                        signed=prekey_set(alice.keys).signed))
                     devices.append(d)
                     if len(devices) == 2:  # the second removes itself
                         await c.ok(wire.Logout(id=c.next_id(), remove_device=True))
             revoked, removed = devices
-            await upload(a, kem_set(alice.keys, last_resort=7, envelope=8))
+            await upload(a, kem_set(alice.keys, last_resort=7, envelope=8, device=alice.device_id))
             assert {k.device_id for k in (await lookup(b, alice)).envelope_keys} == {alice.device_id, revoked}
             ch, sig = await proof(a, alice, "revoke")
             await a.ok(wire.RevokeDevice(id=a.next_id(), name=alice.name, challenge=ch, signature=sig,

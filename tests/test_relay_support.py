@@ -256,7 +256,8 @@ async def sql(relay: RelayRunner, query: str, *args: Any) -> list[tuple[Any, ...
 async def publish_kem_keys(relay: RelayRunner, node: Node) -> None:
     """Give the node's device a last-resort KEM prekey and an envelope key at the relay
     (replacing any it published), so that a test of the tables finds some."""
-    keys = [new_kem_key(node.keys, use, 4_000_000_000 + use, 0) for use in (KemUse.LAST_RESORT, KemUse.ENVELOPE)]
+    keys = [new_kem_key(node.keys, use, 4_000_000_000 + use, 0, device_id=node.device_id)
+            for use in (KemUse.LAST_RESORT, KemUse.ENVELOPE)]
     pubs = [wire.KemKeyPub(k.key_id, k.public, k.signature) for k in keys]
     async with raw_client(relay.url) as c:
         await c.resume(node)

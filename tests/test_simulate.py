@@ -46,6 +46,16 @@ def test_simulation_delivers_everything_exactly_once() -> None:
 
 
 @pytest.mark.slow
+def test_simulation_with_groups_under_chaos_loses_nothing() -> None:
+    """Groups among the nodes (spread over both processes), made as sending starts: every
+    group message reaches every device of every member once, under chaos."""
+    report = simulate("--nodes", "16", "--messages", "10", "--procs", "2", "--groups", "4", "--group-size", "5",
+                      "--chaos", "--seed", "3")
+    check(report, 16, 10)
+    assert int(report["group_messages"]) >= 1  # type: ignore[call-overload]  (nodes write to groups they know)
+
+
+@pytest.mark.slow
 def test_simulation_under_chaos_loses_nothing() -> None:
     report = simulate("--nodes", "20", "--messages", "10", "--procs", "2", "--chaos", "--seed", "7")
     check(report, 20, 10)

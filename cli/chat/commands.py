@@ -18,8 +18,10 @@ import trio
 
 from cli.chat.formatting import local_time
 from cli.text import inert
+from keyvault.group import Action
 from keyvault.safety import format_safety_number
 from node.errors import UnknownUser, VeilError
+from node.groups import conversation, group_of
 from node.store import StoredMessage
 
 if TYPE_CHECKING:
@@ -29,10 +31,12 @@ LINK_TIMEOUT = 15.0  # for commands that ask the relay (lookups, /devices)
 DEFAULT_HISTORY = 20
 
 HELP = [
-    ("/to NAME", "talk to NAME: plain lines go to them (the prompt shows who)"),
+    ("/to NAME", "talk to NAME: plain lines go to them (the prompt shows who); /to #GROUP, to a group"),
     ("@NAME text", "send one line to NAME and make them the current peer"),
     ("/history [NAME] [N]", f"the last N messages of the conversation (default {DEFAULT_HISTORY})"),
-    ("/inbox", "conversations, with unread counts"),
+    ("/inbox", "conversations and groups, with unread counts"),
+    ("/group create NAME A,B", "a group with A and B (and you); /group add|remove GROUP NAME..., /group leave GROUP"),
+    ("/group list|show [GROUP]", "your groups; a group's members, verified or not"),
     ("/contacts", "contacts: verified or not, devices, key changes"),
     ("/verify [NAME] [yes]", "show the safety number; 'yes' marks NAME verified"),
     ("/trust NAME", "accept NAME's changed identity key (releases held messages)"),
@@ -103,8 +107,25 @@ def send_line(chat: Chat, text: str) -> None:
 
 
 async def switch(chat: Chat, raw: str, *, quiet: bool = False) -> bool:
-    """Make ``raw`` the current peer (checked at the relay when online) and show what is
-    unread from them. False if there is no such user."""
+    """Make ``raw`` the current peer (checked at the relay when online), or "#GROUP" the
+    current group, and show what is unread there. False if there is no such user."""
+    if raw.startswith("#"):
+        gid = chat.node.groups.find(raw)
+        peer = conversation(gid)
+        chat.conv.peer = peer
+        msgs = chat.conv.unread_messages(peer)
+        state = chat.node.groups.state(gid)
+        where = chat.shown(peer)
+        if msgs:
+            chat.note(f"in {inert(where)}; {len(msgs)} unread:")
+            for m in msgs:
+                chat.show(m, state=chat.state_of(m))
+            chat.conv.shown(peer, msgs[-1].seq)
+        elif not quiet:
+            chat.note(f"in {inert(where)} ({len(state.members)} members)"
+                      + ("" if chat.node.name in state.members else "; you are no longer a member"))
+        chat.refresh_prompt()
+        return True
     name = chat.username(raw)
     if name != chat.node.name:
         known = chat.node.store.contact(name) is not None
@@ -154,15 +175,18 @@ async def cmd_history(chat: Chat, rest: str) -> None:
     for arg in rest.split():
         if arg.isdigit():
             n = max(1, min(int(arg), 1000))
+        elif arg.startswith("#"):
+            peer = conversation(chat.node.groups.find(arg))
         else:
             peer = chat.username(arg)
     if peer is None:
         raise VeilError("no conversation yet: /history NAME, or pick one with /to NAME")
     msgs = chat.node.store.history(peer, n)
+    where = inert(chat.shown(peer))
     if not msgs:
-        chat.note(f"no messages with {peer} yet")
+        chat.note(f"no messages with {where} yet")
         return
-    chat.note(f"history with {peer} (last {len(msgs)}, local time):")
+    chat.note(f"history with {where} (last {len(msgs)}, local time):")
     for m in msgs:
         chat.show(m, state=chat.state_of(m))
     chat.conv.shown(peer, msgs[-1].seq)
@@ -193,14 +217,60 @@ async def cmd_inbox(chat: Chat, rest: str) -> None:
 
     order = sorted(convs, key=rank)
     chat.note("conversations (unread: not yet shown on this device):")
-    width = max(len(p) for p in order)
+    width = max(len(chat.shown(p)) for p in order)
     for p in order:
         last = convs[p]
         n = chat.conv.unread.get(p, 0)
         count = f"{n} unread" if n else "no unread"
         when = f"  last [{local_time(last.sent_at)}]" if last else ""
         mark = "  <- current" if p == chat.conv.peer else ""
-        chat.say(f"  {inert(p).ljust(width)}  {count}{when}{mark}", 4)
+        chat.say(f"  {inert(chat.shown(p)).ljust(width)}  {count}{when}{mark}", 4)
+
+
+async def cmd_group(chat: Chat, rest: str) -> None:
+    words = rest.split()
+    verb = words[0].lower() if words else "list"
+    node = chat.node
+    if verb == "list":
+        groups = node.store.group_ids()
+        if not groups:
+            chat.note("no groups yet: /group create NAME A,B")
+            return
+        for gid, label in groups:
+            state = node.groups.state(gid)
+            n = chat.conv.unread.get(conversation(gid), 0)
+            out = "" if node.name in state.members else ", you are no longer a member"
+            chat.say(f"  #{inert(label)}  {len(state.members)} members, {n} unread{out}", 4)
+        return
+    if verb == "show":
+        peer = conversation(node.groups.find(words[1])) if len(words) > 1 else chat.conv.peer
+        shown = group_of(peer or "")
+        if shown is None:
+            raise VeilError("write /group show GROUP")
+        state = node.groups.state(shown)
+        gid = shown
+        chat.note(f"#{inert(node.groups.label(gid))}: {inert(state.name)!r}, created by {state.creator}")
+        for name in sorted(state.members):
+            c = node.store.contact(name)
+            tag = "you" if name == node.name else ("verified" if c is not None and c.verified else "unverified")
+            chat.say(f"  {name}  {tag}", 4)
+        return
+    if verb == "create" and len(words) >= 2:
+        members = [n for w in words[2:] for n in w.split(",") if n]
+        label = node.group_create(words[1], members)
+        chat.note(f"group #{inert(label)} created with {', '.join(members) or 'nobody else yet'}")
+    elif verb in ("add", "remove") and len(words) >= 3:
+        names = [n for w in words[2:] for n in w.split(",") if n]
+        node.group_change(words[1], Action.ADD if verb == "add" else Action.REMOVE, names)
+        chat.note(f"{', '.join(names)} {'added to' if verb == 'add' else 'removed from'} {inert(words[1])}")
+    elif verb == "leave" and len(words) == 2:
+        node.group_change(words[1], Action.REMOVE, [node.name])
+        chat.note(f"you left {inert(words[1])}")
+    else:
+        raise VeilError("write /group create NAME A,B | add GROUP NAME... | remove GROUP NAME... | leave GROUP"
+                        " | list | show [GROUP]")
+    if chat.session is not None:
+        chat.session.retry_held()  # seal and send it now if online
 
 
 async def cmd_contacts(chat: Chat, rest: str) -> None:
@@ -372,4 +442,5 @@ HANDLERS: dict[str, Callable[[Chat, str], Awaitable[None]]] = {
     "to": cmd_to, "history": cmd_history, "inbox": cmd_inbox, "contacts": cmd_contacts,
     "verify": cmd_verify, "trust": cmd_trust, "devices": cmd_devices, "status": cmd_status,
     "reconnect": cmd_reconnect, "bell": cmd_bell, "help": cmd_help, "add": cmd_add, "invite": cmd_invite,
+    "group": cmd_group,
 }

@@ -42,12 +42,16 @@ def wrap(text: str, width: int, hang: int) -> list[str]:
 
 
 def message_line(
-    m: StoredMessage, state: str | None = None, note: str = "", *, why: str = ""
+    m: StoredMessage, state: str | None = None, note: str = "", *, why: str = "", group: str | None = None
 ) -> tuple[str, int]:
     """A message as the chat shows it, and the indent of its continuation rows. ``why``
-    says why an outgoing message went to its peer ("who wrote last")."""
+    says why an outgoing message went to its peer ("who wrote last"); ``group`` is the
+    group's "#name" for a message in a group."""
     why = f" ({why})" if why else ""
-    who = f"{inert(m.sender)} -> {inert(m.peer)}{why}" if m.outgoing else inert(m.sender)
+    if group is not None:
+        who = f"{inert(m.sender)} -> {inert(group)}{why}" if m.outgoing else f"{inert(m.sender)} in {inert(group)}"
+    else:
+        who = f"{inert(m.sender)} -> {inert(m.peer)}{why}" if m.outgoing else inert(m.sender)
     prefix = f"[{local_time(m.sent_at)}] {who}: "
     suffix = f" ({state})" if state else ""
     return prefix + inert(m.body) + suffix + note, len(prefix)

@@ -26,6 +26,7 @@ from cli.text import inert
 from keyvault.errors import KeyvaultError
 from node.control import ControlService
 from node.errors import DeviceRevoked, VeilError
+from node.groups import group_of
 from node.node import Node, Received
 from node.session import LiveSession
 from node.store import StoredMessage
@@ -99,9 +100,18 @@ class Chat:
         if self._scope is not None:
             self._scope.cancel()
 
+    def group_name(self, peer: str) -> str | None:
+        """"#name" of a group conversation; None for a one-to-one one."""
+        gid = group_of(peer)
+        return None if gid is None else "#" + self.node.groups.label(gid)
+
+    def shown(self, peer: str) -> str:
+        """How a conversation is named on screen: the peer, or the group's "#name"."""
+        return self.group_name(peer) or peer
+
     def prompt_text(self) -> str:
-        """The prompt: connection state, unread count, current peer."""
-        who = f"@{self.conv.peer}" if self.conv.peer else ""
+        """The prompt: connection state, unread count, current peer (or group)."""
+        who = (self.group_name(self.conv.peer) or f"@{self.conv.peer}") if self.conv.peer else ""
         waiting = self.conv.total_unread()
         parts = []
         if self.status == "connecting":
@@ -134,12 +144,12 @@ class Chat:
         self, m: StoredMessage, *, state: str | None = None, note: str = "", why: str = "", ring: bool = False
     ) -> None:
         """A message, as one line."""
-        self.say(*message_line(m, state, note, why=why), ring=ring)
+        self.say(*message_line(m, state, note, why=why, group=self.group_name(m.peer)), ring=ring)
 
     def show_pending(self, m: StoredMessage, why: str) -> None:
         """A message on its way: its line changes in place once it is sent (``_on_sent``)."""
         if self.screen is not None:
-            self.screen.show_pending(m.msg_id, *message_line(m, "pending", why=why))
+            self.screen.show_pending(m.msg_id, *message_line(m, "pending", why=why, group=self.group_name(m.peer)))
 
     def keep_input(self, text: str) -> None:
         """Put a typed line back into the input."""
@@ -317,10 +327,10 @@ class Chat:
             self.show(m, note=" (from your other device)" if m.outgoing else "", ring=ring)
             return
         if m.outgoing:  # written on another device of ours, in another conversation
-            self.note(f"you wrote to {inert(m.peer)} from your other device")
+            self.note(f"you wrote to {inert(self.shown(m.peer))} from your other device")
             return
         n = self.conv.unread[m.peer]
-        p = inert(m.peer)
+        p = inert(self.shown(m.peer))
         self.say(f"-- new message from {p} ({n} unread): /to {p} to read", 3, ring=ring)
         self.refresh_prompt()
 
@@ -350,8 +360,8 @@ class Chat:
         if m is None or self.screen is None:
             return
         # If the line has left the pending area, a short line of its own says it.
-        fallback = f"[{local_time(m.sent_at)}] sent to {inert(m.peer)}: {preview(m.body)}", 3
-        self.screen.settle(msg_id, *message_line(m, "sent", why=why), fallback)
+        fallback = f"[{local_time(m.sent_at)}] sent to {inert(self.shown(m.peer))}: {preview(m.body)}", 3
+        self.screen.settle(msg_id, *message_line(m, "sent", why=why, group=self.group_name(m.peer)), fallback)
 
     def _on_status(self, status: str) -> None:
         assert self.session is not None
@@ -400,7 +410,7 @@ class Chat:
             if m is not None and m.state == "failed":
                 why = self.tracked.pop(mid)
                 if self.screen is not None:
-                    self.screen.settle(mid, *message_line(m, "failed", why=why), None)
+                    self.screen.settle(mid, *message_line(m, "failed", why=why, group=self.group_name(m.peer)), None)
                 self.error(f"not sent to {inert(m.peer)}: {preview(m.body)} ({inert(text, keep_newlines=False)})")
                 found = True
         return found

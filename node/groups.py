@@ -1,0 +1,184 @@
+"""Groups on a device: their changes in the store, their state, and what a change says.
+
+A group message is sealed to every device of every member over the pairwise sessions, in
+one `send` like any other message (the relay cannot tell it from one-to-one messages: no
+group id, member list or name reaches it). Its letter (keyvault.letter version 2) carries
+the group's id; a device that is behind on the group's changes (a new member, a new device
+of a member, one that was offline) gets them all, as a changes letter, before the next
+message to it. The state is the fold of the changes (keyvault.group); each change is
+shown in the group's history as a line of its own.
+
+Everything here is synchronous and runs inside the caller's store transaction.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from keyvault.errors import DecryptionFailed
+from keyvault.group import (
+    Action,
+    Change,
+    GroupState,
+    create_group,
+    decode_change,
+    fold,
+    make_change,
+    verify_change,
+)
+from keyvault.keys import AccountKeys
+from node.errors import VeilError
+from node.store import NodeStore
+
+PREFIX = "#"  # a group conversation's peer: "#" + the group id in hex
+MAX_LABEL = 64
+
+
+def conversation(group_id: bytes) -> str:
+    return PREFIX + group_id.hex()
+
+
+def group_of(peer: str) -> bytes | None:
+    """The group id of a conversation, or None for a one-to-one one."""
+    if not peer.startswith(PREFIX):
+        return None
+    try:
+        gid = bytes.fromhex(peer[1:])
+    except ValueError:
+        return None
+    return gid if len(gid) == 16 else None
+
+
+def describe(change: Change) -> str:
+    """What a change did, as its line in the group's history."""
+    who = ", ".join(change.subjects)
+    if change.action == Action.CREATE:
+        return f"created the group {change.name!r}" + (f" with {who}" if who else "")
+    if change.action == Action.ADD:
+        return f"added {who}"
+    if change.action == Action.REMOVE:
+        return "left the group" if change.subjects == (change.author,) else f"removed {who}"
+    return f"renamed the group {change.name!r}"
+
+
+def _clean_label(name: str) -> str:
+    label = "".join(ch if ch.isprintable() and not ch.isspace() else "-" for ch in name.strip())[:MAX_LABEL]
+    return label.strip("-#") or "group"
+
+
+class Groups:
+    """The groups of one device, in its store."""
+
+    def __init__(self, store: NodeStore, keys: AccountKeys, name: str) -> None:
+        self.store = store
+        self.keys = keys
+        self.name = name
+
+    # ---- reading ---------------------------------------------------------------------
+    def state(self, group_id: bytes) -> GroupState:
+        changes = []
+        for blob in self.store.group_changes(group_id):
+            try:
+                changes.append(decode_change(blob))
+            except DecryptionFailed:
+                continue  # (verified before it was stored: cannot happen)
+        return fold(group_id, changes)
+
+    def find(self, label: str) -> bytes:
+        """A group by its name here ("#" optional), or by its conversation ("#" + hex id)."""
+        gid = self.store.group_by_label(label.lstrip(PREFIX))
+        if gid is None and (by_id := group_of(label)) is not None and self.store.group_label(by_id) is not None:
+            gid = by_id
+        if gid is None:
+            raise VeilError(f"no group named {label!r} on this device (`veil group list` shows them)")
+        return gid
+
+    def label(self, group_id: bytes) -> str:
+        return self.store.group_label(group_id) or group_id.hex()[:8]
+
+    def _new_label(self, name: str) -> str:
+        base = _clean_label(name)
+        label, n = base, 1
+        while self.store.group_by_label(label) is not None:
+            n += 1
+            label = f"{base}-{n}"
+        return label
+
+    # ---- this device's changes -----------------------------------------------------------
+    def create(self, name: str, members: Iterable[str]) -> tuple[bytes, Change]:
+        if not name.strip():
+            raise VeilError("a group needs a name")
+        try:
+            change = create_group(self.keys, self.name, name, members, sent_at=int(time.time() * 1000))
+        except ValueError as exc:
+            raise VeilError(f"cannot create that group: {exc}") from None
+        self.store.add_group(change.group_id, self._new_label(name))
+        self.store.add_group_changes(change.group_id, [(change.hash, change.to_bytes())])
+        return change.group_id, change
+
+    def change(self, group_id: bytes, action: Action, subjects: Iterable[str] = (), name: str = "") -> Change:
+        """A change by this account, after everything this device has of the group."""
+        state = self.state(group_id)
+        if self.name not in state.members:
+            raise VeilError(f"you are not a member of {self.label(group_id)!r}")
+        subjects = tuple(subjects)
+        if action == Action.ADD:
+            subjects = tuple(s for s in subjects if s not in state.members)
+            if not subjects:
+                raise VeilError("they are members already")
+        if action == Action.REMOVE and not set(subjects) <= state.members:
+            raise VeilError(f"not a member of {self.label(group_id)!r}: {', '.join(set(subjects) - state.members)}")
+        try:
+            change = make_change(self.keys, group_id, self.name, action, parents=state.heads, subjects=subjects,
+                                 name=name, sent_at=int(time.time() * 1000))
+        except ValueError as exc:
+            raise VeilError(f"cannot make that change: {exc}") from None
+        self.store.add_group_changes(group_id, [(change.hash, change.to_bytes())])
+        return change
+
+    # ---- others' changes -----------------------------------------------------------------
+    def merge(
+        self, group_id: bytes, blobs: Iterable[bytes], identity_of: Callable[[str], bytes | None]
+    ) -> tuple[GroupState | None, list[Change]]:
+        """Take in changes a letter carried: each must be of this group and signed by its
+        author (``identity_of``: the author's identity key, None if unknown). Returns the
+        new state (None if the group is still unknown here and this account is not in
+        it) and the changes that became valid."""
+        known = set(self.store.group_changes(group_id))
+        fresh: list[Change] = []
+        for blob in blobs:
+            if blob in known:
+                continue
+            try:
+                c = decode_change(blob)
+            except DecryptionFailed:
+                continue
+            identity = identity_of(c.author)
+            if c.group_id != group_id or identity is None:
+                continue
+            if verify_change(c, identity):
+                fresh.append(c)
+        before = self._valid(group_id)
+        is_new = self.store.group_label(group_id) is None
+        everything = [decode_change(b) for b in known] + fresh
+        try:
+            state = fold(group_id, everything)
+        except ValueError:
+            return None, []  # no creation of it yet
+        if is_new:
+            if self.name not in state.members:
+                return None, []  # not ours to keep
+            self.store.add_group(group_id, self._new_label(state.name))
+        self.store.add_group_changes(group_id, [(c.hash, c.to_bytes()) for c in fresh])
+        by_hash = {c.hash: c for c in everything}
+        became = [by_hash[h] for h in state.valid - before]
+        return state, sorted(became, key=lambda c: (c.sent_at, c.hash))
+
+    def _valid(self, group_id: bytes) -> frozenset[bytes]:
+        if self.store.group_label(group_id) is None:
+            return frozenset()
+        try:
+            return self.state(group_id).valid
+        except ValueError:
+            return frozenset()

@@ -1,0 +1,118 @@
+"""Groups on real devices and a real relay: changes reach every member, texts go to the
+members of the sender's state, the relay sees nothing of the group."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import trio
+
+from keyvault.group import Action, decode_change
+from node.groups import group_of
+from node.node import Node
+from tests.conftest import Accounts, RelayRunner
+
+DEADLINE = 60
+
+
+async def sync(*nodes: Node) -> None:
+    """Each node connects: sends what it composed, and takes what came (twice over, so
+    that what one sent on the way is in too)."""
+    for _ in range(2):
+        for n in nodes:
+            async with n.connected() as link:
+                await n.receive(link, wait=0.2)
+
+
+def lines(node: Node, label: str) -> list[tuple[str, str]]:
+    gid = node.groups.find(label)
+    return [(m.sender, m.body) for m in node.store.history("#" + gid.hex(), limit=100)]
+
+
+async def test_a_group_of_three_talks_changes_and_removes(accounts: Accounts, relay: RelayRunner) -> None:
+    with trio.fail_after(DEADLINE):
+        alice, bob, carol, dave = [await accounts.register(n) for n in ("alice", "bob", "carol", "dave")]
+        label = alice.group_create("friends", ["bob", "carol"])
+        await sync(alice, bob, carol)
+        for n in (bob, carol):
+            assert n.groups.state(n.groups.find("friends")).members == {"alice", "bob", "carol"}
+            assert lines(n, "friends") == [("alice", "created the group 'friends' with bob, carol")]
+        _, why = await alice.send_or_queue("#" + label, "hello, friends")
+        assert why is None
+        await sync(bob, carol)
+        assert lines(bob, "friends")[-1] == ("alice", "hello, friends")
+        assert lines(carol, "friends")[-1] == ("alice", "hello, friends")
+        # bob adds dave: dave learns the group (all of its changes) and its next messages.
+        bob.group_change("friends", Action.ADD, ["dave"])
+        await sync(bob, alice, carol, dave)
+        assert dave.groups.state(dave.groups.find("friends")).members == {"alice", "bob", "carol", "dave"}
+        await carol.send_or_queue("#friends", "welcome dave")
+        await sync(alice, bob, dave)
+        for n in (alice, bob, dave):
+            assert lines(n, "friends")[-1] == ("carol", "welcome dave"), n.name
+        assert ("carol", "welcome dave") not in lines(alice, "friends")[:-1]
+        # alice removes bob: bob hears of it, and of nothing after it.
+        alice.group_change("friends", Action.REMOVE, ["bob"])
+        await sync(alice, bob, carol, dave)
+        assert "bob" not in bob.groups.state(bob.groups.find("friends")).members
+        assert lines(bob, "friends")[-1] == ("alice", "removed bob")
+        await carol.send_or_queue("#friends", "bob is gone")
+        await sync(alice, bob, dave)
+        assert lines(bob, "friends")[-1] == ("alice", "removed bob")
+        assert lines(dave, "friends")[-1] == ("carol", "bob is gone")
+        # bob (removed) can no longer send; a text he forges past that is dropped.
+        state = relay.state
+        assert state is not None
+        gid = alice.groups.find("friends")
+        for table in ("mailbox",):  # the relay holds no group id or name anywhere
+            rows = await state.mailroom.call(state.store.query, f"SELECT * FROM {table}")
+            assert not any(gid in bytes(v) for r in rows for v in r if isinstance(v, bytes | memoryview))
+        assert group_of("#" + gid.hex()) == gid
+
+
+async def test_two_members_add_at_once_and_everyone_converges(accounts: Accounts, relay: RelayRunner) -> None:
+    with trio.fail_after(DEADLINE):
+        alice, bob, carol, dave, erin = [await accounts.register(n) for n in ("alice", "bob", "carol", "dave", "erin")]
+        alice.group_create("team", ["bob"])
+        await sync(alice, bob)
+        alice.group_change("team", Action.ADD, ["carol"])  # both before hearing of the other
+        bob.group_change("team", Action.ADD, ["dave"])
+        await sync(alice, bob, carol, dave)
+        await sync(alice, bob, carol, dave)
+        states = [n.groups.state(n.groups.find("team")) for n in (alice, bob, carol, dave)]
+        assert all(s.members == {"alice", "bob", "carol", "dave"} for s in states)
+        assert len({s.valid for s in states}) == 1
+        # erin, never added, writes into the group by its id: dropped with a warning.
+        warnings: list[str] = []
+        alice.events.append(warnings.append)
+        gid = alice.groups.find("team")
+        # erin knows the group's id (somehow) and writes into it as if she were in: her
+        # node is made to seal a group text for alice.
+        erin.store.add_group(gid, "team")
+        with erin.store.transaction():
+            erin.store.add_group_changes(gid, [(decode_change(b).hash, b) for b in alice.store.group_changes(gid)])
+        erin.groups.state = lambda g: replace(alice.groups.state(g), members=frozenset({"alice", "erin"}))  # type: ignore[method-assign]
+        await erin.send_or_queue("#team", "let me in")
+        await sync(alice)
+        assert ("erin", "let me in") not in lines(alice, "team")
+        assert any("erin, who is not a member" in w for w in warnings), warnings
+
+
+async def test_a_device_added_to_a_members_account_later_is_included(accounts: Accounts, relay: RelayRunner) -> None:
+    with trio.fail_after(DEADLINE):
+        alice, bob = await accounts.register("alice"), await accounts.register("bob")
+        alice.group_create("pair", ["bob"])
+        await alice.send_or_queue("#pair", "before the laptop")
+        await sync(bob)
+        laptop = await accounts.login("bob", "laptop")  # bob's new device knows no group
+        await alice.send_or_queue("#pair", "after the laptop")
+        await sync(laptop, bob)
+        assert laptop.groups.state(laptop.groups.find("pair")).members == {"alice", "bob"}
+        got = lines(laptop, "pair")
+        assert got[-1] == ("alice", "after the laptop") and ("alice", "before the laptop") not in got
+        assert lines(bob, "pair")[-1] == ("alice", "after the laptop")
+        # What the laptop writes reaches alice, and bob's other device (as a copy).
+        await laptop.send_or_queue("#pair", "from the laptop")
+        await sync(alice, bob)
+        assert lines(alice, "pair")[-1] == ("bob", "from the laptop")
+        assert lines(bob, "pair")[-1] == ("bob", "from the laptop")
