@@ -79,7 +79,7 @@ async def cmd_group(args: argparse.Namespace) -> None:
             print(f"{inert(str(shown['group']))}: {inert(str(shown['name']))!r}, created by {shown['created_by']}")
             for m in shown["members"]:  # type: ignore[attr-defined]
                 tag = "you" if m["you"] else ("verified" if m["verified"] else "unverified")
-                print(f"  {m['name']}  {tag}")
+                print(f"  {inert(str(m['name']), keep_newlines=False)}  {tag}")
             if not shown["member"]:
                 print("you are no longer a member")
         else:

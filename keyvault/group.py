@@ -51,8 +51,10 @@ authors' identity keys (`verify_change`) before `fold`.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import heapq
+import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -102,15 +104,21 @@ class Change:
     def to_bytes(self) -> bytes:
         return self.body() + self.signature
 
-    @property
+    @functools.cached_property
     def hash(self) -> bytes:
         return hashlib.sha256(self.to_bytes()).digest()
 
 
+# Authors and subjects are account names in their one canonical form (the username
+# grammar of the relay: wire.USERNAME_RE), so that "Alice" or " alice" cannot stand for an
+# account as a member no one can name to remove.
+_USERNAME = re.compile(r"^[a-z][a-z0-9_.-]{2,31}\Z")
+
+
 def _names(values: Iterable[str], limit: int) -> list[bytes]:
     out = sorted({v.encode("utf-8") for v in values})
-    if any(not v or len(v) > limit for v in out):
-        raise ValueError("a name is empty or too long")
+    if any(not v or len(v) > limit or not _USERNAME.match(v.decode("utf-8")) for v in out):
+        raise ValueError("a name is not a username in its canonical form")
     return out
 
 
@@ -238,16 +246,15 @@ class GroupState:
     valid: frozenset[bytes]  # hashes of the valid changes
     invalid: frozenset[bytes]  # known, every parent known, and changing nothing
     pending: frozenset[bytes]  # waiting for a parent not known yet
+    order: tuple[bytes, ...] = ()  # the valid changes in canonical order (parents first)
 
 
-def _members(order: list[Change], among: set[bytes], ancestors: dict[bytes, frozenset[bytes]]) -> set[str]:
+def _members(by_hash: dict[bytes, Change], among: Iterable[bytes], ancestors: dict[bytes, frozenset[bytes]]) -> set[str]:
     """Members after the valid changes ``among`` (closed under ancestors), per the rules."""
     adds: dict[str, list[bytes]] = {}
     removes: dict[str, list[bytes]] = {}
-    for c in order:
-        h = c.hash
-        if h not in among:
-            continue
+    for h in among:
+        c = by_hash[h]
         if c.action == Action.CREATE:
             for who in (c.author, *c.subjects):
                 adds.setdefault(who, []).append(h)
@@ -312,9 +319,9 @@ def fold(group_id: bytes, changes: Iterable[Change]) -> GroupState:
         if c is root:
             valid.add(h)
         elif c.parents and all(p in valid for p in c.parents):
-            if c.author in _members(order, set(anc), ancestors):
+            if c.author in _members(by_hash, anc, ancestors):
                 valid.add(h)
-    members = _members(order, valid, ancestors)
+    members = _members(by_hash, valid, ancestors)
     name = root.name
     for c in order:
         if c.hash in valid and c.action in (Action.CREATE, Action.RENAME):
@@ -330,4 +337,5 @@ def fold(group_id: bytes, changes: Iterable[Change]) -> GroupState:
         valid=frozenset(valid),
         invalid=frozenset(placed - valid),
         pending=pending,
+        order=tuple(c.hash for c in order if c.hash in valid),
     )

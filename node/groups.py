@@ -33,6 +33,9 @@ from node.store import NodeStore
 
 PREFIX = "#"  # a group conversation's peer: "#" + the group id in hex
 MAX_LABEL = 64
+MAX_PENDING = 256  # changes of one group kept while waiting for their parents
+MAX_LIMBO = 8192  # changes kept of a group not yet held here (see merge)
+MAX_LIMBO_GROUPS = 8
 
 
 def conversation(group_id: bytes) -> str:
@@ -74,22 +77,32 @@ class Groups:
         self.store = store
         self.keys = keys
         self.name = name
+        self._states: dict[bytes, tuple[frozenset[bytes], GroupState]] = {}  # what each fold was of
 
     # ---- reading ---------------------------------------------------------------------
     def state(self, group_id: bytes) -> GroupState:
+        """The group's state (folded again only when its stored changes changed)."""
+        blobs = self.store.group_changes(group_id)
+        key = frozenset(blobs)
+        cached = self._states.get(group_id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         changes = []
-        for blob in self.store.group_changes(group_id):
+        for blob in blobs:
             try:
                 changes.append(decode_change(blob))
             except DecryptionFailed:
                 continue  # (verified before it was stored: cannot happen)
-        return fold(group_id, changes)
+        state = fold(group_id, changes)
+        self._states[group_id] = (key, state)
+        return state
 
     def find(self, label: str) -> bytes:
-        """A group by its name here ("#" optional), or by its conversation ("#" + hex id)."""
-        gid = self.store.group_by_label(label.lstrip(PREFIX))
-        if gid is None and (by_id := group_of(label)) is not None and self.store.group_label(by_id) is not None:
-            gid = by_id
+        """A group by its conversation ("#" + hex id) or its name here ("#" optional)."""
+        by_id = group_of(label)
+        gid = by_id if by_id is not None and self.store.group_label(by_id) is not None else None
+        if gid is None:
+            gid = self.store.group_by_label(label.lstrip(PREFIX))
         if gid is None:
             raise VeilError(f"no group named {label!r} on this device (`veil group list` shows them)")
         return gid
@@ -145,7 +158,9 @@ class Groups:
         author (``identity_of``: the author's identity key, None if unknown). Returns the
         new state (None if the group is still unknown here and this account is not in
         it) and the changes that became valid."""
-        known = set(self.store.group_changes(group_id))
+        is_new = self.store.group_label(group_id) is None
+        limbo = set(self.store.group_limbo(group_id)) if is_new else set()
+        known = set(self.store.group_changes(group_id)) | limbo
         fresh: list[Change] = []
         for blob in blobs:
             if blob in known:
@@ -160,17 +175,41 @@ class Groups:
             if verify_change(c, identity):
                 fresh.append(c)
         before = self._valid(group_id)
-        is_new = self.store.group_label(group_id) is None
         everything = [decode_change(b) for b in known] + fresh
+        # A group this device does not hold yet, whose changes come in several letters:
+        # they wait (bounded: MAX_LIMBO changes, of MAX_LIMBO_GROUPS groups) once one of
+        # them adds this account, until the group's state has it as a member.
+        names_us = bool(limbo) or any(
+            c.action in (Action.CREATE, Action.ADD) and self.name in c.subjects for c in fresh)
         try:
             state = fold(group_id, everything)
         except ValueError:
-            return None, []  # no creation of it yet
+            state = None  # no creation of it yet
+        if is_new and (state is None or self.name not in state.members):
+            if names_us and fresh:
+                self.store.add_group_limbo(group_id, [(c.hash, c.to_bytes()) for c in fresh], MAX_LIMBO,
+                                           MAX_LIMBO_GROUPS)
+            return None, []  # not (yet) ours to keep
+        if state is None:
+            return None, []
         if is_new:
-            if self.name not in state.members:
-                return None, []  # not ours to keep
             self.store.add_group(group_id, self._new_label(state.name))
-        self.store.add_group_changes(group_id, [(c.hash, c.to_bytes()) for c in fresh])
+            fresh += [decode_change(b) for b in limbo]  # they are kept as fresh ones are
+            self.store.drop_group_limbo(group_id)
+        # Kept: the valid changes, and a bounded number waiting for parents; not the
+        # invalid ones (by non-members, or after the author's removal), which change
+        # nothing and would only grow the store and what is passed on.
+        held = {decode_change(b).hash for b in known}
+        room = MAX_PENDING - len(state.pending & held)
+        keep = []
+        for c in fresh:
+            if c.hash in state.valid:
+                keep.append(c)
+            elif c.hash in state.pending and room > 0:
+                keep.append(c)
+                room -= 1
+        self.store.add_group_changes(group_id, [(c.hash, c.to_bytes()) for c in keep])
+        state = self.state(group_id)
         by_hash = {c.hash: c for c in everything}
         became = [by_hash[h] for h in state.valid - before]
         return state, sorted(became, key=lambda c: (c.sent_at, c.hash))

@@ -41,7 +41,7 @@ from keyvault.errors import (
     KeyvaultError,
 )
 from keyvault.errors import MessageTooLarge as KeyvaultTooLarge
-from keyvault.group import Action, Change, decode_change
+from keyvault.group import Action, Change, GroupState, decode_change
 from keyvault.kdf import DEFAULT_KDF, KdfParams, new_salt, password_keys, store_key
 from keyvault.kem import KemKey, KemUse, verify_kem_key
 from keyvault.keys import (
@@ -58,7 +58,14 @@ from keyvault.keys import (
     verify_device,
     wrap_bundle,
 )
-from keyvault.letter import KIND_CHANGES, Letter, decode_letter, encode_letter, max_body_bytes
+from keyvault.letter import (
+    KIND_CHANGES,
+    MAX_CHANGES,
+    Letter,
+    decode_letter,
+    encode_letter,
+    max_body_bytes,
+)
 from keyvault.prekeys import OneTimePrekey, SignedPrekey, new_one_time_prekeys, new_signed_prekey
 from keyvault.safety import identity_fingerprint, safety_number
 from node.errors import (
@@ -112,6 +119,7 @@ def _canonical(name: str) -> bool:
         return False
 
 
+MAX_AUTHOR_LOOKUPS = 16  # per changes letter received
 SEND_FRAME_BYTES = wire.MAX_FRAME - 8192  # envelope bytes in one send, with room for the rest
 ENVELOPE_OVERHEAD = 64  # its device id, eid and field names, generously
 
@@ -230,6 +238,9 @@ def default_device_name() -> str:
     return name or "a device"
 
 
+CHANGES_PER_LETTER_BYTES = 40_000  # of encoded changes in one letter (an envelope holds 57,518)
+
+
 @dataclass
 class _GroupSealing:
     """The letters of a group message for each device (inside the sealing transaction):
@@ -239,17 +250,36 @@ class _GroupSealing:
     store: NodeStore
     gid: bytes
     m: StoredMessage
-    version: int
+    state: GroupState
 
     def __post_init__(self) -> None:
-        self.blobs = tuple(self.store.group_changes(self.gid))
+        self.version = self.state.version
+        # Only the valid changes, parents first, in letters that each fit an envelope:
+        # a receiver takes them in order, and what a non-member made is not passed on.
+        by_hash = {decode_change(b).hash: b for b in self.store.group_changes(self.gid)}
+        self.chunks: list[tuple[bytes, ...]] = []
+        chunk: list[bytes] = []
+        size = 0
+        for h in self.state.order:
+            blob = by_hash[h]
+            if chunk and (size + len(blob) + 4 > CHANGES_PER_LETTER_BYTES or len(chunk) == MAX_CHANGES):
+                self.chunks.append(tuple(chunk))
+                chunk, size = [], 0
+            chunk.append(blob)
+            size += len(blob) + 4
+        if chunk:
+            self.chunks.append(tuple(chunk))
+        # Newest first: a new member's addition is in the first letter it gets, so it
+        # keeps the rest as they come (node/groups.py, merge); each letter is parents-first.
+        self.chunks.reverse()
         self.notice = self.store.group_notice(self.m.msg_id) is not None
 
     def letters(self, peer: Peer) -> list[bytes]:
         m, out = self.m, []
         if self.notice or self.store.group_sent(self.gid, peer.name, peer.device_id) < self.version:
-            out.append(encode_letter(Letter(to=peer.name, msg_id=secrets.token_bytes(16), sent_at=m.sent_at,
-                                            body="", group=self.gid, kind=KIND_CHANGES, changes=self.blobs)))
+            out += [encode_letter(Letter(to=peer.name, msg_id=secrets.token_bytes(16), sent_at=m.sent_at,
+                                         body="", group=self.gid, kind=KIND_CHANGES, changes=chunk))
+                    for chunk in self.chunks]
         if not self.notice:
             out.append(encode_letter(Letter(to=peer.name, msg_id=m.msg_id, sent_at=m.sent_at, body=m.body,
                                             group=self.gid)))
@@ -1092,7 +1122,7 @@ class Node:
         return sorted((state.members | set(also or ())) - {self.name})
 
     def _group_sealing(self, gid: bytes, m: StoredMessage) -> _GroupSealing:
-        return _GroupSealing(self.store, gid, m, self.groups.state(gid).version)
+        return _GroupSealing(self.store, gid, m, self.groups.state(gid))
 
     async def own_devices(self, link: RelayLink) -> list[bytes]:
         """This account's devices, as the relay lists them (signatures checked)."""
@@ -1279,14 +1309,27 @@ class Node:
         return received
 
     def _unknown_authors(self, letter: Letter) -> list[str]:
-        """Authors of a changes letter's changes whose identity keys this device lacks."""
+        """Authors of a changes letter's changes whose identity keys this device lacks, to
+        look up: only for a group this device holds, or one whose creation or an addition
+        names this account, and at most MAX_AUTHOR_LOOKUPS of them (a stranger's letter of a
+        thousand made-up authors costs no thousand lookups)."""
         names = set()
+        gid = letter.group or b""
+        ours = self.store.group_label(gid) is not None or bool(self.store.group_limbo(gid))
         for raw in letter.changes:
             try:
-                names.add(decode_change(raw).author)
+                c = decode_change(raw)
             except DecryptionFailed:
                 continue
-        return sorted(n for n in names if n != self.name and _canonical(n) and self.store.contact(n) is None)
+            if c.group_id != letter.group:
+                continue
+            if c.action in (Action.CREATE, Action.ADD) and self.name in c.subjects:
+                ours = True
+            names.add(c.author)
+        if not ours:
+            return []
+        unknown = sorted(n for n in names if n != self.name and _canonical(n) and self.store.contact(n) is None)
+        return unknown[:MAX_AUTHOR_LOOKUPS]
 
     def _identity_of(self, name: str) -> bytes | None:
         if name == self.name:
@@ -1316,13 +1359,13 @@ class Node:
                     if any(by_hash[h].author == self.name for h in state.heads if h in by_hash):
                         self.store.add_group_resync(gid)  # ours crossed theirs: pass both on
                 for c in became:
-                    mid = c.hash[:16]
-                    if self.store.has_message(mid):
+                    if self.store.has_group_event(c.hash):
                         continue  # our own change, or one heard of already
+                    mid = secrets.token_bytes(16)
                     stored.append(self.store.add_message(StoredMessage(
                         mid, conversation(gid), c.author, c.author == self.name, describe(c), c.sent_at, now_ms(),
                         "received", 0)))
-                    self.store.add_group_event(mid)
+                    self.store.add_group_event(mid, c.hash)
             else:
                 label = self.store.group_label(gid)
                 if label is None or sender not in self.groups.state(gid).members:
@@ -1369,11 +1412,11 @@ class Node:
         return out
 
     def _notice(self, gid: bytes, change: Change, also: tuple[str, ...] | list[str]) -> None:
-        mid = change.hash[:16]
+        mid = secrets.token_bytes(16)
         now = now_ms()
         self.store.add_message(StoredMessage(mid, conversation(gid), self.name, True, describe(change), now, now,
                                              "pending", 0))
-        self.store.add_group_event(mid)
+        self.store.add_group_event(mid, change.hash)
         self.store.add_group_notice(mid, list(also))
         self.store.add_unsealed(mid)
 

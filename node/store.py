@@ -152,10 +152,17 @@ def _m0005(db: Database) -> None:
     # them (those the change removes).
     db.execute("CREATE TABLE group_notices (msg_id BLOB PRIMARY KEY, also TEXT NOT NULL)")
     # Messages in a group's history that are changes (who added whom), not text.
-    db.execute("CREATE TABLE group_events (msg_id BLOB PRIMARY KEY)")
+    # (Their own message ids: a change's hash is known to its author before it sends it,
+    # so an id derived from it could be taken first by a text and hide the change.)
+    db.execute("CREATE TABLE group_events (msg_id BLOB PRIMARY KEY, hash BLOB NOT NULL UNIQUE)")
     # Groups whose changes this device should pass on to every member (a change of others
     # crossed one of ours: not every member may have both).
     db.execute("CREATE TABLE group_resync (group_id BLOB PRIMARY KEY)")
+    # Changes of groups not held yet that add this account, while the rest comes.
+    db.execute(
+        "CREATE TABLE group_limbo (group_id BLOB NOT NULL, hash BLOB NOT NULL, blob BLOB NOT NULL,"
+        " PRIMARY KEY (group_id, hash))"
+    )
 
 
 @dataclass(frozen=True)
@@ -586,6 +593,26 @@ class NodeStore:
     def add_group_notice(self, msg_id: bytes, also: Sequence[str]) -> None:
         self.conn.execute("INSERT INTO group_notices (msg_id, also) VALUES (?,?)", (msg_id, ",".join(also)))
 
+    def group_limbo(self, group_id: bytes) -> list[bytes]:
+        return [bytes(r[0]) for r in self.conn.execute("SELECT blob FROM group_limbo WHERE group_id = ?", (group_id,))]
+
+    def add_group_limbo(self, group_id: bytes, changes: Sequence[tuple[bytes, bytes]], per_group: int,
+                        groups: int) -> None:
+        """Keep changes of a group not held yet: at most ``per_group`` of one, and of at
+        most ``groups`` groups (the group that came first goes)."""
+        held = [bytes(r[0]) for r in self.conn.execute(
+            "SELECT group_id FROM group_limbo GROUP BY group_id ORDER BY min(rowid)")]
+        if group_id not in held and len(held) >= groups:
+            self.drop_group_limbo(held[0])
+        (count,) = self.conn.execute("SELECT count(*) FROM group_limbo WHERE group_id = ?", (group_id,)).fetchone()
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO group_limbo (group_id, hash, blob) VALUES (?,?,?)",
+            [(group_id, h, b) for h, b in changes[: max(0, per_group - int(count))]],
+        )
+
+    def drop_group_limbo(self, group_id: bytes) -> None:
+        self.conn.execute("DELETE FROM group_limbo WHERE group_id = ?", (group_id,))
+
     def add_group_resync(self, group_id: bytes) -> None:
         self.conn.execute("INSERT OR IGNORE INTO group_resync (group_id) VALUES (?)", (group_id,))
 
@@ -595,8 +622,11 @@ class NodeStore:
     def drop_group_resync(self, group_id: bytes) -> None:
         self.conn.execute("DELETE FROM group_resync WHERE group_id = ?", (group_id,))
 
-    def add_group_event(self, msg_id: bytes) -> None:
-        self.conn.execute("INSERT OR IGNORE INTO group_events (msg_id) VALUES (?)", (msg_id,))
+    def add_group_event(self, msg_id: bytes, change_hash: bytes) -> None:
+        self.conn.execute("INSERT INTO group_events (msg_id, hash) VALUES (?,?)", (msg_id, change_hash))
+
+    def has_group_event(self, change_hash: bytes) -> bool:
+        return self.conn.execute("SELECT 1 FROM group_events WHERE hash = ?", (change_hash,)).fetchone() is not None
 
     def is_group_event(self, msg_id: bytes) -> bool:
         return self.conn.execute("SELECT 1 FROM group_events WHERE msg_id = ?", (msg_id,)).fetchone() is not None

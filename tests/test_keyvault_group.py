@@ -205,3 +205,27 @@ def test_small_histories_in_every_order(keys: dict[str, AccountKeys]) -> None:
     for perm in itertools.permutations([g.root, a, b, c]):
         assert g.state(list(perm)) == want
     assert want.members == {"bob", "carol"} and want.name == "carol's"
+
+
+def test_names_are_canonical_usernames(keys: dict[str, AccountKeys]) -> None:
+    """"Alice" or " alice" would be a member nobody can name to remove (lookups
+    canonicalise): refused when made and when read."""
+    g = G(keys)
+    for bad in ("Alice", " alice", "alice\\n", "al", "x" * 40, "älice"):
+        with pytest.raises(ValueError):
+            make_change(keys["alice"], g.id, "alice", Action.ADD, parents=[g.root.hash], subjects=[bad], sent_at=T)
+        with pytest.raises(ValueError):
+            create_group(keys["alice"], bad, "friends", ["bob"], sent_at=T)
+    good = make_change(keys["alice"], g.id, "alice", Action.ADD, parents=[g.root.hash], subjects=["carol"], sent_at=T)
+    raw = good.to_bytes().replace(b"carol", b"Carol")
+    with pytest.raises(DecryptionFailed):
+        decode_change(raw)
+
+
+def test_a_long_history_folds_in_linear_time_per_change(keys: dict[str, AccountKeys]) -> None:
+    g = G(keys)
+    prev = g.root
+    for i in range(400):
+        prev = g.change("alice", Action.RENAME, [prev], name=f"n{i}")
+    s = g.state()
+    assert s.version == 401 and s.name == "n399" and len(s.order) == 401 and s.order[0] == g.root.hash

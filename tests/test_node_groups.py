@@ -116,3 +116,17 @@ async def test_a_device_added_to_a_members_account_later_is_included(accounts: A
         await sync(alice, bob)
         assert lines(alice, "pair")[-1] == ("bob", "from the laptop")
         assert lines(bob, "pair")[-1] == ("bob", "from the laptop")
+
+
+async def test_a_long_history_reaches_a_new_member_in_several_letters(accounts: Accounts, relay: RelayRunner) -> None:
+    """More changes than one envelope holds: they go in several letters, parents first."""
+    with trio.fail_after(DEADLINE):
+        alice, bob = await accounts.register("alice"), await accounts.register("bob")
+        alice.group_create("long", [])
+        for i in range(400):  # about 60 KB of changes
+            alice.group_change("long", Action.RENAME, name=f"name number {i:04d} of the group")
+        alice.group_change("long", Action.ADD, ["bob"])
+        await sync(alice, bob)
+        want = alice.groups.state(alice.groups.find("long"))
+        got = bob.groups.state(bob.groups.find("name-number-0399-of-the-group"))
+        assert got.valid == want.valid and got.members == {"alice", "bob"} and got.version == 402

@@ -253,7 +253,7 @@ async def cmd_group(chat: Chat, rest: str) -> None:
         for name in sorted(state.members):
             c = node.store.contact(name)
             tag = "you" if name == node.name else ("verified" if c is not None and c.verified else "unverified")
-            chat.say(f"  {name}  {tag}", 4)
+            chat.say(f"  {inert(name, keep_newlines=False)}  {tag}", 4)
         return
     if verb == "create" and len(words) >= 2:
         members = [n for w in words[2:] for n in w.split(",") if n]
