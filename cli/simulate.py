@@ -531,8 +531,8 @@ async def coordinate(args: argparse.Namespace) -> dict[str, Any]:
     # Groups: each made by its first member once sending starts; the others learn of it
     # with the first message they get in it, and write to it once they know it.
     pick = random.Random(args.seed)
-    size = max(2, min(getattr(args, "group_size", 5), args.nodes))
-    groups = [{"name": f"g{i}", "members": pick.sample(names, size)} for i in range(getattr(args, "groups", 0))]
+    size = max(2, min(args.group_size, args.nodes))
+    groups = [{"name": f"g{i}", "members": pick.sample(names, size)} for i in range(args.groups)]
     with tempfile.TemporaryDirectory(prefix="veil-sim-") as tmp:
         relays: list[RelayProcess] = []
         workers: list[trio.Process] = []

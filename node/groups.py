@@ -82,13 +82,13 @@ class Groups:
     # ---- reading ---------------------------------------------------------------------
     def state(self, group_id: bytes) -> GroupState:
         """The group's state (folded again only when its stored changes changed)."""
-        blobs = self.store.group_changes(group_id)
-        key = frozenset(blobs)
+        held = self.store.group_changes(group_id)
+        key = frozenset(held)
         cached = self._states.get(group_id)
         if cached is not None and cached[0] == key:
             return cached[1]
         changes = []
-        for blob in blobs:
+        for blob in held.values():
             try:
                 changes.append(decode_change(blob))
             except DecryptionFailed:
@@ -159,11 +159,12 @@ class Groups:
         new state (None if the group is still unknown here and this account is not in
         it) and the changes that became valid."""
         is_new = self.store.group_label(group_id) is None
-        limbo = set(self.store.group_limbo(group_id)) if is_new else set()
-        known = set(self.store.group_changes(group_id)) | limbo
+        limbo = self.store.group_limbo(group_id) if is_new else {}
+        known = self.store.group_changes(group_id) | limbo
+        seen = set(known.values())
         fresh: list[Change] = []
         for blob in blobs:
-            if blob in known:
+            if blob in seen:
                 continue
             try:
                 c = decode_change(blob)
@@ -175,7 +176,7 @@ class Groups:
             if verify_change(c, identity):
                 fresh.append(c)
         before = self._valid(group_id)
-        everything = [decode_change(b) for b in known] + fresh
+        everything = [decode_change(b) for b in known.values()] + fresh
         # A group this device does not hold yet, whose changes come in several letters:
         # they wait (bounded: MAX_LIMBO changes, of MAX_LIMBO_GROUPS groups) once one of
         # them adds this account, until the group's state has it as a member.
@@ -194,13 +195,12 @@ class Groups:
             return None, []
         if is_new:
             self.store.add_group(group_id, self._new_label(state.name))
-            fresh += [decode_change(b) for b in limbo]  # they are kept as fresh ones are
+            fresh += [decode_change(b) for b in limbo.values()]  # they are kept as fresh ones are
             self.store.drop_group_limbo(group_id)
         # Kept: the valid changes, and a bounded number waiting for parents; not the
         # invalid ones (by non-members, or after the author's removal), which change
         # nothing and would only grow the store and what is passed on.
-        held = {decode_change(b).hash for b in known}
-        room = MAX_PENDING - len(state.pending & held)
+        room = MAX_PENDING - len(state.pending & (known.keys() - limbo.keys()))
         keep = []
         for c in fresh:
             if c.hash in state.valid:

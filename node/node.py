@@ -256,7 +256,7 @@ class _GroupSealing:
         self.version = self.state.version
         # Only the valid changes, parents first, in letters that each fit an envelope:
         # a receiver takes them in order, and what a non-member made is not passed on.
-        by_hash = {decode_change(b).hash: b for b in self.store.group_changes(self.gid)}
+        by_hash = self.store.group_changes(self.gid)
         self.chunks: list[tuple[bytes, ...]] = []
         chunk: list[bytes] = []
         size = 0
@@ -1355,8 +1355,8 @@ class Node:
                     log.info("dropped the changes of a group this account is not in")
                     return None
                 if became and len(state.heads) > 1 and self.name in state.members:
-                    by_hash = {decode_change(b).hash: decode_change(b) for b in self.store.group_changes(gid)}
-                    if any(by_hash[h].author == self.name for h in state.heads if h in by_hash):
+                    held = self.store.group_changes(gid)
+                    if any(decode_change(held[h]).author == self.name for h in state.heads if h in held):
                         self.store.add_group_resync(gid)  # ours crossed theirs: pass both on
                 for c in became:
                     if self.store.has_group_event(c.hash):

@@ -572,9 +572,10 @@ class NodeStore:
             [(group_id, h, b) for h, b in changes],
         )
 
-    def group_changes(self, group_id: bytes) -> list[bytes]:
-        return [bytes(r[0]) for r in self.conn.execute(
-            "SELECT blob FROM group_changes WHERE group_id = ? ORDER BY hash", (group_id,))]
+    def group_changes(self, group_id: bytes) -> dict[bytes, bytes]:
+        """The group's changes held here, by hash."""
+        return {bytes(r[0]): bytes(r[1]) for r in self.conn.execute(
+            "SELECT hash, blob FROM group_changes WHERE group_id = ? ORDER BY hash", (group_id,))}
 
     def group_sent(self, group_id: bytes, name: str, device_id: bytes) -> int:
         row = self.conn.execute(
@@ -593,8 +594,10 @@ class NodeStore:
     def add_group_notice(self, msg_id: bytes, also: Sequence[str]) -> None:
         self.conn.execute("INSERT INTO group_notices (msg_id, also) VALUES (?,?)", (msg_id, ",".join(also)))
 
-    def group_limbo(self, group_id: bytes) -> list[bytes]:
-        return [bytes(r[0]) for r in self.conn.execute("SELECT blob FROM group_limbo WHERE group_id = ?", (group_id,))]
+    def group_limbo(self, group_id: bytes) -> dict[bytes, bytes]:
+        """Changes kept of a group not held yet, by hash."""
+        return {bytes(r[0]): bytes(r[1]) for r in self.conn.execute(
+            "SELECT hash, blob FROM group_limbo WHERE group_id = ?", (group_id,))}
 
     def add_group_limbo(self, group_id: bytes, changes: Sequence[tuple[bytes, bytes]], per_group: int,
                         groups: int) -> None:

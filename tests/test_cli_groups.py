@@ -48,7 +48,6 @@ def test_groups_through_the_command(relay_proc: RelayProcess, tmp_path: Path) ->
     # Listing and showing.
     listed = [json.loads(line) for line in dave.veil("group", "list", "--json").stdout.splitlines()]
     assert [(g["group"], g["member"]) for g in listed] == [("Book-Club", True)]
-    shown = json.loads(alice.veil("group", "show", "Book-Club", "--json").stdout)
     alice.veil("recv")
     shown = json.loads(alice.veil("group", "show", "Book-Club", "--json").stdout)
     assert {m["name"] for m in shown["members"]} == {"alice", "bob", "carol", "dave"}

@@ -12,24 +12,12 @@ from keyvault.ratchet import RatchetState
 from node.errors import VeilError
 from node.node import Node
 from tests.conftest import Accounts, RelayRunner
+from tests.test_forward_secrecy import captured as held
+from tests.test_forward_secrecy import receive, send
 
 DEADLINE = 30
 
 
-async def send(node: Node, peer: str, text: str) -> None:
-    async with node.connected() as link:
-        await node.send(link, peer, text)
-
-
-async def receive(node: Node) -> list[str]:
-    async with node.connected() as link:
-        return [r.message.body for r in await node.receive(link, wait=5)]
-
-
-async def held(relay: RelayRunner, node: Node) -> list[bytes]:
-    state = relay.state
-    assert state is not None
-    return [m.blob for m in await state.mailroom.call(state.store.fetch, node.device_id, 0, 100)]
 
 
 async def relay_sql(relay: RelayRunner, sql: str, *args: object) -> None:
@@ -59,6 +47,20 @@ def forget_pq_keys(node: Node) -> None:
         node.store.delete("pq_since_spk")
 
 
+async def classical_pair(accounts: Accounts, relay: RelayRunner) -> tuple[Node, Node]:
+    """alice and bob as from before post-quantum keys (none on either side, nor at the
+    relay), and a first message "classic" from alice in an X3DH session."""
+    alice = await accounts.register("alice")
+    bob = await accounts.register("bob")
+    forget_pq_keys(bob)
+    await relay_sql(relay, "DELETE FROM kem_prekeys WHERE device_id = ?", bob.device_id)
+    async with alice.connected() as link:
+        await alice.lookup(link, "bob")
+    forget_pq_keys(alice)  # alice looked bob up before his keys existed too
+    await send(alice, "bob", "classic")
+    return alice, bob
+
+
 async def test_a_first_contact_is_pqxdh_and_every_envelope_is_hybrid(accounts: Accounts, relay: RelayRunner) -> None:
     with trio.fail_after(DEADLINE):
         alice = await accounts.register("alice")
@@ -82,14 +84,7 @@ async def test_a_device_from_before_publishes_its_pq_keys_at_its_next_connection
     session. Its next connection publishes them; the old session, once answered, goes on
     as it was; new sessions with it are PQXDH."""
     with trio.fail_after(DEADLINE):
-        alice = await accounts.register("alice")
-        bob = await accounts.register("bob")
-        forget_pq_keys(bob)
-        await relay_sql(relay, "DELETE FROM kem_prekeys WHERE device_id = ?", bob.device_id)
-        async with alice.connected() as link:
-            await alice.lookup(link, "bob")
-        forget_pq_keys(alice)  # alice looked bob up before his keys existed too
-        await send(alice, "bob", "classic")
+        alice, bob = await classical_pair(accounts, relay)
         (old,) = await held(relay, bob)
         assert old[0] == VERSION and not session_is_pq(alice, "bob", bob.device_id)
         assert await receive(bob) == ["classic"]  # bob connects: his keys go up now
@@ -152,14 +147,7 @@ async def test_an_unanswered_classical_session_with_a_device_now_pq_is_replaced(
     not answered; once alice sees his PQ keys, her next message starts a PQXDH session
     (bob would refuse more first messages of the classical one, PROTOCOL 19.6)."""
     with trio.fail_after(DEADLINE):
-        alice = await accounts.register("alice")
-        bob = await accounts.register("bob")
-        forget_pq_keys(bob)
-        await relay_sql(relay, "DELETE FROM kem_prekeys WHERE device_id = ?", bob.device_id)
-        async with alice.connected() as link:
-            await alice.lookup(link, "bob")
-        forget_pq_keys(alice)
-        await send(alice, "bob", "classic")
+        alice, bob = await classical_pair(accounts, relay)
         assert not session_is_pq(alice, "bob", bob.device_id)
         assert await receive(bob) == ["classic"]  # bob's keys go up; he does not answer
         await send(alice, "bob", "now post-quantum")  # the lookup shows bob's PQ keys

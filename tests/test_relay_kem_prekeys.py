@@ -385,10 +385,7 @@ async def test_register_login_and_recover_refuse_keys_signed_for_another_device(
             assert isinstance(ans, wire.SessionOk)
         # A recovery onto a new device, with the laptop's keys.
         async with raw_client(env.url) as r:
-            ans = await fetch(r, alice, recovery=True)
-            assert isinstance(ans, wire.BundleOk)
-            keys = unwrap_bundle(ans.bundle, alice.rk.wrap_key, alice.name)
-            _, _, fields = credentials(keys, alice.name)
+            keys, fields = await recovering(r, alice)
             phone = secrets.token_bytes(16)
             err = await r.refused(recover_frame(r, alice, alice.cert(phone), fields, prekeys=kem_set(
                 keys, [7], 8, 9, device=laptop)), E.BAD_KEY)
@@ -436,6 +433,16 @@ async def test_uploads_are_rationed_per_device(nursery: trio.Nursery, key_pool: 
                 await upload(c2, kem_set(alice.keys, one_time=[10 + i], device=laptop))
             await c2.refused(wire.UploadPrekeys(id=c2.next_id(), prekeys=wire.PrekeySet()), E.RATE_LIMITED)
             assert await kem_rows(env, laptop) == [(1, 10), (1, 11), (1, 12)]
+
+
+async def recovering(r: RawClient, alice: Acct) -> tuple[AccountKeys, Any]:
+    """Prove alice's recovery code on ``r``: her account keys and new credentials' fields,
+    for a recover frame."""
+    ans = await fetch(r, alice, recovery=True)
+    assert isinstance(ans, wire.BundleOk)
+    keys = unwrap_bundle(ans.bundle, alice.rk.wrap_key, alice.name)
+    _, _, fields = credentials(keys, alice.name)
+    return keys, fields
 
 
 async def _register(env: Env, c: RawClient, name: str, prekeys: wire.PrekeySet, *,
@@ -507,10 +514,7 @@ async def test_register_login_and_recover_carry_kem_keys_too(env: Env) -> None:
             assert await kem_rows(env, laptop) == [(1, 1), (1, 2), (2, 3), (3, 4)]
         # A recovery onto a new device, with its KEM keys, in the recovery's transaction.
         async with raw_client(env.url) as r:
-            ans = await fetch(r, alice, recovery=True)
-            assert isinstance(ans, wire.BundleOk)
-            keys = unwrap_bundle(ans.bundle, alice.rk.wrap_key, alice.name)
-            _, _, fields = credentials(keys, alice.name)
+            keys, fields = await recovering(r, alice)
             phone = secrets.token_bytes(16)
             session = await r.ok(recover_frame(r, alice, alice.cert(phone), fields, prekeys=kem_set(
                 keys, one_time=[5, 6, 7], last_resort=8, envelope=9, device=phone, signed=prekey_set(keys).signed)))
