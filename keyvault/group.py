@@ -28,21 +28,34 @@ another creation of the same group, so the root of the DAG is fixed by the id it
 
 A create has no parents; every other change has at least one. The state:
 
-- Validity. The root is the create that the group id commits to. Any other
-  change is valid if its parents are valid and its author is a member in the state of its
-  ancestors (the changes it names, and theirs, and so on). This depends only on a change's
-  own past, so every member decides it alike: a change by someone who was never added, or
-  made after the author's removal was applied (by the author or anyone they heard from),
-  changes nothing. A change made by a member who had not yet heard of their removal is
-  valid: it crossed the removal.
-- Members. Someone is a member if a valid change added them (the create adds its author
-  and its subjects) and no valid removal of them has that addition among its ancestors.
-  So two members who add someone at once both add them; a removal and an addition that
-  cross keep the person in (the addition was not seen by the removal); a person added
-  again after a removal is back; two members who remove each other at once are both out.
-- Name. That of the last valid create or rename in the canonical order: the changes
+- Kept (`valid`). The root is the create that the group id commits to. Any other change
+  is kept if its parents are kept and a change among its ancestors (the changes it
+  names, and theirs, and so on) added its author. This depends only on a change's own
+  past, so every member decides it alike, once: a change by someone never added is not
+  kept (`invalid`). Kept changes are stored and passed on; not all take effect. (Whether
+  the author was still a member is not a question of the past alone: a removal signed
+  by a removed member, backdated, must not count against whoever builds on it.)
+- Removal wins (`effective`). A kept change takes effect unless its author is not a
+  member in the state of its effective ancestors, or an effective removal of its author
+  crossed it (neither is an ancestor of the other). So whatever a removed member signs
+  with parents from before the removal (made while unaware of it, or backdated on
+  purpose after it) changes nothing. One exception, so that two removals that cross
+  have one outcome: a removal of exactly the remover (subjects = the remover alone) is
+  not undone by the removal it crossed; both take effect, and both people are out.
+  Whether a removal is effective depends on the removals that cross it, so the effective
+  set is computed to a fixed point, from "every kept change" on, at most `MAX_ROUNDS`
+  rounds (a ring of three or more members each removing the next at once has none; the
+  last round's set stands, the same for everyone). Descendants of a change that does not
+  take effect are judged on their own: parents need only be kept.
+- Members. Someone is a member if an effective change added them (the create adds its
+  author and its subjects) and no effective removal of them has that addition among its
+  ancestors. So two members who add someone at once both add them; a removal and an
+  addition by a third member that cross keep the person in (the addition was not seen by
+  the removal); a person added again after a removal is back; two members who remove
+  each other at once are both out; what a member adds while being removed does not stand.
+- Name. That of the last effective create or rename in the canonical order: the changes
   sorted topologically, ties broken by hash (smallest first).
-- Version. The number of valid changes applied.
+- Version. The number of kept changes.
 
 Nothing here is I/O: the node stores the changes and checks their signatures with the
 authors' identity keys (`verify_change`) before `fold`.
@@ -73,6 +86,7 @@ MAX_PARENTS = 16
 MAX_MEMBERS = 256  # the sender seals each group message for every device of every member
 MAX_NAME_BYTES = 128  # an author's or subject's name (as keyvault.envelope's names)
 MAX_GROUP_NAME_BYTES = 256
+MAX_ROUNDS = 16  # of the removal-wins fixed point (two or three in any real history)
 _MAX_U64 = 2**64 - 1
 
 
@@ -240,17 +254,18 @@ class GroupState:
     group_id: bytes
     name: str
     members: frozenset[str]
-    version: int  # valid changes applied
-    heads: tuple[bytes, ...]  # hashes of the valid changes nothing valid follows yet (sorted)
+    version: int  # kept changes
+    heads: tuple[bytes, ...]  # hashes of the kept changes nothing kept follows yet (sorted)
     creator: str
-    valid: frozenset[bytes]  # hashes of the valid changes
-    invalid: frozenset[bytes]  # known, every parent known, and changing nothing
+    valid: frozenset[bytes]  # hashes of the kept changes (stored and passed on)
+    invalid: frozenset[bytes]  # known, every parent known, and not kept
     pending: frozenset[bytes]  # waiting for a parent not known yet
-    order: tuple[bytes, ...] = ()  # the valid changes in canonical order (parents first)
+    order: tuple[bytes, ...] = ()  # the kept changes in canonical order (parents first)
+    effective: frozenset[bytes] = frozenset()  # the kept changes that take effect
 
 
 def _members(by_hash: dict[bytes, Change], among: Iterable[bytes], ancestors: dict[bytes, frozenset[bytes]]) -> set[str]:
-    """Members after the valid changes ``among`` (closed under ancestors), per the rules."""
+    """Members after the changes ``among`` (closed under ancestors), per the rules."""
     adds: dict[str, list[bytes]] = {}
     removes: dict[str, list[bytes]] = {}
     for h in among:
@@ -270,6 +285,44 @@ def _members(by_hash: dict[bytes, Change], among: Iterable[bytes], ancestors: di
         if any(all(a not in ancestors[r] for r in gone) for a in added):
             out.add(who)
     return out
+
+
+def _added(by_hash: dict[bytes, Change], among: Iterable[bytes]) -> set[str]:
+    """Everyone a change among ``among`` adds (removals aside)."""
+    out: set[str] = set()
+    for h in among:
+        c = by_hash[h]
+        if c.action == Action.CREATE:
+            out.add(c.author)
+        if c.action in (Action.CREATE, Action.ADD):
+            out.update(c.subjects)
+    return out
+
+
+def _effective(
+    by_hash: dict[bytes, Change], order: list[Change], kept: set[bytes], ancestors: dict[bytes, frozenset[bytes]],
+    strikers: frozenset[bytes],
+) -> set[bytes]:
+    """The kept changes that take effect when the removals ``strikers`` are the effective
+    ones: author a member in the effective past, and no striker of the author crossing."""
+    removals_of: dict[str, list[Change]] = {}
+    for h in strikers:
+        for who in by_hash[h].subjects:
+            removals_of.setdefault(who, []).append(by_hash[h])
+    effective: set[bytes] = set()
+    for c in order:
+        h = c.hash
+        if h not in kept:
+            continue
+        if c.parents:  # (the root, alone without parents, always takes effect)
+            if c.author not in _members(by_hash, ancestors[h] & effective, ancestors):
+                continue
+            if any(h not in ancestors[r.hash] and r.hash not in ancestors[h]
+                   and not (c.action == Action.REMOVE and c.subjects == (r.author,))
+                   for r in removals_of.get(c.author, ())):
+                continue  # removal wins
+        effective.add(h)
+    return effective
 
 
 def fold(group_id: bytes, changes: Iterable[Change]) -> GroupState:
@@ -308,7 +361,7 @@ def fold(group_id: bytes, changes: Iterable[Change]) -> GroupState:
         raise ValueError("no creation of this group among its changes")
     root = roots[0]  # (two would take a SHA-256 collision)
     ancestors: dict[bytes, frozenset[bytes]] = {}
-    valid: set[bytes] = set()
+    kept: set[bytes] = set()
     for c in order:
         h = c.hash
         anc: set[bytes] = set()
@@ -317,25 +370,34 @@ def fold(group_id: bytes, changes: Iterable[Change]) -> GroupState:
             anc.add(p)
         ancestors[h] = frozenset(anc)
         if c is root:
-            valid.add(h)
-        elif c.parents and all(p in valid for p in c.parents):
-            if c.author in _members(by_hash, anc, ancestors):
-                valid.add(h)
-    members = _members(by_hash, valid, ancestors)
+            kept.add(h)
+        elif c.parents and all(p in kept for p in c.parents) and c.author in _added(by_hash, anc):
+            kept.add(h)
+    order = [c for c in order if c.hash in kept]
+    strikers: frozenset[bytes] = frozenset()
+    effective = kept
+    for _ in range(MAX_ROUNDS):
+        effective = _effective(by_hash, order, kept, ancestors, strikers)
+        now = frozenset(h for h in effective if by_hash[h].action == Action.REMOVE)
+        if now == strikers:
+            break
+        strikers = now
+    members = _members(by_hash, effective, ancestors)
     name = root.name
     for c in order:
-        if c.hash in valid and c.action in (Action.CREATE, Action.RENAME):
+        if c.hash in effective and c.action in (Action.CREATE, Action.RENAME):
             name = c.name
-    followed = {p for h in valid for p in by_hash[h].parents}
+    followed = {p for h in kept for p in by_hash[h].parents}
     return GroupState(
         group_id=group_id,
         name=name,
         members=frozenset(members),
-        version=len(valid),
-        heads=tuple(sorted(valid - followed)),
+        version=len(kept),
+        heads=tuple(sorted(kept - followed)),
         creator=root.author,
-        valid=frozenset(valid),
-        invalid=frozenset(placed - valid),
+        valid=frozenset(kept),
+        invalid=frozenset(placed - kept),
         pending=pending,
-        order=tuple(c.hash for c in order if c.hash in valid),
+        order=tuple(c.hash for c in order),
+        effective=frozenset(effective),
     )

@@ -153,11 +153,12 @@ class Groups:
     # ---- others' changes -----------------------------------------------------------------
     def merge(
         self, group_id: bytes, blobs: Iterable[bytes], identity_of: Callable[[str], bytes | None]
-    ) -> tuple[GroupState | None, list[Change]]:
+    ) -> tuple[GroupState | None, list[Change], list[Change]]:
         """Take in changes a letter carried: each must be of this group and signed by its
         author (``identity_of``: the author's identity key, None if unknown). Returns the
         new state (None if the group is still unknown here and this account is not in
-        it) and the changes that became valid."""
+        it), the changes that took effect, and those that had and no longer do (a
+        removal of their author that crossed them came in: removal wins)."""
         is_new = self.store.group_label(group_id) is None
         limbo = self.store.group_limbo(group_id) if is_new else {}
         known = self.store.group_changes(group_id) | limbo
@@ -175,7 +176,7 @@ class Groups:
                 continue
             if verify_change(c, identity):
                 fresh.append(c)
-        before = self._valid(group_id)
+        before = self._effective(group_id)
         everything = [decode_change(b) for b in known.values()] + fresh
         # A group this device does not hold yet, whose changes come in several letters:
         # they wait (bounded: MAX_LIMBO changes, of MAX_LIMBO_GROUPS groups) once one of
@@ -190,15 +191,16 @@ class Groups:
             if names_us and fresh:
                 self.store.add_group_limbo(group_id, [(c.hash, c.to_bytes()) for c in fresh], MAX_LIMBO,
                                            MAX_LIMBO_GROUPS)
-            return None, []  # not (yet) ours to keep
+            return None, [], []  # not (yet) ours to keep
         if state is None:
-            return None, []
+            return None, [], []
         if is_new:
             self.store.add_group(group_id, self._new_label(state.name))
             fresh += [decode_change(b) for b in limbo.values()]  # they are kept as fresh ones are
             self.store.drop_group_limbo(group_id)
-        # Kept: the valid changes, and a bounded number waiting for parents; not the
-        # invalid ones (by non-members, or after the author's removal), which change
+        # Kept: the valid changes (those that take effect and those that a removal of
+        # their author undoes, which others may build on), and a bounded number waiting
+        # for parents; not the invalid ones (by someone never added), which change
         # nothing and would only grow the store and what is passed on.
         room = MAX_PENDING - len(state.pending & (known.keys() - limbo.keys()))
         keep = []
@@ -211,13 +213,15 @@ class Groups:
         self.store.add_group_changes(group_id, [(c.hash, c.to_bytes()) for c in keep])
         state = self.state(group_id)
         by_hash = {c.hash: c for c in everything}
-        became = [by_hash[h] for h in state.valid - before]
-        return state, sorted(became, key=lambda c: (c.sent_at, c.hash))
+        def in_time(hashes: Iterable[bytes]) -> list[Change]:
+            return sorted((by_hash[h] for h in hashes), key=lambda c: (c.sent_at, c.hash))
 
-    def _valid(self, group_id: bytes) -> frozenset[bytes]:
+        return state, in_time(state.effective - before), in_time(before - state.effective)
+
+    def _effective(self, group_id: bytes) -> frozenset[bytes]:
         if self.store.group_label(group_id) is None:
             return frozenset()
         try:
-            return self.state(group_id).valid
+            return self.state(group_id).effective
         except ValueError:
             return frozenset()

@@ -12,6 +12,7 @@ stores the message, and only then acknowledges it so the relay deletes its copy.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import secrets
@@ -1350,7 +1351,7 @@ class Node:
                 return None
             commit()
             if letter.kind == KIND_CHANGES:
-                state, became = self.groups.merge(gid, letter.changes, self._identity_of)
+                state, became, undone = self.groups.merge(gid, letter.changes, self._identity_of)
                 if state is None:
                     log.info("dropped the changes of a group this account is not in")
                     return None
@@ -1366,6 +1367,16 @@ class Node:
                         mid, conversation(gid), c.author, c.author == self.name, describe(c), c.sent_at, now_ms(),
                         "received", 0)))
                     self.store.add_group_event(mid, c.hash)
+                for c in undone:  # it was a line in the history: say that it does not stand
+                    key = hashlib.sha256(b"undone" + c.hash).digest()
+                    if self.store.has_group_event(key):
+                        continue
+                    mid = secrets.token_bytes(16)
+                    stored.append(self.store.add_message(StoredMessage(
+                        mid, conversation(gid), c.author, c.author == self.name,
+                        f"{describe(c)}: does not stand (a removal crossed it)", c.sent_at, now_ms(),
+                        "received", 0)))
+                    self.store.add_group_event(mid, key)
             else:
                 label = self.store.group_label(gid)
                 if label is None or sender not in self.groups.state(gid).members:

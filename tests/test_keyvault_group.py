@@ -104,7 +104,7 @@ def test_create_add_remove_leave_rename(keys: dict[str, AccountKeys]) -> None:
     # bob, removed, knows of his removal: what he does next changes nothing.
     late = g.change("bob", Action.ADD, [rm], ("erin",))
     s = g.state()
-    assert "erin" not in s.members and late.hash in s.invalid and s.heads == (ren.hash,)
+    assert "erin" not in s.members and late.hash in s.valid - s.effective
     # Back in when added again.
     g.change("alice", Action.ADD, [ren], ("bob",))
     assert g.state().members == {"alice", "bob", "carol"}
@@ -132,13 +132,86 @@ def test_two_members_who_add_at_once_both_add(keys: dict[str, AccountKeys]) -> N
 
 
 def test_a_removal_crossing_the_removed_members_addition(keys: dict[str, AccountKeys]) -> None:
-    """alice removes bob while bob, not yet aware, adds carol: bob's change crossed his
-    removal, so carol is in and bob is out, for everyone."""
+    """alice removes bob while bob, not yet aware, adds carol: removal wins, so bob's
+    change is kept (and passed on) but changes nothing; carol is not in, for anyone."""
     g = G(keys)
     rm = g.change("alice", Action.REMOVE, [g.root], ("bob",))
     add = g.change("bob", Action.ADD, [g.root], ("carol",))
     s = g.state()
-    assert s.members == {"alice", "carol"} and {rm.hash, add.hash} <= s.valid
+    assert s.members == {"alice"} and {rm.hash, add.hash} <= s.valid
+    assert rm.hash in s.effective and add.hash not in s.effective
+
+
+def test_a_removed_member_backdating_changes_nothing(keys: dict[str, AccountKeys]) -> None:
+    """bob, removed, signs changes whose parents are from before his removal: adding
+    himself again, removing carol, renaming, adding dave. None takes effect, however long
+    after the removal they come and whatever their hashes."""
+    g = G(keys, members=("bob", "carol"))
+    before = g.change("carol", Action.RENAME, [g.root], name="ours")
+    rm = g.change("alice", Action.REMOVE, [before], ("bob",))
+    later = g.change("carol", Action.ADD, [rm], ("erin",))
+    want = g.state()
+    assert want.members == {"alice", "carol", "erin"} and want.name == "ours"
+    forged = [
+        g.change("bob", Action.ADD, [before], ("bob",)),
+        g.change("bob", Action.REMOVE, [before], ("carol",)),
+        g.change("bob", Action.RENAME, [g.root], name="bob's now"),
+        g.change("bob", Action.ADD, [before], ("dave",)),
+        g.change("bob", Action.REMOVE, [before], ("alice", "carol")),  # not the remover alone
+    ]
+    s = g.state()
+    assert s.members == want.members and s.name == "ours"
+    assert {c.hash for c in forged} <= s.valid - s.effective  # kept (they look like crossings) but void
+    # Whoever builds on them next is judged on their own.
+    after = g.change("carol", Action.RENAME, [later, *forged], name="still ours")
+    s = g.state()
+    assert after.hash in s.effective and s.name == "still ours" and s.members == want.members
+
+
+def test_a_removed_member_can_take_out_only_the_remover_who_comes_back(keys: dict[str, AccountKeys]) -> None:
+    """The one thing a removal that crosses a removal does: bob's removal of exactly alice,
+    who removed him, stands (two members who remove each other at once are both out). An
+    addition of alice after it brings her back for good: bob can only name parents from
+    before his removal, and no removal of alice can see that addition."""
+    g = G(keys, members=("bob", "carol"))
+    rm = g.change("alice", Action.REMOVE, [g.root], ("bob",))
+    back = g.change("bob", Action.REMOVE, [g.root], ("alice",))
+    assert g.state().members == {"carol"}
+    readd = g.change("carol", Action.ADD, [rm, back], ("alice",))
+    g.change("bob", Action.REMOVE, [g.root], ("alice",))  # again, backdated
+    s = g.state()
+    assert s.members == {"alice", "carol"} and readd.hash in s.effective
+
+
+def test_a_counter_removal_is_undone_by_a_second_remover(keys: dict[str, AccountKeys]) -> None:
+    g = G(keys, members=("bob", "carol"))
+    g.change("alice", Action.REMOVE, [g.root], ("bob",))
+    g.change("carol", Action.REMOVE, [g.root], ("bob",))
+    back = g.change("bob", Action.REMOVE, [g.root], ("alice",))
+    s = g.state()
+    assert s.members == {"alice", "carol"} and back.hash not in s.effective
+
+
+def test_a_member_added_again_after_a_removal_acts_again(keys: dict[str, AccountKeys]) -> None:
+    g = G(keys, members=("bob", "carol"))
+    rm = g.change("alice", Action.REMOVE, [g.root], ("bob",))
+    readd = g.change("alice", Action.ADD, [rm], ("bob",))
+    add = g.change("bob", Action.ADD, [readd], ("dave",))
+    stale = g.change("bob", Action.ADD, [g.root], ("erin",))  # from before the removal: void
+    s = g.state()
+    assert s.members == {"alice", "bob", "carol", "dave"}
+    assert add.hash in s.effective and stale.hash not in s.effective
+
+
+def test_a_change_built_on_a_void_one_takes_effect(keys: dict[str, AccountKeys]) -> None:
+    """carol saw bob's addition of dave, not bob's removal, and renamed: her rename
+    stands though bob's addition does not."""
+    g = G(keys, members=("bob", "carol"))
+    g.change("alice", Action.REMOVE, [g.root], ("bob",))
+    add = g.change("bob", Action.ADD, [g.root], ("dave",))
+    ren = g.change("carol", Action.RENAME, [add], name="carol's")
+    s = g.state()
+    assert s.members == {"alice", "carol"} and s.name == "carol's" and ren.hash in s.effective
 
 
 def test_an_addition_crossing_a_removal_of_the_same_person_keeps_them(keys: dict[str, AccountKeys]) -> None:
@@ -204,7 +277,9 @@ def test_small_histories_in_every_order(keys: dict[str, AccountKeys]) -> None:
     want = g.state()
     for perm in itertools.permutations([g.root, a, b, c]):
         assert g.state(list(perm)) == want
-    assert want.members == {"bob", "carol"} and want.name == "carol's"
+    # bob's removal of alice crossed her addition of carol: it does not stand, nor
+    # carol's rename (carol was never a member).
+    assert want.members == {"bob"} and want.name == "friends" and want.effective == {g.root.hash, b.hash}
 
 
 def test_names_are_canonical_usernames(keys: dict[str, AccountKeys]) -> None:

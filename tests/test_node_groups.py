@@ -127,3 +127,32 @@ async def test_a_long_history_reaches_a_new_member_in_several_letters(accounts: 
         want = alice.groups.state(alice.groups.find("long"))
         got = bob.groups.state(bob.groups.find("name-number-0399-of-the-group"))
         assert got.valid == want.valid and got.members == {"alice", "bob"} and got.version == 402
+
+
+async def test_a_removal_wins_over_what_the_removed_member_did_at_the_same_time(
+    accounts: Accounts, relay: RelayRunner
+) -> None:
+    """bob adds dave while alice, not having heard of it, removes bob: everyone ends with
+    bob and dave out, and carol, who saw dave come in first, is told it does not stand."""
+    with trio.fail_after(DEADLINE):
+        alice, bob, carol, dave = [await accounts.register(n) for n in ("alice", "bob", "carol", "dave")]
+        alice.group_create("club", ["bob", "carol"])
+        await sync(alice, bob, carol)
+        bob.group_change("club", Action.ADD, ["dave"])
+        await sync(bob, carol, dave)  # alice is away
+        assert carol.groups.state(carol.groups.find("club")).members == {"alice", "bob", "carol", "dave"}
+        alice.group_change("club", Action.REMOVE, ["bob"])  # before hearing of dave
+        await sync(alice, carol, bob)
+        await sync(alice, carol, bob)
+        states = {n.name: n.groups.state(n.groups.find("club")) for n in (alice, bob, carol)}
+        assert all(s.members == {"alice", "carol"} for s in states.values()), states
+        assert len({(s.valid, s.effective) for s in states.values()}) == 1
+        assert ("bob", "added dave: does not stand (a removal crossed it)") in lines(carol, "club")
+        assert ("bob", "added dave") in lines(carol, "club")  # what she had been told, kept
+        # dave's texts are not taken: he is not a member for anyone who heard of the removal.
+        warnings: list[str] = []
+        carol.events.append(warnings.append)
+        await dave.send_or_queue("#club", "am I in?")
+        await sync(dave, carol)
+        assert ("dave", "am I in?") not in lines(carol, "club")
+        assert any("dave, who is not a member" in w for w in warnings), warnings
