@@ -1,6 +1,6 @@
 """`veil group`: conversations among several people (node/groups.py).
 
-A change (create, add, remove, leave) is made on this device at once and goes to the
+A change (create, add, remove, rename, leave) is made on this device at once and goes to the
 members the next time it is online: now, if the relay can be reached.
 """
 
@@ -58,6 +58,10 @@ async def cmd_group(args: argparse.Namespace) -> None:
             node.group_change(args.group, Action.ADD if action == "add" else Action.REMOVE, names)
             done = "added to" if action == "add" else "removed from"
             print(f"{', '.join(names)} {done} {inert(args.group)}; {await _deliver(node)}")
+        elif action == "rename":
+            name = " ".join(args.new_name).strip()
+            node.group_change(args.group, Action.RENAME, name=name)
+            print(f"{inert(args.group)} renamed {inert(name)!r}; {await _deliver(node)}")
         elif action == "leave":
             node.group_change(args.group, Action.REMOVE, [node.name])
             print(f"you left {inert(args.group)}; {await _deliver(node)}")
@@ -70,7 +74,8 @@ async def cmd_group(args: argparse.Namespace) -> None:
                 else:
                     state = "" if shown["member"] else " (you are no longer a member)"
                     count = len(shown["members"])  # type: ignore[arg-type]
-                    print(f"{inert(label)}  {count} members, {unread} unread{state}")
+                    named = "" if shown["name"] == label else f"  {inert(str(shown['name']), keep_newlines=False)!r}"
+                    print(f"{inert(label)}{named}  {count} members, {unread} unread{state}")
         elif action == "show":
             shown = _show(node, args.group)
             if args.json:
@@ -83,6 +88,6 @@ async def cmd_group(args: argparse.Namespace) -> None:
             if not shown["member"]:
                 print("you are no longer a member")
         else:
-            raise CliError("use `veil group create|add|remove|leave|list|show`")
+            raise CliError("use `veil group create|add|remove|rename|leave|list|show`")
     finally:
         node.close()

@@ -140,6 +140,12 @@ class Groups:
             subjects = tuple(s for s in subjects if s not in state.members)
             if not subjects:
                 raise VeilError("they are members already")
+        if action == Action.RENAME:
+            name = name.strip()
+            if not name:
+                raise VeilError("a group needs a name")
+            if name == state.name:
+                raise VeilError(f"it is named {name!r} already")
         if action == Action.REMOVE and not set(subjects) <= state.members:
             raise VeilError(f"not a member of {self.label(group_id)!r}: {', '.join(set(subjects) - state.members)}")
         try:

@@ -80,6 +80,15 @@ def test_groups_through_the_command(relay_proc: RelayProcess, tmp_path: Path) ->
     assert len({st["version"] for st in states}) == 1
     assert_one_line_error(alice.veil("group", "add", "Book-Club", "carol", check=False), "members already")
 
+    # erin renames it: every member sees the new name; the label on each device stays.
+    out = erin.veil("group", "rename", "Book-Club", "Reading", "Circle").stdout
+    assert "Book-Club renamed 'Reading Circle'; sent to the members" in out
+    assert texts(recv(alice), "Book-Club")[-1] == ("erin", "renamed the group 'Reading Circle'")
+    assert json.loads(alice.veil("group", "show", "Book-Club", "--json").stdout)["name"] == "Reading Circle"
+    assert "Book-Club  'Reading Circle'  4 members" in alice.veil("group", "list").stdout
+    assert_one_line_error(alice.veil("group", "rename", "Book-Club", "Reading Circle", check=False),
+                          "named 'Reading Circle' already")
+
     # The relay holds nothing of the group: no id, no name, in its database or its output.
     gid = bytes.fromhex(shown["id"])
     relay_proc.proc.send_signal(signal.SIGTERM)
@@ -87,7 +96,7 @@ def test_groups_through_the_command(relay_proc: RelayProcess, tmp_path: Path) ->
     assert relay_proc.proc.stdout is not None and relay_proc.proc.stderr is not None
     output = relay_proc.proc.stdout.read() + relay_proc.proc.stderr.read()
     stop_relay(relay_proc)
-    assert "Book" not in output and gid.hex() not in output
+    assert "Book" not in output and "Reading" not in output and gid.hex() not in output
     keys = RelayKeys.from_root(load_root_key(relay_proc.data_dir))
     db = open_encrypted(relay_proc.data_dir / DB_FILE, keys.db_key)
     try:
@@ -97,6 +106,6 @@ def test_groups_through_the_command(relay_proc: RelayProcess, tmp_path: Path) ->
             for row in db.conn.execute(f"SELECT * FROM {t}"):
                 for v in row:
                     raw = bytes(v) if isinstance(v, bytes | memoryview) else str(v).encode()
-                    assert b"Book" not in raw and gid not in raw, t
+                    assert b"Book" not in raw and b"Reading" not in raw and gid not in raw, t
     finally:
         db.conn.close()

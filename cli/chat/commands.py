@@ -35,7 +35,7 @@ HELP = [
     ("@NAME text", "send one line to NAME and make them the current peer"),
     ("/history [NAME] [N]", f"the last N messages of the conversation (default {DEFAULT_HISTORY})"),
     ("/inbox", "conversations and groups, with unread counts"),
-    ("/group create NAME A,B", "a group with A and B (and you); /group add|remove GROUP NAME..., /group leave GROUP"),
+    ("/group create NAME A,B", "a group with A and B (and you); /group add|remove GROUP NAME..., /group rename GROUP NAME, /group leave GROUP"),
     ("/group list|show [GROUP]", "your groups; a group's members, verified or not"),
     ("/contacts", "contacts: verified or not, devices, key changes"),
     ("/verify [NAME] [yes]", "show the safety number; 'yes' marks NAME verified"),
@@ -263,12 +263,16 @@ async def cmd_group(chat: Chat, rest: str) -> None:
         names = [n for w in words[2:] for n in w.split(",") if n]
         node.group_change(words[1], Action.ADD if verb == "add" else Action.REMOVE, names)
         chat.note(f"{', '.join(names)} {'added to' if verb == 'add' else 'removed from'} {inert(words[1])}")
+    elif verb == "rename" and len(words) >= 3:
+        name = rest.split(None, 2)[2].strip()
+        node.group_change(words[1], Action.RENAME, name=name)
+        chat.note(f"{inert(words[1])} renamed {inert(name)!r}")
     elif verb == "leave" and len(words) == 2:
         node.group_change(words[1], Action.REMOVE, [node.name])
         chat.note(f"you left {inert(words[1])}")
     else:
-        raise VeilError("write /group create NAME A,B | add GROUP NAME... | remove GROUP NAME... | leave GROUP"
-                        " | list | show [GROUP]")
+        raise VeilError("write /group create NAME A,B | add GROUP NAME... | remove GROUP NAME... | rename GROUP NAME"
+                        " | leave GROUP | list | show [GROUP]")
     if chat.session is not None:
         chat.session.retry_held()  # seal and send it now if online
 
