@@ -967,13 +967,14 @@ class Node:
         problems: list[tuple[bytes, VeilError]] = []
         own: list[bytes] | None = None
         contacts: dict[str, Contact] = {}  # looked up once per peer per call
-        for gid in self.store.group_resyncs():
+        for gid, also in self.store.group_resyncs():
             # The group's changes to every member, in a message of its own (no text, no
-            # line in the history): they cross one of ours (see _accept_group).
+            # line in the history): they cross one of ours, or undo an addition (see
+            # _accept_group; those it undoes hear of it too).
             now = now_ms()
             sync = StoredMessage(secrets.token_bytes(16), conversation(gid), self.name, True, "", now, now, "pending", 0)
             with self.store.transaction():
-                self.store.add_group_notice(sync.msg_id, ())
+                self.store.add_group_notice(sync.msg_id, also)
             try:
                 if own is None:
                     own = await self.own_devices(link)
@@ -1367,6 +1368,10 @@ class Node:
                         mid, conversation(gid), c.author, c.author == self.name, describe(c), c.sent_at, now_ms(),
                         "received", 0)))
                     self.store.add_group_event(mid, c.hash)
+                out = sorted({who for c in undone if c.action == Action.ADD for who in c.subjects}
+                             - state.members - {self.name})
+                if out and self.name in state.members:
+                    self.store.add_group_resync(gid, out)  # they were told they are in: tell them not
                 for c in undone:  # it was a line in the history: say that it does not stand
                     key = hashlib.sha256(b"undone" + c.hash).digest()
                     if self.store.has_group_event(key):

@@ -165,6 +165,13 @@ def _m0005(db: Database) -> None:
     )
 
 
+@migrations(name="0006_group_resync_also")
+def _m0006(db: Database) -> None:
+    # Those who hear of a group's changes besides its members: someone whose addition no
+    # longer stands (it crossed a removal of whoever added them) learns they are not in.
+    db.execute("ALTER TABLE group_resync ADD COLUMN also TEXT NOT NULL DEFAULT ''")
+
+
 @dataclass(frozen=True)
 class SessionRow:
     sid: int
@@ -616,11 +623,17 @@ class NodeStore:
     def drop_group_limbo(self, group_id: bytes) -> None:
         self.conn.execute("DELETE FROM group_limbo WHERE group_id = ?", (group_id,))
 
-    def add_group_resync(self, group_id: bytes) -> None:
-        self.conn.execute("INSERT OR IGNORE INTO group_resync (group_id) VALUES (?)", (group_id,))
+    def add_group_resync(self, group_id: bytes, also: Sequence[str] = ()) -> None:
+        """Pass the group's changes on to every member (and to ``also``) when next online."""
+        row = self.conn.execute("SELECT also FROM group_resync WHERE group_id = ?", (group_id,)).fetchone()
+        names = sorted({n for n in str(row[0]).split(",") if n} | set(also)) if row else sorted(set(also))
+        self.conn.execute(
+            "INSERT INTO group_resync (group_id, also) VALUES (?,?)"
+            " ON CONFLICT (group_id) DO UPDATE SET also = excluded.also", (group_id, ",".join(names)))
 
-    def group_resyncs(self) -> list[bytes]:
-        return [bytes(r[0]) for r in self.conn.execute("SELECT group_id FROM group_resync")]
+    def group_resyncs(self) -> list[tuple[bytes, list[str]]]:
+        return [(bytes(r[0]), [n for n in str(r[1]).split(",") if n])
+                for r in self.conn.execute("SELECT group_id, also FROM group_resync")]
 
     def drop_group_resync(self, group_id: bytes) -> None:
         self.conn.execute("DELETE FROM group_resync WHERE group_id = ?", (group_id,))

@@ -133,7 +133,8 @@ async def test_a_removal_wins_over_what_the_removed_member_did_at_the_same_time(
     accounts: Accounts, relay: RelayRunner
 ) -> None:
     """bob adds dave while alice, not having heard of it, removes bob: everyone ends with
-    bob and dave out, and carol, who saw dave come in first, is told it does not stand."""
+    bob and dave out; carol, who saw dave come in first, is told it does not stand, and
+    tells dave."""
     with trio.fail_after(DEADLINE):
         alice, bob, carol, dave = [await accounts.register(n) for n in ("alice", "bob", "carol", "dave")]
         alice.group_create("club", ["bob", "carol"])
@@ -149,9 +150,17 @@ async def test_a_removal_wins_over_what_the_removed_member_did_at_the_same_time(
         assert len({(s.valid, s.effective) for s in states.values()}) == 1
         assert ("bob", "added dave: does not stand (a removal crossed it)") in lines(carol, "club")
         assert ("bob", "added dave") in lines(carol, "club")  # what she had been told, kept
-        # dave's texts are not taken: he is not a member for anyone who heard of the removal.
+        # carol, who had told dave he was in, tells him he is not: he hears of the removal.
+        await sync(carol, dave)
+        dave_state = dave.groups.state(dave.groups.find("club"))
+        assert dave_state.members == {"alice", "carol"} and dave_state.effective == states["carol"].effective
+        assert ("bob", "added dave: does not stand (a removal crossed it)") in lines(dave, "club")
+        with pytest.raises(VeilError, match="no longer a member"):
+            dave.compose_group("club", "am I in?")
+        # Were he to write anyway, his texts are not taken.
         warnings: list[str] = []
         carol.events.append(warnings.append)
+        dave.groups.state = lambda g: replace(dave_state, members=frozenset({"alice", "carol", "dave"}))  # type: ignore[method-assign]
         await dave.send_or_queue("#club", "am I in?")
         await sync(dave, carol)
         assert ("dave", "am I in?") not in lines(carol, "club")
