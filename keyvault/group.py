@@ -287,16 +287,21 @@ def _members(by_hash: dict[bytes, Change], among: Iterable[bytes], ancestors: di
     return out
 
 
-def _added(by_hash: dict[bytes, Change], among: Iterable[bytes]) -> set[str]:
-    """Everyone a change among ``among`` adds (removals aside)."""
-    out: set[str] = set()
+def _index(by_hash: dict[bytes, Change], among: Iterable[bytes]) -> tuple[dict[str, list[bytes]], dict[str, list[bytes]]]:
+    """The changes among ``among`` that add, and that remove, each name."""
+    adds: dict[str, list[bytes]] = {}
+    removes: dict[str, list[bytes]] = {}
     for h in among:
         c = by_hash[h]
         if c.action == Action.CREATE:
-            out.add(c.author)
+            adds.setdefault(c.author, []).append(h)
         if c.action in (Action.CREATE, Action.ADD):
-            out.update(c.subjects)
-    return out
+            for who in c.subjects:
+                adds.setdefault(who, []).append(h)
+        elif c.action == Action.REMOVE:
+            for who in c.subjects:
+                removes.setdefault(who, []).append(h)
+    return adds, removes
 
 
 def _effective(
@@ -309,13 +314,18 @@ def _effective(
     for h in strikers:
         for who in by_hash[h].subjects:
             removals_of.setdefault(who, []).append(by_hash[h])
+    adds, removes = _index(by_hash, kept)
     effective: set[bytes] = set()
     for c in order:
         h = c.hash
         if h not in kept:
             continue
         if c.parents:  # (the root, alone without parents, always takes effect)
-            if c.author not in _members(by_hash, ancestors[h] & effective, ancestors):
+            anc = ancestors[h]
+            # The author is a member of the effective past (rule of _members, for one name).
+            gone = [r for r in removes.get(c.author, ()) if r in anc and r in effective]
+            if not any(a in anc and a in effective and all(a not in ancestors[r] for r in gone)
+                       for a in adds.get(c.author, ())):
                 continue
             if any(h not in ancestors[r.hash] and r.hash not in ancestors[h]
                    and not (c.action == Action.REMOVE and c.subjects == (r.author,))
@@ -362,6 +372,7 @@ def fold(group_id: bytes, changes: Iterable[Change]) -> GroupState:
     root = roots[0]  # (two would take a SHA-256 collision)
     ancestors: dict[bytes, frozenset[bytes]] = {}
     kept: set[bytes] = set()
+    adders, _ = _index(by_hash, placed)
     for c in order:
         h = c.hash
         anc: set[bytes] = set()
@@ -371,7 +382,7 @@ def fold(group_id: bytes, changes: Iterable[Change]) -> GroupState:
         ancestors[h] = frozenset(anc)
         if c is root:
             kept.add(h)
-        elif c.parents and all(p in kept for p in c.parents) and c.author in _added(by_hash, anc):
+        elif c.parents and all(p in kept for p in c.parents) and any(a in anc for a in adders.get(c.author, ())):
             kept.add(h)
     order = [c for c in order if c.hash in kept]
     strikers: frozenset[bytes] = frozenset()
