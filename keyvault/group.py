@@ -266,19 +266,7 @@ class GroupState:
 
 def _members(by_hash: dict[bytes, Change], among: Iterable[bytes], ancestors: dict[bytes, frozenset[bytes]]) -> set[str]:
     """Members after the changes ``among`` (closed under ancestors), per the rules."""
-    adds: dict[str, list[bytes]] = {}
-    removes: dict[str, list[bytes]] = {}
-    for h in among:
-        c = by_hash[h]
-        if c.action == Action.CREATE:
-            for who in (c.author, *c.subjects):
-                adds.setdefault(who, []).append(h)
-        elif c.action == Action.ADD:
-            for who in c.subjects:
-                adds.setdefault(who, []).append(h)
-        elif c.action == Action.REMOVE:
-            for who in c.subjects:
-                removes.setdefault(who, []).append(h)
+    adds, removes = _index(by_hash, among)
     out = set()
     for who, added in adds.items():
         gone = removes.get(who, [])
@@ -305,21 +293,20 @@ def _index(by_hash: dict[bytes, Change], among: Iterable[bytes]) -> tuple[dict[s
 
 
 def _effective(
-    by_hash: dict[bytes, Change], order: list[Change], kept: set[bytes], ancestors: dict[bytes, frozenset[bytes]],
-    strikers: frozenset[bytes],
+    by_hash: dict[bytes, Change], order: list[Change], ancestors: dict[bytes, frozenset[bytes]],
+    index: tuple[dict[str, list[bytes]], dict[str, list[bytes]]], strikers: frozenset[bytes],
 ) -> set[bytes]:
-    """The kept changes that take effect when the removals ``strikers`` are the effective
-    ones: author a member in the effective past, and no striker of the author crossing."""
+    """The changes of ``order`` (the kept ones) that take effect when the removals
+    ``strikers`` are the effective ones: author a member in the effective past, and no
+    striker of the author crossing. (``index``: `_index` of the changes.)"""
     removals_of: dict[str, list[Change]] = {}
     for h in strikers:
         for who in by_hash[h].subjects:
             removals_of.setdefault(who, []).append(by_hash[h])
-    adds, removes = _index(by_hash, kept)
+    adds, removes = index
     effective: set[bytes] = set()
     for c in order:
         h = c.hash
-        if h not in kept:
-            continue
         if c.parents:  # (the root, alone without parents, always takes effect)
             anc = ancestors[h]
             # The author is a member of the effective past (rule of _members, for one name).
@@ -372,7 +359,8 @@ def fold(group_id: bytes, changes: Iterable[Change]) -> GroupState:
     root = roots[0]  # (two would take a SHA-256 collision)
     ancestors: dict[bytes, frozenset[bytes]] = {}
     kept: set[bytes] = set()
-    adders, _ = _index(by_hash, placed)
+    index = _index(by_hash, placed)
+    adders = index[0]
     for c in order:
         h = c.hash
         anc: set[bytes] = set()
@@ -388,7 +376,7 @@ def fold(group_id: bytes, changes: Iterable[Change]) -> GroupState:
     strikers: frozenset[bytes] = frozenset()
     effective = kept
     for _ in range(MAX_ROUNDS):
-        effective = _effective(by_hash, order, kept, ancestors, strikers)
+        effective = _effective(by_hash, order, ancestors, index, strikers)
         now = frozenset(h for h in effective if by_hash[h].action == Action.REMOVE)
         if now == strikers:
             break

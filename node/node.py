@@ -1360,28 +1360,26 @@ class Node:
                     held = self.store.group_changes(gid)
                     if any(decode_change(held[h]).author == self.name for h in state.heads if h in held):
                         self.store.add_group_resync(gid)  # ours crossed theirs: pass both on
-                for c in became:
-                    if self.store.has_group_event(c.hash):
-                        continue  # our own change, or one heard of already
+                def line(c: Change, key: bytes, body: str) -> None:
+                    # A line in the group's history, once per key (our own change, or
+                    # one heard of already, has its line).
+                    if self.store.has_group_event(key):
+                        return
                     mid = secrets.token_bytes(16)
                     stored.append(self.store.add_message(StoredMessage(
-                        mid, conversation(gid), c.author, c.author == self.name, describe(c), c.sent_at, now_ms(),
+                        mid, conversation(gid), c.author, c.author == self.name, body, c.sent_at, now_ms(),
                         "received", 0)))
-                    self.store.add_group_event(mid, c.hash)
+                    self.store.add_group_event(mid, key)
+
+                for c in became:
+                    line(c, c.hash, describe(c))
                 out = sorted({who for c in undone if c.action == Action.ADD for who in c.subjects}
                              - state.members - {self.name})
                 if out and self.name in state.members:
                     self.store.add_group_resync(gid, out)  # they were told they are in: tell them not
                 for c in undone:  # it was a line in the history: say that it does not stand
-                    key = hashlib.sha256(b"undone" + c.hash).digest()
-                    if self.store.has_group_event(key):
-                        continue
-                    mid = secrets.token_bytes(16)
-                    stored.append(self.store.add_message(StoredMessage(
-                        mid, conversation(gid), c.author, c.author == self.name,
-                        f"{describe(c)}: does not stand (a removal crossed it)", c.sent_at, now_ms(),
-                        "received", 0)))
-                    self.store.add_group_event(mid, key)
+                    line(c, hashlib.sha256(b"undone" + c.hash).digest(),
+                         f"{describe(c)}: does not stand (a removal crossed it)")
             else:
                 label = self.store.group_label(gid)
                 if label is None or sender not in self.groups.state(gid).members:
