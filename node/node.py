@@ -579,7 +579,7 @@ class Node:
         key), the outbox already flushed."""
         async with open_link(self.config.relay, self.socks, insecure=self.insecure, tor_control=self.tor_control) as link:
             await self.authenticate(link)
-            await self.maintain_prekeys(link)
+            await self.refresh_prekeys(link)
             for msg_id, exc in await self.seal_pending(link):
                 self._warn(self.not_sent(msg_id, exc))
             try:
@@ -657,6 +657,16 @@ class Node:
             with self.store.transaction():
                 fresh = self.sessions.new_prekeys(due, now=now)
             await link.request(wire.UploadPrekeys, prekeys=fresh)
+
+    async def refresh_prekeys(self, link: RelayLink) -> None:
+        """maintain_prekeys on a connection that is for something else: a relay that
+        refuses the prekeys (full, or one that does not know a field) is a warning, and
+        the connection goes on (first messages to this device use what the relay holds,
+        or its last-resort keys, until a later connection publishes them)."""
+        try:
+            await self.maintain_prekeys(link)
+        except RelayRefused as exc:
+            self._warn(f"the relay did not take this device's new prekeys ({exc}); they are offered again later")
 
     async def _first_publish(self, link: RelayLink) -> None:
         """Right after a device got its first session, on that link: its post-quantum

@@ -152,7 +152,7 @@ class LiveSession:
         # Connecting refills and rotates; a device that stays online checks again daily.
         while True:
             await trio.sleep(PREKEY_CHECK_EVERY)
-            await self.node.maintain_prekeys(link)
+            await self.node.refresh_prekeys(link)
 
     async def _flush_on_poke(self, link: RelayLink) -> None:
         while True:

@@ -3,9 +3,15 @@ devices from before publishing their keys at the next connection, and no downgra
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
+import msgspec
 import pytest
 import trio
 
+import relay.service
+import wire
 from keyvault.envelope import HYBRID_VERSION, VERSION
 from keyvault.kem import KemUse
 from keyvault.ratchet import RatchetState
@@ -16,8 +22,46 @@ from tests.test_forward_secrecy import captured as held
 from tests.test_forward_secrecy import receive, send
 
 DEADLINE = 30
+# What a PrekeySet was before post-quantum keys (section 19): a relay from then refuses any
+# other key in it, as its decoder forbade unknown fields.
+OLD_PREKEY_FIELDS = {"signed", "one_time"}
 
 
+@pytest.fixture
+def old_relay(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The relay as one from before post-quantum keys: its prekey status has no KEM counts,
+    and a PrekeySet with a key it does not know is refused as its decoder did. Returns the
+    PrekeySets it was sent."""
+    seen: list[dict[str, Any]] = []
+    decode = wire.decode_request
+
+    def old_decode(data: bytes) -> wire.Request:
+        try:
+            raw = msgspec.msgpack.decode(data)
+        except Exception:
+            raw = None
+        prekeys = raw.get("prekeys") if isinstance(raw, dict) else None
+        if isinstance(prekeys, dict):
+            seen.append(prekeys)
+            unknown = sorted(set(prekeys) - OLD_PREKEY_FIELDS)
+            if unknown:
+                raise wire.FrameError(wire.ErrorCode.BAD_FRAME, f"Object contains unknown field `{unknown[0]}`",
+                                      wire.request_id(data))
+        return decode(data)
+
+    def old_status(rid: int, counts: Any) -> wire.PrekeyStatusOk:
+        return wire.PrekeyStatusOk(id=rid, signed_id=counts.signed_id, one_time_left=counts.one_time_left)
+
+    monkeypatch.setattr(wire, "decode_request", old_decode)
+    monkeypatch.setattr(relay.service, "_status_ok", old_status)
+    return seen
+
+
+async def relay_rows(relay: RelayRunner, sql: str, *args: object) -> list[tuple[Any, ...]]:
+    state = relay.state
+    assert state is not None
+    store = state.store
+    return await state.mailroom.call(lambda: [tuple(r) for r in store.x(sql, args)])
 
 
 async def relay_sql(relay: RelayRunner, sql: str, *args: object) -> None:
@@ -155,3 +199,57 @@ async def test_an_unanswered_classical_session_with_a_device_now_pq_is_replaced(
         assert await receive(bob) == ["now post-quantum"]
         assert session_is_pq(bob, "alice", alice.device_id)
 
+
+
+async def test_a_relay_from_before_gets_only_frames_it_knows(
+    accounts: Accounts, relay: RelayRunner, old_relay: list[dict[str, Any]]
+) -> None:
+    """Against a relay from before post-quantum keys, devices register, talk (classical
+    sessions, version 2 envelopes), refill their one-time prekeys and rotate the signed
+    one: every PrekeySet they send has only the keys that relay knew."""
+    with trio.fail_after(DEADLINE):
+        alice = await accounts.register("alice")
+        bob = await accounts.register("bob")
+        await send(alice, "bob", "classic")
+        (blob,) = await held(relay, bob)
+        assert blob[0] == VERSION
+        assert await receive(bob) == ["classic"]
+        assert not session_is_pq(bob, "alice", alice.device_id)
+        await send(bob, "alice", "answered")
+        assert await receive(alice) == ["answered"]
+        async with bob.connected() as link:
+            before = await link.request(wire.PrekeyStatus)
+            await relay_sql(relay, "DELETE FROM one_time_prekeys WHERE device_id = ?", bob.device_id)
+            await bob.maintain_prekeys(link, now=int(time.time()) + 8 * 86400)
+            after = await link.request(wire.PrekeyStatus)
+        assert after.signed_id != before.signed_id and after.one_time_left > 0
+        assert any("signed" in p for p in old_relay) and any(p.get("one_time") for p in old_relay)
+        assert all(set(p) <= OLD_PREKEY_FIELDS for p in old_relay), old_relay
+        assert await relay_rows(relay, "SELECT count(*) FROM kem_prekeys") == [(0,)]
+        await send(bob, "alice", "after the rotation")
+        assert await receive(alice) == ["after the rotation"]
+
+
+async def test_a_refused_prekey_upload_does_not_keep_a_device_offline(
+    accounts: Accounts, relay: RelayRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay that refuses a device's new prekeys (here: every upload) costs a warning;
+    the device still connects, sends and receives."""
+    with trio.fail_after(DEADLINE):
+        alice = await accounts.register("alice")
+        bob = await accounts.register("bob")
+        decode = wire.decode_request
+
+        def refuse_uploads(data: bytes) -> wire.Request:
+            req = decode(data)
+            if isinstance(req, wire.UploadPrekeys):
+                raise wire.FrameError(wire.ErrorCode.PREKEY_LIMIT, "too many prekeys", req.id)
+            return req
+
+        monkeypatch.setattr(wire, "decode_request", refuse_uploads)
+        await relay_sql(relay, "DELETE FROM one_time_prekeys WHERE device_id = ?", bob.device_id)
+        warnings: list[str] = []
+        bob.events.append(warnings.append)
+        await send(alice, "bob", "still here")
+        assert await receive(bob) == ["still here"]
+        assert any("did not take this device's new prekeys" in w for w in warnings), warnings

@@ -118,10 +118,12 @@ class KemKeyPub(Struct, forbid_unknown_fields=True, frozen=True):
     sig: Sig
 
 
-class PrekeySet(Struct, forbid_unknown_fields=True, frozen=True):
+class PrekeySet(Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
     """Prekeys a device publishes: a signed prekey and a stock of one-time prekeys; and,
     post-quantum, a stock of one-time KEM prekeys, the last-resort KEM prekey (replaces
-    the one held) and the device's envelope key (replaces the one held)."""
+    the one held) and the device's envelope key (replaces the one held). Fields left at
+    their defaults are not encoded: a relay from before the KEM keys refuses a map with
+    keys it does not know, so a set without KEM keys must look as it did then."""
 
     signed: SignedPrekeyPub | None = None
     one_time: Annotated[list[OneTimePrekeyPub], Meta(max_length=MAX_ONE_TIME_PREKEYS)] = []
