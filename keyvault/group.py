@@ -39,14 +39,16 @@ A create has no parents; every other change has at least one. The state:
   member in the state of its effective ancestors, or an effective removal of its author
   crossed it (neither is an ancestor of the other). So whatever a removed member signs
   with parents from before the removal (made while unaware of it, or backdated on
-  purpose after it) changes nothing. One exception, so that two removals that cross
-  have one outcome: a removal of exactly the remover (subjects = the remover alone) is
-  not undone by the removal it crossed; both take effect, and both people are out.
-  Whether a removal is effective depends on the removals that cross it, so the effective
-  set is computed to a fixed point, from "every kept change" on, at most `MAX_ROUNDS`
-  rounds (a ring of three or more members each removing the next at once has none; the
-  last round's set stands, the same for everyone). Descendants of a change that does not
-  take effect are judged on their own: parents need only be kept.
+  purpose after it) changes nothing. A removal is judged per subject, with one exception
+  so that two removals that cross have one outcome: the removal of a remover (the
+  subject who is the author of the crossing removal) is not undone by the removal it
+  crossed; both removers are out, and the others they removed at that time stay in.
+  Whether a change takes effect can depend on itself through others (removals crossing
+  each other; a removal by someone whose own addition such a removal strikes): what the
+  rules decide is decided first (`_Resolution`, one outcome in any order), then the
+  first undecided removal in canonical order whose author's membership is certain goes
+  first. Descendants of a change that does not take effect are judged on their own:
+  parents need only be kept.
 - Members. Someone is a member if an effective change added them (the create adds its
   author and its subjects) and no effective removal of them has that addition among its
   ancestors. So two members who add someone at once both add them; a removal and an
@@ -86,7 +88,6 @@ MAX_PARENTS = 16
 MAX_MEMBERS = 256  # the sender seals each group message for every device of every member
 MAX_NAME_BYTES = 128  # an author's or subject's name (as keyvault.envelope's names)
 MAX_GROUP_NAME_BYTES = 256
-MAX_ROUNDS = 16  # of the removal-wins fixed point (two or three in any real history)
 _MAX_U64 = 2**64 - 1
 
 
@@ -264,62 +265,161 @@ class GroupState:
     effective: frozenset[bytes] = frozenset()  # the kept changes that take effect
 
 
-def _members(by_hash: dict[bytes, Change], among: Iterable[bytes], ancestors: dict[bytes, frozenset[bytes]]) -> set[str]:
-    """Members after the changes ``among`` (closed under ancestors), per the rules."""
-    adds, removes = _index(by_hash, among)
-    out = set()
-    for who, added in adds.items():
-        gone = removes.get(who, [])
-        if any(all(a not in ancestors[r] for r in gone) for a in added):
-            out.add(who)
-    return out
+class _Resolution:
+    """Which kept changes take effect (the rules in the module docstring, "Removal
+    wins"). Decided per *item*: a create, add or rename is one item; a removal is one
+    item per subject, so that a removal crossed by a removal of its author still removes
+    that remover and nothing else. Each item is in (takes effect), out, or undecided:
 
+    - an item is out if its author is certainly not a member of its past, or an item
+      that is in removes its author and crosses it (a removal's item for the subject who
+      is that other removal's author excepted);
+    - it is in if its author is certainly a member of its past and every item that
+      removes its author and crosses it (with the same exception) is out.
 
-def _index(by_hash: dict[bytes, Change], among: Iterable[bytes]) -> tuple[dict[str, list[bytes]], dict[str, list[bytes]]]:
-    """The changes among ``among`` that add, and that remove, each name."""
-    adds: dict[str, list[bytes]] = {}
-    removes: dict[str, list[bytes]] = {}
-    for h in among:
-        c = by_hash[h]
-        if c.action == Action.CREATE:
-            adds.setdefault(c.author, []).append(h)
-        if c.action in (Action.CREATE, Action.ADD):
-            for who in c.subjects:
-                adds.setdefault(who, []).append(h)
-        elif c.action == Action.REMOVE:
-            for who in c.subjects:
-                removes.setdefault(who, []).append(h)
-    return adds, removes
+    Deciding only ever adds to "in" and "out", so this part has one outcome, whatever the
+    order of evaluation (a worklist). What it leaves undecided depends on itself in a
+    cycle (removals crossing each other, or a removal whose author was added by a change
+    that such a removal strikes): the first undecided removal item, in canonical order,
+    whose author is certainly a member of its past is put in, and deciding goes on; if
+    there is none, the first undecided item is put out. So a member whose standing does
+    not hang on the contested changes wins over one whose standing does, and every member
+    comes to the same result. Ancestry is kept as bit strings (one bit per change)."""
 
+    def __init__(self, order: list[Change], anc: list[bytes], root: int) -> None:
+        self.order = order
+        self.anc = anc
+        self.root = root
+        self.adds: dict[str, list[int]] = {}
+        self.removes: dict[str, list[int]] = {}
+        self.by_author: dict[str, list[tuple[int, str | None]]] = {}
+        self.items: list[tuple[int, str | None]] = []
+        for i, c in enumerate(order):
+            if c.action == Action.CREATE:
+                self.adds.setdefault(c.author, []).append(i)
+            if c.action in (Action.CREATE, Action.ADD):
+                for who in c.subjects:
+                    self.adds.setdefault(who, []).append(i)
+            if c.action == Action.REMOVE:
+                for who in c.subjects:
+                    self.removes.setdefault(who, []).append(i)
+                    self._item(i, who)
+            else:
+                self._item(i, None)
+        self.status: dict[tuple[int, str | None], bool] = {(root, None): True}
+        # For each addition of a name, the removals of that name that descend from it.
+        self.undoing: dict[tuple[str, int], list[int]] = {
+            (who, a): [r for r in self.removes.get(who, ()) if self._has(r, a)]
+            for who, added in self.adds.items() for a in added
+        }
 
-def _effective(
-    by_hash: dict[bytes, Change], order: list[Change], ancestors: dict[bytes, frozenset[bytes]],
-    index: tuple[dict[str, list[bytes]], dict[str, list[bytes]]], strikers: frozenset[bytes],
-) -> set[bytes]:
-    """The changes of ``order`` (the kept ones) that take effect when the removals
-    ``strikers`` are the effective ones: author a member in the effective past, and no
-    striker of the author crossing. (``index``: `_index` of the changes.)"""
-    removals_of: dict[str, list[Change]] = {}
-    for h in strikers:
-        for who in by_hash[h].subjects:
-            removals_of.setdefault(who, []).append(by_hash[h])
-    adds, removes = index
-    effective: set[bytes] = set()
-    for c in order:
-        h = c.hash
-        if c.parents:  # (the root, alone without parents, always takes effect)
-            anc = ancestors[h]
-            # The author is a member of the effective past (rule of _members, for one name).
-            gone = [r for r in removes.get(c.author, ()) if r in anc and r in effective]
-            if not any(a in anc and a in effective and all(a not in ancestors[r] for r in gone)
-                       for a in adds.get(c.author, ())):
+    def _item(self, i: int, subject: str | None) -> None:
+        self.items.append((i, subject))
+        self.by_author.setdefault(self.order[i].author, []).append((i, subject))
+
+    def _has(self, i: int, j: int) -> bool:
+        """Whether change j is an ancestor of change i."""
+        bits = self.anc[i]
+        return j >> 3 < len(bits) and bool(bits[j >> 3] >> (j & 7) & 1)
+
+    def member(self, who: str, i: int | None) -> bool | None:
+        """Whether ``who`` is a member of the past of change i (None: of every kept
+        change): True, False, or None while that is undecided."""
+        result: bool | None = False
+        for a in self.adds.get(who, ()):
+            if i is not None and not self._has(i, a):
                 continue
-            if any(h not in ancestors[r.hash] and r.hash not in ancestors[h]
-                   and not (c.action == Action.REMOVE and c.subjects == (r.author,))
-                   for r in removals_of.get(c.author, ())):
-                continue  # removal wins
-        effective.add(h)
-    return effective
+            added = self.status.get((a, None))
+            if added is False:
+                continue
+            maybe = added is None
+            for r in self.undoing[(who, a)]:
+                if i is None or self._has(i, r):
+                    gone = self.status.get((r, who))
+                    if gone:
+                        break
+                    if gone is None:
+                        maybe = True
+            else:
+                if not maybe:
+                    return True
+                result = None
+        return result
+
+    def _struck(self, i: int, subject: str | None) -> bool | None:
+        author = self.order[i].author
+        result: bool | None = False
+        for r in self.removes.get(author, ()):
+            if r == i or self._has(i, r) or self._has(r, i):
+                continue  # not crossing
+            if subject is not None and subject == self.order[r].author:
+                continue  # a removal of exactly the one who removes its author
+            gone = self.status.get((r, author))
+            if gone:
+                return True
+            if gone is None:
+                result = None
+        return result
+
+    def _evaluate(self, item: tuple[int, str | None]) -> bool | None:
+        i, subject = item
+        author = self.order[i].author
+        m = self.member(author, i)
+        if m is False:
+            return False
+        s = self._struck(i, subject)
+        if s:
+            return False
+        return True if m and s is False else None
+
+    def run(self) -> None:
+        work = list(reversed(self.items))
+        queued = set(work)
+        while True:
+            while work:
+                item = work.pop()
+                queued.discard(item)
+                if item in self.status:
+                    continue
+                v = self._evaluate(item)
+                if v is not None:
+                    self._decide(item, v, work, queued)
+            undecided = [it for it in self.items if it not in self.status]
+            if not undecided:
+                return
+            first = next((it for it in undecided if it[1] is not None
+                          and self.member(self.order[it[0]].author, it[0]) is True), None)
+            if first is not None:
+                self._decide(first, True, work, queued)
+            else:
+                self._decide(undecided[0], False, work, queued)
+
+    def _decide(self, item: tuple[int, str | None], value: bool, work: list[tuple[int, str | None]],
+                queued: set[tuple[int, str | None]]) -> None:
+        self.status[item] = value
+        # Who this item adds or removes: the items of theirs may be decidable now.
+        i, subject = item
+        c = self.order[i]
+        if subject is not None:
+            touched: tuple[str, ...] = (subject,)
+        elif c.action == Action.CREATE:
+            touched = (c.author, *c.subjects)
+        elif c.action == Action.ADD:
+            touched = c.subjects
+        else:
+            touched = ()
+        for who in touched:
+            for it in self.by_author.get(who, ()):
+                if it not in self.status and it not in queued:
+                    queued.add(it)
+                    work.append(it)
+
+    def effective(self) -> set[int]:
+        """The changes with an item that takes effect."""
+        return {i for (i, _), v in self.status.items() if v}
+
+    def members(self) -> set[str]:
+        return {who for who in self.adds if self.member(who, None)}
 
 
 def fold(group_id: bytes, changes: Iterable[Change]) -> GroupState:
@@ -357,31 +457,39 @@ def fold(group_id: bytes, changes: Iterable[Change]) -> GroupState:
     if not roots:
         raise ValueError("no creation of this group among its changes")
     root = roots[0]  # (two would take a SHA-256 collision)
-    ancestors: dict[bytes, frozenset[bytes]] = {}
-    kept: set[bytes] = set()
-    index = _index(by_hash, placed)
-    adders = index[0]
+    # Kept, as in the module docstring: parents kept, author added by an ancestor. In
+    # canonical order a change comes after its parents, so one pass decides it; kept
+    # changes are numbered as they come, and their ancestry is a bit string over those
+    # numbers (an ancestor of a kept change is kept).
+    at: dict[bytes, int] = {}
+    adders: dict[str, int] = {}
+    bit_sets: list[int] = []
+    kept_order: list[Change] = []
     for c in order:
-        h = c.hash
-        anc: set[bytes] = set()
+        if c is not root and not (c.parents and all(p in at for p in c.parents)):
+            continue
+        bits = 0
         for p in c.parents:
-            anc |= ancestors[p]
-            anc.add(p)
-        ancestors[h] = frozenset(anc)
-        if c is root:
-            kept.add(h)
-        elif c.parents and all(p in kept for p in c.parents) and any(a in anc for a in adders.get(c.author, ())):
-            kept.add(h)
-    order = [c for c in order if c.hash in kept]
-    strikers: frozenset[bytes] = frozenset()
-    effective = kept
-    for _ in range(MAX_ROUNDS):
-        effective = _effective(by_hash, order, ancestors, index, strikers)
-        now = frozenset(h for h in effective if by_hash[h].action == Action.REMOVE)
-        if now == strikers:
-            break
-        strikers = now
-    members = _members(by_hash, effective, ancestors)
+            j = at[p]
+            bits |= bit_sets[j] | 1 << j
+        if c is not root and not adders.get(c.author, 0) & bits:
+            continue
+        i = len(kept_order)
+        at[c.hash] = i
+        kept_order.append(c)
+        bit_sets.append(bits)
+        names = (c.author, *c.subjects) if c.action == Action.CREATE else c.subjects if c.action == Action.ADD else ()
+        for who in names:
+            adders[who] = adders.get(who, 0) | 1 << i
+    size = (len(kept_order) + 7) // 8
+    anc = [bits.to_bytes(size, "little") for bits in bit_sets]
+    del bit_sets
+    kept = set(at)
+    resolution = _Resolution(kept_order, anc, at[root.hash])
+    resolution.run()
+    order = kept_order
+    effective = {order[i].hash for i in resolution.effective()}
+    members = resolution.members()
     name = root.name
     for c in order:
         if c.hash in effective and c.action in (Action.CREATE, Action.RENAME):

@@ -165,3 +165,26 @@ async def test_a_removal_wins_over_what_the_removed_member_did_at_the_same_time(
         await sync(dave, carol)
         assert ("dave", "am I in?") not in lines(carol, "club")
         assert any("dave, who is not a member" in w for w in warnings), warnings
+
+
+async def test_a_group_takes_and_makes_no_more_changes_than_its_bound(
+    accounts: Accounts, relay: RelayRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_GROUP_CHANGES (here 4), a device keeps no more of a group's changes and
+    makes none, in one line: what one fold costs stays bounded whatever members send."""
+    import node.groups
+
+    monkeypatch.setattr(node.groups, "MAX_GROUP_CHANGES", 4)
+    with trio.fail_after(DEADLINE):
+        alice, bob = [await accounts.register(n) for n in ("alice", "bob")]
+        alice.group_create("friends", ["bob"])
+        await sync(alice, bob)
+        for name in ("one", "two", "three"):
+            alice.group_change("friends", Action.RENAME, name=name)
+        with pytest.raises(VeilError, match="has had 4 changes, the most a group can"):
+            alice.group_change("friends", Action.RENAME, name="four")
+        monkeypatch.setattr(node.groups, "MAX_GROUP_CHANGES", 3)  # bob's bound is lower
+        await sync(alice, bob)
+        gid = bob.groups.find("friends")
+        assert len(bob.store.group_changes(gid)) == 3
+        assert bob.groups.state(gid).name == "two"
