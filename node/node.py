@@ -270,17 +270,21 @@ class _GroupSealing:
             size += len(blob) + 4
         if chunk:
             self.chunks.append(tuple(chunk))
-        # Newest first: a new member's addition is in the first letter it gets, so it
-        # keeps the rest as they come (node/groups.py, merge); each letter is parents-first.
-        self.chunks.reverse()
         self.notice = self.store.group_notice(self.m.msg_id) is not None
 
     def letters(self, peer: Peer) -> list[bytes]:
         m, out = self.m, []
-        if self.notice or self.store.group_sent(self.gid, peer.name, peer.device_id) < self.version:
+        sent = self.store.group_sent(self.gid, peer.name, peer.device_id)
+        if self.notice or sent < self.version:
+            # Each letter is parents-first. To a device we sent the group before, oldest
+            # first: it holds the group, and takes each letter whole (a device keeps only
+            # MAX_PENDING changes waiting for parents). To one that may not hold it yet,
+            # newest first: its addition is in the first letter it gets, so it keeps the
+            # rest as they come (node/groups.py, merge).
+            chunks = self.chunks if sent else self.chunks[::-1]
             out += [encode_letter(Letter(to=peer.name, msg_id=secrets.token_bytes(16), sent_at=m.sent_at,
                                          body="", group=self.gid, kind=KIND_CHANGES, changes=chunk))
-                    for chunk in self.chunks]
+                    for chunk in chunks]
         if not self.notice:
             out.append(encode_letter(Letter(to=peer.name, msg_id=m.msg_id, sent_at=m.sent_at, body=m.body,
                                             group=self.gid)))

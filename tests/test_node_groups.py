@@ -188,3 +188,43 @@ async def test_a_group_takes_and_makes_no_more_changes_than_its_bound(
         gid = bob.groups.find("friends")
         assert len(bob.store.group_changes(gid)) == 3
         assert bob.groups.state(gid).name == "two"
+
+
+async def test_a_device_that_holds_the_group_gets_a_long_history_oldest_first(
+    accounts: Accounts, relay: RelayRunner
+) -> None:
+    """While carol is away, alice renames the group 700 times (more changes than a device
+    keeps waiting for their parents: MAX_PENDING) and then removes bob. The letters of one
+    text to carol, who holds the group, bring all of it, bob's removal included; to a
+    device that may not hold the group yet, the newest letter comes first."""
+    from keyvault.letter import decode_letter
+    from node.node import _GroupSealing
+    from node.sessions import Peer
+    from node.store import StoredMessage
+
+    with trio.fail_after(DEADLINE):
+        alice, bob, carol = [await accounts.register(n) for n in ("alice", "bob", "carol")]
+        alice.group_create("friends", ["bob", "carol"])
+        await sync(alice, bob, carol)
+        gid = alice.groups.find("friends")
+        for i in range(700):
+            alice.group_change("friends", Action.RENAME, name=f"name {i}")
+        alice.group_change("friends", Action.REMOVE, ["bob"])
+        state = alice.groups.state(gid)
+        text = StoredMessage(b"m" * 16, "#" + gid.hex(), "alice", True, "hello", 1, 1, "pending", 0)
+        sealing = _GroupSealing(alice.store, gid, text, state)
+        assert len(sealing.chunks) > 2
+        to = Peer("carol", carol.device_id, b"", b"")
+        letters = [decode_letter(b) for b in sealing.letters(to)]
+        assert letters[0].changes[0] == alice.store.group_changes(gid)[state.order[0]]  # oldest first
+        with carol.store.transaction():
+            for letter in letters[:-1]:
+                got, _, _ = carol.groups.merge(gid, letter.changes, lambda n: accounts_identity(alice, n))
+        assert got is not None and got.members == {"alice", "carol"} and got.name == "name 699" and not got.pending
+        newcomer = Peer("dave", b"d" * 16, b"", b"")
+        first = decode_letter(sealing.letters(newcomer)[0])
+        assert alice.store.group_changes(gid)[state.order[-1]] in first.changes  # newest first
+
+
+def accounts_identity(node: Node, name: str) -> bytes | None:
+    return node.keys.public().identity if name == node.name else None
