@@ -38,8 +38,9 @@ MAX_PENDING = 256  # changes of one group kept while waiting for their parents
 # is bounded by it (about 0.4 s for the worst history found of 2,500 changes, a chain of
 # 4,000 in 0.2 s). Past it, no new change is taken or made: the group must be made anew.
 MAX_GROUP_CHANGES = 4096
-MAX_LIMBO = 8192  # changes kept of a group not yet held here (see merge)
-MAX_LIMBO_GROUPS = 8
+MAX_LIMBO = 4096  # changes kept of a group not yet held here (see merge)
+MAX_LIMBO_GROUPS = 16
+MAX_LIMBO_PER_SENDER = 2  # groups in limbo that one sender's letters brought
 
 
 def conversation(group_id: bytes) -> str:
@@ -165,7 +166,8 @@ class Groups:
 
     # ---- others' changes -----------------------------------------------------------------
     def merge(
-        self, group_id: bytes, blobs: Iterable[bytes], identity_of: Callable[[str], bytes | None]
+        self, group_id: bytes, blobs: Iterable[bytes], identity_of: Callable[[str], bytes | None],
+        sender: str = "",
     ) -> tuple[GroupState | None, list[Change], list[Change]]:
         """Take in changes a letter carried: each must be of this group and signed by its
         author (``identity_of``: the author's identity key, None if unknown). Returns the
@@ -202,8 +204,8 @@ class Groups:
             state = None  # no creation of it yet
         if is_new and (state is None or self.name not in state.members):
             if names_us and fresh:
-                self.store.add_group_limbo(group_id, [(c.hash, c.to_bytes()) for c in fresh], MAX_LIMBO,
-                                           MAX_LIMBO_GROUPS)
+                self.store.add_group_limbo(group_id, [(c.hash, c.to_bytes()) for c in fresh], sender, MAX_LIMBO,
+                                           MAX_LIMBO_GROUPS, MAX_LIMBO_PER_SENDER)
             return None, [], []  # not (yet) ours to keep
         if state is None:
             return None, [], []

@@ -1366,7 +1366,7 @@ class Node:
                 return None
             commit()
             if letter.kind == KIND_CHANGES:
-                state, became, undone = self.groups.merge(gid, letter.changes, self._identity_of)
+                state, became, undone = self.groups.merge(gid, letter.changes, self._identity_of, sender)
                 if state is None:
                     log.info("dropped the changes of a group this account is not in")
                     return None

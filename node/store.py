@@ -9,6 +9,7 @@ commands typed (its input history).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -170,6 +171,13 @@ def _m0006(db: Database) -> None:
     # Those who hear of a group's changes besides its members: someone whose addition no
     # longer stands (it crossed a removal of whoever added them) learns they are not in.
     db.execute("ALTER TABLE group_resync ADD COLUMN also TEXT NOT NULL DEFAULT ''")
+
+
+@migrations(name="0007_group_limbo_sender")
+def _m0007(db: Database) -> None:
+    # Who sent the letters that put a group in limbo: each sender has room for only a few
+    # groups there, so that nobody can push out the group another member is bringing.
+    db.execute("ALTER TABLE group_limbo ADD COLUMN sender TEXT NOT NULL DEFAULT ''")
 
 
 @dataclass(frozen=True)
@@ -606,18 +614,28 @@ class NodeStore:
         return {bytes(r[0]): bytes(r[1]) for r in self.conn.execute(
             "SELECT hash, blob FROM group_limbo WHERE group_id = ?", (group_id,))}
 
-    def add_group_limbo(self, group_id: bytes, changes: Sequence[tuple[bytes, bytes]], per_group: int,
-                        groups: int) -> None:
-        """Keep changes of a group not held yet: at most ``per_group`` of one, and of at
-        most ``groups`` groups (the group that came first goes)."""
-        held = [bytes(r[0]) for r in self.conn.execute(
-            "SELECT group_id FROM group_limbo GROUP BY group_id ORDER BY min(rowid)")]
-        if group_id not in held and len(held) >= groups:
-            self.drop_group_limbo(held[0])
+    def add_group_limbo(self, group_id: bytes, changes: Sequence[tuple[bytes, bytes]], sender: str,
+                        per_group: int, groups: int, per_sender: int) -> None:
+        """Keep changes of a group not held yet, that ``sender``'s letter brought: at most
+        ``per_group`` of one group, of at most ``groups`` groups, at most ``per_sender`` of
+        them brought first by one sender. A group that does not fit pushes out the oldest
+        group of its own sender if that one is at its share, else the oldest group of
+        whoever holds the most."""
+        held = [(bytes(r[0]), str(r[1])) for r in self.conn.execute(
+            "SELECT group_id, (SELECT l2.sender FROM group_limbo l2 WHERE l2.group_id = l.group_id"
+            " ORDER BY l2.rowid LIMIT 1) FROM group_limbo l GROUP BY group_id ORDER BY min(rowid)")]
+        if group_id not in {g for g, _ in held}:
+            own = [g for g, s in held if s == sender]
+            if len(own) >= per_sender:
+                self.drop_group_limbo(own[0])
+            elif len(held) >= groups:
+                counts = Counter(s for _, s in held)
+                most = max(counts.values())
+                self.drop_group_limbo(next(g for g, s in held if counts[s] == most))
         (count,) = self.conn.execute("SELECT count(*) FROM group_limbo WHERE group_id = ?", (group_id,)).fetchone()
         self.conn.executemany(
-            "INSERT OR IGNORE INTO group_limbo (group_id, hash, blob) VALUES (?,?,?)",
-            [(group_id, h, b) for h, b in changes[: max(0, per_group - int(count))]],
+            "INSERT OR IGNORE INTO group_limbo (group_id, hash, blob, sender) VALUES (?,?,?,?)",
+            [(group_id, h, b, sender) for h, b in changes[: max(0, per_group - int(count))]],
         )
 
     def drop_group_limbo(self, group_id: bytes) -> None:

@@ -4,11 +4,13 @@ members of the sender's state, the relay sees nothing of the group."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import trio
 
 from keyvault.group import Action
+from keyvault.letter import decode_letter
 from node.errors import VeilError
 from node.node import Node
 from tests.conftest import Accounts, RelayRunner
@@ -197,7 +199,6 @@ async def test_a_device_that_holds_the_group_gets_a_long_history_oldest_first(
     keeps waiting for their parents: MAX_PENDING) and then removes bob. The letters of one
     text to carol, who holds the group, bring all of it, bob's removal included; to a
     device that may not hold the group yet, the newest letter comes first."""
-    from keyvault.letter import decode_letter
     from node.node import _GroupSealing
     from node.sessions import Peer
     from node.store import StoredMessage
@@ -228,3 +229,58 @@ async def test_a_device_that_holds_the_group_gets_a_long_history_oldest_first(
 
 def accounts_identity(node: Node, name: str) -> bytes | None:
     return node.keys.public().identity if name == node.name else None
+
+
+def test_strangers_cannot_push_a_group_out_of_limbo(key_pool: list, tmp_path: Path) -> None:
+    """carol is being brought a group in several letters (the first names her, the rest
+    wait in limbo with it). eve, who can write to carol, sends made-up groups that add
+    carol, more than limbo holds: they push out only eve's own, and carol joins."""
+    import os
+
+    from keyvault.group import create_group, make_change
+    from node.groups import MAX_LIMBO_GROUPS, MAX_LIMBO_PER_SENDER, Groups
+    from node.node import _GroupSealing
+    from node.sessions import Peer
+    from node.store import NodeStore, StoredMessage
+
+    alice_keys, carol_keys, eve_keys = key_pool[:3]
+    keys = {"alice": alice_keys, "carol": carol_keys, "eve": eve_keys}
+    alice = NodeStore(tmp_path / "alice.db", b"a" * 32)
+    root = create_group(alice_keys, "alice", "friends", ["bob"], sent_at=1)
+    prev = root
+    changes = [root]
+    for i in range(600):
+        prev = make_change(alice_keys, root.group_id, "alice", Action.RENAME, parents=[prev.hash], name=f"t{i}",
+                           sent_at=2 + i)
+        changes.append(prev)
+    changes.append(make_change(alice_keys, root.group_id, "alice", Action.ADD, parents=[prev.hash],
+                               subjects=["carol"], sent_at=700))
+    with alice.transaction():
+        alice.add_group(root.group_id, "friends")
+        alice.add_group_changes(root.group_id, [(c.hash, c.to_bytes()) for c in changes])
+    alice_groups = Groups(alice, alice_keys, "alice")
+    state = alice_groups.state(root.group_id)
+    text = StoredMessage(b"m" * 16, "#" + root.group_id.hex(), "alice", True, "hi", 1, 1, "pending", 0)
+    pieces = [decode_letter(b).changes for b in
+              _GroupSealing(alice, root.group_id, text, state).letters(Peer("carol", b"c" * 16, b"", b""))[:-1]]
+    assert len(pieces) > 1
+
+    carol = NodeStore(tmp_path / "carol.db", b"c" * 32)
+    groups = Groups(carol, carol_keys, "carol")
+
+    def identity(name: str) -> bytes | None:
+        return keys[name].public().identity if name in keys else None
+
+    with carol.transaction():
+        assert groups.merge(root.group_id, pieces[0], identity, "alice")[0] is None  # in limbo
+    for _ in range(MAX_LIMBO_GROUPS + 4):
+        fake = make_change(eve_keys, os.urandom(16), "eve", Action.ADD, parents=[os.urandom(32)],
+                           subjects=["carol"], sent_at=1)
+        with carol.transaction():
+            groups.merge(fake.group_id, [fake.to_bytes()], identity, "eve")
+    held = {bytes(r[0]) for r in carol.conn.execute("SELECT DISTINCT group_id FROM group_limbo")}
+    assert root.group_id in held and len(held) == 1 + MAX_LIMBO_PER_SENDER
+    for piece in pieces[1:]:
+        with carol.transaction():
+            got, _, _ = groups.merge(root.group_id, piece, identity, "alice")
+    assert got is not None and "carol" in got.members and got.name == "t599"
