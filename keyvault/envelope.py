@@ -32,8 +32,9 @@ that opening a recorded envelope takes breaking both RSA and ML-KEM::
 
     rsa_secret (32 random bytes); (kem_secret, ciphertext) = ML-KEM-768.Encaps(envelope key)
     aes_key = HKDF-SHA256(salt = 32 zero bytes, ikm = rsa_secret || kem_secret,
-                          info = ENVELOPE_HYBRID || SHA-256(bytes 1 to 1476 of the envelope:
-                          the RSA ciphertext, the key id and the KEM ciphertext), length 32)
+                          info = ENVELOPE_HYBRID || SHA-256(bytes 0 to 1476 of the envelope:
+                          the version byte, the RSA ciphertext, the key id and the KEM
+                          ciphertext), length 32)
     aad, padded, inner, fields, signed: as in version 2 (aad carries the version byte)
 
 Its header is 1,489 bytes (version 2: 397), so the sizes the relay sees are 1,489 + 16 +
