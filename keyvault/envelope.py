@@ -13,9 +13,9 @@ Layout of an envelope (version 2)::
 The payload is a `keyvault.payload` encoding: a Double Ratchet message (plus the X3DH data
 while the session is being set up) whose plaintext is a `keyvault.letter` encoding.
 
-The relay sees only the recipient device and the bucket size. The signature covers the
-recipient device, so a recipient cannot re-seal a payload to someone else as if it came
-from the original sender.
+The relay sees only the recipient device, the version and the bucket size. The signature
+covers the recipient device, so a recipient cannot re-seal a payload to someone else as if
+it came from the original sender.
 
 Trade-off: the outer layer is opened with the recipient's long-term RSA key, so whoever
 holds (or later steals) that key learns who sent each recorded envelope (sender and
