@@ -13,9 +13,9 @@ Layout of an envelope (version 2)::
 The payload is a `keyvault.payload` encoding: a Double Ratchet message (plus the X3DH data
 while the session is being set up) whose plaintext is a `keyvault.letter` encoding.
 
-The relay sees only the recipient device and the bucket size. The signature covers the
-recipient device, so a recipient cannot re-seal a payload to someone else as if it came
-from the original sender.
+The relay sees only the recipient device, the version and the bucket size. The signature
+covers the recipient device, so a recipient cannot re-seal a payload to someone else as if
+it came from the original sender.
 
 Trade-off: the outer layer is opened with the recipient's long-term RSA key, so whoever
 holds (or later steals) that key learns who sent each recorded envelope (sender and
@@ -32,8 +32,9 @@ that opening a recorded envelope takes breaking both RSA and ML-KEM::
 
     rsa_secret (32 random bytes); (kem_secret, ciphertext) = ML-KEM-768.Encaps(envelope key)
     aes_key = HKDF-SHA256(salt = 32 zero bytes, ikm = rsa_secret || kem_secret,
-                          info = ENVELOPE_HYBRID || SHA-256(bytes 1 to 1476 of the envelope:
-                          the RSA ciphertext, the key id and the KEM ciphertext), length 32)
+                          info = ENVELOPE_HYBRID || SHA-256(bytes 0 to 1476 of the envelope:
+                          the version byte, the RSA ciphertext, the key id and the KEM
+                          ciphertext), length 32)
     aad, padded, inner, fields, signed: as in version 2 (aad carries the version byte)
 
 Its header is 1,489 bytes (version 2: 397), so the sizes the relay sees are 1,489 + 16 +

@@ -55,7 +55,7 @@ RATCHET_MESSAGE = b"veil/v1/ratchet-message"  # HKDF info: message key -> AES ke
 RATCHET_HEADER_AAD = b"veil/v1/ratchet-header"  # AEAD associated data of an encrypted header
 
 # Post-quantum: ML-KEM-768 keys signed by the identity key, PQXDH and the hybrid envelope.
-KEM_KEY_SIGNATURE = b"veil/v1/kem-key"  # signature context: u8 use || u32 id || public
+KEM_KEY_SIGNATURE = b"veil/v1/kem-key"  # signature context: u8 use || u32 id || device_id || public
 PQXDH_SK = b"veil/v1/pqxdh-sk"  # HKDF info: F || DH1 || DH2 || DH3 [|| DH4] || SS -> SK
 ENVELOPE_HYBRID = b"veil/v1/envelope-hybrid"  # HKDF info: RSA secret || KEM secret -> AES key
 RATCHET_ROOT_KEM = b"veil/v1/ratchet-root-kem"  # HKDF info of KDF_RK_KEM (DH output || KEM secret)

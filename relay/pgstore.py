@@ -179,7 +179,9 @@ class PgEngine:
     lock_rows = " FOR NO KEY UPDATE"
     IntegrityError: type[Exception] = Exception  # set in __init__ (psycopg is optional)
 
-    def __init__(self, dsn: str, column_key: bytes, key_check: bytes) -> None:
+    def __init__(self, dsn: str, column_key: bytes, key_check: bytes, *, stop_before: str | None = None) -> None:
+        """``stop_before`` (tests: a database as an older relay left it) applies the
+        migrations before the one of that name only."""
         if psycopg is None:  # pragma: no cover
             raise StoreError("the PostgreSQL store needs psycopg: install veil with its postgresql extra")
         type(self).IntegrityError = psycopg.IntegrityError
@@ -204,7 +206,7 @@ class PgEngine:
             raise StoreError(f"cannot connect to the PostgreSQL store: {self._why() or 'timed out'}") from None
         try:
             with self.bound():
-                self._migrate(key_check)
+                self._migrate(key_check, stop_before)
         except BaseException:
             self.pool.close()
             raise
@@ -219,13 +221,19 @@ class PgEngine:
             return _one_line(exc)
         return None
 
-    def _migrate(self, key_check: bytes) -> None:
+    def _migrate(self, key_check: bytes, stop_before: str | None = None) -> None:
+        if stop_before is not None and stop_before not in {name for name, _ in MIGRATIONS}:
+            raise ValueError(f"no migration {stop_before}")
         x = self.execute
         x("SELECT pg_advisory_lock(?)", (MIGRATION_LOCK,))
         try:
             x("CREATE TABLE IF NOT EXISTS veil_migrations (name TEXT PRIMARY KEY)")
             done = {r[0] for r in x("SELECT name FROM veil_migrations")}
             for name, script in MIGRATIONS:
+                if name == stop_before:
+                    if name in done:
+                        raise ValueError(f"cannot stop before {name}: it is applied already")
+                    break
                 if name not in done:
                     with self.atomic():
                         self._conn().execute(script)

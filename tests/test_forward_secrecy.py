@@ -7,6 +7,7 @@ which holds plaintext by design and is what the master password protects).
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import shutil
 import time
@@ -14,13 +15,20 @@ from pathlib import Path
 
 import pytest
 import trio
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import wire
+from keyvault import kem, ratchet
+from keyvault._codec import lp
 from keyvault.envelope import HYBRID_VERSION, open_envelope
 from keyvault.errors import DecryptionFailed, DuplicateMessage
 from keyvault.kem import KemUse, new_kem_key
 from keyvault.letter import decode_letter
-from keyvault.prekeys import new_one_time_prekeys, new_signed_prekey
+from keyvault.payload import decode_payload
+from keyvault.prekeys import new_one_time_prekeys, new_signed_prekey, x25519_pair
+from keyvault.ratchet import RatchetState
 from node.errors import VeilError
 from node.home import Home
 from node.node import Node
@@ -318,3 +326,84 @@ async def test_a_first_message_needs_both_the_kem_and_the_classical_prekeys(
         finally:
             whole.close()
             part.close()
+
+
+def session_state(node: Node, peer: Node) -> tuple[RatchetState, bytes]:
+    """The device's ratchet state with the peer's device (its only session), and the AD."""
+    (row,) = node.store.sessions(peer.name, peer.device_id)
+    return RatchetState.from_bytes(row.state), row.ad
+
+
+def rebuild(before: RatchetState, message: bytes, ad: bytes, dh_out: bytes, kem_secret: bytes) -> bytes | None:
+    """The attacker's replay of the receiving side of a DH ratchet step with a KEM step:
+    from the receiver's root key and next header key before it, the step's DH output and
+    KEM secret as the attacker has them, the message key of the new chain's first message,
+    and that message's body opened with it (None if it does not open)."""
+    version = message[0]
+    prefix_len = 1 + ratchet.NONCE_LEN + ratchet._HEADER_LENS[version] + ratchet.TAG_LEN
+    assert before.nhkr is not None
+    header = ratchet._open_header(before.nhkr, message[1:prefix_len], version)
+    assert header is not None and header.n == 0 and header.kem_ciphertext is not None
+    _rk, ck, _nhk = ratchet.kdf_rk_kem(before.rk, dh_out, kem_secret)
+    _ck, mk = ratchet.kdf_ck(ck)
+    key, nonce, _ = ratchet.message_keys(mk)
+    try:
+        return AESGCM(key).decrypt(nonce, message[prefix_len:], lp(ad) + message[:prefix_len])
+    except InvalidTag:
+        return None
+
+
+async def test_later_kem_steps_need_both_the_kem_and_the_x25519_keys(
+    accounts: Accounts, relay: RelayRunner
+) -> None:
+    """Four round trips after a PQXDH first message, between real devices: each message
+    starts a new chain (a DH ratchet step with a KEM step). For each, the attacker holds
+    the receiving device's whole ratchet state from just before it (so its root key, which
+    stands for every earlier key: identity DH, prekeys, PQXDH) and the sender's ratchet DH
+    private key as it was when it sent; the outer layer is opened for it (the hybrid
+    envelope is tested on its own). With every X25519 private key but not the receiver's
+    ML-KEM ratchet key, it does not open the message; with that KEM key but not the X25519
+    ratchet keys, neither; with both it does (the control: the KEM secret is in the root
+    key, and the replay is right)."""
+    with trio.fail_after(DEADLINE):
+        alice = await accounts.register("alice")
+        bob = await accounts.register("bob")
+        await send(alice, "bob", "first contact")
+        assert await receive(bob) == ["first contact"]
+        steps = []
+        for i, (sender, receiver) in enumerate([(bob, alice), (alice, bob)] * 2):
+            before, ad = session_state(receiver, sender)
+            text = f"step {i}"
+            await send(sender, receiver.name, text)
+            (blob,) = await captured(relay, receiver)
+            sent, _ = session_state(sender, receiver)  # its DH key as it was when it sent
+            assert await receive(receiver) == [text]
+            p = decode_payload(open_envelope(blob, receiver.keys, receiver.device_id,
+                                             receiver._envelope_key_for(blob)).sealed.payload)
+            assert p.init is None and p.ratchet[0] == ratchet.PQ_CT_VERSION
+            steps.append((before, ad, sent, p.ratchet, text))
+        assert len({sent.dhs_public for _, _, sent, _, _ in steps}) == 4  # four DH steps
+        for before, ad, sent, message, text in steps:
+            assert before.kems_seed is not None and sent.kem_ct is not None
+            dh_out = X25519PrivateKey.from_private_bytes(sent.dhs_private).exchange(
+                X25519PublicKey.from_public_bytes(before.dhs_public))
+            kem_secret = kem.decapsulate(before.kems_seed, sent.kem_ct)
+            # Both halves: it opens (so the replay is the real key schedule).
+            plain = rebuild(before, message, ad, dh_out, kem_secret)
+            assert plain is not None and decode_letter(plain).body == text
+            # Every X25519 key, no ML-KEM secret: the KEM secret guessed, or decapsulated
+            # with another key (what ML-KEM gives for the wrong key).
+            for guess in (bytes(32), kem.decapsulate(kem.kem_pair()[0], sent.kem_ct)):
+                assert rebuild(before, message, ad, dh_out, guess) is None
+            # The KEM secret, no X25519 private key: the DH output guessed from the
+            # public keys alone.
+            for guess in (bytes(32), before.dhs_public, sent.dhs_public):
+                assert rebuild(before, message, ad, guess, kem_secret) is None
+            # The same through the ratchet's own code: the receiver's state with its KEM
+            # seed, or its DH private key, swapped for another does not decrypt.
+            _, plain = ratchet.decrypt(before, message, ad)
+            assert decode_letter(plain).body == text
+            for stolen in (dataclasses.replace(before, kems_seed=kem.kem_pair()[0]),
+                           dataclasses.replace(before, dhs_private=x25519_pair()[0])):
+                with pytest.raises(DecryptionFailed):
+                    ratchet.decrypt(stolen, message, ad)

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from keyvault import labels, x3dh
+from keyvault import labels, ratchet, x3dh
 from keyvault.envelope import (
     BUCKETS,
     HYBRID_HEADER_LEN,
@@ -28,6 +28,8 @@ from keyvault.envelope import (
 from keyvault.errors import BadKey, BadPrekey, DecryptionFailed
 from keyvault.kem import KemKey, KemUse, new_kem_key
 from keyvault.keys import AccountKeys
+from keyvault.letter import Letter, encode_letter, letter_overhead, max_body_bytes
+from keyvault.payload import PAYLOAD_HEADER_MAX, KemInit, Payload, PrekeyInit, encode_payload
 from keyvault.prekeys import new_one_time_prekeys, new_signed_prekey
 from keyvault.x3dh import KemPrekey, PrekeyBundle
 
@@ -246,3 +248,64 @@ def test_a_malformed_kem_ciphertext_fails_cleanly(alice: AccountKeys, bob: Accou
     with pytest.raises(ValueError):
         x3dh.respond(bob, spk, opk, their_identity_dh=alice.public().dh, their_ephemeral=xa.ephemeral,  # type: ignore[arg-type]
                      me_name="bob", me_device=DEV_B, them_name="alice", them_device=DEV_A, kem=kem)
+
+
+# What the envelope's size shows in a post-quantum session (PROTOCOL 19.3) -------------------
+
+
+def test_in_a_pq_session_the_size_shows_neither_a_kem_step_nor_usually_a_first_message(
+        alice: AccountKeys, bob: AccountKeys) -> None:
+    """Real messages of a PQXDH session, sealed as version 3: every short text is a
+    5,601-byte envelope whether it is a first message (init with PQXDH's part), starts a
+    chain (a KEM step) or follows in one (the same ciphertext again). A first message is
+    77 bytes longer than a later one, so only a body within 77 bytes of a bucket's edge
+    goes one bucket up (the relay saw the claim of a bundle before it anyway)."""
+    kem = new_kem_key(bob, KemUse.ONE_TIME, 5, 0, device_id=DEV_B)
+    envelope = new_kem_key(bob, KemUse.ENVELOPE, 6, 0, device_id=DEV_B)
+    bundle, spk, opk = _bundle(bob, kem)
+    xa = x3dh.initiate(alice, bundle, me_name="alice", me_device=DEV_A, them_name="bob", them_device=DEV_B)
+    xb = x3dh.respond(bob, spk, opk, their_identity_dh=alice.public().dh, their_ephemeral=xa.ephemeral,  # type: ignore[arg-type]
+                      me_name="bob", me_device=DEV_B, them_name="alice", them_device=DEV_A,
+                      kem=kem, kem_ciphertext=xa.kem_ciphertext)
+    a = ratchet.init_initiator(xa, spk.public)  # type: ignore[attr-defined]
+    b = ratchet.init_responder(xb, (spk.private, spk.public))  # type: ignore[attr-defined]
+    init = PrekeyInit(alice.public().dh, xa.ephemeral, spk.key_id, opk.key_id,  # type: ignore[attr-defined]
+                      KemInit(KemUse.ONE_TIME, kem.key_id, xa.kem_ciphertext))
+    ad = xa.associated_data
+
+    def text(to: str, body: str) -> bytes:
+        return encode_letter(Letter(to, bytes(16), 0, body))
+
+    def sealed_len(sender: AccountKeys, name: str, device: bytes, p: Payload) -> int:
+        blob = seal_hybrid(Sealed(name, device, encode_payload(p)), sender, bob.public().enc, DEV_B,
+                           envelope.public, envelope.key_id)
+        return len(blob)
+
+    a, first = ratchet.encrypt(a, text("bob", "hi"), ad)
+    b, _ = ratchet.decrypt(b, first, ad)
+    b, step = ratchet.encrypt(b, text("alice", "hi"), ad)  # a new chain: DH and KEM step
+    b, same_chain = ratchet.encrypt(b, text("alice", "hi"), ad)  # no step: the chain's CT again
+    a, _ = ratchet.decrypt(a, step, ad)
+    a, next_step = ratchet.encrypt(a, text("bob", "hi"), ad)
+    assert (first[0], step[0], same_chain[0], next_step[0]) == (2, 3, 3, 3)
+    # A KEM step is invisible: the bytes are as long with and without one.
+    assert len(step) == len(same_chain) and len(next_step) == len(step) - len("alice") + len("bob")
+    first_payload = encode_payload(Payload(init, first))
+    later_payload = encode_payload(Payload(None, next_step))
+    assert len(first_payload) - len(later_payload) == 77
+    sizes = {sealed_len(alice, "alice", DEV_A, Payload(init, first)),
+             sealed_len(alice, "alice", DEV_A, Payload(None, next_step)),
+             sealed_len(bob, "bob", DEV_A, Payload(None, step)),
+             sealed_len(bob, "bob", DEV_A, Payload(None, same_chain))}
+    assert sizes == {HYBRID_HEADER_LEN + BUCKETS[2] + 16} == {5601}
+    # The edge: alice to bob, a later message holds up to 1,604 bytes of body in the 4,096
+    # bucket, a first message 1,527; between them a first message goes to 16,384.
+    later_need = envelope_size(len(later_payload) - 2 + 1604, 5, hybrid=True)
+    assert later_need == 5601 == envelope_size(len(first_payload) - 2 + 1527, 5, hybrid=True)
+    assert envelope_size(len(later_payload) - 2 + 1605, 5, hybrid=True) == 17889
+    assert envelope_size(len(first_payload) - 2 + 1528, 5, hybrid=True) == 17889
+    # The largest: 57,518 bytes of body, 128-byte names, a full init and a version 3 message
+    # (more than any real message has) fill the largest bucket; an envelope is 62,945 bytes.
+    worst = PAYLOAD_HEADER_MAX + ratchet.MAX_OVERHEAD + letter_overhead(128, group=True) + max_body_bytes()
+    assert envelope_size(worst, 128, hybrid=True) == HYBRID_HEADER_LEN + BUCKETS[-1] + 16 == 62945
+    assert max_body_bytes() == 57518

@@ -13,13 +13,17 @@ import trio
 import relay.service
 import wire
 from keyvault.envelope import HYBRID_VERSION, VERSION
+from keyvault.kdf import store_key
 from keyvault.kem import KemUse
 from keyvault.ratchet import RatchetState
 from node.errors import VeilError
+from node.home import Home
 from node.node import Node
-from tests.conftest import Accounts, RelayRunner
+from node.store import migrations as node_migrations
+from tests.conftest import PASSWORD, Accounts, RelayRunner
 from tests.test_forward_secrecy import captured as held
 from tests.test_forward_secrecy import receive, send
+from tests.test_node_store import rebuild_before, table_rows
 
 DEADLINE = 30
 # What a PrekeySet was before post-quantum keys (section 19): a relay from then refuses any
@@ -253,3 +257,50 @@ async def test_a_refused_prekey_upload_does_not_keep_a_device_offline(
         await send(alice, "bob", "still here")
         assert await receive(bob) == ["still here"]
         assert any("did not take this device's new prekeys" in w for w in warnings), warnings
+
+
+async def kem_counts(relay: RelayRunner, node: Node) -> list[tuple[Any, ...]]:
+    """(use, how many) of the device's KEM keys the relay holds."""
+    return await relay_rows(relay, "SELECT use, count(*) FROM kem_prekeys WHERE device_id = ? GROUP BY use"
+                            " ORDER BY use", node.device_id)
+
+
+PUBLISHED = [(KemUse.ONE_TIME, 50), (KemUse.LAST_RESORT, 1), (KemUse.ENVELOPE, 1)]
+
+
+async def test_a_store_from_before_migration_0004_keeps_its_rows_and_publishes_kem_keys(
+    accounts: Accounts, relay: RelayRunner
+) -> None:
+    """alice's store as the node before post-quantum keys wrote it (migrations 0001-0003
+    only), holding what it held: her account keys, a contact, a classical session not yet
+    answered, her prekeys, a message. The current node opens it: migration 0004 (and the
+    later ones) leave every row as it was; her next connection publishes her KEM keys, and
+    the old session goes on."""
+    with trio.fail_after(DEADLINE):
+        alice, bob = await classical_pair(accounts, relay)
+        await relay_sql(relay, "DELETE FROM kem_prekeys WHERE device_id = ?", alice.device_id)
+        home, config = alice.home, alice.config
+        key = store_key(PASSWORD, bytes.fromhex(config.store_salt), config.kdf_params)
+        alice.close()
+        before = rebuild_before(home.store_path, key, node_migrations, "0004_post_quantum")
+        assert all(before[t] for t in ("meta", "contacts", "contact_devices", "sessions", "signed_prekeys",
+                                       "one_time_prekeys", "messages"))
+        assert "kem_keys" not in before
+        alice = Node.unlock(Home(home.path), PASSWORD)
+        accounts.nodes.append(alice)
+        assert [m.name for m in node_migrations.pending(alice.store.db)] == []
+        for table, rows in before.items():
+            assert table_rows(alice.store.conn, table) == rows, table
+        assert alice.store.newest_kem_key(KemUse.ENVELOPE) is None
+        assert not session_is_pq(alice, "bob", bob.device_id)
+        assert await receive(alice) == []  # her first connection since: the keys go up
+        assert alice.store.newest_kem_key(KemUse.ENVELOPE) is not None
+        assert await kem_counts(relay, alice) == PUBLISHED
+        assert await receive(bob) == ["classic"]
+        await send(bob, "alice", "answered")
+        (answer,) = await held(relay, alice)
+        assert answer[0] == HYBRID_VERSION  # bob's lookup found her envelope key
+        assert await receive(alice) == ["answered"]
+        await send(alice, "bob", "the old session goes on")
+        assert await receive(bob) == ["the old session goes on"]
+        assert not session_is_pq(alice, "bob", bob.device_id)

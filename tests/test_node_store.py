@@ -1,14 +1,45 @@
-"""The node store's read marks and chat input history, on real SQLCipher files."""
+"""The node store's read marks and chat input history, on real SQLCipher files; and
+`rebuild_before`, which turns a SQLCipher file into one from before a migration."""
 
 from __future__ import annotations
 
 import secrets
 from pathlib import Path
+from typing import Any
+
+from sqlite_utils.migrations import Migrations
 
 from cipherdb import open_encrypted
 from node.store import INPUT_HISTORY_MAX, NodeStore, StoredMessage, migrations
 
 KEY = bytes(range(32))
+
+
+def table_rows(conn: Any, table: str) -> list[tuple[Any, ...]]:
+    """A table's rows, in a set order (for comparing before and after)."""
+    return sorted((tuple(r) for r in conn.execute(f"SELECT * FROM {table}")), key=repr)
+
+
+def rebuild_before(path: Path, key: bytes, migrations: Migrations, stop_before: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Rewrite the SQLCipher file at ``path`` as the code before migration ``stop_before``
+    left it: a new file made by the migrations before that one only, holding the rows of
+    its tables that the file holds now (what a later migration added is left out).
+    Returns those rows, by table."""
+    db = open_encrypted(path, key)
+    now = {t: table_rows(db.conn, t) for t in db.table_names() if not t.startswith(("sqlite_", "_sqlite"))}
+    db.conn.close()
+    for f in path.parent.glob(path.name + "*"):
+        f.unlink()
+    db = open_encrypted(path, key)
+    migrations.apply(db, stop_before=stop_before)
+    kept = {t: now[t] for t in db.table_names() if not t.startswith(("sqlite_", "_sqlite"))}
+    with db.atomic():
+        for t, rows in kept.items():
+            for r in rows:
+                db.conn.execute(f"INSERT INTO {t} VALUES ({', '.join('?' * len(r))})", r)
+    assert next(m.name for m in migrations.pending(db)) == stop_before
+    db.conn.close()
+    return kept
 
 
 def message(peer: str, outgoing: bool = False) -> StoredMessage:
