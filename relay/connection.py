@@ -13,18 +13,24 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import ssl
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from wsproto.connection import ConnectionState
+from wsproto.events import BytesMessage
 
 import wire
 from relay.limits import Bucket, ByteBudget
 from relay.service import Peer, Rations, Refused, RelayService
+from relay.tlsstream import TlsStream
 
 log = logging.getLogger("veil.relay")
 
 SEND_TIMEOUT = 30.0
+CHECKPOINT_EVERY = 64  # frames the sender writes at most between two trips through the scheduler
 HEARTBEAT_INTERVAL = 20.0
 HEARTBEAT_TIMEOUT = 20.0
 OUTBOX_FRAMES = 1024
@@ -96,6 +102,36 @@ def _drop_queued(ws: WebSocketConnection) -> None:
         except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError, trio.BrokenResourceError):
             break
     ws._message_parts = []
+
+
+def _write_now(ws: WebSocketConnection, data: bytes) -> bytes | None:
+    """Write one binary message to the socket at once, without waiting: what the socket
+    did not take (b"" when it took all), to be sent the slow way under trio-websocket's
+    lock; None when this cannot be tried (the stream is busy or closing, or of a kind
+    not known here), and nothing was written. (trio-websocket's own send goes through
+    its lock and the stream's send, two trips through the scheduler per frame.)"""
+    stream = ws._stream
+    if ws._close_reason is not None or ws._stream_lock.locked() or ws._wsproto.state != ConnectionState.OPEN:
+        return None
+    if isinstance(stream, TlsStream):
+        sock: Any = stream.socket
+        if stream._sending or not stream._handshake_done or stream._broken or stream._closed:
+            return None
+        errors: tuple[type[BaseException], ...] = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+    elif isinstance(stream, trio.SocketStream):
+        sock = stream.socket._sock  # type: ignore[attr-defined]  # the socket.socket within
+        errors = (BlockingIOError, InterruptedError)
+    else:
+        return None
+    frame = ws._wsproto.send(BytesMessage(data=data))
+    view = memoryview(frame)
+    while view:
+        try:
+            n = sock.send(view)
+        except errors:
+            break
+        view = view[n:]
+    return bytes(view)
 
 
 async def _abort(ws: WebSocketConnection) -> None:
@@ -182,7 +218,10 @@ class RelayConnections:
                 held = 1
                 await self.budget.acquire(size)
                 held = 2
-                await send_in.send((data, size))
+                try:  # no trip through the scheduler when there is room (most of the time)
+                    send_in.send_nowait((data, size))
+                except trio.WouldBlock:
+                    await send_in.send((data, size))
             except BaseException:  # not queued (cancelled, or the connection is closing)
                 if held >= 1:
                     budget.release(size)
@@ -250,15 +289,38 @@ class RelayConnections:
         self, ws: WebSocketConnection, frames: trio.MemoryReceiveChannel[tuple[bytes, int]],
         budget: ByteBudget, scope: trio.CancelScope,
     ) -> None:
-        async for data, size in frames:
+        sent = 0
+        while True:
+            # Frames are taken and written without a trip through the scheduler while
+            # they come and the socket takes them (a checkpoint every CHECKPOINT_EVERY
+            # frames keeps this task from starving the others).
+            try:
+                data, size = frames.receive_nowait()
+            except trio.WouldBlock:
+                try:
+                    data, size = await frames.receive()
+                except trio.EndOfChannel:
+                    return
+            except trio.EndOfChannel:
+                return
             if size == _FINISH:
                 scope.cancel()
                 return
             done = False
             try:
                 with trio.move_on_after(SEND_TIMEOUT):
-                    await ws.send_message(data)
+                    sent += 1
+                    if sent % CHECKPOINT_EVERY == 0:
+                        await trio.lowlevel.checkpoint()
+                    rest = _write_now(ws, data)
+                    if rest is None:
+                        await ws.send_message(data)  # the slow way: trio-websocket's own
+                    elif rest:
+                        async with ws._stream_lock:
+                            await ws._stream.send_all(rest)
                     done = True
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the peer went (the stream is aborted below)
             finally:
                 if not done:
                     # trio-websocket's frames for this send end up in one of trio's reference
@@ -392,7 +454,10 @@ class RelayConnections:
             budgets = (state.send_bytes, self.service.send_budget(admitted.account), self.commit_budget)
             held: list[ByteBudget] = []
             try:
-                await state.inflight.acquire()
+                try:
+                    state.inflight.acquire_nowait()
+                except trio.WouldBlock:
+                    await state.inflight.acquire()
                 try:
                     for budget in budgets:
                         await budget.acquire(size)
