@@ -114,6 +114,36 @@ async def test_a_reader_that_stops_pins_a_bounded_amount_and_frees_it_at_once(ac
         assert alive(wire.Deliver) == 0
 
 
+async def test_a_reader_that_stalls_then_reads_gets_every_frame_whole(accounts: Accounts) -> None:
+    """The relay writes a frame at once as far as the socket takes it and the rest when
+    the peer reads again: a reader that stalls mid-backlog (the socket full mid-frame)
+    and then reads gets every envelope, whole and once, in order."""
+    relay = accounts.relay
+    with trio.fail_after(DEADLINE * 2):
+        alice = await accounts.register("alice")
+        bob = await accounts.register("bob")
+        sent: list[wire.Envelope] = []
+        async with raw_client(relay.url) as c:
+            await c.resume(alice)
+            await c.mail_until_synced()
+            for _ in range(30):
+                batch = [envelope(bob.device_id, blob=secrets.token_bytes(60_000)) for _ in range(4)]
+                await c.ok(wire.Send(id=c.next_id(), envelopes=batch))
+                sent += batch
+        async with slow_reader(relay.url) as s:
+            token = bob.store.get("token")
+            assert token
+            await s.send(wire.encode(wire.Resume(id=1, token=token)))
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # the relay is stuck mid-frame
+            got: list[wire.Mail] = []
+            while len(got) < len(sent):
+                frame = await s.frame()
+                if isinstance(frame, wire.Deliver):
+                    got += frame.items
+                    await s.send(wire.encode(wire.Ack(eids=[m.eid for m in frame.items])))
+        assert [(m.eid, m.blob) for m in got] == [(e.eid, e.blob) for e in sent]
+
+
 async def test_failed_logins_leave_nothing_behind(accounts: Accounts) -> None:
     with trio.fail_after(DEADLINE):
         alice = await accounts.register("alice")
