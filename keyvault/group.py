@@ -45,10 +45,12 @@ A create has no parents; every other change has at least one. The state:
   crossed; both removers are out, and the others they removed at that time stay in.
   Whether a change takes effect can depend on itself through others (removals crossing
   each other; a removal by someone whose own addition such a removal strikes): what the
-  rules decide is decided first (`_Resolution`, one outcome in any order), then the
-  first undecided removal in canonical order whose author's membership is certain goes
-  first. Descendants of a change that does not take effect are judged on their own:
-  parents need only be kept.
+  rules decide is decided first (`_Resolution`, one outcome in any order); what is left
+  (a cycle) is settled by the first way of deciding it that every rule agrees with, if
+  there are few enough to try them all, else by putting in the first undecided removal,
+  in canonical order, whose author's membership is certain (PROTOCOL.md 20, rule 4).
+  Descendants of a change that does not take effect are judged on their own: parents
+  need only be kept.
 - Members. Someone is a member if an effective change added them (the create adds its
   author and its subjects) and no effective removal of them has that addition among its
   ancestors. So two members who add someone at once both add them; a removal and an
@@ -69,6 +71,7 @@ import enum
 import functools
 import hashlib
 import heapq
+import itertools
 import re
 import secrets
 from collections.abc import Iterable
@@ -265,6 +268,12 @@ class GroupState:
     effective: frozenset[bytes] = frozenset()  # the kept changes that take effect
 
 
+Item = tuple[int, "str | None"]  # a change's position, and the subject for a removal
+MAX_SETTLE_RETRIES = 4  # folds again when a settle turns out to contradict the rules
+MAX_SEARCHED = 12  # undecided items for which every way to decide them is tried (2**12)
+SEARCH_BUDGET = 1 << 20  # ... when trying them all looks at no more than this many changes
+
+
 class _Resolution:
     """Which kept changes take effect (the rules in the module docstring, "Removal
     wins"). Decided per *item*: a create, add or rename is one item; a removal is one
@@ -280,11 +289,15 @@ class _Resolution:
     Deciding only ever adds to "in" and "out", so this part has one outcome, whatever the
     order of evaluation (a worklist). What it leaves undecided depends on itself in a
     cycle (removals crossing each other, or a removal whose author was added by a change
-    that such a removal strikes): the first undecided removal item, in canonical order,
-    whose author is certainly a member of its past is put in, and deciding goes on; if
-    there is none, the first undecided item is put out. So a member whose standing does
-    not hang on the contested changes wins over one whose standing does, and every member
-    comes to the same result. Ancestry is kept as bit strings (one bit per change)."""
+    that such a removal strikes). If it is small, every way to decide it is tried, nearest
+    first to "removals in, the rest out", and the first the rules agree with stands
+    (`_search`). Else, or if there is none: the first undecided removal item, in canonical
+    order, whose author is certainly a member of its past is put in, and deciding goes on;
+    if there is none, the first undecided item is put out; a choice the finished outcome
+    contradicts is barred and the whole tried again, a few times (`fold`). So a member
+    whose standing does not hang on the contested changes wins over one whose standing
+    does, and every member comes to the same result. Ancestry is kept as bit strings (one
+    bit per change)."""
 
     def __init__(self, order: list[Change], anc: list[bytes], root: int) -> None:
         self.order = order
@@ -292,8 +305,8 @@ class _Resolution:
         self.root = root
         self.adds: dict[str, list[int]] = {}
         self.removes: dict[str, list[int]] = {}
-        self.by_author: dict[str, list[tuple[int, str | None]]] = {}
-        self.items: list[tuple[int, str | None]] = []
+        self.by_author: dict[str, list[Item]] = {}
+        self.items: list[Item] = []
         for i, c in enumerate(order):
             if c.action == Action.CREATE:
                 self.adds.setdefault(c.author, []).append(i)
@@ -306,12 +319,37 @@ class _Resolution:
                     self._item(i, who)
             else:
                 self._item(i, None)
-        self.status: dict[tuple[int, str | None], bool] = {(root, None): True}
-        # For each addition of a name, the removals of that name that descend from it.
-        self.undoing: dict[tuple[str, int], list[int]] = {
-            (who, a): [r for r in self.removes.get(who, ()) if self._has(r, a)]
+        # For each addition of a name, the removals of that name that descend from it and
+        # are not out (one that is out undoes nothing: it is dropped from here).
+        self._undoing: dict[tuple[str, int], set[int]] = {
+            (who, a): {r for r in self.removes.get(who, ()) if self._has(r, a)}
             for who, added in self.adds.items() for a in added
         }
+        # Who strikes whom (precomputed once): for each item, how many of its strikers are
+        # undecided and whether one is in; for each removal item, the items it strikes.
+        self.strikes: dict[Item, list[Item]] = {}
+        self._open_strikers: dict[Item, int] = {}
+        for item in self.items:
+            i, subject = item
+            author = order[i].author
+            n = 0
+            for r in self.removes.get(author, ()):
+                if r == i or self._has(i, r) or self._has(r, i):
+                    continue  # not crossing
+                if subject is not None and subject == order[r].author:
+                    continue  # a removal of exactly the one who removes its author
+                self.strikes.setdefault((r, author), []).append(item)
+                n += 1
+            self._open_strikers[item] = n
+        self.position = {item: n for n, item in enumerate(self.items)}
+
+    def _reset(self) -> None:
+        """The state of one run (decided items, and what follows from them)."""
+        self.status: dict[Item, bool] = {(self.root, None): True}
+        self.undoing = {k: set(v) for k, v in self._undoing.items()}
+        self.open_strikers = dict(self._open_strikers)
+        self.struck_by_in: set[Item] = set()
+        self._members: dict[tuple[str, int], bool] = {}  # member() once it is decided
 
     def _item(self, i: int, subject: str | None) -> None:
         self.items.append((i, subject))
@@ -325,8 +363,12 @@ class _Resolution:
     def member(self, who: str, i: int | None) -> bool | None:
         """Whether ``who`` is a member of the past of change i (None: of every kept
         change): True, False, or None while that is undecided."""
+        if i is not None:
+            known = self._members.get((who, i))
+            if known is not None:
+                return known
         result: bool | None = False
-        for a in self.adds.get(who, ()):
+        for a in reversed(self.adds.get(who, ())):  # (the latest addition is the likeliest)
             if i is not None and not self._has(i, a):
                 continue
             added = self.status.get((a, None))
@@ -335,73 +377,127 @@ class _Resolution:
             maybe = added is None
             for r in self.undoing[(who, a)]:
                 if i is None or self._has(i, r):
-                    gone = self.status.get((r, who))
-                    if gone:
+                    if self.status.get((r, who)):
                         break
-                    if gone is None:
-                        maybe = True
+                    maybe = True  # (only undecided ones are left in undoing)
             else:
                 if not maybe:
-                    return True
+                    result = True
+                    break
                 result = None
+        if i is not None and result is not None:
+            self._members[(who, i)] = result
         return result
 
-    def _struck(self, i: int, subject: str | None) -> bool | None:
-        author = self.order[i].author
-        result: bool | None = False
-        for r in self.removes.get(author, ()):
-            if r == i or self._has(i, r) or self._has(r, i):
-                continue  # not crossing
-            if subject is not None and subject == self.order[r].author:
-                continue  # a removal of exactly the one who removes its author
-            gone = self.status.get((r, author))
-            if gone:
-                return True
-            if gone is None:
-                result = None
-        return result
+    def _struck(self, item: Item) -> bool | None:
+        if item in self.struck_by_in:
+            return True
+        return None if self.open_strikers[item] else False
 
-    def _evaluate(self, item: tuple[int, str | None]) -> bool | None:
-        i, subject = item
+    def _evaluate(self, item: Item) -> bool | None:
+        i = item[0]
         author = self.order[i].author
         m = self.member(author, i)
         if m is False:
             return False
-        s = self._struck(i, subject)
+        s = self._struck(item)
         if s:
             return False
         return True if m and s is False else None
 
-    def run(self) -> None:
-        work = list(reversed(self.items))
-        queued = set(work)
+    def run(self, vetoed: frozenset[tuple[Item, bool]] = frozenset()) -> None:
+        """Decide every item; a cycle is settled as the class docstring says, except that
+        no item is settled as ``vetoed`` says (item, in or out) while another can be
+        (see `fold`)."""
+        self._reset()
+        self.forced: list[tuple[Item, bool]] = []
+        # The worklist by canonical position: an item is looked at after the items before
+        # it that it may depend on, so that it is mostly decided the first time.
+        work = list(range(len(self.items)))
+        queued = set(self.items)
+        first = 0  # every item before this one is decided
         while True:
             while work:
-                item = work.pop()
+                item = self.items[heapq.heappop(work)]
                 queued.discard(item)
                 if item in self.status:
                     continue
                 v = self._evaluate(item)
                 if v is not None:
                     self._decide(item, v, work, queued)
-            undecided = [it for it in self.items if it not in self.status]
-            if not undecided:
+            while first < len(self.items) and self.items[first] in self.status:
+                first += 1
+            if first == len(self.items):
                 return
-            first = next((it for it in undecided if it[1] is not None
-                          and self.member(self.order[it[0]].author, it[0]) is True), None)
-            if first is not None:
-                self._decide(first, True, work, queued)
+            undecided = [it for it in self.items[first:] if it not in self.status]
+            if not self.forced and len(undecided) <= MAX_SEARCHED:
+                found = self._search(undecided)
+                if found is not None:  # an outcome every rule agrees with: it stands
+                    for it, v in zip(undecided, found, strict=True):
+                        self._decide(it, v, work, queued)
+                    work.clear()
+                    return
+            chosen = next((it for it in undecided if it[1] is not None and (it, True) not in vetoed
+                           and self.member(self.order[it[0]].author, it[0]) is True), None)
+            if chosen is not None:
+                self.forced.append((chosen, True))
+                self._decide(chosen, True, work, queued)
             else:
-                self._decide(undecided[0], False, work, queued)
+                out = next((it for it in undecided if (it, False) not in vetoed), undecided[0])
+                self.forced.append((out, False))
+                self._decide(out, False, work, queued)
 
-    def _decide(self, item: tuple[int, str | None], value: bool, work: list[tuple[int, str | None]],
-                queued: set[tuple[int, str | None]]) -> None:
+    def _search(self, undecided: list[Item]) -> list[bool] | None:
+        """Of the ways to decide ``undecided`` (few), the first that every rule agrees
+        with, nearest first to "removals in, the rest out" (fewest changes from it, the
+        earliest items changed first); None if there is none (a ring)."""
+        default = [it[1] is not None for it in undecided]
+        strikers: dict[Item, list[Item]] = {}
+        for striker, struck in self.strikes.items():
+            for it in struck:
+                strikers.setdefault(it, []).append(striker)
+        n = len(undecided)
+        # The cost of one try, bounded in all (the search gives up past SEARCH_BUDGET).
+        cost = sum(1 + len(self.adds.get(self.order[it[0]].author, ())) + len(strikers.get(it, ()))
+                   for it in undecided)
+        if cost << n > SEARCH_BUDGET:
+            return None
+        for flips in range(n + 1):
+            for chosen in itertools.combinations(range(n), flips):
+                values = list(default)
+                for k in chosen:
+                    values[k] = not values[k]
+                status = {**self.status, **dict(zip(undecided, values, strict=True))}
+                if all(self._holds(it, v, status, strikers) for it, v in zip(undecided, values, strict=True)):
+                    return values
+        return None
+
+    def _holds(self, item: Item, value: bool, status: dict[Item, bool], strikers: dict[Item, list[Item]]) -> bool:
+        """Whether the rules give ``item`` ``value`` when everything is as ``status``."""
+        i = item[0]
+        who = self.order[i].author
+        member = any(
+            self._has(i, a) and status.get((a, None), False)
+            and not any(self._has(i, r) and status.get((r, who), False) for r in self._undoing[(who, a)])
+            for a in self.adds.get(who, ())
+        ) if i != self.root else True
+        struck = any(status.get(r, False) for r in strikers.get(item, ()))
+        return (member and not struck) is value
+
+    def _decide(self, item: Item, value: bool, work: list[int], queued: set[Item]) -> None:
         self.status[item] = value
         # Who this item adds or removes: the items of theirs may be decidable now.
         i, subject = item
         c = self.order[i]
         if subject is not None:
             touched: tuple[str, ...] = (subject,)
+            for struck in self.strikes.get(item, ()):
+                self.open_strikers[struck] -= 1
+                if value:
+                    self.struck_by_in.add(struck)
+            if not value:
+                for a in self.adds.get(subject, ()):
+                    self.undoing[(subject, a)].discard(i)
         elif c.action == Action.CREATE:
             touched = (c.author, *c.subjects)
         elif c.action == Action.ADD:
@@ -412,7 +508,16 @@ class _Resolution:
             for it in self.by_author.get(who, ()):
                 if it not in self.status and it not in queued:
                     queued.add(it)
-                    work.append(it)
+                    heapq.heappush(work, self.position[it])
+
+    def broken(self) -> tuple[Item, bool] | None:
+        """The first settle that the rules, once everything is decided, contradict: an
+        item put in that a striker that came in later strikes (or whose author's
+        membership went), or one put out that they say is in."""
+        for item, value in self.forced:
+            if self._evaluate(item) is not value:
+                return item, value
+        return None
 
     def effective(self) -> set[int]:
         """The changes with an item that takes effect."""
@@ -485,8 +590,16 @@ def fold(group_id: bytes, changes: Iterable[Change]) -> GroupState:
     anc = [bits.to_bytes(size, "little") for bits in bit_sets]
     del bit_sets
     kept = set(at)
+    # A settle that the rules contradict once everything is decided is tried again with
+    # that choice barred, a few times at most (the last try stands, for everyone alike).
+    vetoed: frozenset[tuple[Item, bool]] = frozenset()
     resolution = _Resolution(kept_order, anc, at[root.hash])
-    resolution.run()
+    for _ in range(MAX_SETTLE_RETRIES + 1):
+        resolution.run(vetoed)
+        bad = resolution.broken()
+        if bad is None:
+            break
+        vetoed |= {bad}
     order = kept_order
     effective = {order[i].hash for i in resolution.effective()}
     members = resolution.members()
