@@ -284,3 +284,22 @@ def test_strangers_cannot_push_a_group_out_of_limbo(key_pool: list, tmp_path: Pa
         with carol.transaction():
             got, _, _ = groups.merge(root.group_id, piece, identity, "alice")
     assert got is not None and "carol" in got.members and got.name == "t599"
+
+
+async def test_many_changes_made_offline_go_out_once(accounts: Accounts, relay: RelayRunner) -> None:
+    """alice renames the group 300 times while offline; her next connection sends carol
+    the group's changes once (a few letters), not once per change."""
+    from tests.test_forward_secrecy import captured
+
+    with trio.fail_after(DEADLINE):
+        alice, carol = [await accounts.register(n) for n in ("alice", "carol")]
+        alice.group_create("friends", ["carol"])
+        await sync(alice, carol)
+        for i in range(300):
+            alice.group_change("friends", Action.RENAME, name=f"name {i}")
+        async with alice.connected():
+            pass
+        held = await captured(relay, carol)
+        assert 1 <= len(held) <= 4, len(held)
+        await sync(carol)
+        assert carol.groups.state(carol.groups.find("friends")).name == "name 299"
