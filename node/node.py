@@ -245,9 +245,10 @@ CHANGES_PER_LETTER_BYTES = 40_000  # of encoded changes in one letter (an envelo
 @dataclass
 class _GroupSealing:
     """The letters of a group message for each device (inside the sealing transaction):
-    the group's changes first if the device has not had them all from us, then the text
-    (unless the message is a change: a device that has had this version from us already
-    has the change, so a hundred changes made offline go out once, not a hundred times)."""
+    the group's changes first if the device has not had them all from us (or the message
+    is a resync), then the text (unless the message is a change or a resync: a device that
+    has had this version from us has the change, so a hundred changes made offline go out
+    once, not a hundred times)."""
 
     store: NodeStore
     gid: bytes
@@ -272,11 +273,14 @@ class _GroupSealing:
         if chunk:
             self.chunks.append(tuple(chunk))
         self.notice = self.store.group_notice(self.m.msg_id) is not None
+        # A resync (a notice that is not one of our changes) passes the changes on to
+        # every device, whatever it had from us: it is sent because some may lack some.
+        self.resync = self.notice and not self.store.is_group_event(self.m.msg_id)
 
     def letters(self, peer: Peer) -> list[bytes]:
         m, out = self.m, []
         sent = self.store.group_sent(self.gid, peer.name, peer.device_id)
-        if sent < self.version:  # (a notice too: a device that has this version has the change)
+        if self.resync or sent < self.version:  # (a change: a device with this version has it)
             # Each letter is parents-first. To a device we sent the group before, oldest
             # first: it holds the group, and takes each letter whole (a device keeps only
             # MAX_PENDING changes waiting for parents). To one that may not hold it yet,
