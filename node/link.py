@@ -38,6 +38,9 @@ from node.errors import (
 )
 from node.onion_auth import OnionAuthRefused, add_client_auth, refused
 from wire.address import AddressError, RelayAddress, is_loopback, parse_address
+from wire.websocket import guard as _guard_websocket
+
+_guard_websocket()  # a Ping after our Close must not end the whole server (wire/websocket.py)
 
 CONNECT_TIMEOUT = 15.0
 HANDSHAKE_TIMEOUT = 30.0  # the WebSocket handshake over a SOCKS stream (Tor is slower)

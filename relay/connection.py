@@ -26,6 +26,9 @@ import wire
 from relay.limits import Bucket, ByteBudget
 from relay.service import Peer, Rations, Refused, RelayService
 from relay.tlsstream import TlsStream
+from wire.websocket import guard as _guard_websocket
+
+_guard_websocket()  # a Ping after our Close must not end the whole server (wire/websocket.py)
 
 log = logging.getLogger("veil.relay")
 

@@ -24,7 +24,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 
 import wire
 from keyvault.keys import AccountKeys, sign_account_keys, sign_device
-from relay.connection import WAITING_BYTES, Limits
+from relay.connection import MAX_VIOLATIONS, WAITING_BYTES, Limits
 from relay.delivery import DELIVER_BYTES
 from relay.service import MAX_PER_DEVICE, Peer, Rations
 from tests.conftest import Accounts, RelayRunner
@@ -142,6 +142,48 @@ async def test_a_reader_that_stalls_then_reads_gets_every_frame_whole(accounts: 
                     got += frame.items
                     await s.send(wire.encode(wire.Ack(eids=[m.eid for m in frame.items])))
         assert [(m.eid, m.blob) for m in got] == [(e.eid, e.blob) for e in sent]
+
+
+@pytest.mark.parametrize("after", [
+    bytes([0x89, 0x84]) + b"\x00\x00\x00\x00" + b"ping",  # a masked Ping
+    bytes([0xC2, 0x84]) + b"\x00\x00\x00\x00" + b"junk",  # a reserved bit set: a protocol error
+])
+async def test_a_ping_after_the_relays_close_frame_ends_only_that_connection(relay: RelayRunner, after: bytes) -> None:
+    """A peer makes the relay end its connection (too many malformed frames), and once the
+    relay's Close frame is out sends a Ping (or a malformed frame): trio-websocket answered
+    with a Pong (or a Close) that wsproto refuses in that state, from a task outside the
+    connection's handler, and the whole relay stopped (found by an attacker's review).
+    Now the relay goes on serving."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request
+
+    assert relay.info is not None
+    with trio.fail_after(DEADLINE):
+        stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", relay.info.port)
+        if relay.url.startswith("wss://"):
+            stream = trio.SSLStream(stream, insecure_context(), server_hostname="localhost")
+            await stream.do_handshake()
+        ws = WSConnection(ConnectionType.CLIENT)
+        await stream.send_all(ws.send(Request(host="localhost", target=wire.PATH)))
+        accepted = False
+        while not accepted:
+            ws.receive_data(await stream.receive_some(65536))
+            accepted = any(isinstance(e, AcceptConnection) for e in ws.events())
+        await stream.send_all(b"".join(ws.send(BytesMessage(data=b"\xff\x00junk")) for _ in range(MAX_VIOLATIONS + 1)))
+        closed = False
+        while not closed:
+            data = await stream.receive_some(65536)
+            assert data
+            ws.receive_data(data)
+            closed = any(isinstance(e, CloseConnection) for e in ws.events())
+        # Our wsproto would not send a Ping after a Close: a frame written by hand (a Ping,
+        # or a malformed frame, which trio-websocket answers with a Close of its own).
+        await stream.send_all(after)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # the relay has read it
+        async with raw_client(relay.url) as other:
+            await other.send(wire.encode(wire.AuthParams(id=1, name="nobody")))
+            assert not isinstance(await other.frame(), wire.Error)
+        await trio.aclose_forcefully(stream)
 
 
 async def test_failed_logins_leave_nothing_behind(accounts: Accounts) -> None:
