@@ -325,29 +325,28 @@ class _Resolution:
             (who, a): {r for r in self.removes.get(who, ()) if self._has(r, a)}
             for who, added in self.adds.items() for a in added
         }
-        # Who strikes whom (precomputed once): for each item, how many of its strikers are
-        # undecided and whether one is in; for each removal item, the items it strikes.
+        # Who strikes whom (precomputed once): for each item, its strikers; for each
+        # removal item, the items it strikes.
         self.strikes: dict[Item, list[Item]] = {}
-        self._open_strikers: dict[Item, int] = {}
+        self.strikers: dict[Item, list[Item]] = {}
         for item in self.items:
             i, subject = item
             author = order[i].author
-            n = 0
+            mine = self.strikers[item] = []
             for r in self.removes.get(author, ()):
                 if r == i or self._has(i, r) or self._has(r, i):
                     continue  # not crossing
                 if subject is not None and subject == order[r].author:
                     continue  # a removal of exactly the one who removes its author
                 self.strikes.setdefault((r, author), []).append(item)
-                n += 1
-            self._open_strikers[item] = n
+                mine.append((r, author))
         self.position = {item: n for n, item in enumerate(self.items)}
 
     def _reset(self) -> None:
         """The state of one run (decided items, and what follows from them)."""
         self.status: dict[Item, bool] = {(self.root, None): True}
         self.undoing = {k: set(v) for k, v in self._undoing.items()}
-        self.open_strikers = dict(self._open_strikers)
+        self.open_strikers = {item: len(strikers) for item, strikers in self.strikers.items()}  # undecided ones
         self.struck_by_in: set[Item] = set()
         self._members: dict[tuple[str, int], bool] = {}  # member() once it is decided
 
@@ -357,8 +356,7 @@ class _Resolution:
 
     def _has(self, i: int, j: int) -> bool:
         """Whether change j is an ancestor of change i."""
-        bits = self.anc[i]
-        return j >> 3 < len(bits) and bool(bits[j >> 3] >> (j & 7) & 1)
+        return bool(self.anc[i][j >> 3] >> (j & 7) & 1)
 
     def member(self, who: str, i: int | None) -> bool | None:
         """Whether ``who`` is a member of the past of change i (None: of every kept
@@ -452,13 +450,9 @@ class _Resolution:
         with, nearest first to "removals in, the rest out" (fewest changes from it, the
         earliest items changed first); None if there is none (a ring)."""
         default = [it[1] is not None for it in undecided]
-        strikers: dict[Item, list[Item]] = {}
-        for striker, struck in self.strikes.items():
-            for it in struck:
-                strikers.setdefault(it, []).append(striker)
         n = len(undecided)
         # The cost of one try, bounded in all (the search gives up past SEARCH_BUDGET).
-        cost = sum(1 + len(self.adds.get(self.order[it[0]].author, ())) + len(strikers.get(it, ()))
+        cost = sum(1 + len(self.adds.get(self.order[it[0]].author, ())) + len(self.strikers[it])
                    for it in undecided)
         if cost << n > SEARCH_BUDGET:
             return None
@@ -468,11 +462,11 @@ class _Resolution:
                 for k in chosen:
                     values[k] = not values[k]
                 status = {**self.status, **dict(zip(undecided, values, strict=True))}
-                if all(self._holds(it, v, status, strikers) for it, v in zip(undecided, values, strict=True)):
+                if all(self._holds(it, v, status) for it, v in zip(undecided, values, strict=True)):
                     return values
         return None
 
-    def _holds(self, item: Item, value: bool, status: dict[Item, bool], strikers: dict[Item, list[Item]]) -> bool:
+    def _holds(self, item: Item, value: bool, status: dict[Item, bool]) -> bool:
         """Whether the rules give ``item`` ``value`` when everything is as ``status``."""
         i = item[0]
         who = self.order[i].author
@@ -481,7 +475,7 @@ class _Resolution:
             and not any(self._has(i, r) and status.get((r, who), False) for r in self._undoing[(who, a)])
             for a in self.adds.get(who, ())
         ) if i != self.root else True
-        struck = any(status.get(r, False) for r in strikers.get(item, ()))
+        struck = any(status.get(r, False) for r in self.strikers[item])
         return (member and not struck) is value
 
     def _decide(self, item: Item, value: bool, work: list[int], queued: set[Item]) -> None:

@@ -298,12 +298,10 @@ class RelayConnections:
             # they come and the socket takes them (a checkpoint every CHECKPOINT_EVERY
             # frames keeps this task from starving the others).
             try:
-                data, size = frames.receive_nowait()
-            except trio.WouldBlock:
                 try:
+                    data, size = frames.receive_nowait()
+                except trio.WouldBlock:
                     data, size = await frames.receive()
-                except trio.EndOfChannel:
-                    return
             except trio.EndOfChannel:
                 return
             if size == _FINISH:

@@ -204,7 +204,6 @@ async def test_an_unanswered_classical_session_with_a_device_now_pq_is_replaced(
         assert session_is_pq(bob, "alice", alice.device_id)
 
 
-
 async def test_a_relay_from_before_gets_only_frames_it_knows(
     accounts: Accounts, relay: RelayRunner, old_relay: list[dict[str, Any]]
 ) -> None:
