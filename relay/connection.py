@@ -114,7 +114,8 @@ def _write_now(ws: WebSocketConnection, data: bytes) -> bytes | None:
     not known here), and nothing was written. (trio-websocket's own send goes through
     its lock and the stream's send, two trips through the scheduler per frame.)"""
     stream = ws._stream
-    if ws._close_reason is not None or ws._stream_lock.locked() or ws._wsproto.state != ConnectionState.OPEN:
+    if (ws._close_reason is not None or ws._stream_lock.locked() or getattr(ws, "veil_hold", None) is not None
+            or ws._wsproto.state != ConnectionState.OPEN):
         return None
     if isinstance(stream, TlsStream):
         sock: Any = stream.socket
@@ -135,6 +136,39 @@ def _write_now(ws: WebSocketConnection, data: bytes) -> bytes | None:
             break
         view = view[n:]
     return bytes(view)
+
+
+class _Line:
+    """Who may write to a connection now. A frame is written at once, by whoever made it
+    (an answer from the commit's callback, a delivery from the outlet), when nothing is
+    queued before it and the sender task is not in the middle of a frame: one trip
+    through the scheduler less per frame, in the same order as through the queue. When
+    the socket takes only part of it, the rest is queued first and trio-websocket's own
+    frames (a Pong, a Close) wait for it (``veil_hold``, wire/websocket.py)."""
+
+    def __init__(self, ws: WebSocketConnection, queue: trio.MemoryReceiveChannel[tuple[bytes, int, bool]]) -> None:
+        self.ws = ws
+        self.queue = queue
+        self.busy = False  # the sender task holds a frame it has not finished writing
+
+    def direct(self, data: bytes) -> bytes | None:
+        """Write ``data`` now if it may go first: what the socket did not take (b"": all
+        of it; else the rest must go next, whole, before anything else, and every other
+        writer is held until ``release``), or None when it must be queued (nothing was
+        written)."""
+        if self.busy or self.queue.statistics().current_buffer_used:
+            return None
+        rest = _write_now(self.ws, data)
+        if rest:
+            self.ws.veil_hold = trio.Event()  # type: ignore[attr-defined]
+        return rest
+
+    def release(self) -> None:
+        """The rest of a half-written frame is out (or never will be): others may write."""
+        hold: trio.Event | None = getattr(self.ws, "veil_hold", None)
+        if hold is not None:
+            self.ws.veil_hold = None  # type: ignore[attr-defined]
+            hold.set()
 
 
 async def _abort(ws: WebSocketConnection) -> None:
@@ -208,9 +242,21 @@ class RelayConnections:
         # and cannot wait, skip the budgets and always find room (their number is bounded
         # by MAX_INFLIGHT per turn of the reader; a peer that stops reading altogether is
         # dropped once the queue is full).
-        send_in, send_out = trio.open_memory_channel[tuple[bytes, int]](OUTBOX_FRAMES)
+        send_in, send_out = trio.open_memory_channel[tuple[bytes, int, bool]](OUTBOX_FRAMES)
         budget = ByteBudget(WAITING_BYTES)
         peer = Peer()
+        line = _Line(ws, send_out)
+
+        def queue_rest(rest: bytes, size: int) -> None:
+            # Half a frame is out (the socket took no more): the rest goes next, before
+            # anything else (the queue is empty, and _Line holds every other writer).
+            try:
+                send_in.send_nowait((rest, size, True))
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                line.release()
+                if peer.nursery is not None:
+                    peer.nursery.cancel_scope.cancel()
+                raise trio.BrokenResourceError from None
 
         async def send(frame: wire.Frame) -> None:
             data = wire.encode(frame)
@@ -221,10 +267,17 @@ class RelayConnections:
                 held = 1
                 await self.budget.acquire(size)
                 held = 2
-                try:  # no trip through the scheduler when there is room (most of the time)
-                    send_in.send_nowait((data, size))
-                except trio.WouldBlock:
-                    await send_in.send((data, size))
+                rest = line.direct(data)
+                if rest is None:
+                    try:  # no trip through the scheduler when there is room (most of the time)
+                        send_in.send_nowait((data, size, False))
+                    except trio.WouldBlock:
+                        await send_in.send((data, size, False))
+                elif rest:
+                    queue_rest(rest, size)
+                else:  # written whole, at once: nothing waits
+                    budget.release(size)
+                    self.budget.release(size)
             except BaseException:  # not queued (cancelled, or the connection is closing)
                 if held >= 1:
                     budget.release(size)
@@ -234,8 +287,13 @@ class RelayConnections:
                 raise
 
         def reply(frame: wire.Frame) -> None:
+            data = wire.encode(frame)
+            rest = line.direct(data)
             try:
-                send_in.send_nowait((wire.encode(frame), 0))
+                if rest is None:
+                    send_in.send_nowait((data, 0, False))
+                elif rest:
+                    queue_rest(rest, 0)
             except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
                 if peer.nursery is not None:
                     peer.nursery.cancel_scope.cancel()
@@ -251,8 +309,8 @@ class RelayConnections:
             if nursery is None:
                 return
             try:
-                send_in.send_nowait((wire.encode(frame), 0))
-                send_in.send_nowait((b"", _FINISH))
+                send_in.send_nowait((wire.encode(frame), 0, False))
+                send_in.send_nowait((b"", _FINISH, False))
             except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
                 nursery.cancel_scope.cancel()
                 return
@@ -265,7 +323,7 @@ class RelayConnections:
         try:
             async with trio.open_nursery() as nursery:
                 peer.nursery = nursery
-                nursery.start_soon(self._sender, ws, send_out, budget, nursery.cancel_scope)
+                nursery.start_soon(self._sender, ws, line, send_out, budget, nursery.cancel_scope)
                 self._live[ws] = nursery.cancel_scope
                 with reading:
                     await self._reader(ws, peer, nursery, counted)
@@ -287,9 +345,10 @@ class RelayConnections:
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
             send_out.close()
+            line.release()
 
     async def _sender(
-        self, ws: WebSocketConnection, frames: trio.MemoryReceiveChannel[tuple[bytes, int]],
+        self, ws: WebSocketConnection, line: _Line, frames: trio.MemoryReceiveChannel[tuple[bytes, int, bool]],
         budget: ByteBudget, scope: trio.CancelScope,
     ) -> None:
         sent = 0
@@ -299,11 +358,12 @@ class RelayConnections:
             # frames keeps this task from starving the others).
             try:
                 try:
-                    data, size = frames.receive_nowait()
+                    data, size, raw = frames.receive_nowait()
                 except trio.WouldBlock:
-                    data, size = await frames.receive()
+                    data, size, raw = await frames.receive()
             except trio.EndOfChannel:
                 return
+            line.busy = True  # until this frame is out, no one else writes (_Line.direct)
             if size == _FINISH:
                 scope.cancel()
                 return
@@ -313,7 +373,7 @@ class RelayConnections:
                     sent += 1
                     if sent % CHECKPOINT_EVERY == 0:
                         await trio.lowlevel.checkpoint()
-                    rest = _write_now(ws, data)
+                    rest = data if raw else _write_now(ws, data)
                     if rest is None:
                         await ws.send_message(data)  # the slow way: trio-websocket's own
                     elif rest:
@@ -329,6 +389,9 @@ class RelayConnections:
                     # until a full collection: count them towards one.
                     self.abandoned += len(data)
                 data = b""
+                line.busy = False
+                if raw:
+                    line.release()
                 if size:
                     budget.release(size)
                     self.budget.release(size)

@@ -8,6 +8,9 @@ outside the connection's handler, so it ended the whole relay: anyone could stop
 sending a Ping after the relay's Close (found by an attacker's review). With the guard,
 an event wsproto refuses is not sent: nothing had been written for it (wsproto refuses
 before it changes any state), and the connection goes on closing as it was.
+
+The same wrapper makes trio-websocket's own frames wait while a frame the relay wrote
+straight to the socket is half out (``veil_hold``: relay/connection.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ _original_send = _impl.WebSocketConnection._send
 
 
 async def _send_unless_refused(self: _impl.WebSocketConnection, event: Event) -> None:
+    # The relay writes some frames straight to the socket (relay/connection.py, _Line):
+    # while one of them is half out, its rest must go before any frame of trio-websocket's.
+    while (hold := getattr(self, "veil_hold", None)) is not None:
+        await hold.wait()
     try:
         await _original_send(self, event)
     except LocalProtocolError:
