@@ -189,6 +189,14 @@ class ByteBudget:
             await self._changed.wait()
         self.used += n
 
+    def fits(self, n: int) -> bool:
+        """Whether ``acquire(n)`` would not wait now."""
+        return not self.used or self.used + n <= self.limit
+
+    def charge(self, n: int) -> None:
+        """Take ``n`` without waiting (the caller checked ``fits``)."""
+        self.used += n
+
     def release(self, n: int) -> None:
         self.used -= n
         if self._changed.statistics().tasks_waiting:  # a fresh event only when it was used

@@ -132,6 +132,10 @@ def _no_reply(frame: wire.Frame) -> None:
     pass
 
 
+def _no_send_now(frame: wire.Frame) -> bool:
+    return False
+
+
 Grant = tuple[int, float, bytes | None]  # account id, when given, what it was proved against
 
 
@@ -165,6 +169,8 @@ class Peer:
     send: Callable[[wire.Frame], Awaitable[None]] = field(default=_no_send, repr=False)
     outlet_scope: trio.CancelScope | None = field(default=None, repr=False)
     reply: Callable[[wire.Frame], None] = field(default=_no_reply, repr=False)
+    # A frame written at once if the connection can take it now, else False (nothing sent)
+    send_now: Callable[[wire.Frame], bool] = field(default=_no_send_now, repr=False)
     # Send a last frame if it can go without waiting, then end the connection.
     finish: Callable[[wire.Frame], None] = field(default=_no_reply, repr=False)
     finished: bool = False  # ending: nothing more is answered
@@ -193,6 +199,7 @@ class Peer:
         """Forget the connection's tasks and closures (which refer back to this peer)."""
         self.send = _no_send
         self.reply = _no_reply
+        self.send_now = _no_send_now
         self.finish = _no_reply
         self.nursery = None
         self.outlet = None
@@ -674,9 +681,11 @@ class RelayService:
 
     async def _run_outlet(self, peer: Peer, outlet: Outlet, scope: trio.CancelScope) -> None:
         with scope:
+            outlet.send_now = peer.send_now
             try:
                 await outlet.run(self._fetch, peer.send)
             finally:
+                outlet.send_now = None
                 self.router.detach(outlet)
 
     async def _fetch(self, device_id: bytes, after: int, limit: int) -> list[Stored]:
