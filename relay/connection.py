@@ -1,8 +1,11 @@
 """One WebSocket connection to the relay: reader, sender, heartbeat.
 
 The connection owns a nursery: the reader (this function's body), one sender task fed
-by a bounded channel (the only writer of data frames), a heartbeat, and, once the peer
-has a session, its delivery outlet. A send that times out or is cancelled half-way
+by a bounded channel, a heartbeat, and, once the peer has a session, its delivery outlet.
+A frame with nothing queued before it is written at once by whoever made it (an answer
+from the commit's callback, a delivery), as far as the socket takes it, and the rest goes
+first through the queue (``_Line``); everything else waits in the queue for the sender
+task, so frames leave in the order they were made. A send that times out or is cancelled half-way
 closes the TCP stream at once: a half-written frame would corrupt everything after it.
 Nothing escapes ``handle_connection``: trio-websocket stops the whole server when a
 handler raises, so every exception ends only this connection.
