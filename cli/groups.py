@@ -36,10 +36,11 @@ def _show(node: Node, label: str) -> dict[str, object]:
     gid = node.groups.find(label)
     state = node.groups.state(gid)
     members = []
-    for name in sorted(state.members):
+    for name, level in state.levels:  # in the order they joined
         contact = node.store.contact(name)
-        members.append({"name": name, "you": name == node.name,
-                        "verified": name == node.name or bool(contact and contact.verified)})
+        members.append({"name": name, "you": name == node.name, "level": level,
+                        "verified": name == node.name or bool(contact and contact.verified),
+                        "you_can_remove": name != node.name and state.may_remove(node.name, name)})
     return {"group": node.groups.label(gid), "id": gid.hex(), "name": state.name, "members": members,
             "member": node.name in state.members, "version": state.version, "created_by": state.creator}
 
@@ -82,9 +83,12 @@ async def cmd_group(args: argparse.Namespace) -> None:
                 print(json.dumps(shown))
                 return
             print(f"{inert(str(shown['group']))}: {inert(str(shown['name']))!r}, created by {shown['created_by']}")
+            print("members, in the order they joined (a member can remove those who joined after them):")
             for m in shown["members"]:  # type: ignore[attr-defined]
                 tag = "you" if m["you"] else ("verified" if m["verified"] else "unverified")
-                print(f"  {inert(str(m['name']), keep_newlines=False)}  {tag}")
+                if m["you_can_remove"]:
+                    tag += ", you can remove them"
+                print(f"  {m['level']:>3}  {inert(str(m['name']), keep_newlines=False)}  {tag}")
             if not shown["member"]:
                 print("you are no longer a member")
         else:

@@ -35,30 +35,36 @@ A create has no parents; every other change has at least one. The state:
   kept (`invalid`). Kept changes are stored and passed on; not all take effect. (Whether
   the author was still a member is not a question of the past alone: a removal signed
   by a removed member, backdated, must not count against whoever builds on it.)
+- Levels. Each addition has a level: the creator's 0, the creation's subjects' 1, an
+  add's subjects' the depth of the add + 1 (the depth of a change: the longest path to it
+  from the root). A member's level in a past is that of the lowest addition of theirs
+  that counts there. A member may remove only members of a higher level (who joined
+  after them), and anyone may leave: so no two members can ever remove each other.
 - Removal wins (`effective`). A kept change takes effect unless its author is not a
-  member in the state of its effective ancestors, or an effective removal of its author
-  crossed it (neither is an ancestor of the other). So whatever a removed member signs
-  with parents from before the removal (made while unaware of it, or backdated on
-  purpose after it) changes nothing. A removal is judged per subject, with one exception
-  so that two removals that cross have one outcome: the removal of a remover (the
-  subject who is the author of the crossing removal) is not undone by the removal it
-  crossed; both removers are out, and the others they removed at that time stay in.
-  Whether a change takes effect can depend on itself through others (removals crossing
-  each other; a removal by someone whose own addition such a removal strikes): what the
-  rules decide is decided first (`_Resolution`, one outcome in any order); what is left
-  (a cycle) is settled by the first way of deciding it that every rule agrees with, if
-  there are few enough to try them all, else by putting in the first undecided removal,
-  in canonical order, whose author's membership is certain (PROTOCOL.md 20, rule 4).
-  Descendants of a change that does not take effect are judged on their own: parents
-  need only be kept.
+  member in the state of its effective ancestors, it removes someone it may not, or an
+  effective removal of its author crossed it (neither is an ancestor of the other). So
+  whatever a removed member signs with parents from before the removal (made while
+  unaware of it, or backdated on purpose after it) changes nothing: it crosses the
+  removal, and the remover joined before it, so no removal of its own can undo that.
+  A removal is judged per subject. Whether a change takes effect can depend on itself
+  through others only when someone is a member at different levels in different pasts;
+  what the rules decide is decided first (`_Resolution`, one outcome in any order);
+  what is left (a cycle) is settled by the first way of deciding it that every rule
+  agrees with, if there are few enough to try them all, else by putting in the first
+  undecided removal, in canonical order, whose author's membership is certain
+  (PROTOCOL.md 20, rule 4). Descendants of a change that does not take effect are judged
+  on their own: parents need only be kept.
 - Members. Someone is a member if an effective change added them (the create adds its
   author and its subjects) and no effective removal of them has that addition among its
   ancestors. So two members who add someone at once both add them; a removal and an
   addition by a third member that cross keep the person in (the addition was not seen by
-  the removal); a person added again after a removal is back; two members who remove
-  each other at once are both out; what a member adds while being removed does not stand.
-- Name. That of the last effective create or rename in the canonical order: the changes
-  sorted topologically, ties broken by hash (smallest first).
+  the removal); a person added again after a removal is back, at the new level; of two
+  members who remove each other at once, the earlier joiner's removal stands; what a
+  member adds while being removed does not stand.
+- Name. Of the effective create and renames that no other effective one follows, the
+  one whose author had the lowest level, then the smallest author's name, then the last
+  in the canonical order (the changes sorted topologically, ties broken by hash,
+  smallest first): not something a member can grind by trying hashes.
 - Version. The number of kept changes.
 
 Nothing here is I/O: the node stores the changes and checks their signatures with the
@@ -266,78 +272,108 @@ class GroupState:
     pending: frozenset[bytes]  # waiting for a parent not known yet
     order: tuple[bytes, ...] = ()  # the kept changes in canonical order (parents first)
     effective: frozenset[bytes] = frozenset()  # the kept changes that take effect
+    levels: tuple[tuple[str, int], ...] = ()  # each member's level, lowest (joined first) first
+
+    def level(self, who: str) -> int | None:
+        """A member's level (None: not a member): a member may remove only members of a
+        higher level, and anyone may leave."""
+        return dict(self.levels).get(who)
+
+    def may_remove(self, author: str, subject: str) -> bool:
+        mine, theirs = self.level(author), self.level(subject)
+        return mine is not None and theirs is not None and (author == subject or mine < theirs)
 
 
 Item = tuple[int, "str | None"]  # a change's position, and the subject for a removal
+NOT_IN = -1  # a standing: not a member there
 MAX_SETTLE_RETRIES = 4  # folds again when a settle turns out to contradict the rules
 MAX_SEARCHED = 12  # undecided items for which every way to decide them is tried (2**12)
 SEARCH_BUDGET = 1 << 20  # ... when trying them all looks at no more than this many changes
 
 
+def _bits(mask: int) -> list[int]:
+    """The positions of the set bits of ``mask``, ascending."""
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out
+
+
 class _Resolution:
     """Which kept changes take effect (the rules in the module docstring, "Removal
     wins"). Decided per *item*: a create, add or rename is one item; a removal is one
-    item per subject, so that a removal crossed by a removal of its author still removes
-    that remover and nothing else. Each item is in (takes effect), out, or undecided:
+    item per subject, so that a removal may remove one subject and not another. Each item
+    is in (takes effect), out, or undecided:
 
-    - an item is out if its author is certainly not a member of its past, or an item
-      that is in removes its author and crosses it (a removal's item for the subject who
-      is that other removal's author excepted);
-    - it is in if its author is certainly a member of its past and every item that
-      removes its author and crosses it (with the same exception) is out.
+    - an item is out if its author is certainly not a member of its past, it is a removal
+      of someone who is not a member there at a higher level than its author, or an item
+      that is in removes its author and crosses it;
+    - it is in if its author is certainly a member of its past, it is not such a removal,
+      and every item that removes its author and crosses it is out.
 
     Deciding only ever adds to "in" and "out", so this part has one outcome, whatever the
     order of evaluation (a worklist). What it leaves undecided depends on itself in a
-    cycle (removals crossing each other, or a removal whose author was added by a change
-    that such a removal strikes). If it is small, every way to decide it is tried, nearest
-    first to "removals in, the rest out", and the first the rules agree with stands
-    (`_search`). Else, or if there is none: the first undecided removal item, in canonical
-    order, whose author is certainly a member of its past is put in, and deciding goes on;
-    if there is none, the first undecided item is put out; a choice the finished outcome
-    contradicts is barred and the whole tried again, a few times (`fold`). So a member
-    whose standing does not hang on the contested changes wins over one whose standing
-    does, and every member comes to the same result. Ancestry is kept as bit strings (one
-    bit per change)."""
+    cycle (only possible when someone is a member at different levels in different
+    pasts). If it is small, every way to decide it is tried, nearest first to "removals
+    in, the rest out", and the first the rules agree with stands (`_search`). Else, or if
+    there is none: the first undecided removal item, in canonical order, whose author is
+    certainly a member of its past is put in, and deciding goes on; if there is none, the
+    first undecided item is put out; a choice the finished outcome contradicts is barred
+    and the whole tried again, a few times (`fold`). Every member comes to the same
+    result. Ancestry is kept as bit strings and integers (one bit per change), and who is
+    a member where is worked out with masks over the changes."""
 
-    def __init__(self, order: list[Change], anc: list[bytes], root: int) -> None:
+    def __init__(self, order: list[Change], anc: list[bytes], root: int, depth: list[int],
+                 parents: list[list[int]]) -> None:
         self.order = order
         self.anc = anc
         self.root = root
         self.adds: dict[str, list[int]] = {}
         self.removes: dict[str, list[int]] = {}
-        self.by_author: dict[str, list[Item]] = {}
         self.items: list[Item] = []
+        # The level of each addition (who, change): the creator's 0, the creation's
+        # subjects' 1, an add's subjects' its depth + 1 (the depth of a change: the
+        # longest path to it from the root).
+        self.levels: dict[tuple[str, int], int] = {}
         for i, c in enumerate(order):
             if c.action == Action.CREATE:
                 self.adds.setdefault(c.author, []).append(i)
+                self.levels[(c.author, i)] = 0
             if c.action in (Action.CREATE, Action.ADD):
                 for who in c.subjects:
                     self.adds.setdefault(who, []).append(i)
+                    self.levels.setdefault((who, i), depth[i] + 1)
             if c.action == Action.REMOVE:
                 for who in c.subjects:
                     self.removes.setdefault(who, []).append(i)
                     self._item(i, who)
             else:
                 self._item(i, None)
-        # For each addition of a name, the removals of that name that descend from it and
-        # are not out (one that is out undoes nothing: it is dropped from here).
-        self._undoing: dict[tuple[str, int], set[int]] = {
-            (who, a): {r for r in self.removes.get(who, ()) if self._has(r, a)}
-            for who, added in self.adds.items() for a in added
-        }
-        # Who strikes whom (precomputed once): for each item, its strikers; for each
-        # removal item, the items it strikes.
+        # Ancestry as integers too (bit j of past[i]: change j is an ancestor of change i),
+        # and each name's additions and removals as masks over the changes: who is a
+        # member where is a few operations on them (`_counting`).
+        self.past = [int.from_bytes(bits, "little") for bits in anc]
+        self.everything = (1 << len(order)) - 1
+        self.add_mask = {who: sum(1 << a for a in added) for who, added in self.adds.items()}
+        self.remove_mask = {who: sum(1 << r for r in removed) for who, removed in self.removes.items()}
+        # Descendants, the same way (from the last change back: a change's descendants
+        # are its children and theirs).
+        future = [0] * len(order)
+        for i in range(len(order) - 1, -1, -1):
+            for p in parents[i]:
+                future[p] |= future[i] | 1 << i
+        # Who strikes whom (precomputed once): for each item, its strikers (the removals of
+        # its author that cross it); for each removal item, the items it strikes.
         self.strikes: dict[Item, list[Item]] = {}
         self.strikers: dict[Item, list[Item]] = {}
         for item in self.items:
-            i, subject = item
+            i = item[0]
             author = order[i].author
             mine = self.strikers[item] = []
-            for r in self.removes.get(author, ()):
-                if r == i or self._has(i, r) or self._has(r, i):
-                    continue  # not crossing
-                if subject is not None and subject == order[r].author:
-                    continue  # a removal of exactly the one who removes its author
+            crossing = self.remove_mask.get(author, 0) & ~self.past[i] & ~future[i] & ~(1 << i)
+            for r in _bits(crossing):
                 self.strikes.setdefault((r, author), []).append(item)
                 mine.append((r, author))
         self.position = {item: n for n, item in enumerate(self.items)}
@@ -345,18 +381,56 @@ class _Resolution:
     def _reset(self) -> None:
         """The state of one run (decided items, and what follows from them)."""
         self.status: dict[Item, bool] = {(self.root, None): True}
-        self.undoing = {k: set(v) for k, v in self._undoing.items()}
+        # Per name: its additions and removal items that are in, and those undecided.
+        self.adds_in: dict[str, int] = {who: 0 for who in self.adds}
+        self.adds_open = dict(self.add_mask)
+        self.removes_in: dict[str, int] = {who: 0 for who in self.removes}
+        self.removes_open = dict(self.remove_mask)
+        # Per name: the undecided items by them or removing them.
+        self.open_items: dict[str, set[Item]] = {}
+        for item in self.items:
+            if item != (self.root, None):
+                self.open_items.setdefault(self.order[item[0]].author, set()).add(item)
+                if item[1] is not None:
+                    self.open_items.setdefault(item[1], set()).add(item)
+        root_names = (self.order[self.root].author, *self.order[self.root].subjects)
+        for who in root_names:
+            self.adds_in[who] |= 1 << self.root
+            self.adds_open[who] &= ~(1 << self.root)
         self.open_strikers = {item: len(strikers) for item, strikers in self.strikers.items()}  # undecided ones
         self.struck_by_in: set[Item] = set()
         self._members: dict[tuple[str, int], bool] = {}  # member() once it is decided
+        self._standings: dict[tuple[str, int], int] = {}  # standing() once it is decided
 
     def _item(self, i: int, subject: str | None) -> None:
         self.items.append((i, subject))
-        self.by_author.setdefault(self.order[i].author, []).append((i, subject))
 
     def _has(self, i: int, j: int) -> bool:
         """Whether change j is an ancestor of change i."""
         return bool(self.anc[i][j >> 3] >> (j & 7) & 1)
+
+    def _undone(self, removals: int) -> int:
+        """The changes that are ancestors of any of ``removals`` (a mask): from the latest
+        down, each one's ancestors at once (an ancestor of a removal has no ancestor that
+        the removal lacks)."""
+        undone = 0
+        while removals:
+            r = removals.bit_length() - 1
+            undone |= self.past[r]
+            removals &= ~self.past[r] & ~(1 << r)
+        return undone
+
+    def _counting(self, who: str, i: int | None) -> tuple[int, int]:
+        """The additions of ``who`` that count in the past of change i (None: of every
+        kept change), as two masks: those that certainly do, and those that may (an
+        addition counts if it is in and no removal item of ``who`` in that past that
+        descends from it is in)."""
+        past = self.everything if i is None else self.past[i]
+        undone = self._undone(self.removes_in.get(who, 0) & past)
+        maybe_undone = self._undone(self.removes_open.get(who, 0) & past)
+        certain = self.adds_in[who] & past & ~undone
+        maybe = ((self.adds_open[who] & past) | (certain & maybe_undone)) & ~undone
+        return certain & ~maybe_undone, maybe
 
     def member(self, who: str, i: int | None) -> bool | None:
         """Whether ``who`` is a member of the past of change i (None: of every kept
@@ -365,27 +439,58 @@ class _Resolution:
             known = self._members.get((who, i))
             if known is not None:
                 return known
-        result: bool | None = False
-        for a in reversed(self.adds.get(who, ())):  # (the latest addition is the likeliest)
-            if i is not None and not self._has(i, a):
-                continue
-            added = self.status.get((a, None))
-            if added is False:
-                continue
-            maybe = added is None
-            for r in self.undoing[(who, a)]:
-                if i is None or self._has(i, r):
-                    if self.status.get((r, who)):
-                        break
-                    maybe = True  # (only undecided ones are left in undoing)
-            else:
-                if not maybe:
-                    result = True
-                    break
-                result = None
+        if who not in self.adds:
+            return False
+        certain, maybe = self._counting(who, i)
+        result = True if certain else None if maybe else False
         if i is not None and result is not None:
             self._members[(who, i)] = result
         return result
+
+    def _lowest(self, who: str, mask: int) -> int | None:
+        level = None
+        while mask:
+            a = mask.bit_length() - 1
+            mask &= ~(1 << a)
+            here = self.levels[(who, a)]
+            level = here if level is None else min(level, here)
+        return level
+
+    def standing(self, who: str, i: int | None) -> int | None:
+        """The level at which ``who`` is a member of the past of change i (None: of every
+        kept change): the lowest level of their additions that count there (as in
+        `member`); NOT_IN if none can; None while that is undecided."""
+        if i is not None:
+            known = self._standings.get((who, i))
+            if known is not None:
+                return known
+        if who not in self.adds:
+            return NOT_IN
+        certain, maybe = self._counting(who, i)
+        low, unsure = self._lowest(who, certain), self._lowest(who, maybe)
+        result = (NOT_IN if unsure is None else None) if low is None else (
+            None if unsure is not None and unsure < low else low)
+        if i is not None and result is not None:
+            self._standings[(who, i)] = result
+        return result
+
+    def _authorized(self, item: Item) -> bool | None:
+        """Whether a removal item may remove its subject: leaving always may; else only
+        if the subject is a member of the change's past at a level above the author's
+        there (a higher number: joined later). Other items: True."""
+        i, subject = item
+        author = self.order[i].author
+        if subject is None or subject == author:
+            return True
+        theirs = self.standing(subject, i)
+        if theirs == NOT_IN:
+            return False
+        mine = self.standing(author, i)
+        if mine == NOT_IN:
+            return False
+        if theirs is None or mine is None:
+            return None
+        return mine < theirs
 
     def _struck(self, item: Item) -> bool | None:
         if item in self.struck_by_in:
@@ -398,10 +503,13 @@ class _Resolution:
         m = self.member(author, i)
         if m is False:
             return False
+        allowed = self._authorized(item)
+        if allowed is False:
+            return False
         s = self._struck(item)
         if s:
             return False
-        return True if m and s is False else None
+        return True if m and allowed and s is False else None
 
     def run(self, vetoed: frozenset[tuple[Item, bool]] = frozenset()) -> None:
         """Decide every item; a cycle is settled as the class docstring says, except that
@@ -452,8 +560,8 @@ class _Resolution:
         default = [it[1] is not None for it in undecided]
         n = len(undecided)
         # The cost of one try, bounded in all (the search gives up past SEARCH_BUDGET).
-        cost = sum(1 + len(self.adds.get(self.order[it[0]].author, ())) + len(self.strikers[it])
-                   for it in undecided)
+        cost = sum(1 + len(self.adds.get(self.order[it[0]].author, ())) + len(self.adds.get(it[1] or "", ()))
+                   + len(self.strikers[it]) for it in undecided)
         if cost << n > SEARCH_BUDGET:
             return None
         for flips in range(n + 1):
@@ -468,41 +576,69 @@ class _Resolution:
 
     def _holds(self, item: Item, value: bool, status: dict[Item, bool]) -> bool:
         """Whether the rules give ``item`` ``value`` when everything is as ``status``."""
-        i = item[0]
+        i, subject = item
         who = self.order[i].author
-        member = any(
-            self._has(i, a) and status.get((a, None), False)
-            and not any(self._has(i, r) and status.get((r, who), False) for r in self._undoing[(who, a)])
-            for a in self.adds.get(who, ())
-        ) if i != self.root else True
+        if i == self.root:
+            return value
+        mine = self._standing_in(who, i, status)
+        allowed = True
+        if subject is not None and subject != who:
+            theirs = self._standing_in(subject, i, status)
+            allowed = mine is not None and theirs is not None and mine < theirs
         struck = any(status.get(r, False) for r in self.strikers[item])
-        return (member and not struck) is value
+        return (mine is not None and allowed and not struck) is value
+
+    def _standing_in(self, who: str, i: int, status: dict[Item, bool]) -> int | None:
+        """`standing` when everything is as ``status`` (None: not a member)."""
+        removals = sum(1 << r for r in self.removes.get(who, ()) if self._has(i, r) and status.get((r, who), False))
+        undone = self._undone(removals)
+        levels = [self.levels[(who, a)] for a in self.adds.get(who, ())
+                  if self._has(i, a) and status.get((a, None), False) and not undone >> a & 1]
+        return min(levels) if levels else None
 
     def _decide(self, item: Item, value: bool, work: list[int], queued: set[Item]) -> None:
         self.status[item] = value
+        self.open_items[self.order[item[0]].author].discard(item)
+        if item[1] is not None:
+            self.open_items[item[1]].discard(item)
         # Who this item adds or removes: the items of theirs may be decidable now.
         i, subject = item
         c = self.order[i]
+        bit = 1 << i
+
+        def again(it: Item) -> None:
+            if it not in self.status and it not in queued:
+                queued.add(it)
+                heapq.heappush(work, self.position[it])
+
         if subject is not None:
             touched: tuple[str, ...] = (subject,)
             for struck in self.strikes.get(item, ()):
                 self.open_strikers[struck] -= 1
                 if value:
                     self.struck_by_in.add(struck)
-            if not value:
-                for a in self.adds.get(subject, ()):
-                    self.undoing[(subject, a)].discard(i)
+                if value or not self.open_strikers[struck]:
+                    again(struck)
+            self.removes_open[subject] &= ~bit
+            if value:
+                self.removes_in[subject] |= bit
         elif c.action == Action.CREATE:
             touched = (c.author, *c.subjects)
         elif c.action == Action.ADD:
             touched = c.subjects
         else:
             touched = ()
+        if subject is None:
+            for who in touched:
+                self.adds_open[who] &= ~bit
+                if value:
+                    self.adds_in[who] |= bit
+        # Whether someone is a member, and at which level, in the past of a change that
+        # descends from this one may be decided now: their items and removals there.
         for who in touched:
-            for it in self.by_author.get(who, ()):
-                if it not in self.status and it not in queued:
-                    queued.add(it)
-                    heapq.heappush(work, self.position[it])
+            for it in self.open_items.get(who, ()):
+                if it not in queued and self._has(it[0], i):
+                    again(it)
 
     def broken(self) -> tuple[Item, bool] | None:
         """The first settle that the rules, once everything is decided, contradict: an
@@ -563,6 +699,7 @@ def fold(group_id: bytes, changes: Iterable[Change]) -> GroupState:
     at: dict[bytes, int] = {}
     adders: dict[str, int] = {}
     bit_sets: list[int] = []
+    depth: list[int] = []  # the longest path from the root
     kept_order: list[Change] = []
     for c in order:
         if c is not root and not (c.parents and all(p in at for p in c.parents)):
@@ -577,6 +714,7 @@ def fold(group_id: bytes, changes: Iterable[Change]) -> GroupState:
         at[c.hash] = i
         kept_order.append(c)
         bit_sets.append(bits)
+        depth.append(1 + max(depth[at[p]] for p in c.parents) if c.parents else 0)
         names = (c.author, *c.subjects) if c.action == Action.CREATE else c.subjects if c.action == Action.ADD else ()
         for who in names:
             adders[who] = adders.get(who, 0) | 1 << i
@@ -587,7 +725,7 @@ def fold(group_id: bytes, changes: Iterable[Change]) -> GroupState:
     # A settle that the rules contradict once everything is decided is tried again with
     # that choice barred, a few times at most (the last try stands, for everyone alike).
     vetoed: frozenset[tuple[Item, bool]] = frozenset()
-    resolution = _Resolution(kept_order, anc, at[root.hash])
+    resolution = _Resolution(kept_order, anc, at[root.hash], depth, [[at[p] for p in c.parents] for c in kept_order])
     for _ in range(MAX_SETTLE_RETRIES + 1):
         resolution.run(vetoed)
         bad = resolution.broken()
@@ -595,12 +733,24 @@ def fold(group_id: bytes, changes: Iterable[Change]) -> GroupState:
             break
         vetoed |= {bad}
     order = kept_order
-    effective = {order[i].hash for i in resolution.effective()}
+    in_effect = resolution.effective()
+    effective = {order[i].hash for i in in_effect}
     members = resolution.members()
-    name = root.name
-    for c in order:
-        if c.hash in effective and c.action in (Action.CREATE, Action.RENAME):
-            name = c.name
+    levels = {who: resolution.standing(who, None) or 0 for who in members}
+    # The name: of the effective create and renames, those no other effective one
+    # follows; of those, the one whose author had the lowest level (joined first), then
+    # the smallest author's name (neither can be ground by trying hashes), then the last
+    # in canonical order.
+    naming = [i for i in sorted(in_effect) if order[i].action in (Action.CREATE, Action.RENAME)]
+    followed_mask = 0
+    for i in naming:
+        followed_mask |= int.from_bytes(anc[i], "little")
+    latest = [i for i in naming if not followed_mask >> i & 1]
+
+    def precedence(i: int) -> tuple[int, str, int]:
+        return (resolution.standing(order[i].author, i) or 0, order[i].author, -i)
+
+    name = order[min(latest, key=precedence)].name if latest else root.name
     followed = {p for h in kept for p in by_hash[h].parents}
     return GroupState(
         group_id=group_id,
@@ -614,4 +764,5 @@ def fold(group_id: bytes, changes: Iterable[Change]) -> GroupState:
         pending=pending,
         order=tuple(c.hash for c in order),
         effective=frozenset(effective),
+        levels=tuple(sorted(levels.items(), key=lambda x: (x[1], x[0]))),
     )

@@ -53,10 +53,17 @@ def test_groups_through_the_command(relay_proc: RelayProcess, tmp_path: Path) ->
     assert {m["name"] for m in shown["members"]} == {"alice", "bob", "carol", "dave"}
     assert "verified" in alice.veil("group", "show", "Book-Club").stdout
 
-    # carol removes bob; bob hears of it and of nothing after; he cannot send.
-    carol.veil("group", "remove", "Book-Club", "bob")
-    assert texts(recv(bob), "Book-Club")[-1] == ("carol", "removed bob")
-    for u in (alice, dave):
+    # Members in the order they joined; only one who joined before bob can remove him.
+    shown_text = carol.veil("group", "show", "Book-Club").stdout
+    lines = [line.split() for line in shown_text.splitlines()[2:]]
+    assert [words[:2] for words in lines] == [["0", "alice"], ["1", "bob"], ["1", "carol"], ["2", "dave"]]
+    assert "you can remove them" in shown_text.splitlines()[-1]  # carol can remove dave
+    assert_one_line_error(carol.veil("group", "remove", "Book-Club", "bob", check=False),
+                          "you cannot remove bob: only a member who joined before them can")
+    # alice removes bob; bob hears of it and of nothing after; he cannot send.
+    alice.veil("group", "remove", "Book-Club", "bob")
+    assert texts(recv(bob), "Book-Club")[-1] == ("alice", "removed bob")
+    for u in (carol, dave):
         u.veil("recv")
     dave.veil("send", "--group", "Book-Club", "after bob")
     assert texts(recv(bob), "Book-Club") == []

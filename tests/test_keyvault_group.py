@@ -94,13 +94,21 @@ def test_create_add_remove_leave_rename(keys: dict[str, AccountKeys]) -> None:
     s = g.state()
     assert (s.name, s.members, s.version, s.creator) == ("friends", {"alice", "bob", "carol"}, 1, "alice")
     add = g.change("bob", Action.ADD, [g.root], ("dave",))
-    assert g.state().members == {"alice", "bob", "carol", "dave"}
-    rm = g.change("carol", Action.REMOVE, [add], ("bob",))
+    s = g.state()
+    assert s.members == {"alice", "bob", "carol", "dave"}
+    assert s.levels == (("alice", 0), ("bob", 1), ("carol", 1), ("dave", 2))
+    assert s.may_remove("alice", "bob") and s.may_remove("carol", "dave") and s.may_remove("bob", "bob")
+    assert not s.may_remove("carol", "bob") and not s.may_remove("dave", "alice")
+    # carol cannot remove bob (they came in together), alice can.
+    tried = g.change("carol", Action.REMOVE, [add], ("bob",))
+    s = g.state()
+    assert s.members == {"alice", "bob", "carol", "dave"} and tried.hash in s.valid - s.effective
+    rm = g.change("alice", Action.REMOVE, [tried], ("bob",))
     assert g.state().members == {"alice", "carol", "dave"}
     leave = g.change("dave", Action.REMOVE, [rm], ("dave",))
     ren = g.change("alice", Action.RENAME, [leave], name="old friends")
     s = g.state()
-    assert (s.name, s.members, s.version, s.heads) == ("old friends", {"alice", "carol"}, 5, (ren.hash,))
+    assert (s.name, s.members, s.version, s.heads) == ("old friends", {"alice", "carol"}, 6, (ren.hash,))
     # bob, removed, knows of his removal: what he does next changes nothing.
     late = g.change("bob", Action.ADD, [rm], ("erin",))
     s = g.state()
@@ -165,34 +173,34 @@ def test_a_removed_member_backdating_changes_nothing(keys: dict[str, AccountKeys
     after = g.change("carol", Action.RENAME, [later, *forged], name="still ours")
     s = g.state()
     assert after.hash in s.effective and s.name == "still ours" and s.members == want.members
-    # A backdated removal of the remover and someone else takes out only the remover
-    # (the known weakness, as with a removal of exactly alice): carol stays.
+    # Nor a backdated removal of the remover, or of erin, who joined after him (he
+    # could have removed her then: his removal crossed it).
     g.change("bob", Action.REMOVE, [before], ("alice", "carol"))
-    assert g.state().members == {"carol", "erin"}
-
-
-def test_a_removed_member_can_take_out_only_the_remover_who_comes_back(keys: dict[str, AccountKeys]) -> None:
-    """The one thing a removal that crosses a removal does: bob's removal of exactly alice,
-    who removed him, stands (two members who remove each other at once are both out). An
-    addition of alice after it brings her back for good: bob can only name parents from
-    before his removal, and no removal of alice can see that addition."""
-    g = G(keys, members=("bob", "carol"))
-    rm = g.change("alice", Action.REMOVE, [g.root], ("bob",))
-    back = g.change("bob", Action.REMOVE, [g.root], ("alice",))
-    assert g.state().members == {"carol"}
-    readd = g.change("carol", Action.ADD, [rm, back], ("alice",))
-    g.change("bob", Action.REMOVE, [g.root], ("alice",))  # again, backdated
+    g.change("bob", Action.REMOVE, [rm], ("alice",))
+    g.change("bob", Action.REMOVE, [g.root], ("alice",))
     s = g.state()
-    assert s.members == {"alice", "carol"} and readd.hash in s.effective
+    assert s.members == want.members and s.name == "still ours"
 
 
-def test_a_counter_removal_is_undone_by_a_second_remover(keys: dict[str, AccountKeys]) -> None:
+def test_only_a_member_who_joined_earlier_can_remove(keys: dict[str, AccountKeys]) -> None:
+    """A member's level is where they joined: the creator's 0, the first members' 1, an
+    addition's the depth of its change + 1. Removals go from a lower level to a higher
+    one only, so two members can never remove each other, at once or not; the removed
+    cannot undo it."""
     g = G(keys, members=("bob", "carol"))
-    g.change("alice", Action.REMOVE, [g.root], ("bob",))
-    g.change("carol", Action.REMOVE, [g.root], ("bob",))
-    back = g.change("bob", Action.REMOVE, [g.root], ("alice",))
+    add = g.change("alice", Action.ADD, [g.root], ("dave",))  # dave: level 2
+    up = g.change("dave", Action.REMOVE, [add], ("bob",))  # a later joiner: void
+    side = g.change("carol", Action.REMOVE, [add], ("bob",))  # the same level: void
     s = g.state()
-    assert s.members == {"alice", "carol"} and back.hash not in s.effective
+    assert s.members == {"alice", "bob", "carol", "dave"} and not {up.hash, side.hash} & s.effective
+    # alice and bob remove each other at once: alice joined first.
+    mine = g.change("alice", Action.REMOVE, [add], ("bob",))
+    theirs = g.change("bob", Action.REMOVE, [add], ("alice", "dave"))  # and dave, whom he could remove
+    s = g.state()
+    assert s.members == {"alice", "carol", "dave"}
+    assert mine.hash in s.effective and theirs.hash not in s.effective
+    for perm in itertools.permutations(g.changes):
+        assert g.state(list(perm)) == s
 
 
 def test_a_member_added_again_after_a_removal_acts_again(keys: dict[str, AccountKeys]) -> None:
@@ -224,38 +232,29 @@ def test_an_addition_crossing_a_removal_of_the_same_person_keeps_them(keys: dict
     assert "carol" in g.state().members
 
 
-def test_two_members_who_remove_each_other_at_once_are_both_out(keys: dict[str, AccountKeys]) -> None:
-    g = G(keys, members=("bob", "carol"))
-    g.change("alice", Action.REMOVE, [g.root], ("bob",))
-    g.change("bob", Action.REMOVE, [g.root], ("alice",))
-    assert g.state().members == {"carol"}
-
-
-def test_crossing_removals_of_several_take_out_both_removers_and_no_one_else(keys: dict[str, AccountKeys]) -> None:
-    """alice removes bob and erin while bob removes alice and frank: each removal still
-    removes the other's author, so both removers are out; erin and frank stay (what a
-    member removes while being removed does not stand)."""
-    g = G(keys, members=("bob", "carol", "erin", "frank"))
-    a = g.change("alice", Action.REMOVE, [g.root], ("bob", "erin"))
-    b = g.change("bob", Action.REMOVE, [g.root], ("alice", "frank"))
+def test_crossing_removals_of_several_stand_for_the_earlier_joiner_only(keys: dict[str, AccountKeys]) -> None:
+    """alice removes bob and erin while bob removes alice and frank (who joined after
+    him): bob's removal crossed alice's removal of him, so none of it stands; frank stays."""
+    g = G(keys, members=("bob", "carol", "erin"))
+    add = g.change("bob", Action.ADD, [g.root], ("frank",))
+    a = g.change("alice", Action.REMOVE, [add], ("bob", "erin"))
+    b = g.change("bob", Action.REMOVE, [add], ("alice", "frank"))
     want = g.state()
-    assert want.members == {"carol", "erin", "frank"} and {a.hash, b.hash} <= want.effective
-    for perm in itertools.permutations([g.root, a, b]):
+    assert want.members == {"alice", "carol", "frank"} and a.hash in want.effective and b.hash not in want.effective
+    for perm in itertools.permutations([g.root, add, a, b]):
         assert g.state(list(perm)) == want
 
 
 def test_a_removed_member_cannot_come_back_through_an_account_it_adds(keys: dict[str, AccountKeys]) -> None:
     """bob, removed, backdates an addition of frank, and frank, on that addition, removes
-    the removers: frank's standing hangs on the contested addition and alice's does not,
-    so her removal stands and nothing of bob's or frank's does, with one remover or two;
-    nor does what bob signs on the heads afterwards."""
+    the removers: bob's addition crossed his removal, and frank would have joined after
+    alice and carol anyway, so nothing of bob's or frank's stands, with one remover or
+    two; nor does what bob signs on the heads afterwards."""
     for removers in (("alice",), ("alice", "carol")):
-        g = G(keys, members=("bob", "carol"))
-        prev, removals = g.root, []
-        for who in removers:
-            prev = g.change(who, Action.REMOVE, [prev], ("bob",))
-            removals.append(prev)
-        add = g.change("bob", Action.ADD, [g.root], ("frank",))
+        g = G(keys, members=("carol",))
+        joined = g.change("alice", Action.ADD, [g.root], ("bob",))  # bob: level 2
+        removals = [g.change(who, Action.REMOVE, [joined], ("bob",)) for who in removers]  # at once
+        add = g.change("bob", Action.ADD, [joined], ("frank",))
         strike = g.change("frank", Action.REMOVE, [add], removers)
         s = g.state()
         assert s.members == {"alice", "carol"}, removers
@@ -270,15 +269,14 @@ def test_a_removed_member_cannot_come_back_through_an_account_it_adds(keys: dict
             assert g.state(got) == want
 
 
-def test_a_ring_of_removals_comes_to_one_state(keys: dict[str, AccountKeys]) -> None:
-    """alice removes bob, bob carol, carol alice, all at once: no outcome satisfies every
-    rule; the one chosen (by the canonical order) is the same in every order of arrival,
-    and it leaves someone in."""
+def test_a_ring_of_removals_cannot_form(keys: dict[str, AccountKeys]) -> None:
+    """alice removes bob, bob carol, carol alice, all at once: only a removal of someone
+    who joined later stands (alice's), so there is no ring, in any order of arrival."""
     g = G(keys, members=("bob", "carol"))
     ring = [g.change("alice", Action.REMOVE, [g.root], ("bob",)), g.change("bob", Action.REMOVE, [g.root], ("carol",)),
             g.change("carol", Action.REMOVE, [g.root], ("alice",))]
     want = g.state()
-    assert 1 <= len(want.members) <= 2
+    assert want.members == {"alice", "carol"} and want.effective == {g.root.hash, ring[0].hash}
     for perm in itertools.permutations([g.root, *ring]):
         assert g.state(list(perm)) == want
 
@@ -287,37 +285,34 @@ def test_crossing_removals_of_several_with_a_newcomer_come_to_what_the_rules_say
     keys: dict[str, AccountKeys]
 ) -> None:
     """At once: alice removes carol and dave; carol removes alice and dave; dave adds bob,
-    and bob, on that, removes alice and carol. alice and carol remove each other, so both
-    are out and nothing else of those removals stands: dave stays, so does his addition
-    of bob, and bob's removal of the two (out already). A first settle of this cycle
-    contradicts the rules (the group came out empty); it is tried again."""
+    and bob, on that, removes alice and carol. Only alice's removal may remove anyone it
+    names; dave's addition crossed his removal, so bob never joined."""
     g = G(keys, members=("carol", "dave"))
     add = g.change("dave", Action.ADD, [g.root], ("bob",))
     g.change("bob", Action.REMOVE, [add], ("alice", "carol"))
     g.change("carol", Action.REMOVE, [g.root], ("alice", "dave"))
-    g.change("alice", Action.REMOVE, [g.root], ("carol", "dave"))
+    alice = g.change("alice", Action.REMOVE, [g.root], ("carol", "dave"))
     want = g.state()
-    assert want.members == {"bob", "dave"}
+    assert want.members == {"alice"} and want.effective == {g.root.hash, alice.hash}
     for perm in itertools.permutations(g.changes):
         assert g.state(list(perm)) == want
 
 
 def test_a_removal_by_a_member_from_before_cannot_be_backdated_away(keys: dict[str, AccountKeys]) -> None:
-    """The known weakness and its limit (PROTOCOL 20, "Backdating is crossing"): bob,
-    removed by carol who joined after him, backdates a removal of alice, who added carol,
-    to before that addition: carol was never in, nor is her removal of bob. The same by a
-    remover who was in before bob (alice herself) cannot be undone that way."""
+    """What was a known weakness before levels: bob, removed, backdates a removal of
+    alice, who removed him, and one of carol, who joined after him, to before his
+    removal. Neither changes anything: alice joined before him, and his removal of carol
+    crossed alice's of him. carol, who joined after bob, could never remove him."""
     g = G(keys, members=("bob",))
     add = g.change("alice", Action.ADD, [g.root], ("carol",))
-    rm = g.change("carol", Action.REMOVE, [add], ("bob",))
-    assert g.state().members == {"alice", "carol"}
+    late = g.change("carol", Action.REMOVE, [add], ("bob",))
+    assert g.state().members == {"alice", "bob", "carol"} and late.hash not in g.state().effective
+    rm = g.change("alice", Action.REMOVE, [late], ("bob",))
     g.change("bob", Action.REMOVE, [g.root], ("alice",))
-    assert "bob" in g.state().members and rm.hash not in g.state().effective  # the weakness
-    g = G(keys, members=("bob", "carol"))
-    rm = g.change("alice", Action.REMOVE, [g.root], ("bob",))
-    g.change("bob", Action.REMOVE, [g.root], ("carol",))  # carol's standing is the root's
+    g.change("bob", Action.REMOVE, [add], ("alice", "carol"))
+    g.change("bob", Action.REMOVE, [late], ("carol",))
     s = g.state()
-    assert s.members == {"alice", "carol"} and rm.hash in s.effective
+    assert s.members == {"alice", "carol"} and rm.hash in s.effective and s.effective == {g.root.hash, add.hash, rm.hash}
 
 
 def test_an_account_added_and_removed_again_and_again(keys: dict[str, AccountKeys]) -> None:
@@ -388,9 +383,9 @@ def test_small_histories_in_every_order(keys: dict[str, AccountKeys]) -> None:
     want = g.state()
     for perm in itertools.permutations([g.root, a, b, c]):
         assert g.state(list(perm)) == want
-    # bob's removal of alice crossed her addition of carol: it does not stand, nor
-    # carol's rename (carol was never a member).
-    assert want.members == {"bob"} and want.name == "friends" and want.effective == {g.root.hash, b.hash}
+    # bob cannot remove alice, who made the group: it stands as if he had not tried.
+    assert want.members == {"alice", "bob", "carol"} and want.name == "carol's"
+    assert want.effective == {g.root.hash, a.hash, c.hash}
 
 
 def test_names_are_canonical_usernames(keys: dict[str, AccountKeys]) -> None:
@@ -415,3 +410,83 @@ def test_a_long_history_folds(keys: dict[str, AccountKeys]) -> None:
         prev = g.change("alice", Action.RENAME, [prev], name=f"n{i}")
     s = g.state()
     assert s.version == 401 and s.name == "n399" and len(s.order) == 401 and s.order[0] == g.root.hash
+
+
+def _rules_hold(g: G) -> None:
+    """The fold's outcome, checked against rule 4 read plainly (PROTOCOL.md 20), by a
+    slow reference without the fold's shortcuts: each kept change (these histories have
+    one subject per change) takes effect exactly when its author is a member of its past,
+    a removal of someone else names a member of a higher level there, and no removal of
+    its author that takes effect crosses it; and the members are who the rules say."""
+    s = g.state()
+    by = {c.hash: c for c in g.changes}
+    order = [by[h] for h in s.order]
+    at = {c.hash: i for i, c in enumerate(order)}
+    anc: list[set[int]] = []
+    depth: list[int] = []
+    for c in order:
+        anc.append(set().union(*({at[p]} | anc[at[p]] for p in c.parents)))
+        depth.append(1 + max(depth[at[p]] for p in c.parents) if c.parents else 0)
+    eff = {at[h] for h in s.effective}
+
+    def removes(r: int, who: str) -> bool:
+        return r in eff and order[r].action == Action.REMOVE and who in order[r].subjects
+
+    def level(who: str, past: set[int]) -> int | None:
+        levels = [0 if c.action == Action.CREATE and c.author == who else depth[a] + 1
+                  for a, c in enumerate(order)
+                  if a in past and a in eff and ((who in c.subjects and c.action != Action.REMOVE)
+                                                 or (c.action == Action.CREATE and c.author == who))
+                  and not any(r in past and a in anc[r] and removes(r, who) for r in range(len(order)))]
+        return min(levels) if levels else None
+
+    everything = set(range(len(order)))
+    for i, c in enumerate(order[1:], start=1):
+        mine = level(c.author, anc[i])
+        allowed = mine is not None
+        if c.action == Action.REMOVE and c.subjects != (c.author,):
+            theirs = level(c.subjects[0], anc[i])
+            allowed = allowed and theirs is not None and mine is not None and mine < theirs
+        struck = any(r != i and r not in anc[i] and i not in anc[r] and removes(r, c.author) for r in everything)
+        assert (allowed and not struck) is (i in eff), (i, c.author, c.action, c.subjects)
+    assert s.members == {who for who in NAMES if level(who, everything) is not None}
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 100_000))
+def test_the_fold_agrees_with_the_rules_read_plainly(keys: dict[str, AccountKeys], seed: int) -> None:
+    _rules_hold(_history(keys, seed))
+
+
+def test_a_rename_by_an_earlier_joiner_wins_whatever_the_hashes(keys: dict[str, AccountKeys]) -> None:
+    """Two renames that cross: the one by the member who joined first names the group,
+    whatever sent_at the other tries (no grinding); at the same level, the author whose
+    name sorts first; one that follows the other wins."""
+    for tries in range(12):
+        g = G(keys, members=("bob", "carol"))
+        add = g.change("bob", Action.ADD, [g.root], ("dave",))
+        g.change("bob", Action.RENAME, [add], name="bob's")
+        theirs = make_change(keys["dave"], g.id, "dave", Action.RENAME, parents=[add.hash], name="dave's",
+                             sent_at=T + 1000 + tries)
+        g.changes.append(theirs)
+        assert g.state().name == "bob's"
+        g.change("carol", Action.RENAME, [add], name="carol's")
+        assert g.state().name == "bob's"  # bob and carol: the same level
+        heads = g.state().heads
+        g.change("dave", Action.RENAME, [c for c in g.changes if c.hash in heads], name="dave's, after all")
+        assert g.state().name == "dave's, after all"
+
+
+def test_a_member_added_again_joins_at_the_new_level(keys: dict[str, AccountKeys]) -> None:
+    g = G(keys, members=("bob", "carol"))
+    rm = g.change("alice", Action.REMOVE, [g.root], ("carol",))
+    back = g.change("bob", Action.ADD, [rm], ("carol",))
+    s = g.state()
+    assert s.level("carol") == 3 and s.level("bob") == 1 and s.may_remove("bob", "carol")
+    g.change("carol", Action.REMOVE, [back], ("bob",))  # no longer bob's equal
+    assert g.state().members == {"alice", "bob", "carol"}
+    # Nobody can remove the creator; she can leave.
+    g.change("bob", Action.REMOVE, [back], ("alice",))
+    assert "alice" in g.state().members
+    g.change("alice", Action.REMOVE, [back], ("alice",))
+    assert g.state().members == {"bob", "carol"}

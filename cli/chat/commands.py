@@ -36,7 +36,7 @@ HELP = [
     ("/history [NAME] [N]", f"the last N messages of the conversation (default {DEFAULT_HISTORY})"),
     ("/inbox", "conversations and groups, with unread counts"),
     ("/group create NAME A,B", "a group with A and B (and you); /group add|remove GROUP NAME..., /group rename GROUP NAME, /group leave GROUP"),
-    ("/group list|show [GROUP]", "your groups; a group's members, verified or not"),
+    ("/group list|show [GROUP]", "your groups; a group's members in the order they joined, verified or not"),
     ("/contacts", "contacts: verified or not, devices, key changes"),
     ("/verify [NAME] [yes]", "show the safety number; 'yes' marks NAME verified"),
     ("/trust NAME", "accept NAME's changed identity key (releases held messages)"),
@@ -250,10 +250,13 @@ async def cmd_group(chat: Chat, rest: str) -> None:
         state = node.groups.state(shown)
         gid = shown
         chat.note(f"#{inert(node.groups.label(gid))}: {inert(state.name)!r}, created by {state.creator}")
-        for name in sorted(state.members):
+        chat.note("members, in the order they joined (a member can remove those who joined after them):")
+        for name, level in state.levels:
             c = node.store.contact(name)
             tag = "you" if name == node.name else ("verified" if c is not None and c.verified else "unverified")
-            chat.say(f"  {inert(name, keep_newlines=False)}  {tag}", 4)
+            if name != node.name and state.may_remove(node.name, name):
+                tag += ", you can remove them"
+            chat.say(f"  {level:>3}  {inert(name, keep_newlines=False)}  {tag}", 4)
         return
     if verb == "create" and len(words) >= 2:
         members = [n for w in words[2:] for n in w.split(",") if n]
