@@ -372,6 +372,8 @@ class _Resolution:
             i = item[0]
             author = order[i].author
             mine = self.strikers[item] = []
+            if item[1] == author:
+                continue  # leaving is never struck (it removes no one but its author)
             crossing = self.remove_mask.get(author, 0) & ~self.past[i] & ~future[i] & ~(1 << i)
             for r in _bits(crossing):
                 self.strikes.setdefault((r, author), []).append(item)
@@ -483,14 +485,29 @@ class _Resolution:
         if subject is None or subject == author:
             return True
         theirs = self.standing(subject, i)
-        if theirs == NOT_IN:
-            return False
         mine = self.standing(author, i)
-        if mine == NOT_IN:
+        if theirs == NOT_IN or mine == NOT_IN:
             return False
-        if theirs is None or mine is None:
-            return None
-        return mine < theirs
+        if theirs is not None and mine is not None:
+            return mine < theirs
+        # Undecided: what the levels can still come to may decide it already (nobody can
+        # remove the creator, whatever else is undecided).
+        my_low = self._bounds(author, i)[0]
+        their_high = self._bounds(subject, i)[1]
+        if my_low >= their_high:
+            return False
+        return None
+
+    def _bounds(self, who: str, i: int) -> tuple[int, int]:
+        """The lowest and the highest level ``who`` can still come to be a member at in
+        the past of change i (whether a member there at all may be undecided)."""
+        certain, maybe = self._counting(who, i)
+        low = self._lowest(who, certain | maybe)
+        if certain:
+            high = self._lowest(who, certain)
+        else:
+            high = max((self.levels[(who, a)] for a in _bits(maybe)), default=None)
+        return (NOT_IN if low is None else low), (NOT_IN if high is None else high)
 
     def _struck(self, item: Item) -> bool | None:
         if item in self.struck_by_in:
