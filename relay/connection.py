@@ -17,6 +17,7 @@ import gc
 import logging
 import math
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,19 +150,61 @@ class _Line:
     the socket takes only part of it, the rest is queued first and trio-websocket's own
     frames (a Pong, a Close) wait for it (``veil_hold``, wire/websocket.py)."""
 
-    def __init__(self, ws: WebSocketConnection, queue: trio.MemoryReceiveChannel[tuple[bytes, int, bool]]) -> None:
+    def __init__(self, ws: WebSocketConnection, queue: trio.MemoryReceiveChannel[tuple[bytes, int, bool]],
+                 into: trio.MemorySendChannel[tuple[bytes, int, bool]] | None = None,
+                 broken: Callable[[], None] | None = None) -> None:
         self.ws = ws
         self.queue = queue
+        self.into = into
         self.busy = False  # the sender task holds a frame it has not finished writing
+        # Frames put in the queue that the sender has not finished. (Not the queue's own
+        # count: a memory channel hands an item straight to a receiver already waiting,
+        # before that task has run, and the buffer stays empty.)
+        self.queued = 0
+        self.broken = broken  # called when the socket fails under a direct write
+
+    def put_nowait(self, item: tuple[bytes, int, bool]) -> None:
+        """Queue a frame for the sender task (trio.WouldBlock when the queue is full)."""
+        assert self.into is not None
+        self.queued += 1
+        try:
+            self.into.send_nowait(item)
+        except BaseException:
+            self.queued -= 1
+            raise
+
+    async def put(self, item: tuple[bytes, int, bool]) -> None:
+        """Queue a frame, waiting for room; while it waits, no one writes directly."""
+        assert self.into is not None
+        self.queued += 1
+        try:
+            await self.into.send(item)
+        except BaseException:
+            self.queued -= 1
+            raise
+
+    def finished(self) -> None:
+        """The sender task is done with one queued frame."""
+        self.busy = False
+        self.queued -= 1
 
     def direct(self, data: bytes) -> bytes | None:
         """Write ``data`` now if it may go first: what the socket did not take (b"": all
         of it; else the rest must go next, whole, before anything else, and every other
         writer is held until ``release``), or None when it must be queued (nothing was
         written)."""
-        if self.busy or self.queue.statistics().current_buffer_used:
+        if self.busy or self.queued or self.queue.statistics().current_buffer_used:
             return None
-        rest = _write_now(self.ws, data)
+        try:
+            rest = _write_now(self.ws, data)
+        except OSError:  # the peer is gone (reset, EPIPE, a TLS failure): end it, quietly
+            # (perhaps mid-frame: nothing more may be written; what it carried is stored
+            # and unacknowledged, and goes again when the device reconnects)
+            if isinstance(self.ws._stream, TlsStream):
+                self.ws._stream._broken = True
+            if self.broken is not None:
+                self.broken()
+            return b""
         if rest:
             self.ws.veil_hold = trio.Event()  # type: ignore[attr-defined]
         return rest
@@ -248,13 +291,19 @@ class RelayConnections:
         send_in, send_out = trio.open_memory_channel[tuple[bytes, int, bool]](OUTBOX_FRAMES)
         budget = ByteBudget(WAITING_BYTES)
         peer = Peer()
-        line = _Line(ws, send_out)
+
+        def broken() -> None:
+            if peer.nursery is not None:
+                peer.nursery.cancel_scope.cancel()
+
+        line = _Line(ws, send_out, send_in, broken)
+        put_nowait = line.put_nowait
 
         def queue_rest(rest: bytes, size: int) -> None:
             # Half a frame is out (the socket took no more): the rest goes next, before
             # anything else (the queue is empty, and _Line holds every other writer).
             try:
-                send_in.send_nowait((rest, size, True))
+                put_nowait((rest, size, True))
             except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
                 line.release()
                 if peer.nursery is not None:
@@ -273,9 +322,9 @@ class RelayConnections:
                 rest = line.direct(data)
                 if rest is None:
                     try:  # no trip through the scheduler when there is room (most of the time)
-                        send_in.send_nowait((data, size, False))
+                        put_nowait((data, size, False))
                     except trio.WouldBlock:
-                        await send_in.send((data, size, False))
+                        await line.put((data, size, False))
                 elif rest:
                     queue_rest(rest, size)
                 else:  # written whole, at once: nothing waits
@@ -316,7 +365,7 @@ class RelayConnections:
             rest = line.direct(data)
             try:
                 if rest is None:
-                    send_in.send_nowait((data, 0, False))
+                    put_nowait((data, 0, False))
                 elif rest:
                     queue_rest(rest, 0)
             except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
@@ -334,8 +383,8 @@ class RelayConnections:
             if nursery is None:
                 return
             try:
-                send_in.send_nowait((wire.encode(frame), 0, False))
-                send_in.send_nowait((b"", _FINISH, False))
+                put_nowait((wire.encode(frame), 0, False))
+                put_nowait((b"", _FINISH, False))
             except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
                 nursery.cancel_scope.cancel()
                 return
@@ -415,7 +464,7 @@ class RelayConnections:
                     # until a full collection: count them towards one.
                     self.abandoned += len(data)
                 data = b""
-                line.busy = False
+                line.finished()
                 if raw:
                     line.release()
                 if size:

@@ -156,10 +156,18 @@ class Mailroom:
         """After a commit: push what it stored, and answer every send in it."""
         stored = [s for w in enqueues for s in w.stored]
         self.envelopes += len(stored)
+        # A callback that fails (a bug: the connections' own writes catch what a peer can
+        # cause) must not stop this loop, nor the answers to the other sends of the batch.
         if stored:
-            self._on_stored(stored)
+            try:
+                self._on_stored(stored)
+            except Exception as exc:
+                log.error("pushing stored mail failed: %s", type(exc).__name__)
         for w in enqueues:
-            w.on_done(w.error)
+            try:
+                w.on_done(w.error)
+            except Exception as exc:
+                log.error("answering a send failed: %s", type(exc).__name__)
 
     def _take_acks(self) -> list[_Ack]:
         """The acks for this commit: the oldest, up to ACKS_PER_COMMIT eids (a flood of

@@ -88,6 +88,7 @@ class RelayRunner:
     mailbox_limit: int = MAILBOX_LIMIT
     limits: Limits = field(default_factory=Limits)
     store: str | None = None  # a PostgreSQL connection string; None: the file store
+    tls: bool = True
     info: RelayInfo | None = None
     state: RelayState | None = None
     _scope: trio.CancelScope | None = None
@@ -100,7 +101,7 @@ class RelayRunner:
 
     async def start(self) -> RelayInfo:
         config = RelayConfig(data_dir=self.data_dir, port=self.port, mailbox_limit=self.mailbox_limit,
-                             limits=self.limits, store=self.store)
+                             limits=self.limits, store=self.store, tls=self.tls)
         self.state = RelayState(config)
         self._stopped = trio.Event()
 
