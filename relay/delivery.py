@@ -24,6 +24,10 @@ DELIVER_BYTES = 512 * 1024  # envelope bytes in one deliver frame (at least one 
 BUFFER_LIMIT = 4096  # envelopes an outlet buffers for its connection (then re-reads)
 BUFFER_BYTES = 2 * DELIVER_BYTES  # ... and their bytes
 UNACKED_LIMIT = 2048  # pushes a connection may have unacknowledged; then pushing waits
+# Envelope bytes written straight from one commit's callback (Outlet.offer): past this,
+# the other outlets' tasks write theirs, so one commit fanning out to many idle
+# connections (encrypting each frame for TLS) never holds the event loop for long.
+DIRECT_BYTES_PER_COMMIT = 1024 * 1024
 
 
 def _within(items: list[Stored]) -> list[Stored]:
@@ -88,18 +92,20 @@ class Outlet:
         self._refill = True
         self._wake.set()
 
-    def offer(self, items: list[Stored]) -> None:
+    def offer(self, items: list[Stored], direct: bool = True) -> int:
+        """Take fresh mail for this connection; the envelope bytes written at once (0:
+        it went to the task). ``direct=False``: never write from here."""
         size = sum(len(s.blob) for s in items)
-        if self._idle and self.send_now is not None and not self._refill and not self._pending:
+        if direct and self._idle and self.send_now is not None and not self._refill and not self._pending:
             fresh = [s for s in items if s.seq > self._last_seq]
             if not fresh:
-                return
+                return 0
             if (len(fresh) <= PAGE and size <= DELIVER_BYTES and len(self.unacked) <= UNACKED_LIMIT - PAGE
                     and self.send_now(wire.Deliver(items=[wire.Mail(s.eid, s.blob) for s in fresh], synced=True))):
                 # What the task would have sent, as it would have (see run).
                 self._last_seq = max(s.seq for s in fresh)
                 self._pushed([s.eid for s in fresh])
-                return
+                return max(size, 1)
         if self._refill:
             pass  # the next mailbox read will include them
         elif len(self._pending) + len(items) > BUFFER_LIMIT or self._pending_bytes + size > BUFFER_BYTES:
@@ -111,6 +117,7 @@ class Outlet:
             self._pending.extend(items)
             self._pending_bytes += size
         self._wake.set()
+        return 0
 
     async def run(
         self,
@@ -202,6 +209,7 @@ class Router:
         for s in stored:
             if s.device_id in self._outlets:
                 by_device.setdefault(s.device_id, []).append(s)
+        direct = 0
         for device_id, items in by_device.items():
             for outlet in self._outlets.get(device_id, ()):
-                outlet.offer(items)
+                direct += outlet.offer(items, direct < DIRECT_BYTES_PER_COMMIT)

@@ -1,6 +1,7 @@
 """An outlet's fast path (relay/delivery.py): fresh mail for an idle outlet is written at
 once from ``offer``, as the outlet's task would have sent it; when the connection cannot
-take it at once, the task sends it; nothing is pushed twice or out of order."""
+take it at once, the task sends it; nothing is pushed twice or out of order; one commit
+writes no more than DIRECT_BYTES_PER_COMMIT at once, the tasks write the rest."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import trio
 import trio.testing
 
 import wire
-from relay.delivery import Outlet
+from relay.delivery import DIRECT_BYTES_PER_COMMIT, Outlet, Router
 from relay.store import Stored
 
 DEVICE = secrets.token_bytes(16)
@@ -56,4 +57,44 @@ async def test_fresh_mail_goes_out_at_once_or_through_the_task_never_twice() -> 
             assert len(at_once) == 1
             assert [[m.eid for m in d.items] for d in by_task[1:]] == [[third.eid]]
             assert set(outlet.unacked) == {first.eid, second.eid, third.eid}
+            nursery.cancel_scope.cancel()
+
+
+async def test_one_commit_writes_a_bounded_amount_at_once_and_the_tasks_send_the_rest() -> None:
+    size = 100 * 1024
+    count = 3 * DIRECT_BYTES_PER_COMMIT // size  # three times what one commit may write
+    router = Router()
+    at_once: list[bytes] = []
+    by_task: list[bytes] = []
+
+    async def fetch(device_id: bytes, after: int, limit: int) -> list[Stored]:
+        return []
+
+    outlets = []
+    for _ in range(count):
+        outlet = Outlet(secrets.token_bytes(16))
+
+        def send_now(frame: wire.Frame, device: bytes = outlet.device_id) -> bool:
+            assert isinstance(frame, wire.Deliver)
+            at_once.append(device)
+            return True
+
+        async def send(frame: wire.Frame, device: bytes = outlet.device_id) -> None:
+            assert isinstance(frame, wire.Deliver)
+            if frame.items:
+                by_task.append(device)
+
+        outlet.send_now = send_now
+        outlets.append((outlet, send))
+        router.attach(outlet)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for outlet, send in outlets:
+                nursery.start_soon(outlet.run, fetch, send)
+            await trio.testing.wait_all_tasks_blocked()
+            router.on_stored([Stored(o.device_id, 1, secrets.token_bytes(16), bytes(size)) for o, _ in outlets])
+            written = len(at_once) * size
+            assert DIRECT_BYTES_PER_COMMIT <= written < DIRECT_BYTES_PER_COMMIT + size
+            await trio.testing.wait_all_tasks_blocked()
+            assert sorted(at_once + by_task) == sorted(o.device_id for o, _ in outlets)  # each once
             nursery.cancel_scope.cancel()
