@@ -23,16 +23,55 @@ from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from trio_websocket import _impl as _ws_impl
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage
 
 import wire
 from relay.limits import Bucket, ByteBudget
-from relay.service import Peer, Rations, Refused, RelayService
+from relay.service import Admitted, Peer, Rations, Refused, RelayService
 from relay.tlsstream import TlsStream
 from wire.websocket import guard as _guard_websocket
 
 _guard_websocket()  # a Ping after our Close must not end the whole server (wire/websocket.py)
+
+
+class _Inline:
+    """A connection's requests handled where trio-websocket's reader task parses them.
+
+    Normally each message goes from that task through a channel to the connection's own
+    reader (``RelayConnections._reader``): two trips through the scheduler per request.
+    A Send or an Ack that can be taken without waiting (room in every budget, a token in
+    the bucket, nothing refused) is instead taken at once by ``handle``, in the reader
+    task itself, but only while every message handed through the channel before it has
+    been dealt with (``handed == done``): requests are still taken in the order they came.
+    ``handle`` returns False (nothing taken) for anything else, which then goes the usual
+    way; it never raises (an exception in that task would end the whole server)."""
+
+    __slots__ = ("done", "handed", "handle")
+
+    def __init__(self) -> None:
+        self.handle: Callable[[bytes], bool] | None = None  # set once the peer has a session
+        self.handed = 0  # messages passed to the channel
+        self.done = 0  # ... of which the connection's reader has finished with
+
+
+_original_message_event = _ws_impl.WebSocketConnection._handle_message_event
+
+
+async def _message_event(self: WebSocketConnection, event: BytesMessage | Any) -> None:
+    inline: _Inline | None = getattr(self, "veil_inline", None)
+    if inline is not None and event.message_finished:
+        if (inline.handle is not None and inline.handed == inline.done and not self._message_parts
+                and isinstance(event, BytesMessage) and isinstance(event.data, bytes)
+                and len(event.data) <= self._max_message_size
+                and inline.handle(event.data)):
+            return
+        inline.handed += 1
+    await _original_message_event(self, event)
+
+
+_ws_impl.WebSocketConnection._handle_message_event = _message_event  # type: ignore[method-assign]
 
 log = logging.getLogger("veil.relay")
 
@@ -298,6 +337,8 @@ class RelayConnections:
 
         line = _Line(ws, send_out, send_in, broken)
         put_nowait = line.put_nowait
+        inline = _Inline()
+        ws.veil_inline = inline  # type: ignore[attr-defined]
 
         def queue_rest(rest: bytes, size: int) -> None:
             # Half a frame is out (the socket took no more): the rest goes next, before
@@ -401,10 +442,11 @@ class RelayConnections:
                 nursery.start_soon(self._sender, ws, line, send_out, budget, nursery.cancel_scope)
                 self._live[ws] = nursery.cancel_scope
                 with reading:
-                    await self._reader(ws, peer, nursery, counted)
+                    await self._reader(ws, peer, nursery, counted, inline)
                 if not reading.cancel_called:
                     nursery.cancel_scope.cancel()
         finally:
+            inline.handle = None  # nothing more is taken (and the cycle through it is gone)
             self._live.pop(ws, None)
             self.service.unbind(peer)
             # Break the cycles through this connection (the peer holds closures over
@@ -536,8 +578,33 @@ class RelayConnections:
             with trio.CancelScope(shield=True):
                 await _abort(ws)
 
-    async def _reader(self, ws: WebSocketConnection, peer: Peer, nursery: trio.Nursery, counted: list[bool]) -> None:
+    async def _reader(self, ws: WebSocketConnection, peer: Peer, nursery: trio.Nursery, counted: list[bool],
+                      inline: _Inline) -> None:
         state = _ReaderState(Bucket(self.limits.rate, self.limits.burst), trio.Semaphore(MAX_INFLIGHT))
+        scope = nursery.cancel_scope
+
+        def handle(data: bytes) -> bool:
+            # In trio-websocket's reader task (see _Inline): never raises.
+            if peer.finished or scope.cancel_called or not state.bucket.ready():
+                return False
+            try:
+                req = wire.decode_request(data)
+            except Exception:  # the reader answers it, the usual way
+                return False
+            try:
+                if isinstance(req, wire.Send):
+                    return self._send_nowait(peer, state, req)
+                if isinstance(req, wire.Ack) and self.service.ack_nowait(peer, req):
+                    state.bucket.take()
+                    return True
+                return False
+            except Refused:  # before anything was taken: the reader refuses it, in order
+                return False
+            except Exception as exc:  # a bug: end this connection, keep the relay
+                log.error("connection ended by %s", type(exc).__name__, exc_info=log.isEnabledFor(logging.DEBUG))
+                scope.cancel()
+                return True
+
         deadline = trio.current_time() + self.limits.auth_deadline
         while not peer.finished:
             # Until it has a session, a connection may send only small frames, and must
@@ -555,9 +622,11 @@ class RelayConnections:
             if not await self._one_frame(ws, peer, nursery, state, data):
                 return
             del data
+            inline.done += 1
             if peer.account_id is not None and not state.grown:
                 state.grown = True
                 ws._max_message_size = wire.WS_MAX_REQUEST  # trio-websocket reads it per message
+                inline.handle = handle
                 if counted[0]:
                     counted[0] = False
                     self.unauthenticated -= 1
@@ -611,12 +680,7 @@ class RelayConnections:
                 self.service.drop_send_budget(admitted.account)
                 raise
 
-            def answered() -> None:
-                for budget in budgets:
-                    budget.release(size)
-                state.inflight.release()
-
-            self.service.submit(peer, req, admitted, answered)
+            self._submit(peer, state, req, admitted, budgets, size)
         elif isinstance(req, wire.Ack):
             try:
                 await self.service.ack(peer, req)
@@ -628,6 +692,32 @@ class RelayConnections:
             await state.inflight.acquire()
             nursery.start_soon(self._answer_then_release, peer, req, state.inflight)
         return True
+
+    def _send_nowait(self, peer: Peer, state: _ReaderState, req: wire.Send) -> bool:
+        """Take a Send as _one_frame would, if nothing has to wait (False: nothing was
+        taken). Refused (from admit) before anything is taken."""
+        if not state.inflight.value or peer.account_id is None:
+            return False
+        size = sum(len(e.blob) for e in req.envelopes)
+        budgets = (state.send_bytes, self.service.send_budget(peer.account_id), self.commit_budget)
+        if not all(budget.fits(size) for budget in budgets):
+            return False
+        admitted = self.service.admit(peer, req)
+        state.bucket.take()
+        state.inflight.acquire_nowait()
+        for budget in budgets:
+            budget.charge(size)
+        self._submit(peer, state, req, admitted, budgets, size)
+        return True
+
+    def _submit(self, peer: Peer, state: _ReaderState, req: wire.Send, admitted: Admitted,
+                budgets: tuple[ByteBudget, ...], size: int) -> None:
+        def answered() -> None:
+            for budget in budgets:
+                budget.release(size)
+            state.inflight.release()
+
+        self.service.submit(peer, req, admitted, answered)
 
     async def _answer_then_release(self, peer: Peer, req: wire.Request, inflight: trio.Semaphore) -> None:
         try:

@@ -21,15 +21,19 @@ class Bucket:
         self.stamp: float | None = None  # set at the first take (made outside trio, it may be)
 
     def take(self, n: float = 1.0) -> bool:
+        if self.ready(n):
+            self.tokens -= n
+            return True
+        return False
+
+    def ready(self, n: float = 1.0) -> bool:
+        """Whether ``take(n)`` would succeed now (nothing is taken)."""
         now = trio.current_time()
         if self.stamp is None:
             self.stamp = now
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= n:
-            self.tokens -= n
-            return True
-        return False
+        return self.tokens >= n
 
 
 class KeyedBuckets(Generic[K]):

@@ -102,11 +102,19 @@ class Mailroom:
     async def ack(self, device_id: bytes, eids: Sequence[bytes]) -> None:
         """Queue the deletion of delivered envelopes (committed with the next batches, at
         most ACKS_PER_COMMIT a commit); waits first while MAX_PENDING_ACKS are queued."""
-        while self._pending_acks >= MAX_PENDING_ACKS:
+        while not self.ack_fits():
             await self._committed.wait()
+        self.ack_nowait(device_id, eids)
+
+    def ack_nowait(self, device_id: bytes, eids: Sequence[bytes]) -> None:
+        """``ack`` when ``ack_fits`` (the caller checked)."""
         self._acks.append(_Ack(device_id, eids))
         self._pending_acks += len(eids)
         self._wake.set()
+
+    def ack_fits(self) -> bool:
+        """Whether ``ack`` would not wait now."""
+        return self._pending_acks < MAX_PENDING_ACKS
 
     async def wait_commit_after(self, count: int) -> None:
         """Wait until more than ``count`` group commits have finished (tests wait on

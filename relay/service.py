@@ -1077,3 +1077,16 @@ class RelayService:
         eids = peer.outlet.acknowledged(req.eids)
         if eids:
             await self.mailroom.ack(peer.device_id, eids)
+
+    def ack_nowait(self, peer: Peer, req: wire.Ack) -> bool:
+        """``ack`` if it need not wait; False: it would (nothing was done)."""
+        self._require_session(peer)
+        assert peer.device_id is not None
+        if peer.outlet is None:
+            return True
+        if not self.mailroom.ack_fits():
+            return False
+        eids = peer.outlet.acknowledged(req.eids)
+        if eids:
+            self.mailroom.ack_nowait(peer.device_id, eids)
+        return True
