@@ -279,6 +279,17 @@ class GroupState:
         higher level, and anyone may leave."""
         return dict(self.levels).get(who)
 
+    def parents(self) -> tuple[bytes, ...]:
+        """The parents for a new change: every head, or, if there are more than
+        MAX_PARENTS, the heads that take effect first, then the rest, the latest in the
+        canonical order first. (Whatever a removed member signs stays a head, since no
+        member builds on it; it must not stop the members from making changes.)"""
+        if len(self.heads) <= MAX_PARENTS:
+            return self.heads
+        position = {h: n for n, h in enumerate(self.order)}
+        ranked = sorted(self.heads, key=lambda h: (h not in self.effective, -position.get(h, -1)))
+        return tuple(sorted(ranked[:MAX_PARENTS]))
+
     def may_remove(self, author: str, subject: str) -> bool:
         mine, theirs = self.level(author), self.level(subject)
         return mine is not None and theirs is not None and (author == subject or mine < theirs)
@@ -323,7 +334,8 @@ class _Resolution:
     first undecided item is put out; a choice the finished outcome contradicts is barred
     and the whole tried again, a few times (`fold`). Every member comes to the same
     result. Ancestry is kept as bit strings and integers (one bit per change), and who is
-    a member where is worked out with masks over the changes."""
+    a member where, who strikes whom, and which items wait on what, are worked out with
+    masks over the changes: what a fold weighs grows with its items, not their square."""
 
     def __init__(self, order: list[Change], anc: list[bytes], root: int, depth: list[int],
                  parents: list[list[int]]) -> None:
@@ -360,24 +372,17 @@ class _Resolution:
         self.remove_mask = {who: sum(1 << r for r in removed) for who, removed in self.removes.items()}
         # Descendants, the same way (from the last change back: a change's descendants
         # are its children and theirs).
-        future = [0] * len(order)
+        future = self.future = [0] * len(order)
         for i in range(len(order) - 1, -1, -1):
             for p in parents[i]:
                 future[p] |= future[i] | 1 << i
-        # Who strikes whom (precomputed once): for each item, its strikers (the removals of
-        # its author that cross it); for each removal item, the items it strikes.
-        self.strikes: dict[Item, list[Item]] = {}
-        self.strikers: dict[Item, list[Item]] = {}
-        for item in self.items:
-            i = item[0]
-            author = order[i].author
-            mine = self.strikers[item] = []
-            if item[1] == author:
-                continue  # leaving is never struck (it removes no one but its author)
-            crossing = self.remove_mask.get(author, 0) & ~self.past[i] & ~future[i] & ~(1 << i)
-            for r in _bits(crossing):
-                self.strikes.setdefault((r, author), []).append(item)
-                mine.append((r, author))
+        # Who strikes whom, as one mask per change (its strikers are the same for each of
+        # its items, but an item of its author leaving, which is never struck): the
+        # removals of its author that cross it. (A list per item would be quadratic: a
+        # removal of 256 names crossing a thousand others is a quarter of a billion.)
+        self.striker_mask = [
+            self.remove_mask.get(c.author, 0) & ~(self.past[i] | future[i] | 1 << i) for i, c in enumerate(order)
+        ]
         self.position = {item: n for n, item in enumerate(self.items)}
 
     def _reset(self) -> None:
@@ -388,19 +393,16 @@ class _Resolution:
         self.adds_open = dict(self.add_mask)
         self.removes_in: dict[str, int] = {who: 0 for who in self.removes}
         self.removes_open = dict(self.remove_mask)
-        # Per name: the undecided items by them or removing them.
-        self.open_items: dict[str, set[Item]] = {}
-        for item in self.items:
-            if item != (self.root, None):
-                self.open_items.setdefault(self.order[item[0]].author, set()).add(item)
-                if item[1] is not None:
-                    self.open_items.setdefault(item[1], set()).add(item)
+        # Items looked at and left undecided ("parked"): they are looked at again only
+        # when something they depend on is decided (`_decide`). By change, and as masks
+        # over the changes by author and by whom they remove.
+        self.parked: dict[int, set[Item]] = {}
+        self.parked_by_author: dict[str, int] = {}
+        self.parked_removing: dict[str, int] = {}
         root_names = (self.order[self.root].author, *self.order[self.root].subjects)
         for who in root_names:
             self.adds_in[who] |= 1 << self.root
             self.adds_open[who] &= ~(1 << self.root)
-        self.open_strikers = {item: len(strikers) for item, strikers in self.strikers.items()}  # undecided ones
-        self.struck_by_in: set[Item] = set()
         self._members: dict[tuple[str, int], bool] = {}  # member() once it is decided
         self._standings: dict[tuple[str, int], int] = {}  # standing() once it is decided
 
@@ -509,10 +511,20 @@ class _Resolution:
             high = max((self.levels[(who, a)] for a in _bits(maybe)), default=None)
         return (NOT_IN if low is None else low), (NOT_IN if high is None else high)
 
+    def _strikers(self, item: Item) -> int:
+        """The changes whose removal of this item's author strikes it (a mask)."""
+        i, subject = item
+        author = self.order[i].author
+        return 0 if subject == author else self.striker_mask[i]
+
     def _struck(self, item: Item) -> bool | None:
-        if item in self.struck_by_in:
+        strikers = self._strikers(item)
+        if not strikers:
+            return False
+        author = self.order[item[0]].author
+        if strikers & self.removes_in.get(author, 0):
             return True
-        return None if self.open_strikers[item] else False
+        return None if strikers & self.removes_open.get(author, 0) else False
 
     def _evaluate(self, item: Item) -> bool | None:
         i = item[0]
@@ -548,6 +560,8 @@ class _Resolution:
                 v = self._evaluate(item)
                 if v is not None:
                     self._decide(item, v, work, queued)
+                else:
+                    self._park(item)
             while first < len(self.items) and self.items[first] in self.status:
                 first += 1
             if first == len(self.items):
@@ -578,7 +592,7 @@ class _Resolution:
         n = len(undecided)
         # The cost of one try, bounded in all (the search gives up past SEARCH_BUDGET).
         cost = sum(1 + len(self.adds.get(self.order[it[0]].author, ())) + len(self.adds.get(it[1] or "", ()))
-                   + len(self.strikers[it]) for it in undecided)
+                   + self._strikers(it).bit_count() for it in undecided)
         if cost << n > SEARCH_BUDGET:
             return None
         for flips in range(n + 1):
@@ -602,7 +616,7 @@ class _Resolution:
         if subject is not None and subject != who:
             theirs = self._standing_in(subject, i, status)
             allowed = mine is not None and theirs is not None and mine < theirs
-        struck = any(status.get(r, False) for r in self.strikers[item])
+        struck = any(status.get((r, who), False) for r in _bits(self._strikers(item)))
         return (mine is not None and allowed and not struck) is value
 
     def _standing_in(self, who: str, i: int, status: dict[Item, bool]) -> int | None:
@@ -613,11 +627,32 @@ class _Resolution:
                   if self._has(i, a) and status.get((a, None), False) and not undone >> a & 1]
         return min(levels) if levels else None
 
+    def _park(self, item: Item) -> None:
+        i, subject = item
+        bit = 1 << i
+        self.parked.setdefault(i, set()).add(item)
+        author = self.order[i].author
+        self.parked_by_author[author] = self.parked_by_author.get(author, 0) | bit
+        if subject is not None:
+            self.parked_removing[subject] = self.parked_removing.get(subject, 0) | bit
+
+    def _unpark(self, item: Item) -> None:
+        i, subject = item
+        here = self.parked.get(i)
+        if not here or item not in here:
+            return
+        here.discard(item)
+        bit = 1 << i
+        author = self.order[i].author
+        if not here:
+            del self.parked[i]
+            self.parked_by_author[author] &= ~bit
+        if subject is not None:
+            self.parked_removing[subject] &= ~bit
+
     def _decide(self, item: Item, value: bool, work: list[int], queued: set[Item]) -> None:
         self.status[item] = value
-        self.open_items[self.order[item[0]].author].discard(item)
-        if item[1] is not None:
-            self.open_items[item[1]].discard(item)
+        self._unpark(item)
         # Who this item adds or removes: the items of theirs may be decidable now.
         i, subject = item
         c = self.order[i]
@@ -625,20 +660,24 @@ class _Resolution:
 
         def again(it: Item) -> None:
             if it not in self.status and it not in queued:
+                self._unpark(it)
                 queued.add(it)
                 heapq.heappush(work, self.position[it])
 
         if subject is not None:
             touched: tuple[str, ...] = (subject,)
-            for struck in self.strikes.get(item, ()):
-                self.open_strikers[struck] -= 1
-                if value:
-                    self.struck_by_in.add(struck)
-                if value or not self.open_strikers[struck]:
-                    again(struck)
             self.removes_open[subject] &= ~bit
             if value:
                 self.removes_in[subject] |= bit
+            # The parked items this removal strikes (those of its subject's changes that
+            # cross it, but their author's leaving): struck now if it is in; if it is
+            # out, decidable once no other striker of theirs is undecided.
+            crossing = self.parked_by_author.get(subject, 0) & ~(self.past[i] | self.future[i] | bit)
+            open_strikers = self.removes_open[subject]
+            for j in _bits(crossing):
+                if value or not self.striker_mask[j] & open_strikers:
+                    for it in [it for it in self.parked[j] if it[1] != subject]:
+                        again(it)
         elif c.action == Action.CREATE:
             touched = (c.author, *c.subjects)
         elif c.action == Action.ADD:
@@ -651,10 +690,13 @@ class _Resolution:
                 if value:
                     self.adds_in[who] |= bit
         # Whether someone is a member, and at which level, in the past of a change that
-        # descends from this one may be decided now: their items and removals there.
+        # descends from this one may be decided now: the parked items by them or
+        # removing them there.
         for who in touched:
-            for it in self.open_items.get(who, ()):
-                if it not in queued and self._has(it[0], i):
+            later = (self.parked_by_author.get(who, 0) | self.parked_removing.get(who, 0)) & self.future[i]
+            for j in _bits(later):
+                by_them = self.order[j].author == who
+                for it in [it for it in self.parked.get(j, ()) if by_them or it[1] == who]:
                     again(it)
 
     def broken(self) -> tuple[Item, bool] | None:

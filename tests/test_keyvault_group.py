@@ -505,3 +505,59 @@ def test_leaving_twice_at_once_stands_both_times(keys: dict[str, AccountKeys]) -
     two = g.change("bob", Action.REMOVE, [add], ("bob",))
     s = g.state()
     assert s.members == {"alice", "dave"} and {one.hash, two.hash} <= s.effective
+
+
+def test_a_removed_members_changes_cannot_stop_the_members_making_changes(keys: dict[str, AccountKeys]) -> None:
+    """bob, removed, signs 20 renames on the creation: none takes effect, and all stay
+    heads (no member builds on them), more than a change may name. A new change names at
+    most MAX_PARENTS of them, the heads that take effect first, and it takes effect."""
+    from keyvault.group import MAX_PARENTS
+
+    g = G(keys, members=("bob", "carol"))
+    removal = g.change("alice", Action.REMOVE, [g.root], ("bob",))
+    for i in range(20):
+        g.change("bob", Action.RENAME, [g.root], name=f"bob's {i}")
+    s = g.state()
+    assert len(s.heads) == 21 and s.effective == {g.root.hash, removal.hash} and s.name == "friends"
+    parents = s.parents()
+    assert len(parents) == MAX_PARENTS and removal.hash in parents
+    add = g.change("alice", Action.ADD, [c for c in g.changes if c.hash in parents], ("dave",))
+    s = g.state()
+    assert add.hash in s.effective and s.members == {"alice", "carol", "dave"}
+    assert len(s.heads) == 21 - MAX_PARENTS + 1 and len(s.parents()) == len(s.heads)
+
+
+def test_what_a_fold_weighs_grows_with_its_items_not_their_square(
+    keys: dict[str, AccountKeys], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bob signs 60 removals that all cross, each of himself and 255 others: 15,360
+    items, each struck by 59 removals. Who strikes whom is a mask per change (a list per
+    item held 900,000 entries: gigabytes at a few hundred such changes), and an item is
+    looked at again only when something it waits on is decided (every decision once
+    looked at all of bob's items). Counted, not timed: items looked at, and memory."""
+    import tracemalloc
+
+    import keyvault.group as kg
+
+    looked = [0]
+    original = kg._Resolution._evaluate
+
+    def counting(self: kg._Resolution, item: kg.Item) -> bool | None:
+        looked[0] += 1
+        return original(self, item)
+
+    monkeypatch.setattr(kg._Resolution, "_evaluate", counting)
+    g = G(keys)
+    others = tuple(f"u{k:03d}" for k in range(255))
+    for _ in range(60):
+        g.change("bob", Action.REMOVE, [g.root], ("bob", *others))
+    items = 1 + 60 * 256
+    tracemalloc.start()
+    try:
+        s = g.state()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert s.members == {"alice"} and len(s.effective) == 61  # bob left (60 times over)
+    assert looked[0] <= 3 * items, looked[0]
+    assert peak < 24 * 2**20, peak
