@@ -34,11 +34,18 @@ from node.store import NodeStore
 PREFIX = "#"  # a group conversation's peer: "#" + the group id in hex
 MAX_LABEL = 64
 MAX_PENDING = 256  # changes of one group kept while waiting for their parents
+# ... of which one author's at most, and only of an author some change held names as
+# added: nobody can fill the waiting room for good (their parents may never come).
+MAX_PENDING_PER_AUTHOR = 32
 # Changes of one group held here at most (kept ones and those waiting): what one fold costs
-# is bounded by it (about 2 s here for the worst histories found, of 3,007 and 3,901
-# changes; a chain of 4,000 in 0.04 s). Past it, no new change is taken or made: the group
-# must be made anew.
+# is bounded by it and MAX_GROUP_NAMES (under 1 s here for the worst histories found:
+# PROTOCOL.md 20, bounds). Past it, no new change is taken or made: the group must be
+# made anew.
 MAX_GROUP_CHANGES = 4096
+# The names in the changes held (their subjects, summed): a removal is judged per subject,
+# so this bounds what a fold weighs too (4,096 removals of 256 names each would be a
+# million; 65,536 fold in about 0.5 s here).
+MAX_GROUP_NAMES = 65_536
 MAX_LIMBO = 4096  # changes kept of a group not yet held here (see merge)
 MAX_LIMBO_GROUPS = 16
 MAX_LIMBO_PER_SENDER = 2  # groups in limbo that one sender's letters brought
@@ -71,6 +78,13 @@ def describe(change: Change) -> str:
     return f"renamed the group {change.name!r}"
 
 
+def _added(change: Change) -> tuple[str, ...]:
+    """Whom a change adds (a creation: its author and its subjects)."""
+    if change.action == Action.CREATE:
+        return (change.author, *change.subjects)
+    return change.subjects if change.action == Action.ADD else ()
+
+
 def _clean_label(name: str) -> str:
     label = "".join(ch if ch.isprintable() and not ch.isspace() else "-" for ch in name.strip())[:MAX_LABEL]
     return label.strip("-#") or "group"
@@ -83,16 +97,21 @@ class Groups:
         self.store = store
         self.keys = keys
         self.name = name
-        self._states: dict[bytes, tuple[frozenset[bytes], GroupState]] = {}  # what each fold was of
+        # Each group's last fold: of which changes, its state, and the names in them.
+        self._states: dict[bytes, tuple[frozenset[bytes], GroupState, int]] = {}
 
     # ---- reading ---------------------------------------------------------------------
     def state(self, group_id: bytes) -> GroupState:
         """The group's state (folded again only when its stored changes changed)."""
+        return self._fold(group_id)[0]
+
+    def _fold(self, group_id: bytes) -> tuple[GroupState, int]:
+        """The state, and the names in the changes held (MAX_GROUP_NAMES)."""
         held = self.store.group_changes(group_id)
         key = frozenset(held)
         cached = self._states.get(group_id)
         if cached is not None and cached[0] == key:
-            return cached[1]
+            return cached[1], cached[2]
         changes = []
         for blob in held.values():
             try:
@@ -100,8 +119,9 @@ class Groups:
             except DecryptionFailed:
                 continue  # (verified before it was stored: cannot happen)
         state = fold(group_id, changes)
-        self._states[group_id] = (key, state)
-        return state
+        names = sum(len(c.subjects) for c in changes)
+        self._states[group_id] = (key, state, names)
+        return state, names
 
     def find(self, label: str) -> bytes:
         """A group by its conversation ("#" + hex id) or its name here ("#" optional)."""
@@ -138,13 +158,16 @@ class Groups:
 
     def change(self, group_id: bytes, action: Action, subjects: Iterable[str] = (), name: str = "") -> Change:
         """A change by this account, after everything this device has of the group."""
-        state = self.state(group_id)
+        state, names = self._fold(group_id)
         if self.name not in state.members:
             raise VeilError(f"you are not a member of {self.label(group_id)!r}")
+        subjects = tuple(subjects)
         if len(state.valid) + len(state.pending) >= MAX_GROUP_CHANGES:
             raise VeilError(f"{self.label(group_id)!r} has had {MAX_GROUP_CHANGES} changes, the most a group"
                             " can: create a new group for what comes next")
-        subjects = tuple(subjects)
+        if names + len(subjects) > MAX_GROUP_NAMES:
+            raise VeilError(f"{self.label(group_id)!r} has had changes naming {MAX_GROUP_NAMES:,} people in all,"
+                            " the most a group can: create a new group for what comes next")
         if action == Action.ADD:
             subjects = tuple(s for s in subjects if s not in state.members)
             if not subjects:
@@ -163,7 +186,7 @@ class Groups:
                 raise VeilError(f"you cannot remove {', '.join(above)}: only a member who joined before them can"
                                 " (group show lists the members in the order they joined)")
         try:
-            change = make_change(self.keys, group_id, self.name, action, parents=state.heads, subjects=subjects,
+            change = make_change(self.keys, group_id, self.name, action, parents=state.parents(), subjects=subjects,
                                  name=name, sent_at=int(time.time() * 1000))
         except ValueError as exc:
             raise VeilError(f"cannot make that change: {exc}") from None
@@ -222,22 +245,52 @@ class Groups:
         # Kept: the valid changes (those that take effect and those that a removal of
         # their author undoes, which others may build on), and a bounded number waiting
         # for parents; not the invalid ones (by someone never added), which change
-        # nothing and would only grow the store and what is passed on.
-        room = MAX_PENDING - len(state.pending & (known.keys() - limbo.keys()))
-        space = MAX_GROUP_CHANGES - len(known)  # (parents first, should it run out)
-        position = {h: i for i, h in enumerate(state.order)}
-        keep: list[Change] = []
-        for c in sorted(fresh, key=lambda c: (position.get(c.hash, len(position)), c.hash)):
-            if len(keep) >= space:
-                break
-            if c.hash in state.valid:
-                keep.append(c)
-            elif c.hash in state.pending and room > 0:
-                keep.append(c)
-                room -= 1
-        self.store.add_group_changes(group_id, [(c.hash, c.to_bytes()) for c in keep])
-        state = self.state(group_id)
+        # nothing and would only grow the store and what is passed on. Waiting: only
+        # changes by someone a kept change adds (or a waiting one by such a member),
+        # MAX_PENDING_PER_AUTHOR of each; when the room is full, one of whoever waits with
+        # the most goes, so a member's change always finds room.
         by_hash = {c.hash: c for c in everything}
+        stored = known.keys() - limbo.keys()
+        named = {who for h in state.valid for who in _added(by_hash[h])}
+        named |= {who for h in state.pending if by_hash[h].author in named for who in _added(by_hash[h])}
+        waiting: dict[str, list[bytes]] = {}
+        for h in sorted(state.pending & stored):
+            waiting.setdefault(by_hash[h].author, []).append(h)
+        room = MAX_PENDING - sum(map(len, waiting.values()))
+        space = MAX_GROUP_CHANGES - len(stored)  # (parents first, should it run out)
+        names = sum(len(by_hash[h].subjects) for h in stored)
+        position = {h: i for i, h in enumerate(state.order)}
+        keep: dict[bytes, Change] = {}
+        dropped: list[bytes] = []
+        for c in sorted(fresh, key=lambda c: (position.get(c.hash, len(position)), c.hash)):
+            if c.hash in keep:
+                continue
+            if len(keep) >= space or names + len(c.subjects) > MAX_GROUP_NAMES:
+                break
+            if c.hash in state.pending:
+                mine = waiting.setdefault(c.author, [])
+                if c.author not in named or len(mine) >= MAX_PENDING_PER_AUTHOR:
+                    continue
+                if room <= 0:
+                    hog = max(waiting, key=lambda a: (len(waiting[a]), a))
+                    if len(waiting[hog]) <= len(mine) + 1:
+                        continue  # nobody waits with more than this author then would
+                    out = waiting[hog].pop()
+                    if keep.pop(out, None) is None:
+                        dropped.append(out)
+                    room += 1
+                mine.append(c.hash)
+                room -= 1
+            elif c.hash not in state.valid:
+                continue
+            keep[c.hash] = c
+            names += len(c.subjects)
+        self.store.drop_group_changes(group_id, dropped)
+        self.store.add_group_changes(group_id, [(c.hash, c.to_bytes()) for c in keep.values()])
+        if not dropped and stored | keep.keys() == by_hash.keys():
+            # Everything folded is held now: that fold is the state (no second fold).
+            self._states[group_id] = (frozenset(by_hash), state, names)
+        state = self.state(group_id)
         def in_time(hashes: Iterable[bytes]) -> list[Change]:
             return sorted((by_hash[h] for h in hashes), key=lambda c: (c.sent_at, c.hash))
 

@@ -587,6 +587,11 @@ class NodeStore:
             [(group_id, h, b) for h, b in changes],
         )
 
+    def drop_group_changes(self, group_id: bytes, hashes: Sequence[bytes]) -> None:
+        """Forget changes (only ever ones waiting for their parents: node/groups.py)."""
+        self.conn.executemany("DELETE FROM group_changes WHERE group_id = ? AND hash = ?",
+                              [(group_id, h) for h in hashes])
+
     def group_changes(self, group_id: bytes) -> dict[bytes, bytes]:
         """The group's changes held here, by hash."""
         return {bytes(r[0]): bytes(r[1]) for r in self.conn.execute(

@@ -303,3 +303,83 @@ async def test_many_changes_made_offline_go_out_once(accounts: Accounts, relay: 
         assert 1 <= len(held) <= 4, len(held)
         await sync(carol)
         assert carol.groups.state(carol.groups.find("friends")).name == "name 299"
+
+
+def test_nobody_can_fill_the_room_for_changes_waiting_for_their_parents(
+    key_pool: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changes whose parents never come must not take the room a member's change needs
+    while its parent is on the way. eve, never added, gets none of hers kept; bob and
+    carol, members, at most MAX_PENDING_PER_AUTHOR each; and once they fill the room
+    (here 64), dave's change that came before its parent still finds room, in place of
+    one of theirs, and takes effect when its parent comes."""
+    import os
+
+    import node.groups
+    from keyvault.group import make_change
+    from node.groups import MAX_PENDING_PER_AUTHOR, Groups
+    from node.store import NodeStore
+
+    monkeypatch.setattr(node.groups, "MAX_PENDING", 2 * MAX_PENDING_PER_AUTHOR)
+    names = ("alice", "bob", "carol", "dave", "eve")
+    keys = dict(zip(names, key_pool, strict=False))
+    store = NodeStore(tmp_path / "alice.db", b"a" * 32)
+    groups = Groups(store, keys["alice"], "alice")
+    with store.transaction():
+        gid, root = groups.create("friends", ["bob", "carol", "dave"])
+
+    def identity(name: str) -> bytes | None:
+        return keys[name].public().identity if name in keys else None
+
+    def orphans(author: str, n: int) -> list[bytes]:
+        return [make_change(keys[author], gid, author, Action.RENAME, parents=[os.urandom(32)], name=f"{author} {i}",
+                            sent_at=i).to_bytes() for i in range(n)]
+
+    def waiting() -> int:
+        return len(groups.state(gid).pending)
+
+    with store.transaction():
+        groups.merge(gid, orphans("eve", 50), identity, "eve")
+    assert waiting() == 0 and len(store.group_changes(gid)) == 1
+    for author in ("bob", "carol"):
+        with store.transaction():
+            groups.merge(gid, orphans(author, MAX_PENDING_PER_AUTHOR + 8), identity, author)
+    assert waiting() == 2 * MAX_PENDING_PER_AUTHOR  # the room is full
+    parent = make_change(keys["dave"], gid, "dave", Action.ADD, parents=[root.hash], subjects=["erin"], sent_at=1)
+    child = make_change(keys["dave"], gid, "dave", Action.RENAME, parents=[parent.hash], name="dave's", sent_at=2)
+    with store.transaction():
+        groups.merge(gid, [child.to_bytes()], identity, "dave")
+    state = groups.state(gid)
+    assert child.hash in state.pending and len(state.pending) == 2 * MAX_PENDING_PER_AUTHOR
+    with store.transaction():
+        state, became, _ = groups.merge(gid, [parent.to_bytes()], identity, "dave")
+    assert state is not None and state.name == "dave's" and "erin" in state.members
+    assert {c.hash for c in became} == {parent.hash, child.hash}
+
+
+def test_a_group_holds_changes_naming_no_more_people_than_its_bound(
+    key_pool: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removal is judged per name, so what a fold weighs grows with the names in the
+    changes, not only with their number: past MAX_GROUP_NAMES (here 4) a device keeps and
+    makes no change that names more."""
+    import node.groups
+    from keyvault.group import make_change
+    from node.groups import Groups
+    from node.store import NodeStore
+
+    monkeypatch.setattr(node.groups, "MAX_GROUP_NAMES", 4)
+    keys = dict(zip(("alice", "bob"), key_pool, strict=False))
+    store = NodeStore(tmp_path / "alice.db", b"a" * 32)
+    groups = Groups(store, keys["alice"], "alice")
+    with store.transaction():
+        gid, _ = groups.create("friends", ["bob", "carol"])  # 2 names
+        with pytest.raises(VeilError, match="naming 4 people in all, the most a group can"):
+            groups.change(gid, Action.ADD, ["dave", "erin", "frank"])
+        groups.change(gid, Action.ADD, ["dave"])  # 3
+    wide = make_change(keys["bob"], gid, "bob", Action.ADD, parents=list(groups.state(gid).heads),
+                       subjects=["gina", "hank"], sent_at=5)
+    with store.transaction():
+        state, became, _ = groups.merge(gid, [wide.to_bytes()], lambda n: keys[n].public().identity, "bob")
+    assert state is not None and wide.hash not in store.group_changes(gid) and not became
+    assert state.members == {"alice", "bob", "carol", "dave"}
