@@ -78,6 +78,7 @@ import functools
 import hashlib
 import heapq
 import itertools
+import operator
 import re
 import secrets
 from collections.abc import Iterable
@@ -166,6 +167,8 @@ def _body(
     if len(name_b) > MAX_GROUP_NAME_BYTES:
         raise ValueError("the group's name is too long")
     action = Action(action)
+    if action == Action.CREATE and author_b in subs:
+        raise ValueError("a creation's subjects are its members besides its author")
     shape_ok = {
         Action.CREATE: not parents and bool(name_b) and len(salt) == HASH_LEN,
         Action.ADD: bool(parents) and bool(subs) and not name_b,
@@ -368,8 +371,10 @@ class _Resolution:
         # member where is a few operations on them (`_counting`).
         self.past = [int.from_bytes(bits, "little") for bits in anc]
         self.everything = (1 << len(order)) - 1
-        self.add_mask = {who: sum(1 << a for a in added) for who, added in self.adds.items()}
-        self.remove_mask = {who: sum(1 << r for r in removed) for who, removed in self.removes.items()}
+        self.add_mask = {who: functools.reduce(operator.or_, (1 << a for a in added), 0)
+                         for who, added in self.adds.items()}
+        self.remove_mask = {who: functools.reduce(operator.or_, (1 << r for r in removed), 0)
+                            for who, removed in self.removes.items()}
         # Descendants, the same way (from the last change back: a change's descendants
         # are its children and theirs).
         future = self.future = [0] * len(order)
@@ -595,37 +600,64 @@ class _Resolution:
                    + self._strikers(it).bit_count() for it in undecided)
         if cost << n > SEARCH_BUDGET:
             return None
+        # Each try is a few operations on masks: the decided items' (as they stand) and
+        # the tried ones' (few) on top; nothing as large as the status is copied.
+        self._undone_cache: dict[tuple[str, int], int] = {}
         for flips in range(n + 1):
             for chosen in itertools.combinations(range(n), flips):
                 values = list(default)
                 for k in chosen:
                     values[k] = not values[k]
-                status = {**self.status, **dict(zip(undecided, values, strict=True))}
-                if all(self._holds(it, v, status) for it, v in zip(undecided, values, strict=True)):
+                adds_in: dict[str, int] = {}
+                removes_in: dict[str, int] = {}
+                for (j, subject), v in zip(undecided, values, strict=True):
+                    if not v:
+                        continue
+                    if subject is not None:
+                        removes_in[subject] = removes_in.get(subject, 0) | 1 << j
+                    else:
+                        for who in self._added(j):
+                            adds_in[who] = adds_in.get(who, 0) | 1 << j
+                if all(self._holds(it, v, adds_in, removes_in) for it, v in zip(undecided, values, strict=True)):
                     return values
         return None
 
-    def _holds(self, item: Item, value: bool, status: dict[Item, bool]) -> bool:
-        """Whether the rules give ``item`` ``value`` when everything is as ``status``."""
+    def _added(self, i: int) -> tuple[str, ...]:
+        """Whom change i adds (a creation: its author and its subjects)."""
+        c = self.order[i]
+        if c.action == Action.CREATE:
+            return (c.author, *c.subjects)
+        return c.subjects if c.action == Action.ADD else ()
+
+    def _holds(self, item: Item, value: bool, adds_in: dict[str, int], removes_in: dict[str, int]) -> bool:
+        """Whether the rules give ``item`` ``value`` when the undecided items are as
+        tried: ``adds_in`` and ``removes_in``, by name, the tried items that are in."""
         i, subject = item
         who = self.order[i].author
         if i == self.root:
             return value
-        mine = self._standing_in(who, i, status)
+        mine = self._standing_in(who, i, adds_in, removes_in)
         allowed = True
         if subject is not None and subject != who:
-            theirs = self._standing_in(subject, i, status)
+            theirs = self._standing_in(subject, i, adds_in, removes_in)
             allowed = mine is not None and theirs is not None and mine < theirs
-        struck = any(status.get((r, who), False) for r in _bits(self._strikers(item)))
+        struck = bool(self._strikers(item) & (self.removes_in.get(who, 0) | removes_in.get(who, 0)))
         return (mine is not None and allowed and not struck) is value
 
-    def _standing_in(self, who: str, i: int, status: dict[Item, bool]) -> int | None:
-        """`standing` when everything is as ``status`` (None: not a member)."""
-        removals = sum(1 << r for r in self.removes.get(who, ()) if self._has(i, r) and status.get((r, who), False))
-        undone = self._undone(removals)
-        levels = [self.levels[(who, a)] for a in self.adds.get(who, ())
-                  if self._has(i, a) and status.get((a, None), False) and not undone >> a & 1]
-        return min(levels) if levels else None
+    def _standing_in(self, who: str, i: int, adds_in: dict[str, int], removes_in: dict[str, int]) -> int | None:
+        """`standing` when the undecided items are as tried (None: not a member)."""
+        if who not in self.adds:
+            return None
+        past = self.past[i]
+        key = (who, i)
+        undone = self._undone_cache.get(key)
+        if undone is None:  # what the decided removals undo there (the same for every try)
+            undone = self._undone_cache[key] = self._undone(self.removes_in.get(who, 0) & past)
+        tried = removes_in.get(who, 0) & past
+        if tried:
+            undone |= self._undone(tried)
+        counting = (self.adds_in[who] | adds_in.get(who, 0)) & past & ~undone
+        return self._lowest(who, counting)
 
     def _park(self, item: Item) -> None:
         i, subject = item

@@ -13,6 +13,7 @@ Everything here is synchronous and runs inside the caller's store transaction.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 
@@ -30,6 +31,8 @@ from keyvault.group import (
 from keyvault.keys import AccountKeys
 from node.errors import VeilError
 from node.store import NodeStore
+
+log = logging.getLogger("veil.node")
 
 PREFIX = "#"  # a group conversation's peer: "#" + the group id in hex
 MAX_LABEL = 64
@@ -119,7 +122,7 @@ class Groups:
             except DecryptionFailed:
                 continue  # (verified before it was stored: cannot happen)
         state = fold(group_id, changes)
-        names = sum(len(c.subjects) for c in changes)
+        names = sum(len(c.subjects) for c in changes if c.hash in state.valid)
         self._states[group_id] = (key, state, names)
         return state, names
 
@@ -231,6 +234,9 @@ class Groups:
             state = fold(group_id, everything)
         except ValueError:
             state = None  # no creation of it yet
+        except Exception as exc:  # a bug the changes reach: keep none of them, go on
+            log.error("the changes of a group could not be folded (%s); none was taken in", type(exc).__name__)
+            return None, [], []
         if is_new and (state is None or self.name not in state.members):
             if names_us and fresh:
                 self.store.add_group_limbo(group_id, [(c.hash, c.to_bytes()) for c in fresh], sender, MAX_LIMBO,
@@ -246,26 +252,26 @@ class Groups:
         # their author undoes, which others may build on), and a bounded number waiting
         # for parents; not the invalid ones (by someone never added), which change
         # nothing and would only grow the store and what is passed on. Waiting: only
-        # changes by someone a kept change adds (or a waiting one by such a member),
-        # MAX_PENDING_PER_AUTHOR of each; when the room is full, one of whoever waits with
-        # the most goes, so a member's change always finds room.
+        # changes by someone an effective change adds (not one that only waits, whose
+        # author could name anyone), MAX_PENDING_PER_AUTHOR of each; when the room is
+        # full, one of whoever waits with the most goes. Names (MAX_GROUP_NAMES) count in
+        # the kept changes only: those waiting are not folded, and have their own bound.
         by_hash = {c.hash: c for c in everything}
         stored = known.keys() - limbo.keys()
-        named = {who for h in state.valid for who in _added(by_hash[h])}
-        named |= {who for h in state.pending if by_hash[h].author in named for who in _added(by_hash[h])}
+        named = {who for h in state.effective for who in _added(by_hash[h])}
         waiting: dict[str, list[bytes]] = {}
         for h in sorted(state.pending & stored):
             waiting.setdefault(by_hash[h].author, []).append(h)
         room = MAX_PENDING - sum(map(len, waiting.values()))
         space = MAX_GROUP_CHANGES - len(stored)  # (parents first, should it run out)
-        names = sum(len(by_hash[h].subjects) for h in stored)
+        names = sum(len(by_hash[h].subjects) for h in stored if h in state.valid)
         position = {h: i for i, h in enumerate(state.order)}
         keep: dict[bytes, Change] = {}
         dropped: list[bytes] = []
         for c in sorted(fresh, key=lambda c: (position.get(c.hash, len(position)), c.hash)):
             if c.hash in keep:
                 continue
-            if len(keep) >= space or names + len(c.subjects) > MAX_GROUP_NAMES:
+            if len(keep) >= space or (c.hash in state.valid and names + len(c.subjects) > MAX_GROUP_NAMES):
                 break
             if c.hash in state.pending:
                 mine = waiting.setdefault(c.author, [])
@@ -284,7 +290,8 @@ class Groups:
             elif c.hash not in state.valid:
                 continue
             keep[c.hash] = c
-            names += len(c.subjects)
+            if c.hash in state.valid:
+                names += len(c.subjects)
         self.store.drop_group_changes(group_id, dropped)
         self.store.add_group_changes(group_id, [(c.hash, c.to_bytes()) for c in keep.values()])
         if not dropped and stored | keep.keys() == by_hash.keys():

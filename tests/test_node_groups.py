@@ -309,7 +309,8 @@ def test_nobody_can_fill_the_room_for_changes_waiting_for_their_parents(
     key_pool: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Changes whose parents never come must not take the room a member's change needs
-    while its parent is on the way. eve, never added, gets none of hers kept; bob and
+    while its parent is on the way. eve, never added (or added only by a change that
+    waits), gets none of hers kept; bob and
     carol, members, at most MAX_PENDING_PER_AUTHOR each; and once they fill the room
     (here 64), dave's change that came before its parent still finds room, in place of
     one of theirs, and takes effect when its parent comes."""
@@ -341,6 +342,12 @@ def test_nobody_can_fill_the_room_for_changes_waiting_for_their_parents(
     with store.transaction():
         groups.merge(gid, orphans("eve", 50), identity, "eve")
     assert waiting() == 0 and len(store.group_changes(gid)) == 1
+    # Named by a change that only waits (its author could name anyone), eve is no better off.
+    names_eve = make_change(keys["bob"], gid, "bob", Action.ADD, parents=[os.urandom(32)], subjects=["eve"],
+                            sent_at=3)
+    with store.transaction():
+        groups.merge(gid, [names_eve.to_bytes(), *orphans("eve", 10)], identity, "bob")
+    assert groups.state(gid).pending == {names_eve.hash}
     for author in ("bob", "carol"):
         with store.transaction():
             groups.merge(gid, orphans(author, MAX_PENDING_PER_AUTHOR + 8), identity, author)
