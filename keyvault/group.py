@@ -301,6 +301,8 @@ class GroupState:
 Item = tuple[int, "str | None"]  # a change's position, and the subject for a removal
 NOT_IN = -1  # a standing: not a member there
 MAX_SETTLE_RETRIES = 4  # folds again when a settle turns out to contradict the rules
+_FEW, _BLOCK = 16, 16  # `_lowest`: walk a mask of up to _FEW; else search blocks of _BLOCK
+MAX_UNDONE_MEMO = 1 << 14  # remembered `_undone` results (cleared when full)
 MAX_SEARCHED = 12  # undecided items for which every way to decide them is tried (2**12)
 SEARCH_BUDGET = 1 << 20  # ... when trying them all looks at no more than this many changes
 
@@ -389,6 +391,10 @@ class _Resolution:
             self.remove_mask.get(c.author, 0) & ~(self.past[i] | future[i] | 1 << i) for i, c in enumerate(order)
         ]
         self.position = {item: n for n, item in enumerate(self.items)}
+        # `_undone` of the same removals is asked for again and again (every parked item
+        # of one name, in the past of the same removals): remembered, bounded.
+        self._undone_memo: dict[int, int] = {}
+        self._level_index: dict[str, tuple[list[int], list[int], list[int]]] = {}  # `_by_level`
 
     def _reset(self) -> None:
         """The state of one run (decided items, and what follows from them)."""
@@ -404,6 +410,12 @@ class _Resolution:
         self.parked: dict[int, set[Item]] = {}
         self.parked_by_author: dict[str, int] = {}
         self.parked_removing: dict[str, int] = {}
+        # Names whose membership (or level) may have changed in the future of what was
+        # decided (a mask of changes per name): their parked items there are looked at
+        # again once the worklist is empty, not after every decision (a member with many
+        # parked changes, in the future of many removals decided one by one, would be
+        # looked at once per removal).
+        self.dirty: dict[str, int] = {}
         root_names = (self.order[self.root].author, *self.order[self.root].subjects)
         for who in root_names:
             self.adds_in[who] |= 1 << self.root
@@ -422,11 +434,19 @@ class _Resolution:
         """The changes that are ancestors of any of ``removals`` (a mask): from the latest
         down, each one's ancestors at once (an ancestor of a removal has no ancestor that
         the removal lacks)."""
-        undone = 0
+        if not removals:
+            return 0
+        known = self._undone_memo.get(removals)
+        if known is not None:
+            return known
+        key, undone = removals, 0
         while removals:
             r = removals.bit_length() - 1
             undone |= self.past[r]
             removals &= ~self.past[r] & ~(1 << r)
+        if len(self._undone_memo) >= MAX_UNDONE_MEMO:
+            self._undone_memo.clear()
+        self._undone_memo[key] = undone
         return undone
 
     def _counting(self, who: str, i: int | None) -> tuple[int, int]:
@@ -457,13 +477,58 @@ class _Resolution:
         return result
 
     def _lowest(self, who: str, mask: int) -> int | None:
-        level = None
-        while mask:
-            a = mask.bit_length() - 1
-            mask &= ~(1 << a)
-            here = self.levels[(who, a)]
-            level = here if level is None else min(level, here)
-        return level
+        """The lowest level of the additions of ``who`` in ``mask`` (None: none)."""
+        if not mask:
+            return None
+        if mask.bit_count() <= _FEW:
+            return min(self.levels[(who, a)] for a in _bits(mask))
+        levels, changes, prefix = self._by_level(who)
+        lo, hi = 0, len(prefix) - 1  # the first block with one of them: a binary search
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if mask & prefix[mid]:
+                hi = mid
+            else:
+                lo = mid + 1
+        for k in range(lo * _BLOCK, min(len(changes), (lo + 1) * _BLOCK)):
+            if mask >> changes[k] & 1:
+                return levels[k]
+        raise AssertionError("not additions of theirs")
+
+    def _highest(self, who: str, mask: int) -> int | None:
+        """The highest level of the additions of ``who`` in ``mask`` (None: none)."""
+        if not mask:
+            return None
+        if mask.bit_count() <= _FEW:
+            return max(self.levels[(who, a)] for a in _bits(mask))
+        levels, changes, prefix = self._by_level(who)
+        lo, hi = 0, len(prefix) - 1  # the first block by which all of them are in
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if mask & ~prefix[mid]:
+                lo = mid + 1
+            else:
+                hi = mid
+        for k in range(min(len(changes), (lo + 1) * _BLOCK) - 1, lo * _BLOCK - 1, -1):
+            if mask >> changes[k] & 1:
+                return levels[k]
+        raise AssertionError("not additions of theirs")
+
+    def _by_level(self, who: str) -> tuple[list[int], list[int], list[int]]:
+        """The additions of ``who`` by level (levels, changes), and the mask of those in
+        each block of _BLOCK and all before it: the lowest (or highest) level in a mask
+        of many is a binary search, not a walk over every one."""
+        index = self._level_index.get(who)
+        if index is None:
+            ranked = sorted((self.levels[(who, a)], a) for a in self.adds[who])
+            levels, changes = [lv for lv, _ in ranked], [a for _, a in ranked]
+            prefix, acc = [], 0
+            for k, a in enumerate(changes):
+                acc |= 1 << a
+                if k % _BLOCK == _BLOCK - 1 or k == len(changes) - 1:
+                    prefix.append(acc)
+            index = self._level_index[who] = (levels, changes, prefix)
+        return index
 
     def standing(self, who: str, i: int | None) -> int | None:
         """The level at which ``who`` is a member of the past of change i (None: of every
@@ -513,7 +578,7 @@ class _Resolution:
         if certain:
             high = self._lowest(who, certain)
         else:
-            high = max((self.levels[(who, a)] for a in _bits(maybe)), default=None)
+            high = self._highest(who, maybe)
         return (NOT_IN if low is None else low), (NOT_IN if high is None else high)
 
     def _strikers(self, item: Item) -> int:
@@ -567,6 +632,10 @@ class _Resolution:
                     self._decide(item, v, work, queued)
                 else:
                     self._park(item)
+            if self.dirty:
+                self._wake_dirty(work, queued)
+                if work:
+                    continue
             while first < len(self.items) and self.items[first] in self.status:
                 first += 1
             if first == len(self.items):
@@ -691,10 +760,7 @@ class _Resolution:
         bit = 1 << i
 
         def again(it: Item) -> None:
-            if it not in self.status and it not in queued:
-                self._unpark(it)
-                queued.add(it)
-                heapq.heappush(work, self.position[it])
+            self._again(it, work, queued)
 
         if subject is not None:
             touched: tuple[str, ...] = (subject,)
@@ -723,13 +789,32 @@ class _Resolution:
                     self.adds_in[who] |= bit
         # Whether someone is a member, and at which level, in the past of a change that
         # descends from this one may be decided now: the parked items by them or
-        # removing them there.
-        for who in touched:
-            later = (self.parked_by_author.get(who, 0) | self.parked_removing.get(who, 0)) & self.future[i]
+        # removing them there are looked at again, once the worklist is empty
+        # (`_wake_dirty`).
+        future = self.future[i]
+        if future:
+            for who in touched:
+                self.dirty[who] = self.dirty.get(who, 0) | future
+
+    def _again(self, it: Item, work: list[int], queued: set[Item]) -> None:
+        if it not in self.status and it not in queued:
+            self._unpark(it)
+            queued.add(it)
+            heapq.heappush(work, self.position[it])
+
+    def _wake_dirty(self, work: list[int], queued: set[Item]) -> None:
+        dirty, self.dirty = self.dirty, {}
+        self._wake({who: (self.parked_by_author.get(who, 0) | self.parked_removing.get(who, 0)) & future
+                    for who, future in dirty.items()}, work, queued)
+
+    def _wake(self, waking: dict[str, int], work: list[int], queued: set[Item]) -> None:
+        """Look again at the parked items by or removing each name, in the changes of
+        its mask."""
+        for who, later in waking.items():
             for j in _bits(later):
                 by_them = self.order[j].author == who
                 for it in [it for it in self.parked.get(j, ()) if by_them or it[1] == who]:
-                    again(it)
+                    self._again(it, work, queued)
 
     def broken(self) -> tuple[Item, bool] | None:
         """The first settle that the rules, once everything is decided, contradict: an
