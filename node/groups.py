@@ -267,7 +267,9 @@ class Groups:
         names = sum(len(by_hash[h].subjects) for h in stored if h in state.valid)
         position = {h: i for i, h in enumerate(state.order)}
         keep: dict[bytes, Change] = {}
-        dropped: list[bytes] = []
+        # A change that waited and turns out invalid (its parents came, its author's
+        # addition is not among them) goes: invalid ones are not kept.
+        dropped: list[bytes] = sorted(stored & state.invalid)
         for c in sorted(fresh, key=lambda c: (position.get(c.hash, len(position)), c.hash)):
             if c.hash in keep:
                 continue

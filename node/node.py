@@ -272,6 +272,7 @@ class _GroupSealing:
             size += len(blob) + 4
         if chunk:
             self.chunks.append(tuple(chunk))
+        self._added_in: dict[str, int] | None = None  # `_addition_chunk`
         self.notice = self.store.group_notice(self.m.msg_id) is not None
         # A resync (a notice that is not one of our changes) passes the changes on to
         # every device, whatever it had from us: it is sent because some may lack some.
@@ -284,9 +285,13 @@ class _GroupSealing:
             # Each letter is parents-first. To a device we sent the group before, oldest
             # first: it holds the group, and takes each letter whole (a device keeps only
             # MAX_PENDING changes waiting for parents). To one that may not hold it yet,
-            # newest first: its addition is in the first letter it gets, so it keeps the
-            # rest as they come (node/groups.py, merge).
-            chunks = self.chunks if sent else self.chunks[::-1]
+            # first the letter with its account's latest addition (which may be the
+            # creation), then the rest oldest first: from the first letter on, it keeps
+            # them as they come (node/groups.py, merge: a group that names it waits).
+            chunks = self.chunks
+            if not sent:
+                first = self._addition_chunk(peer.name)
+                chunks = [chunks[first], *chunks[:first], *chunks[first + 1:]]
             out += [encode_letter(Letter(to=peer.name, msg_id=secrets.token_bytes(16), sent_at=m.sent_at,
                                          body="", group=self.gid, kind=KIND_CHANGES, changes=chunk))
                     for chunk in chunks]
@@ -294,6 +299,23 @@ class _GroupSealing:
             out.append(encode_letter(Letter(to=peer.name, msg_id=m.msg_id, sent_at=m.sent_at, body=m.body,
                                             group=self.gid)))
         return out
+
+    def _addition_chunk(self, name: str) -> int:
+        """The letter (of `chunks`) with the latest effective addition of ``name``."""
+        if self._added_in is None:
+            self._added_in = {}
+            by_hash = self.store.group_changes(self.gid)
+            at = 0
+            for k, chunk in enumerate(self.chunks):
+                for h in self.state.order[at:at + len(chunk)]:
+                    if h in self.state.effective:
+                        c = decode_change(by_hash[h])
+                        added = (c.author, *c.subjects) if c.action == Action.CREATE else (
+                            c.subjects if c.action == Action.ADD else ())
+                        for who in added:
+                            self._added_in[who] = k
+                at += len(chunk)
+        return self._added_in.get(name, 0)
 
     def sealed(self, peer: Peer) -> None:
         """Every letter for ``peer`` went into the outbox."""

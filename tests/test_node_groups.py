@@ -193,12 +193,12 @@ async def test_a_group_takes_and_makes_no_more_changes_than_its_bound(
 
 
 async def test_a_device_that_holds_the_group_gets_a_long_history_oldest_first(
-    accounts: Accounts, relay: RelayRunner
+    accounts: Accounts, relay: RelayRunner, tmp_path: Path
 ) -> None:
     """While carol is away, alice renames the group 700 times (more changes than a device
     keeps waiting for their parents: MAX_PENDING) and then removes bob. The letters of one
-    text to carol, who holds the group, bring all of it, bob's removal included; to a
-    device that may not hold the group yet, the newest letter comes first."""
+    text to carol, who holds the group, bring all of it, bob's removal included; so do
+    those to a device that may not hold the group yet, its addition's letter first."""
     from node.node import _GroupSealing
     from node.sessions import Peer
     from node.store import StoredMessage
@@ -222,9 +222,25 @@ async def test_a_device_that_holds_the_group_gets_a_long_history_oldest_first(
             for letter in letters[:-1]:
                 got, _, _ = carol.groups.merge(gid, letter.changes, lambda n: accounts_identity(alice, n))
         assert got is not None and got.members == {"alice", "carol"} and got.name == "name 699" and not got.pending
-        newcomer = Peer("dave", b"d" * 16, b"", b"")
-        first = decode_letter(sealing.letters(newcomer)[0])
-        assert alice.store.group_changes(gid)[state.order[-1]] in first.changes  # newest first
+        # A device the group was never sent to (a new device of carol's, who was in the
+        # creation): the letter with its account's latest addition first (here the
+        # creation's, the oldest), then the rest oldest first; it takes in all of it.
+        from node.groups import Groups
+        from node.store import NodeStore
+
+        fresh = NodeStore(tmp_path / "carol-new.db", b"n" * 32)
+        newdev = Groups(fresh, carol.keys, "carol")
+        for letter in [decode_letter(b) for b in sealing.letters(Peer("carol", b"n" * 16, b"", b""))][:-1]:
+            with fresh.transaction():
+                got, _, _ = newdev.merge(gid, letter.changes, lambda n: accounts_identity(alice, n))
+        assert got is not None and got.members == {"alice", "carol"} and got.name == "name 699"
+        assert len(fresh.group_changes(gid)) == len(state.valid)
+        # To someone added last, the letter with the addition (the newest) comes first.
+        alice.group_change("friends", Action.ADD, ["dave"])
+        state = alice.groups.state(gid)
+        sealing = _GroupSealing(alice.store, gid, text, state)
+        first = decode_letter(sealing.letters(Peer("dave", b"d" * 16, b"", b""))[0])
+        assert alice.store.group_changes(gid)[state.order[-1]] in first.changes
 
 
 def accounts_identity(node: Node, name: str) -> bytes | None:
@@ -390,3 +406,34 @@ def test_a_group_holds_changes_naming_no_more_people_than_its_bound(
         state, became, _ = groups.merge(gid, [wide.to_bytes()], lambda n: keys[n].public().identity, "bob")
     assert state is not None and wide.hash not in store.group_changes(gid) and not became
     assert state.members == {"alice", "bob", "carol", "dave"}
+
+
+def test_a_change_that_waited_and_turns_out_invalid_is_not_kept(key_pool: list, tmp_path: Path) -> None:
+    """yann, added on one branch, signs a change on another: it arrives before its parent
+    and waits; once the parent comes it is invalid (its author's addition is not in its
+    past), and it goes, as if it had come last: two devices end with the same changes."""
+    from keyvault.group import make_change
+    from node.groups import Groups
+    from node.store import NodeStore
+
+    keys = dict(zip(("alice", "bob", "yann"), key_pool, strict=False))
+
+    def identity(name: str) -> bytes | None:
+        return keys[name].public().identity if name in keys else None
+
+    maker = NodeStore(tmp_path / "alice.db", b"a" * 32)
+    with maker.transaction():
+        gid, root = Groups(maker, keys["alice"], "alice").create("friends", ["bob"])
+    add = make_change(keys["alice"], gid, "alice", Action.ADD, parents=[root.hash], subjects=["yann"], sent_at=2)
+    other = make_change(keys["alice"], gid, "alice", Action.RENAME, parents=[root.hash], name="p", sent_at=3)
+    junk = make_change(keys["yann"], gid, "yann", Action.RENAME, parents=[other.hash], name="junk", sent_at=4)
+    held = []
+    for n, letters in enumerate(([[root, add], [junk], [other]], [[root, add], [other], [junk]])):
+        store = NodeStore(tmp_path / f"bob{n}.db", b"b" * 32)
+        groups = Groups(store, keys["bob"], "bob")
+        for letter in letters:
+            with store.transaction():
+                groups.merge(gid, [c.to_bytes() for c in letter], identity, "alice")
+        held.append(set(store.group_changes(gid)))
+        assert not groups.state(gid).invalid
+    assert held[0] == held[1] == {root.hash, add.hash, other.hash}
