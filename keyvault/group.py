@@ -411,11 +411,15 @@ class _Resolution:
         self.parked_by_author: dict[str, int] = {}
         self.parked_removing: dict[str, int] = {}
         # Names whose membership (or level) may have changed in the future of what was
-        # decided (a mask of changes per name): their parked items there are looked at
-        # again once the worklist is empty, not after every decision (a member with many
-        # parked changes, in the future of many removals decided one by one, would be
-        # looked at once per removal).
+        # decided (a mask of changes per name), and a heap of (earliest such change with
+        # parked items, name): once the worklist is empty, one name at a time, the one
+        # whose parked items come first (`_wake_dirty`). Not after every decision: a
+        # member with many parked changes, in the future of many removals decided one by
+        # one, would be looked at once per removal; and not every name at once: a chain
+        # decided link by link, each link adding that member, would have them looked at
+        # once per link.
         self.dirty: dict[str, int] = {}
+        self.dirty_heap: list[tuple[int, str]] = []
         root_names = (self.order[self.root].author, *self.order[self.root].subjects)
         for who in root_names:
             self.adds_in[who] |= 1 << self.root
@@ -632,9 +636,9 @@ class _Resolution:
                     self._decide(item, v, work, queued)
                 else:
                     self._park(item)
-            if self.dirty:
+            if self.dirty_heap:
                 self._wake_dirty(work, queued)
-                if work:
+                if work or self.dirty_heap:
                     continue
             while first < len(self.items) and self.items[first] in self.status:
                 first += 1
@@ -795,6 +799,9 @@ class _Resolution:
         if future:
             for who in touched:
                 self.dirty[who] = self.dirty.get(who, 0) | future
+                later = (self.parked_by_author.get(who, 0) | self.parked_removing.get(who, 0)) & future
+                if later:
+                    heapq.heappush(self.dirty_heap, ((later & -later).bit_length() - 1, who))
 
     def _again(self, it: Item, work: list[int], queued: set[Item]) -> None:
         if it not in self.status and it not in queued:
@@ -803,9 +810,23 @@ class _Resolution:
             heapq.heappush(work, self.position[it])
 
     def _wake_dirty(self, work: list[int], queued: set[Item]) -> None:
-        dirty, self.dirty = self.dirty, {}
-        self._wake({who: (self.parked_by_author.get(who, 0) | self.parked_removing.get(who, 0)) & future
-                    for who, future in dirty.items()}, work, queued)
+        """Look again at the parked items of one dirty name: the one whose earliest
+        parked change comes first (what those wait on mostly comes before them, so they
+        are mostly decidable then); or find that there are none left."""
+        while self.dirty_heap:
+            j, who = heapq.heappop(self.dirty_heap)
+            later = (self.parked_by_author.get(who, 0) | self.parked_removing.get(who, 0)) & self.dirty.get(who, 0)
+            if not later:
+                self.dirty.pop(who, None)
+                continue
+            first = (later & -later).bit_length() - 1
+            if first != j:  # an entry from before: that change was looked at, or went
+                heapq.heappush(self.dirty_heap, (first, who))
+                continue
+            del self.dirty[who]
+            self._wake({who: later}, work, queued)
+            if work:
+                return
 
     def _wake(self, waking: dict[str, int], work: list[int], queued: set[Item]) -> None:
         """Look again at the parked items by or removing each name, in the changes of

@@ -223,6 +223,8 @@ class Groups:
                 continue
             if verify_change(c, identity):
                 fresh.append(c)
+        if not fresh:  # nothing new (a letter again, say): no fold to pay for
+            return (None if is_new else self.state(group_id)), [], []
         before = self._effective(group_id)
         everything = [decode_change(b) for b in known.values()] + fresh
         # A group this device does not hold yet, whose changes come in several letters:

@@ -286,12 +286,15 @@ class _GroupSealing:
             # first: it holds the group, and takes each letter whole (a device keeps only
             # MAX_PENDING changes waiting for parents). To one that may not hold it yet,
             # first the letter with its account's latest addition (which may be the
-            # creation), then the rest oldest first: from the first letter on, it keeps
-            # them as they come (node/groups.py, merge: a group that names it waits).
+            # creation), then all of them oldest first: one that does not hold the group
+            # keeps them as they come from the first letter on (node/groups.py, merge: a
+            # group that names it waits), and one that holds part of it (a member
+            # removed and added again) takes them parents first, that letter again too.
             chunks = self.chunks
             if not sent:
                 first = self._addition_chunk(peer.name)
-                chunks = [chunks[first], *chunks[:first], *chunks[first + 1:]]
+                if first:
+                    chunks = [chunks[first], *chunks]
             out += [encode_letter(Letter(to=peer.name, msg_id=secrets.token_bytes(16), sent_at=m.sent_at,
                                          body="", group=self.gid, kind=KIND_CHANGES, changes=chunk))
                     for chunk in chunks]

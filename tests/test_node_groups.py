@@ -437,3 +437,56 @@ def test_a_change_that_waited_and_turns_out_invalid_is_not_kept(key_pool: list, 
         held.append(set(store.group_changes(gid)))
         assert not groups.state(gid).invalid
     assert held[0] == held[1] == {root.hash, add.hash, other.hash}
+
+
+def test_a_member_added_again_catches_up_on_a_device_that_holds_the_group_from_before(
+    key_pool: list, tmp_path: Path
+) -> None:
+    """dave's device holds the group from before alice removed him; alice renames it 400
+    times, erin adds dave again and renames 20 times. erin never sent the group to that
+    device: the letter with dave's new addition comes first (its parents are not there:
+    little of it can wait), then all of them oldest first, so it takes in everything."""
+    from keyvault.group import Change, make_change
+    from node.groups import Groups
+    from node.node import _GroupSealing
+    from node.sessions import Peer
+    from node.store import NodeStore, StoredMessage
+
+    keys = dict(zip(("alice", "bob", "dave", "erin"), key_pool, strict=False))
+
+    def identity(name: str) -> bytes | None:
+        return keys[name].public().identity if name in keys else None
+
+    def make(author: str, action: Action, prev: Change, **kw: object) -> Change:
+        return make_change(keys[author], gid, author, action, parents=[prev.hash], sent_at=len(changes),
+                           **kw)  # type: ignore[arg-type]
+
+    erin_store = NodeStore(tmp_path / "erin.db", b"e" * 32)
+    erin = Groups(erin_store, keys["erin"], "erin")
+    with erin_store.transaction():
+        gid, root = Groups(erin_store, keys["alice"], "alice").create("friends", ["bob", "dave", "erin"])
+    changes: list[Change] = [root]
+    changes.append(make("alice", Action.RENAME, root, name="before"))
+    dave_store = NodeStore(tmp_path / "dave-old.db", b"d" * 32)
+    dave = Groups(dave_store, keys["dave"], "dave")
+    with dave_store.transaction():
+        dave.merge(gid, [c.to_bytes() for c in changes], identity, "alice")
+    changes.append(make("alice", Action.REMOVE, changes[-1], subjects=["dave"]))
+    for k in range(400):
+        changes.append(make("alice", Action.RENAME, changes[-1], name=f"week {k}"))
+    changes.append(make("erin", Action.ADD, changes[-1], subjects=["dave"]))
+    for k in range(20):
+        changes.append(make("erin", Action.RENAME, changes[-1], name=f"back {k}"))
+    with erin_store.transaction():
+        erin.merge(gid, [c.to_bytes() for c in changes], identity, "alice")
+    state = erin.state(gid)
+    assert "dave" in state.members and len(state.valid) == len(changes)
+    text = StoredMessage(b"m" * 16, "#" + gid.hex(), "erin", True, "hello", 1, 1, "pending", 0)
+    sealing = _GroupSealing(erin_store, gid, text, state)
+    letters = [decode_letter(b) for b in sealing.letters(Peer("dave", b"D" * 16, b"", b""))][:-1]
+    assert len(letters) == len(sealing.chunks) + 1  # the addition's letter, then all of them
+    for letter in letters:
+        with dave_store.transaction():
+            got, _, _ = dave.merge(gid, letter.changes, identity, "erin")
+    assert got is not None and got.valid == state.valid and got.name == "back 19"
+    assert got.members == {"alice", "bob", "dave", "erin"}
