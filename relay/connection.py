@@ -61,6 +61,11 @@ _original_message_event = _ws_impl.WebSocketConnection._handle_message_event
 
 async def _message_event(self: WebSocketConnection, event: BytesMessage | Any) -> None:
     inline: _Inline | None = getattr(self, "veil_inline", None)
+    if inline is None and not self.is_client:
+        # A relay connection's first message may come before `_serve` runs (accept
+        # yields after the handshake is out): it is counted all the same, from the first,
+        # or `handed == done` would hold with one still in the channel (found in review).
+        inline = self.veil_inline = _Inline()  # type: ignore[attr-defined]
     if inline is not None and event.message_finished:
         if (inline.handle is not None and inline.handed == inline.done and not self._message_parts
                 and isinstance(event, BytesMessage) and isinstance(event.data, bytes)
@@ -337,8 +342,9 @@ class RelayConnections:
 
         line = _Line(ws, send_out, send_in, broken)
         put_nowait = line.put_nowait
-        inline = _Inline()
-        ws.veil_inline = inline  # type: ignore[attr-defined]
+        inline = getattr(ws, "veil_inline", None)  # there already if a message came first
+        if inline is None:
+            inline = ws.veil_inline = _Inline()  # type: ignore[attr-defined]
 
         def queue_rest(rest: bytes, size: int) -> None:
             # Half a frame is out (the socket took no more): the rest goes next, before

@@ -24,6 +24,7 @@ from relay.connection import (
     COMMIT_BYTES,
     MAX_CONNECTIONS,
     RELAY_WAITING_BYTES,
+    UNAUTHENTICATED_MAX_MESSAGE,
     Limits,
     RelayConnections,
 )
@@ -337,7 +338,9 @@ async def serve(
                 # only its `port` and `listeners` properties look closer, and we use neither).
                 served,  # type: ignore[arg-type]
                 message_queue_size=WS_QUEUE,
-                max_message_size=wire.WS_MAX_REQUEST,
+                # Until a connection has a session (relay/connection.py raises it then),
+                # from its first message on: one may come before the handler runs.
+                max_message_size=UNAUTHENTICATED_MAX_MESSAGE,
                 # A socket that never completes the handshake, or never finishes closing,
                 # holds a file descriptor outside the connection counts: briefly.
                 connect_timeout=HANDSHAKE_TIMEOUT,

@@ -96,3 +96,45 @@ async def test_pipelined_sends_and_acks_are_each_taken_once_in_order(
                 await b.send(wire.encode(ack_frame([eid], b.next_id())))
             await b.ack(got[-1:])
         assert await mailbox_eids(accounts.relay, bob.device_id) == []
+
+
+async def test_a_first_message_that_comes_before_the_handler_is_counted(
+    accounts: Accounts, inline_sends: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """accept() yields once the handshake is out, so trio-websocket's reader may take a
+    first message before the connection's handler runs. Uncounted, it left one request
+    more done than handed, and a Send after a Logout was then taken inline during the
+    Logout (an attacker's review, by timing the first message). Here the handler waits
+    until the reader has taken the first message, every time."""
+    from trio_websocket import _impl
+
+    taken: dict[object, trio.Event] = {}  # by relay connection: its reader took a message
+    on_message = _impl.WebSocketConnection._handle_message_event
+    original = RelayConnections._serve
+
+    async def spy(self: _impl.WebSocketConnection, event: object) -> None:
+        await on_message(self, event)  # type: ignore[arg-type]
+        if not self.is_client:
+            taken.setdefault(self, trio.Event()).set()
+
+    async def late(self: RelayConnections, ws: object, counted: list[bool]) -> None:
+        await taken.setdefault(ws, trio.Event()).wait()
+        await original(self, ws, counted)  # type: ignore[arg-type]
+
+    with trio.fail_after(DEADLINE):
+        alice = await accounts.register("alice")
+        bob = await accounts.register("bob")
+        monkeypatch.setattr(_impl.WebSocketConnection, "_handle_message_event", spy)
+        monkeypatch.setattr(RelayConnections, "_serve", late)
+        async with raw_client(accounts.relay.url) as c:
+            token = alice.store.get("token")
+            assert token
+            await c.send(wire.encode(wire.Resume(id=1, token=token)))
+            assert isinstance(await c.answer(), wire.ResumeOk)
+            await c.mail_until_synced()
+            await c.send(wire.encode(wire.Logout(id=2)))
+            await c.send(wire.encode(wire.Send(id=3, envelopes=[envelope(bob.device_id)])))
+            assert await c.answer() == wire.Ok(id=2)
+            ans = await c.answer()
+            assert isinstance(ans, wire.Error) and (ans.id, ans.code) == (3, E.NOT_AUTHENTICATED), ans
+        assert await mailbox_eids(accounts.relay, bob.device_id) == []
