@@ -41,8 +41,8 @@ MAX_PENDING = 256  # changes of one group kept while waiting for their parents
 # added: nobody can fill the waiting room for good (their parents may never come).
 MAX_PENDING_PER_AUTHOR = 32
 # Changes of one group held here at most (kept ones and those waiting): what one fold costs
-# is bounded by it and MAX_GROUP_NAMES (under 1 s here for the worst histories found:
-# PROTOCOL.md 20, bounds). Past it, no new change is taken or made: the group must be
+# is bounded by it and MAX_GROUP_NAMES (PROTOCOL.md 20: the bounds, and the one shape
+# known to be slow still). Past it, no new change is taken or made: the group must be
 # made anew.
 MAX_GROUP_CHANGES = 4096
 # The names in the changes held (their subjects, summed): a removal is judged per subject,
