@@ -413,13 +413,14 @@ class _Resolution:
         # Names whose membership (or level) may have changed in the future of what was
         # decided (a mask of changes per name), and a heap of (earliest such change with
         # parked items, name): once the worklist is empty, one name at a time, the one
-        # whose parked items come first (`_wake_dirty`). Not after every decision: a
+        # whose parked items come first, up to where another's begin (`_wake_dirty`). Not after every decision: a
         # member with many parked changes, in the future of many removals decided one by
         # one, would be looked at once per removal; and not every name at once: a chain
         # decided link by link, each link adding that member, would have them looked at
         # once per link.
         self.dirty: dict[str, int] = {}
         self.dirty_heap: list[tuple[int, str]] = []
+        self.dirty_at: dict[str, int] = {}  # each name's one live entry in the heap
         root_names = (self.order[self.root].author, *self.order[self.root].subjects)
         for who in root_names:
             self.adds_in[who] |= 1 << self.root
@@ -801,7 +802,7 @@ class _Resolution:
                 self.dirty[who] = self.dirty.get(who, 0) | future
                 later = (self.parked_by_author.get(who, 0) | self.parked_removing.get(who, 0)) & future
                 if later:
-                    heapq.heappush(self.dirty_heap, ((later & -later).bit_length() - 1, who))
+                    self._dirty_entry(who, (later & -later).bit_length() - 1)
 
     def _again(self, it: Item, work: list[int], queued: set[Item]) -> None:
         if it not in self.status and it not in queued:
@@ -809,22 +810,39 @@ class _Resolution:
             queued.add(it)
             heapq.heappush(work, self.position[it])
 
+    def _dirty_entry(self, who: str, first: int) -> None:
+        at = self.dirty_at.get(who)
+        if at is None or first < at:
+            self.dirty_at[who] = first
+            heapq.heappush(self.dirty_heap, (first, who))
+
     def _wake_dirty(self, work: list[int], queued: set[Item]) -> None:
-        """Look again at the parked items of one dirty name: the one whose earliest
-        parked change comes first (what those wait on mostly comes before them, so they
-        are mostly decidable then); or find that there are none left."""
-        while self.dirty_heap:
-            j, who = heapq.heappop(self.dirty_heap)
+        """Look again at parked items of one dirty name: the one whose earliest parked
+        change comes first (what those wait on mostly comes before them, so they are
+        mostly decidable then), and only those that come before any other dirty name's
+        (which may decide them first); or find that there are none left."""
+        heap = self.dirty_heap
+        while heap:
+            j, who = heapq.heappop(heap)
+            if self.dirty_at.get(who) != j:
+                continue  # an entry from before
+            del self.dirty_at[who]
             later = (self.parked_by_author.get(who, 0) | self.parked_removing.get(who, 0)) & self.dirty.get(who, 0)
             if not later:
                 self.dirty.pop(who, None)
                 continue
             first = (later & -later).bit_length() - 1
-            if first != j:  # an entry from before: that change was looked at, or went
-                heapq.heappush(self.dirty_heap, (first, who))
+            if first != j:  # that change was looked at, or went: its next
+                self._dirty_entry(who, first)
                 continue
-            del self.dirty[who]
-            self._wake({who: later}, work, queued)
+            while heap and self.dirty_at.get(heap[0][1]) != heap[0][0]:
+                heapq.heappop(heap)
+            segment = later & ((1 << (heap[0][0] + 1)) - 1) if heap else later
+            rest = later & ~segment
+            self.dirty[who] &= ~segment
+            if rest:
+                self._dirty_entry(who, (rest & -rest).bit_length() - 1)
+            self._wake({who: segment}, work, queued)
             if work:
                 return
 

@@ -41,9 +41,9 @@ MAX_PENDING = 256  # changes of one group kept while waiting for their parents
 # added: nobody can fill the waiting room for good (their parents may never come).
 MAX_PENDING_PER_AUTHOR = 32
 # Changes of one group held here at most (kept ones and those waiting): what one fold costs
-# is bounded by it and MAX_GROUP_NAMES (PROTOCOL.md 20: the bounds, and the one shape
-# known to be slow still). Past it, no new change is taken or made: the group must be
-# made anew.
+# is bounded by it and MAX_GROUP_NAMES (PROTOCOL.md 20, bounds: about 1.5 s here at
+# most for the worst shapes found). Past it, no new change is taken or made: the group
+# must be made anew.
 MAX_GROUP_CHANGES = 4096
 # The names in the changes held (their subjects, summed): a removal is judged per subject,
 # so this bounds what a fold weighs too (4,096 removals of 256 names each would be a
