@@ -192,6 +192,13 @@ def _body(
     )
 
 
+def added_by(change: Change) -> tuple[str, ...]:
+    """Whom a change adds: a creation, its author and its subjects; an add, its subjects."""
+    if change.action == Action.CREATE:
+        return (change.author, *change.subjects)
+    return change.subjects if change.action == Action.ADD else ()
+
+
 def group_id_of(create: Change) -> bytes:
     """The id a creation commits to (see the module docstring)."""
     body = _body(bytes(GROUP_ID_LEN), create.author, create.sent_at, create.action, create.parents,
@@ -676,7 +683,6 @@ class _Resolution:
             return None
         # Each try is a few operations on masks: the decided items' (as they stand) and
         # the tried ones' (few) on top; nothing as large as the status is copied.
-        self._undone_cache: dict[tuple[str, int], int] = {}
         for flips in range(n + 1):
             for chosen in itertools.combinations(range(n), flips):
                 values = list(default)
@@ -690,18 +696,11 @@ class _Resolution:
                     if subject is not None:
                         removes_in[subject] = removes_in.get(subject, 0) | 1 << j
                     else:
-                        for who in self._added(j):
+                        for who in added_by(self.order[j]):
                             adds_in[who] = adds_in.get(who, 0) | 1 << j
                 if all(self._holds(it, v, adds_in, removes_in) for it, v in zip(undecided, values, strict=True)):
                     return values
         return None
-
-    def _added(self, i: int) -> tuple[str, ...]:
-        """Whom change i adds (a creation: its author and its subjects)."""
-        c = self.order[i]
-        if c.action == Action.CREATE:
-            return (c.author, *c.subjects)
-        return c.subjects if c.action == Action.ADD else ()
 
     def _holds(self, item: Item, value: bool, adds_in: dict[str, int], removes_in: dict[str, int]) -> bool:
         """Whether the rules give ``item`` ``value`` when the undecided items are as
@@ -723,10 +722,7 @@ class _Resolution:
         if who not in self.adds:
             return None
         past = self.past[i]
-        key = (who, i)
-        undone = self._undone_cache.get(key)
-        if undone is None:  # what the decided removals undo there (the same for every try)
-            undone = self._undone_cache[key] = self._undone(self.removes_in.get(who, 0) & past)
+        undone = self._undone(self.removes_in.get(who, 0) & past)  # (remembered: the same every try)
         tried = removes_in.get(who, 0) & past
         if tried:
             undone |= self._undone(tried)
@@ -764,9 +760,6 @@ class _Resolution:
         c = self.order[i]
         bit = 1 << i
 
-        def again(it: Item) -> None:
-            self._again(it, work, queued)
-
         if subject is not None:
             touched: tuple[str, ...] = (subject,)
             self.removes_open[subject] &= ~bit
@@ -780,13 +773,9 @@ class _Resolution:
             for j in _bits(crossing):
                 if value or not self.striker_mask[j] & open_strikers:
                     for it in [it for it in self.parked[j] if it[1] != subject]:
-                        again(it)
-        elif c.action == Action.CREATE:
-            touched = (c.author, *c.subjects)
-        elif c.action == Action.ADD:
-            touched = c.subjects
+                        self._again(it, work, queued)
         else:
-            touched = ()
+            touched = added_by(c)
         if subject is None:
             for who in touched:
                 self.adds_open[who] &= ~bit
@@ -842,18 +831,16 @@ class _Resolution:
             self.dirty[who] &= ~segment
             if rest:
                 self._dirty_entry(who, (rest & -rest).bit_length() - 1)
-            self._wake({who: segment}, work, queued)
+            self._wake(who, segment, work, queued)
             if work:
                 return
 
-    def _wake(self, waking: dict[str, int], work: list[int], queued: set[Item]) -> None:
-        """Look again at the parked items by or removing each name, in the changes of
-        its mask."""
-        for who, later in waking.items():
-            for j in _bits(later):
-                by_them = self.order[j].author == who
-                for it in [it for it in self.parked.get(j, ()) if by_them or it[1] == who]:
-                    self._again(it, work, queued)
+    def _wake(self, who: str, changes: int, work: list[int], queued: set[Item]) -> None:
+        """Look again at the parked items by or removing ``who`` in ``changes`` (a mask)."""
+        for j in _bits(changes):
+            by_them = self.order[j].author == who
+            for it in [it for it in self.parked.get(j, ()) if by_them or it[1] == who]:
+                self._again(it, work, queued)
 
     def broken(self) -> tuple[Item, bool] | None:
         """The first settle that the rules, once everything is decided, contradict: an
@@ -930,8 +917,7 @@ def fold(group_id: bytes, changes: Iterable[Change]) -> GroupState:
         kept_order.append(c)
         bit_sets.append(bits)
         depth.append(1 + max(depth[at[p]] for p in c.parents) if c.parents else 0)
-        names = (c.author, *c.subjects) if c.action == Action.CREATE else c.subjects if c.action == Action.ADD else ()
-        for who in names:
+        for who in added_by(c):
             adders[who] = adders.get(who, 0) | 1 << i
     size = (len(kept_order) + 7) // 8
     anc = [bits.to_bytes(size, "little") for bits in bit_sets]

@@ -22,6 +22,7 @@ from keyvault.group import (
     Action,
     Change,
     GroupState,
+    added_by,
     create_group,
     decode_change,
     fold,
@@ -79,13 +80,6 @@ def describe(change: Change) -> str:
     if change.action == Action.REMOVE:
         return "left the group" if change.subjects == (change.author,) else f"removed {who}"
     return f"renamed the group {change.name!r}"
-
-
-def _added(change: Change) -> tuple[str, ...]:
-    """Whom a change adds (a creation: its author and its subjects)."""
-    if change.action == Action.CREATE:
-        return (change.author, *change.subjects)
-    return change.subjects if change.action == Action.ADD else ()
 
 
 def _clean_label(name: str) -> str:
@@ -260,7 +254,7 @@ class Groups:
         # the kept changes only: those waiting are not folded, and have their own bound.
         by_hash = {c.hash: c for c in everything}
         stored = known.keys() - limbo.keys()
-        named = {who for h in state.effective for who in _added(by_hash[h])}
+        named = {who for h in state.effective for who in added_by(by_hash[h])}
         waiting: dict[str, list[bytes]] = {}
         for h in sorted(state.pending & stored):
             waiting.setdefault(by_hash[h].author, []).append(h)

@@ -42,7 +42,7 @@ from keyvault.errors import (
     KeyvaultError,
 )
 from keyvault.errors import MessageTooLarge as KeyvaultTooLarge
-from keyvault.group import Action, Change, GroupState, decode_change
+from keyvault.group import Action, Change, GroupState, added_by, decode_change
 from keyvault.kdf import DEFAULT_KDF, KdfParams, new_salt, password_keys, store_key
 from keyvault.kem import KemKey, KemUse, verify_kem_key
 from keyvault.keys import (
@@ -312,10 +312,7 @@ class _GroupSealing:
             for k, chunk in enumerate(self.chunks):
                 for h in self.state.order[at:at + len(chunk)]:
                     if h in self.state.effective:
-                        c = decode_change(by_hash[h])
-                        added = (c.author, *c.subjects) if c.action == Action.CREATE else (
-                            c.subjects if c.action == Action.ADD else ())
-                        for who in added:
+                        for who in added_by(decode_change(by_hash[h])):
                             self._added_in[who] = k
                 at += len(chunk)
         return self._added_in.get(name, 0)

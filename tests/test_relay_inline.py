@@ -11,7 +11,7 @@ import trio
 import wire
 from relay.connection import RelayConnections
 from tests.conftest import Accounts
-from tests.test_relay_support import ack_frame, envelope, mailbox_eids, ping, raw_client
+from tests.test_relay_support import RawClient, ack_frame, envelope, mailbox_eids, ping, raw_client
 
 DEADLINE = 30
 E = wire.ErrorCode
@@ -33,6 +33,18 @@ def inline_sends(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return taken
 
 
+async def logout_then_send(c: RawClient, device_id: bytes) -> int:
+    """A Logout and a Send to ``device_id`` written together: the Logout is answered Ok,
+    the Send refused as not authenticated. Returns the Send's id."""
+    logout, send = c.next_id(), c.next_id()
+    await c.send(wire.encode(wire.Logout(id=logout)))
+    await c.send(wire.encode(wire.Send(id=send, envelopes=[envelope(device_id)])))
+    assert await c.answer() == wire.Ok(id=logout)
+    ans = await c.answer()
+    assert isinstance(ans, wire.Error) and (ans.id, ans.code) == (send, E.NOT_AUTHENTICATED), ans
+    return send
+
+
 async def test_a_send_after_a_slow_request_waits_for_it(accounts: Accounts, inline_sends: list[int]) -> None:
     """A Logout (it waits for a commit) and then a Send, written together: the Send is
     taken after the Logout has ended the session, so it is refused and nothing is
@@ -45,12 +57,7 @@ async def test_a_send_after_a_slow_request_waits_for_it(accounts: Accounts, inli
             await c.mail_until_synced()
             await c.ok(wire.Send(id=c.next_id(), envelopes=[envelope(bob.device_id)]))
             assert inline_sends, "a Send with room in every budget is taken inline"
-            logout, send = c.next_id(), c.next_id()
-            await c.send(wire.encode(wire.Logout(id=logout)))
-            await c.send(wire.encode(wire.Send(id=send, envelopes=[envelope(bob.device_id)])))
-            assert await c.answer() == wire.Ok(id=logout)
-            ans = await c.answer()
-            assert isinstance(ans, wire.Error) and (ans.id, ans.code) == (send, E.NOT_AUTHENTICATED), ans
+            send = await logout_then_send(c, bob.device_id)
             assert send not in inline_sends
         assert len(await mailbox_eids(accounts.relay, bob.device_id)) == 1
 
@@ -132,9 +139,5 @@ async def test_a_first_message_that_comes_before_the_handler_is_counted(
             await c.send(wire.encode(wire.Resume(id=1, token=token)))
             assert isinstance(await c.answer(), wire.ResumeOk)
             await c.mail_until_synced()
-            await c.send(wire.encode(wire.Logout(id=2)))
-            await c.send(wire.encode(wire.Send(id=3, envelopes=[envelope(bob.device_id)])))
-            assert await c.answer() == wire.Ok(id=2)
-            ans = await c.answer()
-            assert isinstance(ans, wire.Error) and (ans.id, ans.code) == (3, E.NOT_AUTHENTICATED), ans
+            await logout_then_send(c, bob.device_id)
         assert await mailbox_eids(accounts.relay, bob.device_id) == []
