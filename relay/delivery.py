@@ -1,18 +1,27 @@
-"""Delivery: pushing stored envelopes to the connected devices they are for.
+"""Delivery: pushing envelopes to the connected devices they are for.
 
-Each authenticated connection has an ``Outlet``. Newly committed envelopes are handed
-to the outlets of their device in memory (no database read on the hot path); the
-outlet's task sends them in batches, many envelopes to a frame. A backlog (mail stored
-while the device was away, or more than an outlet buffers) is read from the mailbox in
-pages. Every envelope handed to an outlet is already committed, so an outlet may drop its
-buffer at any time and re-read the mailbox instead: nothing is lost, and ``seq`` keeps
-each envelope from being pushed twice on one connection. Envelopes stay in the mailbox
-until the device acknowledges them; a new connection gets every unacknowledged one again.
+Each authenticated connection has an ``Outlet``. A send's envelopes are pushed at once
+to the connections of their devices that are idle and caught up (``Router.push_early``),
+before their group commit: the commit then only makes them durable, and delivery waits
+for no disk. The rest are handed to the outlets of their device when committed (in
+memory: no database read on the hot path); the outlet's task sends them in batches, many
+envelopes to a frame. A backlog (mail stored while the device was away, or more than an
+outlet buffers) is read from the mailbox in pages. An outlet may drop its buffer at any
+time and re-read the mailbox instead: nothing is lost, and ``seq`` (with the envelopes
+pushed and not acknowledged) keeps each envelope from being pushed twice on one
+connection. Envelopes stay in the mailbox until the device acknowledges them; a new
+connection gets every unacknowledged one again.
+
+Order: a connection gets a device's envelopes in the order the relay took their sends.
+An envelope goes early only when every envelope for its device whose send is still
+awaiting its commit went early to that same connection; otherwise it waits for its
+commit, behind the others.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
 import trio
 
@@ -28,6 +37,9 @@ UNACKED_LIMIT = 2048  # pushes a connection may have unacknowledged; then pushin
 # the other outlets' tasks write theirs, so one commit fanning out to many idle
 # connections (encrypting each frame for TLS) never holds the event loop for long.
 DIRECT_BYTES_PER_COMMIT = 1024 * 1024
+# Envelope bytes one send may push early (the rest wait for its commit): a send that
+# names many online devices never holds the event loop for long, as DIRECT_BYTES does.
+EARLY_BYTES_PER_SEND = 1024 * 1024
 
 
 def _within(items: list[Stored]) -> list[Stored]:
@@ -63,6 +75,9 @@ class Outlet:
         # then goes out from ``offer`` itself, without a trip through its task.
         self.send_now: Callable[[wire.Frame], bool] | None = None
         self._idle = False  # the task waits for news, with nothing pending
+        # Envelopes pushed here before their commit, whose send is not done yet: by eid
+        # (so that their commit does not push them again) and how many.
+        self._early: dict[bytes, None] = {}
 
     def acknowledged(self, eids: list[bytes]) -> list[bytes]:
         """Of ``eids``, those pushed here and not acknowledged before (now they are)."""
@@ -85,6 +100,24 @@ class Outlet:
         while len(self.unacked) > UNACKED_LIMIT:
             del self.unacked[next(iter(self.unacked))]
 
+    def push_early(self, items: list[wire.Mail]) -> bool:
+        """Write envelopes whose send is not committed yet, if this connection is idle and
+        caught up and can take the frame now; False: nothing was written."""
+        if not (self._idle and self.send_now is not None and not self._refill and not self._pending
+                and len(self.unacked) <= UNACKED_LIMIT - PAGE):
+            return False
+        fresh = [m for m in items if m.eid not in self.unacked and m.eid not in self._early]
+        if fresh and not self.send_now(wire.Deliver(items=fresh, synced=True)):
+            return False
+        self._pushed([m.eid for m in fresh])
+        self._early.update(dict.fromkeys(m.eid for m in items))
+        return True
+
+    def forget_early(self, eids: list[bytes]) -> None:
+        """Their send is done (its commit was offered here, or it failed)."""
+        for eid in eids:
+            self._early.pop(eid, None)
+
     def poke(self) -> None:
         """New mail was stored elsewhere (another process): read the mailbox again."""
         self._pending.clear()
@@ -95,6 +128,15 @@ class Outlet:
     def offer(self, items: list[Stored], direct: bool = True) -> int:
         """Take fresh mail for this connection; the envelope bytes written at once (0:
         it went to the task). ``direct=False``: never write from here."""
+        if self._early:
+            kept = [s for s in items if s.eid not in self._early]
+            if len(kept) < len(items) and not kept and not self._pending and not self._refill:
+                # Only envelopes pushed already: the cursor passes them (nothing queued
+                # here is older: see the module's note on order).
+                self._last_seq = max(self._last_seq, max(s.seq for s in items))
+            items = kept
+            if not items:
+                return 0
         size = sum(len(s.blob) for s in items)
         if direct and self._idle and self.send_now is not None and not self._refill and not self._pending:
             fresh = [s for s in items if s.seq > self._last_seq]
@@ -139,11 +181,15 @@ class Outlet:
                         self._last_seq = batch[-1].seq
                     synced = len(rows) < PAGE and len(batch) == len(rows)
                     del rows  # what did not fit is read again: not held while the send waits
+                    if self._early or self.unacked:
+                        # Pushed here before their commit (and perhaps acknowledged, but
+                        # not deleted yet): not again.
+                        batch = [r for r in batch if r.eid not in self.unacked and r.eid not in self._early]
                     self._pushed([r.eid for r in batch])
                     # A re-read that finds nothing new (another process's notice for mail
                     # this connection already has) sends nothing; the first deliver, and
                     # the empty one that closes a backlog of whole pages, are sent.
-                    if batch or not self._announced or not first_page:
+                    if batch or not self._announced or (not first_page and synced):
                         await send(wire.Deliver(items=[wire.Mail(r.eid, r.blob) for r in batch], synced=synced))
                         self._announced = True
                     first_page = False
@@ -159,7 +205,7 @@ class Outlet:
                     if len(batch) == PAGE or (batch and total + len(item.blob) > DELIVER_BYTES):
                         break
                     taken += 1
-                    if item.seq > self._last_seq:  # already sent from a mailbox read
+                    if item.seq > self._last_seq and item.eid not in self._early:  # already sent
                         batch.append(item)
                         total += len(item.blob)
                 self._pending_bytes -= sum(len(s.blob) for s in self._pending[:taken])
@@ -178,11 +224,72 @@ class Outlet:
                 self._wake = trio.Event()
 
 
+@dataclass
+class Early:
+    """What one send pushed before its commit (Router.push_early), until it is done."""
+
+    counts: dict[bytes, int]  # envelopes for each device in the send
+    pushed: list[tuple[Outlet, list[bytes]]] = field(default_factory=list)  # and their eids
+
+    @property
+    def devices(self) -> set[bytes]:
+        """The devices that got some of the send before its commit."""
+        return {o.device_id for o, _ in self.pushed}
+
+
 class Router:
     """Which connections are online for which device."""
 
     def __init__(self) -> None:
         self._outlets: dict[bytes, set[Outlet]] = {}
+        # For each device: envelopes whose send awaits its commit, and of those, how many
+        # went early to each of its connections (the order rule: module docstring).
+        self._awaiting: dict[bytes, int] = {}
+        self._early_awaiting: dict[Outlet, int] = {}
+
+    def push_early(self, items: Sequence[tuple[bytes, bytes, bytes]]) -> Early:
+        """A send was taken: push its envelopes to each connection of their devices that
+        may have them now. ``settled`` must follow once the send is done (committed or
+        failed)."""
+        by_device: dict[bytes, dict[bytes, bytes]] = {}
+        for device_id, eid, blob in items:
+            by_device.setdefault(device_id, {}).setdefault(eid, blob)
+        early = Early({d: len(m) for d, m in by_device.items()})
+        budget = EARLY_BYTES_PER_SEND
+        for device_id, mail in by_device.items():
+            n = len(mail)
+            outlets = self._outlets.get(device_id)
+            if outlets and budget > 0:
+                waiting = self._awaiting.get(device_id, 0)
+                mails = None
+                for outlet in outlets:
+                    if self._early_awaiting.get(outlet, 0) != waiting:
+                        continue  # something older for the device waits for its commit
+                    if mails is None:
+                        mails = [wire.Mail(eid, blob) for eid, blob in mail.items()]
+                        budget -= sum(len(b) for b in mail.values())
+                    if outlet.push_early(mails):
+                        self._early_awaiting[outlet] = self._early_awaiting.get(outlet, 0) + n
+                        early.pushed.append((outlet, list(mail)))
+            self._awaiting[device_id] = self._awaiting.get(device_id, 0) + n
+        return early
+
+    def settled(self, early: Early) -> None:
+        """The send of ``early`` is done (after its commit was offered to the outlets)."""
+        for device_id, n in early.counts.items():
+            left = self._awaiting[device_id] - n
+            if left:
+                self._awaiting[device_id] = left
+            else:
+                del self._awaiting[device_id]
+        for outlet, eids in early.pushed:
+            n = early.counts[outlet.device_id]
+            left = self._early_awaiting[outlet] - n
+            if left:
+                self._early_awaiting[outlet] = left
+            else:
+                del self._early_awaiting[outlet]
+            outlet.forget_early(eids)
 
     def attach(self, outlet: Outlet) -> None:
         self._outlets.setdefault(outlet.device_id, set()).add(outlet)

@@ -277,12 +277,14 @@ class Admitted:
     wants: dict[bytes, float]
     refunded: bool = False
 
-    def refund(self) -> None:
-        """Give the ration back (the send was not stored); once."""
+    def refund(self, keep: set[bytes] | frozenset[bytes] = frozenset()) -> None:
+        """Give the ration back (the send was not stored), but for the devices in
+        ``keep``; once."""
         if not self.refunded:
             self.refunded = True
             for device_id, n in self.wants.items():
-                self.service.sender_budget.give_back(self.account, device_id, n)
+                if device_id not in keep:
+                    self.service.sender_budget.give_back(self.account, device_id, n)
 
 
 class RelayService:
@@ -1049,11 +1051,18 @@ class RelayService:
         """Queue the envelopes for the next group commit; the answer goes out when it
         is durable (``answered`` runs then: the connection's budgets are freed)."""
 
+        items = [(e.device_id, e.eid, e.blob) for e in req.envelopes]
+        early = self.router.push_early(items)
+
         def done(error: Exception | None) -> None:
+            self.router.settled(early)
             answered()
             self.drop_send_budget(admitted.account)
-            if error is not None:  # nothing of it was stored: the ration is given back
-                admitted.refund()
+            if error is not None:
+                # Nothing of it was stored: the ration is given back, but not for the
+                # devices that got it before the commit (a send made to fail on purpose
+                # must not push for free).
+                admitted.refund(keep=early.devices)
             if error is None:
                 answer: wire.Frame = wire.Ok(id=req.id)
             elif isinstance(error, UnknownDevice):
@@ -1064,7 +1073,7 @@ class RelayService:
                 answer = wire.Error(req.id, E.INTERNAL, "storage failed; try again")
             peer.reply(answer)
 
-        self.mailroom.submit([(e.device_id, e.eid, e.blob) for e in req.envelopes], done)
+        self.mailroom.submit(items, done)
 
     async def ack(self, peer: Peer, req: wire.Ack) -> None:
         """Delete acknowledged envelopes: only those pushed to this very connection (and

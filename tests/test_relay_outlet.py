@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 import wire
-from relay.delivery import DIRECT_BYTES_PER_COMMIT, Outlet, Router
+from relay.delivery import DIRECT_BYTES_PER_COMMIT, EARLY_BYTES_PER_SEND, Outlet, Router
 from relay.store import Stored
 
 DEVICE = secrets.token_bytes(16)
@@ -97,4 +97,174 @@ async def test_one_commit_writes_a_bounded_amount_at_once_and_the_tasks_send_the
             assert DIRECT_BYTES_PER_COMMIT <= written < DIRECT_BYTES_PER_COMMIT + size
             await trio.testing.wait_all_tasks_blocked()
             assert sorted(at_once + by_task) == sorted(o.device_id for o, _ in outlets)  # each once
+            nursery.cancel_scope.cancel()
+
+
+class _Conn:
+    """An outlet with a connection that takes frames at once while ``writable``."""
+
+    def __init__(self, device_id: bytes = DEVICE) -> None:
+        self.outlet = Outlet(device_id)
+        self.writable = True
+        self.frames: list[wire.Deliver] = []  # every deliver, however it was written
+        self.mailbox: list[Stored] = []  # what a re-read finds
+        self.outlet.send_now = self._send_now
+
+    def _send_now(self, frame: wire.Frame) -> bool:
+        assert isinstance(frame, wire.Deliver)
+        if self.writable:
+            self.frames.append(frame)
+        return self.writable
+
+    async def fetch(self, device_id: bytes, after: int, limit: int) -> list[Stored]:
+        return [s for s in self.mailbox if s.seq > after][:limit]
+
+    async def send(self, frame: wire.Frame) -> None:
+        assert isinstance(frame, wire.Deliver)
+        self.frames.append(frame)
+
+    def eids(self) -> list[bytes]:
+        return [m.eid for f in self.frames for m in f.items]
+
+
+def posting(*stored: Stored) -> list[tuple[bytes, bytes, bytes]]:
+    return [(s.device_id, s.eid, s.blob) for s in stored]
+
+
+async def test_a_send_goes_early_to_an_idle_connection_and_its_commit_does_not_push_it_again() -> None:
+    router = Router()
+    conn = _Conn()
+    router.attach(conn.outlet)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.outlet.run, conn.fetch, conn.send)
+            await trio.testing.wait_all_tasks_blocked()
+            conn.frames.clear()  # the first, empty, deliver
+            first, second = mail(1), mail(2)
+            early = router.push_early(posting(first, second))
+            assert conn.eids() == [first.eid, second.eid] and conn.frames[0].synced
+            assert early.devices == {DEVICE}
+            # Another process's notice makes the outlet read its mailbox again, which holds
+            # them already (committed, not yet offered here): not pushed again.
+            conn.mailbox = [first, second]
+            conn.outlet.poke()
+            await trio.testing.wait_all_tasks_blocked()
+            assert conn.eids() == [first.eid, second.eid]
+            # The commit: offered, then the send is done. Nothing more is written.
+            router.on_stored([first, second])
+            router.settled(early)
+            await trio.testing.wait_all_tasks_blocked()
+            assert conn.eids() == [first.eid, second.eid]
+            # A re-read now does not push them again either.
+            conn.outlet.poke()
+            await trio.testing.wait_all_tasks_blocked()
+            assert conn.eids() == [first.eid, second.eid]
+            # Acknowledged before the commit: the commit does not push it again.
+            third = mail(3)
+            early = router.push_early(posting(third))
+            assert conn.outlet.acknowledged([third.eid]) == [third.eid]
+            router.on_stored([third])
+            router.settled(early)
+            await trio.testing.wait_all_tasks_blocked()
+            assert conn.eids() == [first.eid, second.eid, third.eid]
+            # Nothing is left of the bookkeeping.
+            assert (router._awaiting, router._early_awaiting, conn.outlet._early) == ({}, {}, {})
+            nursery.cancel_scope.cancel()
+
+
+async def test_mail_does_not_go_early_past_older_mail_that_waits_for_its_commit() -> None:
+    router = Router()
+    conn = _Conn()
+    router.attach(conn.outlet)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.outlet.run, conn.fetch, conn.send)
+            await trio.testing.wait_all_tasks_blocked()
+            conn.frames.clear()
+            older, newer, later = mail(1), mail(2), mail(3)
+            conn.writable = False  # the connection is busy: the older send waits for its commit
+            early_older = router.push_early(posting(older))
+            conn.writable = True
+            early_newer = router.push_early(posting(newer))  # would pass the older one: waits too
+            assert conn.frames == [] and early_older.devices == early_newer.devices == set()
+            router.on_stored([older, newer])
+            router.settled(early_older)
+            router.settled(early_newer)
+            await trio.testing.wait_all_tasks_blocked()
+            assert conn.eids() == [older.eid, newer.eid]
+            # Everything committed: the next goes early again.
+            assert router.push_early(posting(later)).devices == {DEVICE}
+            assert conn.eids() == [older.eid, newer.eid, later.eid]
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_that_came_after_a_send_gets_it_first() -> None:
+    """A connection that was not there when a send was taken gets nothing early for its
+    device until that send is done: the send's envelope is older."""
+    router = Router()
+    older, newer = mail(1), mail(2)
+    early_older = router.push_early(posting(older))  # no connection yet
+    conn = _Conn()
+    router.attach(conn.outlet)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.outlet.run, conn.fetch, conn.send)
+            await trio.testing.wait_all_tasks_blocked()
+            early_newer = router.push_early(posting(newer))
+            assert early_newer.devices == set()
+            router.on_stored([older, newer])
+            router.settled(early_older)
+            router.settled(early_newer)
+            await trio.testing.wait_all_tasks_blocked()
+            assert conn.eids() == [older.eid, newer.eid]
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_send_that_fails_leaves_nothing_behind_and_its_retry_is_pushed() -> None:
+    router = Router()
+    conn = _Conn()
+    router.attach(conn.outlet)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.outlet.run, conn.fetch, conn.send)
+            await trio.testing.wait_all_tasks_blocked()
+            conn.frames.clear()
+            one = mail(1)
+            early = router.push_early(posting(one))
+            conn.outlet.acknowledged([one.eid])
+            router.settled(early)  # failed: nothing was stored, nothing offered
+            assert (router._awaiting, router._early_awaiting, conn.outlet._early) == ({}, {}, {})
+            # Sent again (the same envelope), and stored this time: the recipient had
+            # acknowledged it, so it is pushed again (and acknowledged again: deleted).
+            conn.writable = False
+            early = router.push_early(posting(one))
+            router.on_stored([one])
+            router.settled(early)
+            await trio.testing.wait_all_tasks_blocked()
+            assert conn.eids() == [one.eid, one.eid]
+            nursery.cancel_scope.cancel()
+
+
+async def test_one_send_pushes_a_bounded_amount_early() -> None:
+    size = 100 * 1024
+    count = 3 * EARLY_BYTES_PER_SEND // size
+    router = Router()
+    conns = [_Conn(secrets.token_bytes(16)) for _ in range(count)]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for c in conns:
+                router.attach(c.outlet)
+                nursery.start_soon(c.outlet.run, c.fetch, c.send)
+            await trio.testing.wait_all_tasks_blocked()
+            for c in conns:
+                c.frames.clear()
+            stored = [Stored(c.outlet.device_id, 1, secrets.token_bytes(16), bytes(size)) for c in conns]
+            early = router.push_early(posting(*stored))
+            pushed = sum(1 for c in conns if c.frames)
+            assert EARLY_BYTES_PER_SEND <= pushed * size < EARLY_BYTES_PER_SEND + size
+            assert len(early.devices) == pushed
+            router.on_stored(stored)
+            router.settled(early)
+            await trio.testing.wait_all_tasks_blocked()
+            assert all(c.eids() == [s.eid] for c, s in zip(conns, stored, strict=True))  # each once
             nursery.cancel_scope.cancel()
