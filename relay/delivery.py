@@ -20,7 +20,8 @@ commit, behind the others.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -37,9 +38,9 @@ UNACKED_LIMIT = 2048  # pushes a connection may have unacknowledged; then pushin
 # the other outlets' tasks write theirs, so one commit fanning out to many idle
 # connections (encrypting each frame for TLS) never holds the event loop for long.
 DIRECT_BYTES_PER_COMMIT = 1024 * 1024
-# Envelope bytes one send may push early (the rest wait for its commit): a send that
-# names many online devices never holds the event loop for long, as DIRECT_BYTES does.
-EARLY_BYTES_PER_SEND = 1024 * 1024
+# Envelope bytes one send may push early, counted per connection written (the rest wait
+# for its commit): a send to many connections never holds the event loop for long.
+EARLY_BYTES_PER_SEND = 512 * 1024
 
 
 def _within(items: list[Stored]) -> list[Stored]:
@@ -75,9 +76,13 @@ class Outlet:
         # then goes out from ``offer`` itself, without a trip through its task.
         self.send_now: Callable[[wire.Frame], bool] | None = None
         self._idle = False  # the task waits for news, with nothing pending
-        # Envelopes pushed here before their commit, whose send is not done yet: by eid
-        # (so that their commit does not push them again) and how many.
-        self._early: dict[bytes, None] = {}
+        # Envelopes pushed here before their commit, whose send is not done yet: by eid,
+        # with how many sends not yet done carry it (so that no commit pushes it again).
+        self._early: dict[bytes, int] = {}
+        # Sequence numbers of envelopes pushed early whose commit came while this outlet
+        # was behind (its cursor could not pass them): a mailbox re-read skips them, even
+        # once acknowledged (their delete may not be committed yet).
+        self._skip: dict[int, None] = {}
 
     def acknowledged(self, eids: list[bytes]) -> list[bytes]:
         """Of ``eids``, those pushed here and not acknowledged before (now they are)."""
@@ -110,13 +115,19 @@ class Outlet:
         if fresh and not self.send_now(wire.Deliver(items=fresh, synced=True)):
             return False
         self._pushed([m.eid for m in fresh])
-        self._early.update(dict.fromkeys(m.eid for m in items))
+        for m in items:
+            self._early[m.eid] = self._early.get(m.eid, 0) + 1
         return True
 
     def forget_early(self, eids: list[bytes]) -> None:
-        """Their send is done (its commit was offered here, or it failed)."""
+        """The send that pushed these early is done (its commit was offered here, or it
+        failed)."""
         for eid in eids:
-            self._early.pop(eid, None)
+            left = self._early.get(eid, 0) - 1
+            if left > 0:
+                self._early[eid] = left
+            else:
+                self._early.pop(eid, None)
 
     def poke(self) -> None:
         """New mail was stored elsewhere (another process): read the mailbox again."""
@@ -130,10 +141,17 @@ class Outlet:
         it went to the task). ``direct=False``: never write from here."""
         if self._early:
             kept = [s for s in items if s.eid not in self._early]
-            if len(kept) < len(items) and not kept and not self._pending and not self._refill:
-                # Only envelopes pushed already: the cursor passes them (nothing queued
-                # here is older: see the module's note on order).
-                self._last_seq = max(self._last_seq, max(s.seq for s in items))
+            if len(kept) < len(items):
+                if not kept and not self._pending and not self._refill:
+                    # Only envelopes pushed already: the cursor passes them (nothing
+                    # queued here is older: see the module's note on order).
+                    self._last_seq = max(self._last_seq, max(s.seq for s in items))
+                else:
+                    for s in items:
+                        if s.eid in self._early and s.seq > self._last_seq:
+                            self._skip[s.seq] = None
+                    while len(self._skip) > UNACKED_LIMIT:  # then one may come twice
+                        del self._skip[next(iter(self._skip))]
             items = kept
             if not items:
                 return 0
@@ -181,10 +199,13 @@ class Outlet:
                         self._last_seq = batch[-1].seq
                     synced = len(rows) < PAGE and len(batch) == len(rows)
                     del rows  # what did not fit is read again: not held while the send waits
-                    if self._early or self.unacked:
+                    if self._early or self.unacked or self._skip:
                         # Pushed here before their commit (and perhaps acknowledged, but
                         # not deleted yet): not again.
-                        batch = [r for r in batch if r.eid not in self.unacked and r.eid not in self._early]
+                        batch = [r for r in batch if r.eid not in self.unacked and r.eid not in self._early
+                                 and r.seq not in self._skip]
+                        if self._skip:
+                            self._skip = {q: None for q in self._skip if q > self._last_seq}
                     self._pushed([r.eid for r in batch])
                     # A re-read that finds nothing new (another process's notice for mail
                     # this connection already has) sends nothing; the first deliver, and
@@ -246,6 +267,7 @@ class Router:
         # went early to each of its connections (the order rule: module docstring).
         self._awaiting: dict[bytes, int] = {}
         self._early_awaiting: dict[Outlet, int] = {}
+        self._held: dict[bytes, int] = {}  # devices being removed: nothing goes early to them
 
     def push_early(self, items: Sequence[tuple[bytes, bytes, bytes]]) -> Early:
         """A send was taken: push its envelopes to each connection of their devices that
@@ -259,20 +281,39 @@ class Router:
         for device_id, mail in by_device.items():
             n = len(mail)
             outlets = self._outlets.get(device_id)
-            if outlets and budget > 0:
+            if outlets and device_id not in self._held:
                 waiting = self._awaiting.get(device_id, 0)
                 mails = None
+                size = 0
                 for outlet in outlets:
+                    if budget <= 0:
+                        break
                     if self._early_awaiting.get(outlet, 0) != waiting:
                         continue  # something older for the device waits for its commit
                     if mails is None:
                         mails = [wire.Mail(eid, blob) for eid, blob in mail.items()]
-                        budget -= sum(len(b) for b in mail.values())
+                        size = sum(len(b) for b in mail.values())
+                    budget -= size
                     if outlet.push_early(mails):
                         self._early_awaiting[outlet] = self._early_awaiting.get(outlet, 0) + n
                         early.pushed.append((outlet, list(mail)))
             self._awaiting[device_id] = self._awaiting.get(device_id, 0) + n
         return early
+
+    @contextmanager
+    def holding(self, device_id: bytes) -> Iterator[None]:
+        """While a device is being removed or revoked (and until its connections are
+        unbound), nothing goes to it before a commit: a send taken after the removal's
+        commit fails for it, and must not have reached it."""
+        self._held[device_id] = self._held.get(device_id, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._held[device_id] - 1
+            if left:
+                self._held[device_id] = left
+            else:
+                del self._held[device_id]
 
     def settled(self, early: Early) -> None:
         """The send of ``early`` is done (after its commit was offered to the outlets)."""

@@ -715,17 +715,18 @@ class RelayService:
         assert peer.token_hash is not None and peer.device_id is not None
         store = self.mailroom.store
         device_id, th = peer.device_id, peer.token_hash
-        if req.remove_device:
-            await self.mailroom.remove_device(device_id)
-        else:
-            await self.mailroom.call(store.delete_session, th)
-        self.unbind(peer)
-        # Every other connection bound to what just ended closes now: a stolen token's
-        # open connection must not go on receiving this device's mail.
-        for other in list(self._bound.get(device_id, {})):
-            if req.remove_device or other.token_hash == th:
-                self.unbind(other)
-                other.close()
+        with self.router.holding(device_id):
+            if req.remove_device:
+                await self.mailroom.remove_device(device_id)
+            else:
+                await self.mailroom.call(store.delete_session, th)
+            self.unbind(peer)
+            # Every other connection bound to what just ended closes now: a stolen token's
+            # open connection must not go on receiving this device's mail.
+            for other in list(self._bound.get(device_id, {})):
+                if req.remove_device or other.token_hash == th:
+                    self.unbind(other)
+                    other.close()
         return wire.Ok(id=req.id)
 
     def on_notice(self, kind: str, values: list[bytes]) -> None:
@@ -903,11 +904,12 @@ class RelayService:
         await self._revocation(self.mailroom.call(store.check_revocable, account.id, req.device_id, req.last))
         proved = await self._prove(peer, req.name, "revoke", req.challenge, req.signature, req.totp, session=account)
         self._still(peer, th)
-        await self._revocation(self.mailroom.revoke_device(account.id, req.device_id, req.last, th, proved.auth_pub))
-        for other in list(self._bound.get(req.device_id, {})):
-            if other is not peer:
-                self.unbind(other)
-                other.end(wire.Error(id=0, code=E.DEVICE_REVOKED, message=REVOKED_ELSEWHERE))
+        with self.router.holding(req.device_id):
+            await self._revocation(self.mailroom.revoke_device(account.id, req.device_id, req.last, th, proved.auth_pub))
+            for other in list(self._bound.get(req.device_id, {})):
+                if other is not peer:
+                    self.unbind(other)
+                    other.end(wire.Error(id=0, code=E.DEVICE_REVOKED, message=REVOKED_ELSEWHERE))
         ok = wire.Ok(id=req.id)
         if own == req.device_id:  # this very device: the answer, then the connection ends
             self.unbind(peer)

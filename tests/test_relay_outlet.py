@@ -246,10 +246,13 @@ async def test_a_send_that_fails_leaves_nothing_behind_and_its_retry_is_pushed()
 
 
 async def test_one_send_pushes_a_bounded_amount_early() -> None:
-    size = 100 * 1024
-    count = 3 * EARLY_BYTES_PER_SEND // size
+    """A send that fits in a frame (5 devices of 48 KiB), to devices with 4 connections
+    each: at most EARLY_BYTES_PER_SEND (and one envelope) is written before its commit,
+    counted per connection; the commit pushes the rest, each envelope once per connection."""
+    size = 48 * 1024
     router = Router()
-    conns = [_Conn(secrets.token_bytes(16)) for _ in range(count)]
+    devices = [secrets.token_bytes(16) for _ in range(5)]
+    conns = [_Conn(d) for d in devices for _ in range(4)]
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             for c in conns:
@@ -258,13 +261,79 @@ async def test_one_send_pushes_a_bounded_amount_early() -> None:
             await trio.testing.wait_all_tasks_blocked()
             for c in conns:
                 c.frames.clear()
-            stored = [Stored(c.outlet.device_id, 1, secrets.token_bytes(16), bytes(size)) for c in conns]
-            early = router.push_early(posting(*stored))
+            stored = {d: Stored(d, 1, secrets.token_bytes(16), bytes(size)) for d in devices}
+            early = router.push_early(posting(*stored.values()))
             pushed = sum(1 for c in conns if c.frames)
             assert EARLY_BYTES_PER_SEND <= pushed * size < EARLY_BYTES_PER_SEND + size
-            assert len(early.devices) == pushed
-            router.on_stored(stored)
+            router.on_stored(list(stored.values()))
             router.settled(early)
             await trio.testing.wait_all_tasks_blocked()
-            assert all(c.eids() == [s.eid] for c, s in zip(conns, stored, strict=True))  # each once
+            assert all(c.eids() == [stored[c.outlet.device_id].eid] for c in conns)  # each once
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_same_envelope_in_two_sends_is_pushed_once_when_the_first_fails() -> None:
+    """Pipelined: a send with E and a made-up device (it fails), then E again; the first
+    one's end must not make the second's commit push E a second time."""
+    router = Router()
+    conn = _Conn()
+    router.attach(conn.outlet)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.outlet.run, conn.fetch, conn.send)
+            await trio.testing.wait_all_tasks_blocked()
+            conn.frames.clear()
+            e = mail(1)
+            bogus = (secrets.token_bytes(16), secrets.token_bytes(16), b"x")
+            first = router.push_early([*posting(e), bogus])
+            second = router.push_early(posting(e))
+            router.settled(first)  # unknown device: nothing stored
+            router.on_stored([e])  # the second, committed
+            router.settled(second)
+            await trio.testing.wait_all_tasks_blocked()
+            assert conn.eids() == [e.eid]
+            assert conn.outlet._early == {}
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_re_read_does_not_push_again_what_went_early_and_was_acknowledged() -> None:
+    """Several processes: E goes early and is acknowledged at once; another process's
+    notice makes the outlet re-read its mailbox before E's commit comes (so its cursor
+    cannot pass E); the re-read finds E still there (its delete is in a later commit)."""
+    router = Router()
+    conn = _Conn()
+    router.attach(conn.outlet)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.outlet.run, conn.fetch, conn.send)
+            await trio.testing.wait_all_tasks_blocked()
+            conn.frames.clear()
+            x, e = mail(1), mail(2)
+            early = router.push_early(posting(e))
+            assert conn.outlet.acknowledged([e.eid]) == [e.eid]
+            conn.mailbox = [x]
+            router.poke([DEVICE])  # another process stored x
+            router.on_stored([e])
+            router.settled(early)
+            conn.mailbox = [x, e]
+            await trio.testing.wait_all_tasks_blocked()
+            assert conn.eids() == [e.eid, x.eid]
+            assert conn.outlet._skip == {}  # passed: forgotten
+            nursery.cancel_scope.cancel()
+
+
+async def test_nothing_goes_early_to_a_device_being_removed() -> None:
+    router = Router()
+    conn = _Conn()
+    router.attach(conn.outlet)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.outlet.run, conn.fetch, conn.send)
+            await trio.testing.wait_all_tasks_blocked()
+            conn.frames.clear()
+            with router.holding(DEVICE):
+                held = router.push_early(posting(mail(1)))
+            assert held.devices == set() and conn.frames == []
+            router.settled(held)
+            assert router.push_early(posting(mail(2))).devices == {DEVICE}
             nursery.cancel_scope.cancel()
