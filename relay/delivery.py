@@ -10,7 +10,10 @@ outlet buffers) is read from the mailbox in pages. An outlet may drop its buffer
 time and re-read the mailbox instead: nothing is lost, and ``seq`` (with the envelopes
 pushed and not acknowledged) keeps each envelope from being pushed twice on one
 connection. Envelopes stay in the mailbox until the device acknowledges them; a new
-connection gets every unacknowledged one again.
+connection gets every unacknowledged one again. With a store that several processes
+share, a re-read starts where the last one ended (another process may have committed an
+envelope with a lower seq than one pushed here since): one acknowledged moments before,
+its deletion not committed yet, may then be pushed once more (PROTOCOL 12.3).
 
 Order: a connection gets a device's envelopes in the order the relay took their sends.
 An envelope goes early only when every envelope for its device whose send is still
@@ -57,8 +60,13 @@ def _within(items: list[Stored]) -> list[Stored]:
 class Outlet:
     """Pending pushes for one connection of one device."""
 
-    def __init__(self, device_id: bytes) -> None:
+    def __init__(self, device_id: bytes, shared: bool = False) -> None:
         self.device_id = device_id
+        # Several processes share the store: another one may commit an envelope for this
+        # device with a lower seq than one this outlet pushes after it (its notice comes
+        # later), so a re-read starts where the last one ended, not at the last push.
+        self._shared = shared
+        self._floor = 0  # where the last mailbox read ended (shared stores)
         self._pending: list[Stored] = []
         self._pending_bytes = 0
         self._refill = True  # start by reading the backlog from the mailbox
@@ -191,6 +199,8 @@ class Outlet:
                 self._pending.clear()
                 self._pending_bytes = 0
                 first_page = True
+                if self._shared:
+                    self._last_seq = min(self._last_seq, self._floor)
                 while True:
                     await self._room_to_push()
                     rows = await fetch(self.device_id, self._last_seq, PAGE)
@@ -215,6 +225,8 @@ class Outlet:
                         self._announced = True
                     first_page = False
                     if synced or self._refill:
+                        if synced:
+                            self._floor = self._last_seq
                         break
             elif self._pending:
                 await self._room_to_push()

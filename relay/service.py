@@ -674,7 +674,7 @@ class RelayService:
                 oldest = next(iter(bound))
                 self._forget(oldest)
                 oldest.close()
-        outlet = Outlet(device_id)
+        outlet = Outlet(device_id, shared=self.mailroom.store.shared)
         peer.outlet = outlet
         self.router.attach(outlet)
         peer.outlet_scope = trio.CancelScope()

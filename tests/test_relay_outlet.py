@@ -337,3 +337,31 @@ async def test_nothing_goes_early_to_a_device_being_removed() -> None:
             router.settled(held)
             assert router.push_early(posting(mail(2))).devices == {DEVICE}
             nursery.cancel_scope.cancel()
+
+
+async def test_several_processes_mail_committed_elsewhere_before_a_direct_push_is_not_skipped() -> None:
+    """Another process commits seq 1 for the device, this one seq 2 right after and pushes
+    it at once; the other's notice comes later. The re-read it causes must still find 1
+    (it starts where the last read ended, not past the last push), and not push 2 again."""
+    conn = _Conn()
+    conn.outlet = Outlet(DEVICE, shared=True)
+    conn.outlet.send_now = conn._send_now
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.outlet.run, conn.fetch, conn.send)
+            await trio.testing.wait_all_tasks_blocked()
+            conn.frames.clear()
+            elsewhere, here = mail(1), mail(2)
+            conn.mailbox = [elsewhere, here]
+            conn.outlet.offer([here])  # this process's commit
+            assert conn.eids() == [here.eid]
+            conn.outlet.poke()  # the other process's notice
+            await trio.testing.wait_all_tasks_blocked()
+            assert conn.eids() == [here.eid, elsewhere.eid]
+            # Once read, the next notice reads from there on.
+            later = mail(3)
+            conn.mailbox = [elsewhere, here, later]
+            conn.outlet.poke()
+            await trio.testing.wait_all_tasks_blocked()
+            assert conn.eids() == [here.eid, elsewhere.eid, later.eid]
+            nursery.cancel_scope.cancel()
