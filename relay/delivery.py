@@ -46,6 +46,15 @@ DIRECT_BYTES_PER_COMMIT = 1024 * 1024
 EARLY_BYTES_PER_SEND = 512 * 1024
 
 
+def _take(counts: dict[bytes, int], key: bytes, n: int = 1) -> None:
+    """Count ``n`` off ``key``, which goes at zero (counts stay bounded by what is live)."""
+    left = counts.get(key, 0) - n
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
 def _within(items: list[Stored]) -> list[Stored]:
     """The longest prefix of ``items`` whose blobs fit in one deliver frame (never empty
     while ``items`` is not)."""
@@ -85,8 +94,10 @@ class Outlet:
         self.send_now: Callable[[wire.Frame], bool] | None = None
         self._idle = False  # the task waits for news, with nothing pending
         # Envelopes pushed here before their commit, whose send is not done yet: by eid,
-        # with how many sends not yet done carry it (so that no commit pushes it again).
+        # with how many sends not yet done carry it (so that no commit pushes it again),
+        # and the sum of those (the order rule: Router.push_early).
         self._early: dict[bytes, int] = {}
+        self.early_awaiting = 0
         # Sequence numbers of envelopes pushed early whose commit came while this outlet
         # was behind (its cursor could not pass them): a mailbox re-read skips them, even
         # once acknowledged (their delete may not be committed yet).
@@ -125,17 +136,15 @@ class Outlet:
         self._pushed([m.eid for m in fresh])
         for m in items:
             self._early[m.eid] = self._early.get(m.eid, 0) + 1
+        self.early_awaiting += len(items)
         return True
 
     def forget_early(self, eids: list[bytes]) -> None:
         """The send that pushed these early is done (its commit was offered here, or it
         failed)."""
         for eid in eids:
-            left = self._early.get(eid, 0) - 1
-            if left > 0:
-                self._early[eid] = left
-            else:
-                self._early.pop(eid, None)
+            _take(self._early, eid)
+        self.early_awaiting -= len(eids)
 
     def poke(self) -> None:
         """New mail was stored elsewhere (another process): read the mailbox again."""
@@ -275,10 +284,9 @@ class Router:
 
     def __init__(self) -> None:
         self._outlets: dict[bytes, set[Outlet]] = {}
-        # For each device: envelopes whose send awaits its commit, and of those, how many
-        # went early to each of its connections (the order rule: module docstring).
+        # For each device: envelopes whose send awaits its commit (of those, each of its
+        # connections counts how many went early to it: the order rule, module docstring).
         self._awaiting: dict[bytes, int] = {}
-        self._early_awaiting: dict[Outlet, int] = {}
         self._held: dict[bytes, int] = {}  # devices being removed: nothing goes early to them
 
     def push_early(self, items: Sequence[tuple[bytes, bytes, bytes]]) -> Early:
@@ -300,14 +308,13 @@ class Router:
                 for outlet in outlets:
                     if budget <= 0:
                         break
-                    if self._early_awaiting.get(outlet, 0) != waiting:
+                    if outlet.early_awaiting != waiting:
                         continue  # something older for the device waits for its commit
                     if mails is None:
                         mails = [wire.Mail(eid, blob) for eid, blob in mail.items()]
                         size = sum(len(b) for b in mail.values())
                     budget -= size
                     if outlet.push_early(mails):
-                        self._early_awaiting[outlet] = self._early_awaiting.get(outlet, 0) + n
                         early.pushed.append((outlet, list(mail)))
             self._awaiting[device_id] = self._awaiting.get(device_id, 0) + n
         return early
@@ -321,27 +328,13 @@ class Router:
         try:
             yield
         finally:
-            left = self._held[device_id] - 1
-            if left:
-                self._held[device_id] = left
-            else:
-                del self._held[device_id]
+            _take(self._held, device_id)
 
     def settled(self, early: Early) -> None:
         """The send of ``early`` is done (after its commit was offered to the outlets)."""
         for device_id, n in early.counts.items():
-            left = self._awaiting[device_id] - n
-            if left:
-                self._awaiting[device_id] = left
-            else:
-                del self._awaiting[device_id]
+            _take(self._awaiting, device_id, n)
         for outlet, eids in early.pushed:
-            n = early.counts[outlet.device_id]
-            left = self._early_awaiting[outlet] - n
-            if left:
-                self._early_awaiting[outlet] = left
-            else:
-                del self._early_awaiting[outlet]
             outlet.forget_early(eids)
 
     def attach(self, outlet: Outlet) -> None:

@@ -22,7 +22,6 @@ from tests.conftest import Accounts, RelayRunner
 from tests.test_relay_hostile import rationed
 from tests.test_relay_support import (
     DEADLINE,
-    RawClient,
     ack_frame,
     envelope,
     mailbox_eids,
@@ -56,12 +55,6 @@ def commits_held(relay: RelayRunner) -> Iterator[threading.Event]:
         release.set()
 
 
-async def barrier(c: RawClient) -> None:
-    """Return once everything this connection sent before has been committed: a send to
-    a made-up device fails in a commit no earlier than theirs (and pushes nothing)."""
-    await c.refused(wire.Send(id=c.next_id(), envelopes=[envelope(secrets.token_bytes(16))]), E.UNKNOWN_DEVICE)
-
-
 async def test_an_idle_connection_gets_a_send_before_its_commit_and_only_once(accounts: Accounts) -> None:
     relay = accounts.relay
     with trio.fail_after(DEADLINE):
@@ -82,7 +75,7 @@ async def test_an_idle_connection_gets_a_send_before_its_commit_and_only_once(ac
                 # Acknowledged before its commit is done.
                 await a.send(wire.encode(ack_frame([env.eid])))
             assert await b.answer() == wire.Ok(id=req.id)  # the answer came after the commit
-            await barrier(a)
+            await a.barrier()
             assert await mailbox_eids(relay, alice.device_id) == []  # stored, then deleted
             await a.assert_alive()
             assert a.delivered == []  # its commit did not push it again

@@ -131,6 +131,11 @@ class RawClient:
             await self.ok(ack_frame(eids, self.next_id()))
             return
         await self.send(wire.encode(ack_frame(eids)))
+        await self.barrier()
+
+    async def barrier(self) -> None:
+        """Return once everything this connection sent before has been committed: a Send
+        to a made-up device fails in a commit no earlier than theirs (and pushes nothing)."""
         barrier = wire.Send(id=self.next_id(), envelopes=[envelope(secrets.token_bytes(16))])
         await self.refused(barrier, wire.ErrorCode.UNKNOWN_DEVICE)
 
