@@ -10,7 +10,10 @@ connections and ``pairs`` receiver connections; each sender sends messages of ``
 bytes to its receiver. Measured, for both servers with the same generator:
 
 1. maximum sustained throughput (messages received per second, after a warm-up);
-2. one-way latency p50/p95/p99 at half the bare forwarder's maximum rate;
+2. one-way latency p50/p95/p99 at half the bare forwarder's maximum rate; for the relay
+   also in two parts, a message's wait in its sender (from being composed until the send
+   frame carrying it goes out: a sender keeps one send in flight, so this is the wait for
+   the answer to the send before) and its transit from there to its receiver;
 3. (relay only) how many authenticated, idle nodes one relay process holds, and its
    memory per connection (RSS growth / connections);
 4. latency at several rates (``--curve``: fractions of the forwarder's maximum) for the
@@ -24,7 +27,9 @@ The last line printed is one JSON object; ``ratio`` is relay msgs/s / forwarder 
 (the forwarder is plain ws://: the ratio includes what TLS costs), ``tls_ratio`` the relay
 with TLS / the relay without, ``durable_ratio`` the relay as it runs by default (every
 answered send fsynced) / the same relay with --relaxed-durability, ``pg_ratio`` the relay on
-PostgreSQL / on its file, ``pg_workers_ratio`` two processes on PostgreSQL / one.
+PostgreSQL / on its file, ``pg_workers_ratio`` two processes on PostgreSQL / one,
+``p99_ratio`` the relay's p99 / the forwarder's at half the forwarder's maximum, and
+``transit_p99_ratio`` the same for the relay's transit part alone.
 Loops are bounded in time and count; all traffic stays on 127.0.0.1 (PostgreSQL: a Unix
 socket only).
 """
@@ -123,11 +128,20 @@ class Stats:
     received: int = 0
     latencies: list[float] = field(default_factory=list)
     measuring: bool = False
+    # Relay runs: each message's latency in two parts, its wait in the sender (from being
+    # composed to the send frame that carries it going out) and its transit (from there
+    # to its receiver).
+    waits: list[float] = field(default_factory=list)
+    transits: list[float] = field(default_factory=list)
 
-    def record(self, ts_ns: int) -> None:
+    def record(self, ts_ns: int, sent_ns: int | None = None) -> None:
         self.received += 1
         if self.measuring:
-            self.latencies.append((time.monotonic_ns() - ts_ns) / 1e6)
+            now = time.monotonic_ns()
+            self.latencies.append((now - ts_ns) / 1e6)
+            if sent_ns is not None:
+                self.waits.append((sent_ns - ts_ns) / 1e6)
+                self.transits.append((now - sent_ns) / 1e6)
 
 
 def payload(size: int, dst: int) -> bytes:
@@ -250,13 +264,14 @@ async def relay_pair(url: str, reg: Registrar, size: int, rate: float | None, st
 
     acks: list[bytes] = []
     ack_wake = asyncio.Event()
+    sent_at: dict[bytes, int] = {}  # eid: when the send frame carrying it went out
 
     async def receive() -> None:
         async for data in rx.ws:
             frame = wire.decode_answer(data)
             if isinstance(frame, wire.Deliver) and frame.items:
                 for item in frame.items:
-                    stats.record(stamp(item.blob))
+                    stats.record(stamp(item.blob), sent_at.pop(item.eid, None))
                 acks.extend(m.eid for m in frame.items)
                 ack_wake.set()
 
@@ -298,6 +313,9 @@ async def relay_pair(url: str, reg: Registrar, size: int, rate: float | None, st
                 await inflight.acquire()
                 batch = pending[: wire.MAX_BATCH]
                 del pending[: wire.MAX_BATCH]
+                now = time.monotonic_ns()
+                for envelope in batch:
+                    sent_at[envelope.eid] = now
                 await tx.ws.send(wire.encode(wire.Send(id=next(tx.ids), envelopes=batch)))
 
     tasks += [asyncio.create_task(c) for c in (receive(), ack(), tx_answers(), produce(), flush())]
@@ -329,13 +347,19 @@ async def load(kind: str, url: str, pairs: int, size: int, seconds: float, rate:
         t.cancel()
     lat = sorted(stats.latencies)
 
-    def pct(p: float) -> float:
-        return round(lat[min(len(lat) - 1, int(p * len(lat)))], 3) if lat else float("nan")
+    def pct(p: float, xs: list[float] = lat) -> float:
+        return round(xs[min(len(xs) - 1, int(p * len(xs)))], 3) if xs else float("nan")
 
+    parts: dict[str, float] = {}
+    if stats.waits:
+        waits, transits = sorted(stats.waits), sorted(stats.transits)
+        parts = {"wait_p50_ms": pct(0.50, waits), "wait_p99_ms": pct(0.99, waits),
+                 "transit_p50_ms": pct(0.50, transits), "transit_p99_ms": pct(0.99, transits)}
     return {
         "msgs_per_s": round(count / elapsed, 1),
         "p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99),
         "mean_ms": round(statistics.fmean(lat), 3) if lat else float("nan"),
+        **parts,
     }
 
 
@@ -578,6 +602,10 @@ def orchestrate(args: argparse.Namespace) -> None:
     print(f"{'max msgs/s':28}" + "".join(f"{m['msgs_per_s']:>15}" for _, m, _ in columns))
     for key in ("p50_ms", "p95_ms", "p99_ms"):
         print(f"{key + f' at {half:.0f}/s':28}" + "".join(f"{h[key]:>15}" for _, _, h in columns))
+    for name, _, h in columns[1:]:
+        if "wait_p50_ms" in h:
+            print(f"{name} at {half:.0f}/s, p50/p99 ms: {h['wait_p50_ms']}/{h['wait_p99_ms']} in the sender (for the"
+                  f" answer to its send before), then {h['transit_p50_ms']}/{h['transit_p99_ms']} to the receiver")
     if "pg2_max" in results:
         print(f"two relay processes on PostgreSQL: {results['pg2_max']['msgs_per_s']} msgs/s")
     for name, rows in curve.items():
@@ -591,12 +619,15 @@ def orchestrate(args: argparse.Namespace) -> None:
     print(f"ratio (relay durable / relaxed durability, max msgs/s): {durable_ratio}")
     p99_ratio = round(float(rh["p99_ms"]) / float(fh["p99_ms"]), 2)  # type: ignore[arg-type]
     print(f"ratio (relay / forwarder p99 at half the forwarder's max): {p99_ratio}")
+    transit_p99_ratio = round(float(rh["transit_p99_ms"]) / float(fh["p99_ms"]), 2)  # type: ignore[arg-type]
+    print(f"ratio (relay's transit alone / forwarder p99 at half the forwarder's max): {transit_p99_ratio}")
     for key, value in extra.items():
         print(f"{key}: {value}")
     if curve and args.plot:
         plot_curve(Path(args.plot), curve, fmax)
         print(f"latency curve written to {args.plot}")
     summary = {"ratio": ratio, "tls_ratio": tls_ratio, "durable_ratio": durable_ratio, "p99_ratio": p99_ratio,
+               "transit_p99_ratio": transit_p99_ratio,
                **extra, "pairs": args.pairs, "size": args.size, "seconds": args.seconds,
                "half_rate": round(half, 1), **{k: v for k, v in results.items()}, "curve": curve}
     print(json.dumps(summary))
